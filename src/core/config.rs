@@ -1,0 +1,313 @@
+//! The filter's configuration: parsed strictly from JSON, then validated into a [`Router`].
+//!
+//! The JSON arrives as Envoy's `configuration` StringValue or as Istio's `pluginConfig`
+//! (which istiod turns into the same StringValue). Unknown keys are refused so that a typo
+//! never silently falls back to a default.
+
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::fmt;
+
+/// Default for `pathPrefixes`: every OpenAI endpoint.
+pub const DEFAULT_PATH_PREFIX: &str = "/v1/";
+/// Default for `baseModelHeader`: the header the seed's HTTPRoutes match.
+pub const DEFAULT_BASE_MODEL_HEADER: &str = "x-gateway-base-model-name";
+/// Default for `modelHeader`.
+pub const DEFAULT_MODEL_HEADER: &str = "x-gateway-model-name";
+/// Default for `maxBodyBytes`: 8 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 8 * 1024 * 1024;
+/// Default for `maxModelNameBytes`.
+pub const DEFAULT_MAX_MODEL_NAME_BYTES: usize = 256;
+/// Default for `modelList.path`.
+pub const DEFAULT_MODEL_LIST_PATH: &str = "/v1/models";
+/// Largest accepted `maxBodyBytes`: the body is buffered in Envoy, so a limit past this is a
+/// mistake rather than a wish.
+pub const MAX_MAX_BODY_BYTES: u64 = 1024 * 1024 * 1024;
+/// Largest accepted `maxModelNameBytes`.
+pub const MAX_MAX_MODEL_NAME_BYTES: usize = 64 * 1024;
+
+/// The configuration exactly as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawConfig {
+    pub models: Vec<RawModel>,
+    #[serde(default = "default_path_prefixes")]
+    pub path_prefixes: Vec<String>,
+    #[serde(default = "default_base_model_header")]
+    pub base_model_header: String,
+    #[serde(default = "default_model_header")]
+    pub model_header: String,
+    #[serde(default)]
+    pub unknown_model: UnknownModel,
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: u64,
+    #[serde(default = "default_max_model_name_bytes")]
+    pub max_model_name_bytes: usize,
+    #[serde(default)]
+    pub model_list: RawModelList,
+}
+
+/// One base model and the LoRA adapters served on it (the seed's bbr-managed ConfigMap:
+/// `baseModel` + `adapters`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawModel {
+    pub name: String,
+    #[serde(default)]
+    pub adapters: Vec<String>,
+}
+
+/// What to do with a model that no base model or adapter knows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum UnknownModel {
+    /// Answer 404 `model_not_found`.
+    #[default]
+    Reject,
+    /// Let the request continue without routing headers (the routes decide).
+    Passthrough,
+}
+
+/// The `GET /v1/models` answer served from the configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawModelList {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default = "default_model_list_path")]
+    pub path: String,
+}
+
+impl Default for RawModelList {
+    fn default() -> Self {
+        RawModelList { enabled: true, path: default_model_list_path() }
+    }
+}
+
+fn default_path_prefixes() -> Vec<String> {
+    vec![DEFAULT_PATH_PREFIX.to_string()]
+}
+fn default_base_model_header() -> String {
+    DEFAULT_BASE_MODEL_HEADER.to_string()
+}
+fn default_model_header() -> String {
+    DEFAULT_MODEL_HEADER.to_string()
+}
+fn default_max_body_bytes() -> u64 {
+    DEFAULT_MAX_BODY_BYTES
+}
+fn default_max_model_name_bytes() -> usize {
+    DEFAULT_MAX_MODEL_NAME_BYTES
+}
+fn default_model_list_path() -> String {
+    DEFAULT_MODEL_LIST_PATH.to_string()
+}
+fn default_true() -> bool {
+    true
+}
+
+/// Why a configuration was refused. `field` names the offending field as a JSON path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigError {
+    /// The configuration is empty (Envoy passed no `configuration`).
+    Missing,
+    /// Not valid JSON, or of the wrong shape (serde's message names the field).
+    Syntax(String),
+    /// A field has a value we refuse.
+    Invalid { field: String, reason: String },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Missing => f.write_str("no configuration: `models` is required"),
+            ConfigError::Syntax(msg) => write!(f, "{msg}"),
+            ConfigError::Invalid { field, reason } => write!(f, "{field}: {reason}"),
+        }
+    }
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field: field.into(), reason: reason.into() }
+}
+
+/// A served model: a base model or an adapter on one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedModel {
+    /// The name clients send in `model`.
+    pub name: String,
+    /// The base model it runs on (its own name for a base model).
+    pub base: String,
+    /// True for a LoRA adapter.
+    pub is_adapter: bool,
+}
+
+/// The validated configuration with its lookup table.
+#[derive(Debug, Clone)]
+pub struct Router {
+    /// Base models and adapters in configuration order.
+    pub served: Vec<ServedModel>,
+    index: HashMap<String, usize>,
+    pub path_prefixes: Vec<String>,
+    /// Lower-case header names (HTTP/2 and Envoy's header maps are lower case).
+    pub base_model_header: String,
+    pub model_header: String,
+    pub unknown_model: UnknownModel,
+    pub max_body_bytes: u64,
+    pub max_model_name_bytes: usize,
+    /// `Some(path)` when the filter answers `GET path` itself.
+    pub model_list_path: Option<String>,
+}
+
+impl Router {
+    /// Parses and validates a configuration.
+    pub fn from_json(bytes: &[u8]) -> Result<Router, ConfigError> {
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(ConfigError::Missing);
+        }
+        let raw: RawConfig =
+            serde_json::from_slice(bytes).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        Router::compile(raw)
+    }
+
+    /// Validates a parsed configuration.
+    pub fn compile(raw: RawConfig) -> Result<Router, ConfigError> {
+        if raw.models.is_empty() {
+            return Err(invalid("models", "must list at least one model"));
+        }
+        let mut served = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        let mut where_defined: Vec<String> = Vec::new();
+        for (i, model) in raw.models.iter().enumerate() {
+            let field = format!("models[{i}].name");
+            check_model_name(&field, &model.name, raw.max_model_name_bytes)?;
+            add_served(&mut served, &mut index, &mut where_defined, &field, ServedModel {
+                name: model.name.clone(),
+                base: model.name.clone(),
+                is_adapter: false,
+            })?;
+        }
+        // Adapters after every base, so that a clash names the base model's field whichever
+        // order they were written in.
+        for (i, model) in raw.models.iter().enumerate() {
+            for (j, adapter) in model.adapters.iter().enumerate() {
+                let field = format!("models[{i}].adapters[{j}]");
+                check_model_name(&field, adapter, raw.max_model_name_bytes)?;
+                add_served(&mut served, &mut index, &mut where_defined, &field, ServedModel {
+                    name: adapter.clone(),
+                    base: model.name.clone(),
+                    is_adapter: true,
+                })?;
+            }
+        }
+
+        if raw.path_prefixes.is_empty() {
+            return Err(invalid("pathPrefixes", "must list at least one prefix"));
+        }
+        for (i, prefix) in raw.path_prefixes.iter().enumerate() {
+            check_path(&format!("pathPrefixes[{i}]"), prefix)?;
+        }
+
+        let base_model_header = check_header_name("baseModelHeader", &raw.base_model_header)?;
+        let model_header = check_header_name("modelHeader", &raw.model_header)?;
+        if base_model_header == model_header {
+            return Err(invalid("modelHeader", "must differ from baseModelHeader"));
+        }
+
+        if raw.max_body_bytes == 0 || raw.max_body_bytes > MAX_MAX_BODY_BYTES {
+            return Err(invalid(
+                "maxBodyBytes",
+                format!("must be between 1 and {MAX_MAX_BODY_BYTES}, got {}", raw.max_body_bytes),
+            ));
+        }
+        if raw.max_model_name_bytes == 0 || raw.max_model_name_bytes > MAX_MAX_MODEL_NAME_BYTES {
+            return Err(invalid(
+                "maxModelNameBytes",
+                format!(
+                    "must be between 1 and {MAX_MAX_MODEL_NAME_BYTES}, got {}",
+                    raw.max_model_name_bytes
+                ),
+            ));
+        }
+
+        let model_list_path = if raw.model_list.enabled {
+            check_path("modelList.path", &raw.model_list.path)?;
+            Some(raw.model_list.path.clone())
+        } else {
+            None
+        };
+
+        Ok(Router {
+            served,
+            index,
+            path_prefixes: raw.path_prefixes,
+            base_model_header,
+            model_header,
+            unknown_model: raw.unknown_model,
+            max_body_bytes: raw.max_body_bytes,
+            max_model_name_bytes: raw.max_model_name_bytes,
+            model_list_path,
+        })
+    }
+
+    /// The served model with this exact name (names are case-sensitive, as in vLLM).
+    pub fn lookup(&self, model: &str) -> Option<&ServedModel> {
+        self.index.get(model).and_then(|&i| self.served.get(i))
+    }
+}
+
+fn add_served(
+    served: &mut Vec<ServedModel>,
+    index: &mut HashMap<String, usize>,
+    where_defined: &mut Vec<String>,
+    field: &str,
+    model: ServedModel,
+) -> Result<(), ConfigError> {
+    if let Some(&earlier) = index.get(&model.name) {
+        let first = where_defined.get(earlier).map(String::as_str).unwrap_or("another entry");
+        return Err(invalid(field, format!("duplicate name {:?}, already at {first}", model.name)));
+    }
+    index.insert(model.name.clone(), served.len());
+    where_defined.push(field.to_string());
+    served.push(model);
+    Ok(())
+}
+
+/// A model name must be something a client can send and a header can carry.
+fn check_model_name(field: &str, name: &str, max_bytes: usize) -> Result<(), ConfigError> {
+    if name.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(invalid(field, "must not contain control characters"));
+    }
+    if name.trim() != name {
+        return Err(invalid(field, "must not start or end with whitespace"));
+    }
+    if name.len() > max_bytes {
+        return Err(invalid(field, format!("is longer than maxModelNameBytes ({max_bytes})")));
+    }
+    Ok(())
+}
+
+fn check_path(field: &str, path: &str) -> Result<(), ConfigError> {
+    if !path.starts_with('/') {
+        return Err(invalid(field, format!("must start with '/', got {path:?}")));
+    }
+    if path.contains(['?', '#']) || path.chars().any(|c| c.is_control() || c == ' ') {
+        return Err(invalid(field, format!("must be a plain path, got {path:?}")));
+    }
+    Ok(())
+}
+
+/// Header names are RFC 9110 tokens; Envoy stores them lower case.
+fn check_header_name(field: &str, name: &str) -> Result<String, ConfigError> {
+    let is_tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if name.is_empty() || !name.chars().all(is_tchar) {
+        return Err(invalid(field, format!("must be a valid HTTP header name, got {name:?}")));
+    }
+    if name.starts_with(':') {
+        return Err(invalid(field, "must not be a pseudo-header"));
+    }
+    Ok(name.to_ascii_lowercase())
+}

@@ -1,0 +1,13 @@
+//! The host-independent core: configuration, request classification, the model scanner,
+//! the routing decision and the error bodies. Nothing here knows about proxy-wasm, so all of
+//! it is tested natively and under wasm-bindgen-test.
+
+pub mod config;
+pub mod errors;
+pub mod request;
+pub mod scanner;
+
+pub use config::{ConfigError, Router, ServedModel, UnknownModel};
+pub use errors::Rejection;
+pub use request::{HeadAction, RequestHead, Verdict};
+pub use scanner::{ModelScanner, ScanError, Step};

@@ -1,0 +1,125 @@
+//! What to do with a request, decided from its headers and then from its body.
+
+use super::config::{Router, ServedModel, UnknownModel};
+use super::errors::Rejection;
+use super::scanner::{ModelScanner, Step};
+use serde_json::json;
+
+/// The request headers the decision needs. Names are looked up by the adapter.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestHead<'a> {
+    pub method: &'a str,
+    /// `:path`, query included.
+    pub path: &'a str,
+    pub content_type: Option<&'a str>,
+    pub content_encoding: Option<&'a str>,
+    pub content_length: Option<&'a str>,
+}
+
+/// What the headers alone decide.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeadAction {
+    /// Not an inference request: let it through untouched (routing headers already removed).
+    Pass,
+    /// `GET` of the model list: answer it from the configuration.
+    ServeModelList,
+    /// Refuse it now.
+    Reject(Rejection),
+    /// Hold the headers and read the body.
+    Inspect,
+}
+
+/// What the body decides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict<'r> {
+    /// Set the routing headers for this model and continue.
+    Route(&'r ServedModel),
+    /// Unknown model with `unknownModel: passthrough`: continue without routing headers.
+    Pass,
+    /// Refuse it.
+    Reject(Rejection),
+}
+
+/// The path without its query string or fragment.
+fn path_only(path: &str) -> &str {
+    let end = path.find(['?', '#']).unwrap_or(path.len());
+    &path[..end]
+}
+
+impl Router {
+    /// Decides from the request headers.
+    pub fn classify(&self, head: &RequestHead<'_>) -> HeadAction {
+        let path = path_only(head.path);
+        if let Some(list_path) = &self.model_list_path {
+            if (head.method == "GET" || head.method == "HEAD") && path == list_path {
+                return HeadAction::ServeModelList;
+            }
+        }
+        if head.method != "POST" || !self.path_prefixes.iter().any(|p| path.starts_with(p.as_str())) {
+            return HeadAction::Pass;
+        }
+        if let Some(ct) = head.content_type {
+            let media_type = ct.split(';').next().unwrap_or("").trim();
+            if !media_type.eq_ignore_ascii_case("application/json") {
+                return HeadAction::Reject(Rejection::UnsupportedMediaType(format!(
+                    "Content-Type {media_type:?} is not supported here; send application/json."
+                )));
+            }
+        }
+        if let Some(ce) = head.content_encoding {
+            let ce = ce.trim();
+            if !ce.is_empty() && !ce.eq_ignore_ascii_case("identity") {
+                // The model sits inside the compressed bytes; decompressing in the filter would
+                // cost what the filter exists to save, so such bodies are refused clearly.
+                return HeadAction::Reject(Rejection::UnsupportedMediaType(format!(
+                    "Content-Encoding {ce:?} is not supported here; send the body uncompressed."
+                )));
+            }
+        }
+        if let Some(length) = head.content_length.and_then(|v| v.trim().parse::<u64>().ok()) {
+            if length > self.max_body_bytes {
+                return HeadAction::Reject(Rejection::TooLarge { limit: self.max_body_bytes });
+            }
+        }
+        HeadAction::Inspect
+    }
+
+    /// A scanner for one request body, with this configuration's limits.
+    pub fn scanner(&self) -> ModelScanner {
+        ModelScanner::new(self.max_model_name_bytes)
+    }
+
+    /// Decides from the scanner's final step (after `finish`, or an error from `feed`).
+    pub fn decide(&self, step: Step) -> Option<Verdict<'_>> {
+        match step {
+            Step::NeedMore => None,
+            Step::Error(err) => Some(Verdict::Reject(err.into())),
+            Step::Found(model) => Some(match self.lookup(&model) {
+                Some(served) => Verdict::Route(served),
+                None => match self.unknown_model {
+                    UnknownModel::Reject => Verdict::Reject(Rejection::ModelNotFound(model)),
+                    UnknownModel::Passthrough => Verdict::Pass,
+                },
+            }),
+        }
+    }
+
+    /// The `GET /v1/models` body, in OpenAI's list format. `created` is a Unix time.
+    pub fn model_list_body(&self, created: u64) -> String {
+        let data: Vec<_> = self
+            .served
+            .iter()
+            .map(|m| {
+                json!({
+                    "id": m.name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "bbr-wasm",
+                    "root": m.base,
+                    "parent": if m.is_adapter { Some(m.base.as_str()) } else { None },
+                })
+            })
+            .collect();
+        json!({"object": "list", "data": data}).to_string()
+    }
+}

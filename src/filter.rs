@@ -1,0 +1,351 @@
+//! The proxy-wasm adapter: the only code that talks to the host.
+//!
+//! Every host call goes through `proxy_wasm::hostcalls` and its `Status` is handled here. The
+//! SDK's convenience methods (`self.get_http_request_header(..)` and friends) `unwrap()` host
+//! results, so a host error would panic and trap the VM, taking every request on this worker
+//! down with it; they are not used.
+
+use crate::core::{HeadAction, ModelScanner, Rejection, RequestHead, Router, Step, Verdict};
+use log::{debug, error, info, warn};
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, Status};
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::UNIX_EPOCH;
+
+proxy_wasm::main! {{
+    // Installs the `log` backend and a panic hook that logs the panic at critical level, so
+    // a panic (none should be reachable) is at least visible in Envoy's log.
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|context_id| Box::new(BbrRoot::new(context_id)));
+}}
+
+/// Envoy's foreign function that makes the router re-resolve the route after we changed
+/// request headers. Since Envoy 1.33 a header change from wasm does not always clear the
+/// cached route, so without it a filter that resolved the route earlier (Lua, ext_authz, ...)
+/// would leave the request on the route chosen before our header existed.
+const CLEAR_ROUTE_CACHE: &str = "clear_route_cache";
+
+thread_local! {
+    /// Set once the host said it has no `clear_route_cache`, so we warn once, not per request.
+    static NO_CLEAR_ROUTE_CACHE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The plugin's root context: holds the validated configuration.
+struct BbrRoot {
+    context_id: u32,
+    router: Option<Rc<Router>>,
+    /// Unix time of the accepted configuration, the `created` of the model list.
+    configured_at: u64,
+}
+
+impl BbrRoot {
+    fn new(context_id: u32) -> Self {
+        BbrRoot { context_id, router: None, configured_at: 0 }
+    }
+}
+
+impl Context for BbrRoot {}
+
+impl RootContext for BbrRoot {
+    fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
+        let id = self.context_id;
+        if let Ok(level) = hostcalls::get_log_level() {
+            proxy_wasm::set_log_level(level);
+        }
+        let bytes = match hostcalls::get_buffer(
+            BufferType::PluginConfiguration,
+            0,
+            plugin_configuration_size,
+        ) {
+            Ok(bytes) => bytes.unwrap_or_default(),
+            Err(status) => {
+                error!("[{id}] bbr-wasm: cannot read the plugin configuration: {status:?}");
+                return false;
+            }
+        };
+        match Router::from_json(&bytes) {
+            Ok(router) => {
+                let adapters = router.served.iter().filter(|m| m.is_adapter).count();
+                info!(
+                    "[{id}] bbr-wasm: configuration accepted: {} base models, {adapters} adapters, \
+                     routing header {:?}",
+                    router.served.len() - adapters,
+                    router.base_model_header
+                );
+                self.configured_at = hostcalls::get_current_time()
+                    .ok()
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_secs());
+                self.router = Some(Rc::new(router));
+                true
+            }
+            Err(err) => {
+                // Refusing makes Envoy reject the filter config: at start-up Envoy does not
+                // start; on an update the previous configuration keeps serving.
+                error!("[{id}] bbr-wasm: configuration refused: {err}");
+                false
+            }
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        // The SDK panics on `None`, so a context is always returned; without a router it
+        // fails closed (see `BbrHttp::on_http_request_headers`).
+        Some(Box::new(BbrHttp {
+            id: context_id,
+            router: self.router.clone(),
+            configured_at: self.configured_at,
+            phase: Phase::Headers,
+            scanner: None,
+            consumed: 0,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+/// Where a request stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Headers not seen yet.
+    Headers,
+    /// Headers held; reading the body.
+    Scanning,
+    /// Decided and let through; later callbacks pass.
+    Passed,
+    /// Answered locally; later callbacks must not let anything through.
+    Replied,
+}
+
+/// One HTTP stream.
+struct BbrHttp {
+    id: u32,
+    router: Option<Rc<Router>>,
+    configured_at: u64,
+    phase: Phase,
+    scanner: Option<ModelScanner>,
+    /// Body bytes already given to the scanner.
+    consumed: usize,
+}
+
+impl Context for BbrHttp {}
+
+impl HttpContext for BbrHttp {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let Some(router) = self.router.clone() else {
+            error!("[{}] bbr-wasm has no valid configuration; refusing the request", self.id);
+            return self.reply_error(500, "The gateway's model router is not configured.");
+        };
+
+        // Anti-spoofing comes first, for every request, inspected or not: a client must never
+        // choose a pool by sending the routing header itself.
+        let mut removed = false;
+        for name in [&router.base_model_header, &router.model_header] {
+            match self.remove_request_header(name) {
+                Ok(was_present) => removed |= was_present,
+                Err(status) => {
+                    error!("[{}] cannot remove client header {name:?}: {status:?}", self.id);
+                    return self.reply_error(500, "The gateway could not sanitize the request.");
+                }
+            }
+        }
+        if removed {
+            info!("[{}] removed client-supplied routing headers", self.id);
+            // The route may already have been resolved with the forged value.
+            self.clear_route_cache();
+        }
+
+        let method = self.request_header(":method");
+        let path = self.request_header(":path");
+        let content_type = self.request_header("content-type");
+        let content_encoding = self.request_header("content-encoding");
+        let content_length = self.request_header("content-length");
+        let head = RequestHead {
+            method: method.as_deref().unwrap_or(""),
+            path: path.as_deref().unwrap_or(""),
+            content_type: content_type.as_deref(),
+            content_encoding: content_encoding.as_deref(),
+            content_length: content_length.as_deref(),
+        };
+
+        match router.classify(&head) {
+            HeadAction::Pass => {
+                self.phase = Phase::Passed;
+                Action::Continue
+            }
+            HeadAction::ServeModelList => {
+                let body = router.model_list_body(self.configured_at);
+                self.reply(200, &body)
+            }
+            HeadAction::Reject(rejection) => self.reject(&rejection),
+            HeadAction::Inspect => {
+                let mut scanner = router.scanner();
+                if end_of_stream {
+                    // A POST without a body: the scanner calls it what it is.
+                    let step = scanner.finish();
+                    return self.act_on(&router, step);
+                }
+                self.scanner = Some(scanner);
+                self.phase = Phase::Scanning;
+                // Needs `allow_on_headers_stop_iteration: true` on Envoy >= 1.35; otherwise
+                // this Pause becomes StopAllIteration and the body callback never comes.
+                Action::Pause
+            }
+        }
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        match self.phase {
+            Phase::Scanning => {}
+            Phase::Replied => return Action::Pause,
+            Phase::Headers | Phase::Passed => return Action::Continue,
+        }
+        let Some(router) = self.router.clone() else {
+            return self.reply_error(500, "The gateway's model router is not configured.");
+        };
+        if body_size as u64 > router.max_body_bytes {
+            return self.reject(&Rejection::TooLarge { limit: router.max_body_bytes });
+        }
+        // `body_size` is everything buffered so far (we return Pause, so Envoy keeps
+        // buffering). Only the bytes after `consumed` are new: reading from there keeps the
+        // work linear in the body size however many chunks arrive.
+        if body_size > self.consumed {
+            let len = body_size - self.consumed;
+            match hostcalls::get_buffer(BufferType::HttpRequestBody, self.consumed, len) {
+                Ok(Some(bytes)) => {
+                    self.consumed += bytes.len();
+                    if let Some(scanner) = self.scanner.as_mut() {
+                        let step = scanner.feed(&bytes);
+                        if step != Step::NeedMore {
+                            return self.act_on(&router, step);
+                        }
+                    }
+                }
+                Ok(None) => {
+                    error!("[{}] the host returned no body bytes ({len} expected)", self.id);
+                    return self.reply_error(500, "The gateway could not read the request body.");
+                }
+                Err(status) => {
+                    error!("[{}] cannot read the request body: {status:?}", self.id);
+                    return self.reply_error(500, "The gateway could not read the request body.");
+                }
+            }
+        }
+        if end_of_stream {
+            return self.finish(&router);
+        }
+        Action::Pause
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        // With trailers (gRPC-style HTTP/2 streams) the last body callback does not carry
+        // end_of_stream; the trailers end the body.
+        match self.phase {
+            Phase::Scanning => match self.router.clone() {
+                Some(router) => self.finish(&router),
+                None => self.reply_error(500, "The gateway's model router is not configured."),
+            },
+            Phase::Replied => Action::Pause,
+            Phase::Headers | Phase::Passed => Action::Continue,
+        }
+    }
+}
+
+impl BbrHttp {
+    fn finish(&mut self, router: &Router) -> Action {
+        let step = match self.scanner.as_mut() {
+            Some(scanner) => scanner.finish(),
+            None => ModelScanner::new(router.max_model_name_bytes).finish(),
+        };
+        self.act_on(router, step)
+    }
+
+    /// Carries out the scanner's verdict.
+    fn act_on(&mut self, router: &Router, step: Step) -> Action {
+        self.scanner = None;
+        match router.decide(step) {
+            None => Action::Pause,
+            Some(Verdict::Route(served)) => {
+                let set = self
+                    .set_request_header(&router.base_model_header, &served.base)
+                    .and_then(|()| self.set_request_header(&router.model_header, &served.name));
+                if let Err(status) = set {
+                    error!("[{}] cannot set the routing headers: {status:?}", self.id);
+                    return self.reply_error(500, "The gateway could not route the request.");
+                }
+                self.clear_route_cache();
+                debug!("[{}] routed to base model {:?}", self.id, served.base);
+                self.phase = Phase::Passed;
+                Action::Continue
+            }
+            Some(Verdict::Pass) => {
+                debug!("[{}] unknown model passed through without routing headers", self.id);
+                self.phase = Phase::Passed;
+                Action::Continue
+            }
+            Some(Verdict::Reject(rejection)) => self.reject(&rejection),
+        }
+    }
+
+    fn reject(&mut self, rejection: &Rejection) -> Action {
+        // The code only: the message may carry client text, and logs never carry request content.
+        debug!("[{}] rejected: {} {}", self.id, rejection.status(), rejection.code());
+        self.reply(rejection.status(), &rejection.body())
+    }
+
+    fn reply_error(&mut self, status: u32, message: &str) -> Action {
+        let body = crate::core::errors::error_body(message, "server_error", None, "internal_error");
+        self.reply(status, &body)
+    }
+
+    /// Sends a local JSON reply and stops the request.
+    fn reply(&mut self, status: u32, body: &str) -> Action {
+        self.phase = Phase::Replied;
+        self.scanner = None;
+        let headers = vec![("content-type", "application/json")];
+        if let Err(status_err) = hostcalls::send_http_response(status, headers, Some(body.as_bytes())) {
+            warn!("[{}] cannot send the local reply: {status_err:?}", self.id);
+        }
+        Action::Pause
+    }
+
+    /// A request header, or `None` if absent or unreadable.
+    fn request_header(&self, name: &str) -> Option<String> {
+        match hostcalls::get_map_value(MapType::HttpRequestHeaders, name) {
+            Ok(value) => value,
+            Err(status) => {
+                warn!("[{}] cannot read header {name:?}: {status:?}", self.id);
+                None
+            }
+        }
+    }
+
+    /// Removes every copy of a request header; reports whether one was there.
+    fn remove_request_header(&self, name: &str) -> Result<bool, Status> {
+        let present = hostcalls::get_map_value(MapType::HttpRequestHeaders, name)?.is_some();
+        if present {
+            hostcalls::remove_map_value(MapType::HttpRequestHeaders, name)?;
+        }
+        Ok(present)
+    }
+
+    fn set_request_header(&self, name: &str, value: &str) -> Result<(), Status> {
+        hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value))
+    }
+
+    fn clear_route_cache(&self) {
+        if NO_CLEAR_ROUTE_CACHE.with(Cell::get) {
+            return;
+        }
+        if let Err(status) = hostcalls::call_foreign_function(CLEAR_ROUTE_CACHE, None) {
+            // Before Envoy 1.33 there is no such function, and header changes cleared the
+            // route cache by themselves.
+            NO_CLEAR_ROUTE_CACHE.with(|flag| flag.set(true));
+            warn!("[{}] host has no {CLEAR_ROUTE_CACHE} ({status:?}); relying on header mutation", self.id);
+        }
+    }
+}
