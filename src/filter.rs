@@ -42,7 +42,11 @@ struct BbrRoot {
 
 impl BbrRoot {
     fn new(context_id: u32) -> Self {
-        BbrRoot { context_id, router: None, configured_at: 0 }
+        BbrRoot {
+            context_id,
+            router: None,
+            configured_at: 0,
+        }
     }
 }
 
@@ -137,7 +141,10 @@ impl Context for BbrHttp {}
 impl HttpContext for BbrHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let Some(router) = self.router.clone() else {
-            error!("[{}] bbr-wasm has no valid configuration; refusing the request", self.id);
+            error!(
+                "[{}] bbr-wasm has no valid configuration; refusing the request",
+                self.id
+            );
             return self.reply_error(500, "The gateway's model router is not configured.");
         };
 
@@ -148,7 +155,10 @@ impl HttpContext for BbrHttp {
             match self.remove_request_header(name) {
                 Ok(was_present) => removed |= was_present,
                 Err(status) => {
-                    error!("[{}] cannot remove client header {name:?}: {status:?}", self.id);
+                    error!(
+                        "[{}] cannot remove client header {name:?}: {status:?}",
+                        self.id
+                    );
                     return self.reply_error(500, "The gateway could not sanitize the request.");
                 }
             }
@@ -208,7 +218,9 @@ impl HttpContext for BbrHttp {
             return self.reply_error(500, "The gateway's model router is not configured.");
         };
         if body_size as u64 > router.max_body_bytes {
-            return self.reject(&Rejection::TooLarge { limit: router.max_body_bytes });
+            return self.reject(&Rejection::TooLarge {
+                limit: router.max_body_bytes,
+            });
         }
         // `body_size` is everything buffered so far (we return Pause, so Envoy keeps
         // buffering). Only the bytes after `consumed` are new: reading from there keeps the
@@ -226,7 +238,10 @@ impl HttpContext for BbrHttp {
                     }
                 }
                 Ok(None) => {
-                    error!("[{}] the host returned no body bytes ({len} expected)", self.id);
+                    error!(
+                        "[{}] the host returned no body bytes ({len} expected)",
+                        self.id
+                    );
                     return self.reply_error(500, "The gateway could not read the request body.");
                 }
                 Err(status) => {
@@ -283,7 +298,10 @@ impl BbrHttp {
                 Action::Continue
             }
             Some(Verdict::Pass) => {
-                debug!("[{}] unknown model passed through without routing headers", self.id);
+                debug!(
+                    "[{}] unknown model passed through without routing headers",
+                    self.id
+                );
                 self.phase = Phase::Passed;
                 Action::Continue
             }
@@ -293,7 +311,12 @@ impl BbrHttp {
 
     fn reject(&mut self, rejection: &Rejection) -> Action {
         // The code only: the message may carry client text, and logs never carry request content.
-        debug!("[{}] rejected: {} {}", self.id, rejection.status(), rejection.code());
+        debug!(
+            "[{}] rejected: {} {}",
+            self.id,
+            rejection.status(),
+            rejection.code()
+        );
         self.reply(rejection.status(), &rejection.body())
     }
 
@@ -307,7 +330,9 @@ impl BbrHttp {
         self.phase = Phase::Replied;
         self.scanner = None;
         let headers = vec![("content-type", "application/json")];
-        if let Err(status_err) = hostcalls::send_http_response(status, headers, Some(body.as_bytes())) {
+        if let Err(status_err) =
+            hostcalls::send_http_response(status, headers, Some(body.as_bytes()))
+        {
             warn!("[{}] cannot send the local reply: {status_err:?}", self.id);
         }
         Action::Pause
@@ -345,7 +370,10 @@ impl BbrHttp {
             // Before Envoy 1.33 there is no such function, and header changes cleared the
             // route cache by themselves.
             NO_CLEAR_ROUTE_CACHE.with(|flag| flag.set(true));
-            warn!("[{}] host has no {CLEAR_ROUTE_CACHE} ({status:?}); relying on header mutation", self.id);
+            warn!(
+                "[{}] host has no {CLEAR_ROUTE_CACHE} ({status:?}); relying on header mutation",
+                self.id
+            );
         }
     }
 }

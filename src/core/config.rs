@@ -80,7 +80,10 @@ pub struct RawModelList {
 
 impl Default for RawModelList {
     fn default() -> Self {
-        RawModelList { enabled: true, path: default_model_list_path() }
+        RawModelList {
+            enabled: true,
+            path: default_model_list_path(),
+        }
     }
 }
 
@@ -128,7 +131,10 @@ impl fmt::Display for ConfigError {
 }
 
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { field: field.into(), reason: reason.into() }
+    ConfigError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
 }
 
 /// A served model: a base model or an adapter on one.
@@ -162,8 +168,15 @@ pub struct Router {
 impl Router {
     /// Parses and validates a configuration.
     pub fn from_json(bytes: &[u8]) -> Result<Router, ConfigError> {
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Err(ConfigError::Missing);
+        match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+            None => return Err(ConfigError::Missing),
+            // serde would also accept a struct written as an array of its fields.
+            Some(b'{') => {}
+            Some(_) => {
+                return Err(ConfigError::Syntax(
+                    "the configuration must be a JSON object".into(),
+                ))
+            }
         }
         let raw: RawConfig =
             serde_json::from_slice(bytes).map_err(|e| ConfigError::Syntax(e.to_string()))?;
@@ -172,6 +185,26 @@ impl Router {
 
     /// Validates a parsed configuration.
     pub fn compile(raw: RawConfig) -> Result<Router, ConfigError> {
+        // Limits first: the model names are checked against them.
+        if raw.max_body_bytes == 0 || raw.max_body_bytes > MAX_MAX_BODY_BYTES {
+            return Err(invalid(
+                "maxBodyBytes",
+                format!(
+                    "must be between 1 and {MAX_MAX_BODY_BYTES}, got {}",
+                    raw.max_body_bytes
+                ),
+            ));
+        }
+        if raw.max_model_name_bytes == 0 || raw.max_model_name_bytes > MAX_MAX_MODEL_NAME_BYTES {
+            return Err(invalid(
+                "maxModelNameBytes",
+                format!(
+                    "must be between 1 and {MAX_MAX_MODEL_NAME_BYTES}, got {}",
+                    raw.max_model_name_bytes
+                ),
+            ));
+        }
+
         if raw.models.is_empty() {
             return Err(invalid("models", "must list at least one model"));
         }
@@ -181,11 +214,17 @@ impl Router {
         for (i, model) in raw.models.iter().enumerate() {
             let field = format!("models[{i}].name");
             check_model_name(&field, &model.name, raw.max_model_name_bytes)?;
-            add_served(&mut served, &mut index, &mut where_defined, &field, ServedModel {
-                name: model.name.clone(),
-                base: model.name.clone(),
-                is_adapter: false,
-            })?;
+            add_served(
+                &mut served,
+                &mut index,
+                &mut where_defined,
+                &field,
+                ServedModel {
+                    name: model.name.clone(),
+                    base: model.name.clone(),
+                    is_adapter: false,
+                },
+            )?;
         }
         // Adapters after every base, so that a clash names the base model's field whichever
         // order they were written in.
@@ -193,11 +232,17 @@ impl Router {
             for (j, adapter) in model.adapters.iter().enumerate() {
                 let field = format!("models[{i}].adapters[{j}]");
                 check_model_name(&field, adapter, raw.max_model_name_bytes)?;
-                add_served(&mut served, &mut index, &mut where_defined, &field, ServedModel {
-                    name: adapter.clone(),
-                    base: model.name.clone(),
-                    is_adapter: true,
-                })?;
+                add_served(
+                    &mut served,
+                    &mut index,
+                    &mut where_defined,
+                    &field,
+                    ServedModel {
+                        name: adapter.clone(),
+                        base: model.name.clone(),
+                        is_adapter: true,
+                    },
+                )?;
             }
         }
 
@@ -212,22 +257,6 @@ impl Router {
         let model_header = check_header_name("modelHeader", &raw.model_header)?;
         if base_model_header == model_header {
             return Err(invalid("modelHeader", "must differ from baseModelHeader"));
-        }
-
-        if raw.max_body_bytes == 0 || raw.max_body_bytes > MAX_MAX_BODY_BYTES {
-            return Err(invalid(
-                "maxBodyBytes",
-                format!("must be between 1 and {MAX_MAX_BODY_BYTES}, got {}", raw.max_body_bytes),
-            ));
-        }
-        if raw.max_model_name_bytes == 0 || raw.max_model_name_bytes > MAX_MAX_MODEL_NAME_BYTES {
-            return Err(invalid(
-                "maxModelNameBytes",
-                format!(
-                    "must be between 1 and {MAX_MAX_MODEL_NAME_BYTES}, got {}",
-                    raw.max_model_name_bytes
-                ),
-            ));
         }
 
         let model_list_path = if raw.model_list.enabled {
@@ -264,8 +293,14 @@ fn add_served(
     model: ServedModel,
 ) -> Result<(), ConfigError> {
     if let Some(&earlier) = index.get(&model.name) {
-        let first = where_defined.get(earlier).map(String::as_str).unwrap_or("another entry");
-        return Err(invalid(field, format!("duplicate name {:?}, already at {first}", model.name)));
+        let first = where_defined
+            .get(earlier)
+            .map(String::as_str)
+            .unwrap_or("another entry");
+        return Err(invalid(
+            field,
+            format!("duplicate name {:?}, already at {first}", model.name),
+        ));
     }
     index.insert(model.name.clone(), served.len());
     where_defined.push(field.to_string());
@@ -285,7 +320,10 @@ fn check_model_name(field: &str, name: &str, max_bytes: usize) -> Result<(), Con
         return Err(invalid(field, "must not start or end with whitespace"));
     }
     if name.len() > max_bytes {
-        return Err(invalid(field, format!("is longer than maxModelNameBytes ({max_bytes})")));
+        return Err(invalid(
+            field,
+            format!("is longer than maxModelNameBytes ({max_bytes})"),
+        ));
     }
     Ok(())
 }
@@ -295,7 +333,10 @@ fn check_path(field: &str, path: &str) -> Result<(), ConfigError> {
         return Err(invalid(field, format!("must start with '/', got {path:?}")));
     }
     if path.contains(['?', '#']) || path.chars().any(|c| c.is_control() || c == ' ') {
-        return Err(invalid(field, format!("must be a plain path, got {path:?}")));
+        return Err(invalid(
+            field,
+            format!("must be a plain path, got {path:?}"),
+        ));
     }
     Ok(())
 }
@@ -304,7 +345,10 @@ fn check_path(field: &str, path: &str) -> Result<(), ConfigError> {
 fn check_header_name(field: &str, name: &str) -> Result<String, ConfigError> {
     let is_tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
     if name.is_empty() || !name.chars().all(is_tchar) {
-        return Err(invalid(field, format!("must be a valid HTTP header name, got {name:?}")));
+        return Err(invalid(
+            field,
+            format!("must be a valid HTTP header name, got {name:?}"),
+        ));
     }
     if name.starts_with(':') {
         return Err(invalid(field, "must not be a pseudo-header"));

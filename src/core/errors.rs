@@ -65,7 +65,12 @@ impl Rejection {
 
     /// The JSON body of the answer.
     pub fn body(&self) -> String {
-        error_body(&self.to_string(), "invalid_request_error", self.param(), self.code())
+        error_body(
+            &self.to_string(),
+            "invalid_request_error",
+            self.param(),
+            self.code(),
+        )
     }
 }
 
@@ -73,7 +78,10 @@ impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Rejection::InvalidJson(detail) => {
-                write!(f, "We could not parse the JSON body of your request: {detail}")
+                write!(
+                    f,
+                    "We could not parse the JSON body of your request: {detail}"
+                )
             }
             Rejection::MissingModel => f.write_str("You must provide a model parameter."),
             Rejection::InvalidModel(detail) => write!(f, "Invalid 'model': {detail}."),

@@ -55,7 +55,12 @@ impl Router {
                 return HeadAction::ServeModelList;
             }
         }
-        if head.method != "POST" || !self.path_prefixes.iter().any(|p| path.starts_with(p.as_str())) {
+        if head.method != "POST"
+            || !self
+                .path_prefixes
+                .iter()
+                .any(|p| path.starts_with(p.as_str()))
+        {
             return HeadAction::Pass;
         }
         if let Some(ct) = head.content_type {
@@ -76,9 +81,14 @@ impl Router {
                 )));
             }
         }
-        if let Some(length) = head.content_length.and_then(|v| v.trim().parse::<u64>().ok()) {
+        if let Some(length) = head
+            .content_length
+            .and_then(|v| v.trim().parse::<u64>().ok())
+        {
             if length > self.max_body_bytes {
-                return HeadAction::Reject(Rejection::TooLarge { limit: self.max_body_bytes });
+                return HeadAction::Reject(Rejection::TooLarge {
+                    limit: self.max_body_bytes,
+                });
             }
         }
         HeadAction::Inspect

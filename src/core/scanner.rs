@@ -22,6 +22,18 @@ pub const MAX_DEPTH: usize = 1024;
 /// The key we are looking for, compared after unescaping.
 const MODEL_KEY: &[u8] = b"model";
 
+/// Bytes inside a string that the fast path must stop at: the closing quote, a backslash,
+/// control characters (invalid unescaped) and non-ASCII (UTF-8 to validate).
+const STRING_SPECIAL: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = b == b'"' as usize || b == b'\\' as usize || b < 0x20 || b >= 0x80;
+        b += 1;
+    }
+    table
+};
+
 /// What the scanner needs or has found after a chunk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
@@ -66,7 +78,10 @@ impl fmt::Display for ScanError {
             }
             ScanError::NotAnObject => f.write_str("the JSON body must be an object"),
             ScanError::TooDeep { offset } => {
-                write!(f, "JSON nesting deeper than {MAX_DEPTH} levels at byte {offset}")
+                write!(
+                    f,
+                    "JSON nesting deeper than {MAX_DEPTH} levels at byte {offset}"
+                )
             }
             ScanError::MissingModel => f.write_str("you must provide a model parameter"),
             ScanError::ModelNotString { kind } => {
@@ -200,7 +215,10 @@ struct KeyBuf {
 
 impl KeyBuf {
     fn new() -> Self {
-        KeyBuf { bytes: [0; 5], len: 0 }
+        KeyBuf {
+            bytes: [0; 5],
+            len: 0,
+        }
     }
 
     /// Appends a decoded byte; `None` once the key is longer than `model` or differs from it.
@@ -297,7 +315,8 @@ impl ModelScanner {
         }
         // The scanner validated the bytes as UTF-8 and the escapes produced UTF-8, so this
         // conversion cannot fail; the error arm keeps that an error rather than a panic.
-        let model = String::from_utf8(self.model.clone()).map_err(|_| ScanError::ModelInvalidUnicode)?;
+        let model =
+            String::from_utf8(self.model.clone()).map_err(|_| ScanError::ModelInvalidUnicode)?;
         if model.chars().any(char::is_control) {
             return Err(ScanError::ModelControlCharacter);
         }
@@ -305,7 +324,10 @@ impl ModelScanner {
     }
 
     fn invalid(&self, reason: &'static str) -> ScanError {
-        ScanError::InvalidJson { offset: self.offset, reason }
+        ScanError::InvalidJson {
+            offset: self.offset,
+            reason,
+        }
     }
 
     fn in_object(&self) -> bool {
@@ -318,7 +340,9 @@ impl ModelScanner {
 
     fn push(&mut self, object: bool) -> ByteResult {
         if self.depth >= MAX_DEPTH {
-            return Err(ScanError::TooDeep { offset: self.offset });
+            return Err(ScanError::TooDeep {
+                offset: self.offset,
+            });
         }
         let i = self.depth;
         if object {
@@ -340,7 +364,7 @@ impl ModelScanner {
                 let rest = &chunk[i..];
                 let plain = rest
                     .iter()
-                    .position(|&b| b == b'"' || b == b'\\' || b < 0x20 || b >= 0x80)
+                    .position(|&b| STRING_SPECIAL[usize::from(b)])
                     .unwrap_or(rest.len());
                 i += plain;
                 self.offset += plain as u64;
@@ -368,7 +392,9 @@ impl ModelScanner {
                 }
                 // Any other valid start is valid JSON but no request; broken input is reported
                 // as what it is.
-                b'[' | b'"' | b'-' | b'0'..=b'9' | b't' | b'f' | b'n' => Err(ScanError::NotAnObject),
+                b'[' | b'"' | b'-' | b'0'..=b'9' | b't' | b'f' | b'n' => {
+                    Err(ScanError::NotAnObject)
+                }
                 0xEF => Err(self.invalid("byte order mark before the JSON text")),
                 _ => Err(self.invalid("expected a JSON object")),
             },
@@ -402,7 +428,11 @@ impl ModelScanner {
                 self.state = if remaining == 1 {
                     State::Str
                 } else {
-                    State::Utf8 { remaining: remaining - 1, lo: 0x80, hi: 0xBF }
+                    State::Utf8 {
+                        remaining: remaining - 1,
+                        lo: 0x80,
+                        hi: 0xBF,
+                    }
                 };
                 Ok(())
             }
@@ -415,7 +445,10 @@ impl ModelScanner {
                 if m + 1 == word.len() {
                     self.value_done();
                 } else {
-                    self.state = State::Literal { word, matched: matched + 1 };
+                    self.state = State::Literal {
+                        word,
+                        matched: matched + 1,
+                    };
                 }
                 Ok(())
             }
@@ -449,7 +482,11 @@ impl ModelScanner {
         }
         match b {
             b'"' => {
-                self.role = if is_model { StrRole::Model } else { StrRole::Skip };
+                self.role = if is_model {
+                    StrRole::Model
+                } else {
+                    StrRole::Skip
+                };
                 self.string_is_key = false;
                 self.high_surrogate = None;
                 self.state = State::Str;
@@ -478,15 +515,24 @@ impl ModelScanner {
                 Ok(())
             }
             b't' => {
-                self.state = State::Literal { word: b"true", matched: 1 };
+                self.state = State::Literal {
+                    word: b"true",
+                    matched: 1,
+                };
                 Ok(())
             }
             b'f' => {
-                self.state = State::Literal { word: b"false", matched: 1 };
+                self.state = State::Literal {
+                    word: b"false",
+                    matched: 1,
+                };
                 Ok(())
             }
             b'n' => {
-                self.state = State::Literal { word: b"null", matched: 1 };
+                self.state = State::Literal {
+                    word: b"null",
+                    matched: 1,
+                };
                 Ok(())
             }
             _ => Err(self.invalid("expected a value")),
@@ -496,7 +542,11 @@ impl ModelScanner {
     /// Starts a string in key position.
     fn begin_string(&mut self, is_key: bool) {
         let top_key = is_key && self.depth == 1;
-        self.role = if top_key { StrRole::TopKey } else { StrRole::Skip };
+        self.role = if top_key {
+            StrRole::TopKey
+        } else {
+            StrRole::Skip
+        };
         self.key = if top_key { Some(KeyBuf::new()) } else { None };
         self.string_is_key = is_key;
         self.high_surrogate = None;
@@ -505,14 +555,22 @@ impl ModelScanner {
 
     /// After a complete value: what the enclosing container allows next.
     fn value_done(&mut self) {
-        self.state = if self.depth == 0 { State::End } else { State::AfterValue };
+        self.state = if self.depth == 0 {
+            State::End
+        } else {
+            State::AfterValue
+        };
     }
 
     fn after_value(&mut self, b: u8) -> ByteResult {
         match b {
             b' ' | b'\t' | b'\n' | b'\r' => Ok(()),
             b',' => {
-                self.state = if self.in_object() { State::ObjectKey } else { State::Value };
+                self.state = if self.in_object() {
+                    State::ObjectKey
+                } else {
+                    State::Value
+                };
                 Ok(())
             }
             b'}' if self.in_object() => self.close(),
@@ -612,7 +670,9 @@ impl ModelScanner {
             }
             StrRole::Model => {
                 if self.model.len() >= self.max_model_bytes {
-                    return Err(ScanError::ModelTooLong { limit: self.max_model_bytes });
+                    return Err(ScanError::ModelTooLong {
+                        limit: self.max_model_bytes,
+                    });
                 }
                 self.model.push(b);
                 Ok(())
@@ -631,7 +691,10 @@ impl ModelScanner {
             b'r' => b'\r',
             b't' => b'\t',
             b'u' => {
-                self.state = State::Unicode { digits: 0, value: 0 };
+                self.state = State::Unicode {
+                    digits: 0,
+                    value: 0,
+                };
                 return Ok(());
             }
             _ => return Err(self.invalid("invalid escape in a string")),
@@ -651,7 +714,10 @@ impl ModelScanner {
         };
         let value = (value << 4) | u16::from(d);
         if digits < 3 {
-            self.state = State::Unicode { digits: digits + 1, value };
+            self.state = State::Unicode {
+                digits: digits + 1,
+                value,
+            };
             return Ok(());
         }
         self.state = State::Str;
@@ -669,7 +735,8 @@ impl ModelScanner {
             }
             0xDC00..=0xDFFF => match self.high_surrogate.take() {
                 Some(high) => {
-                    let c = 0x10000 + ((u32::from(high) - 0xD800) << 10) + (u32::from(unit) - 0xDC00);
+                    let c =
+                        0x10000 + ((u32::from(high) - 0xD800) << 10) + (u32::from(unit) - 0xDC00);
                     self.store_char(c)
                 }
                 None => self.lone_surrogate(),

@@ -1,0 +1,67 @@
+# bbr-wasm: the front door. `make` alone lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+CARGO       ?= cargo
+WASM_TARGET := wasm32-wasip1
+WASM        := target/$(WASM_TARGET)/release/bbr_wasm.wasm
+MOCK        := target/release/mock-vllm
+VENV        := .venv
+TOOLS       := .tools
+# The runner must match the wasm-bindgen version in Cargo.lock.
+WASM_BINDGEN_VERSION := $(shell awk '/^name = "wasm-bindgen"$$/{getline; gsub(/[^0-9.]/,""); print; exit}' Cargo.lock)
+WBG_RUNNER  := $(TOOLS)/bin/wasm-bindgen-test-runner
+
+.PHONY: help build run test test-native test-wasm test-integration lint fmt clean targets venv wasm-bindgen
+
+help: ## List the targets
+	@awk 'BEGIN{FS=":.*## "} /^[a-z-]+:.*## /{printf "  make %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+targets: ## Install the Rust targets (wasm32-wasip1, wasm32-unknown-unknown) if missing
+	@installed="$$(rustup target list --installed)"; \
+	for t in wasm32-wasip1 wasm32-unknown-unknown; do \
+	  grep -qx "$$t" <<<"$$installed" || rustup target add "$$t"; \
+	done
+
+venv: ## Create .venv with pinned Envoy and the test packages
+	@bash scripts/bootstrap.sh
+
+build: targets ## Build the filter (.wasm) and the mock vLLM backend
+	$(CARGO) build --release --target $(WASM_TARGET) -p bbr-wasm
+	$(CARGO) build --release -p mock-vllm
+	@ls -l $(WASM)
+
+run: ## Start a local gateway: two mock vLLM backends behind Envoy on 127.0.0.1:10000
+	@bash scripts/run-local.sh
+
+test: lint test-native test-wasm test-integration ## Run every test (lint, core natively and as wasm, Envoy integration)
+
+test-native: ## Core and mock tests, natively
+	$(CARGO) test --workspace
+
+# No --locked: the crate's lockfile pins a webpki-roots release the registry here does not
+# serve; the exact wasm-bindgen version is what must match.
+wasm-bindgen: targets
+	@if [ ! -x $(WBG_RUNNER) ] || ! $(WBG_RUNNER) --version 2>/dev/null | grep -q " $(WASM_BINDGEN_VERSION)"; then \
+	  echo "installing wasm-bindgen-cli $(WASM_BINDGEN_VERSION) into $(TOOLS) (one-time, a few minutes)"; \
+	  $(CARGO) install --quiet --root $(TOOLS) wasm-bindgen-cli --version $(WASM_BINDGEN_VERSION); \
+	fi
+
+test-wasm: wasm-bindgen ## The same core tests compiled to wasm32-unknown-unknown, run under Node
+	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(abspath $(WBG_RUNNER)) \
+	  $(CARGO) test -p bbr-wasm --target wasm32-unknown-unknown --test core
+
+test-integration: build venv ## Real Envoy + the built .wasm + mock backends on free loopback ports
+	$(VENV)/bin/python -m pytest -q tests/integration
+
+lint: targets ## rustfmt check and clippy -D warnings, host and wasm32-wasip1
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p bbr-wasm --target $(WASM_TARGET) -- -D warnings
+
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+clean: ## Remove build output, the venv, local tools and run logs
+	$(CARGO) clean
+	rm -rf $(VENV) $(TOOLS) .run
