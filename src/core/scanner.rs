@@ -261,11 +261,6 @@ impl ModelScanner {
         }
     }
 
-    /// Bytes consumed so far.
-    pub fn bytes_seen(&self) -> u64 {
-        self.offset
-    }
-
     /// Feeds the next chunk of the body. Returns [`Step::NeedMore`] while the document is
     /// incomplete and valid so far, or [`Step::Error`] as soon as the request is known to be bad.
     pub fn feed(&mut self, chunk: &[u8]) -> Step {
