@@ -117,3 +117,25 @@ def test_forged_header_on_refused_request_with_early_route(lua_envoy, backends):
     )
     assert_openai_error(r, 404, "model_not_found", param="model")
     assert totals(backends) == before
+
+
+def test_clear_route_cache_foreign_function_is_accepted(lua_envoy):
+    """The host accepts the filter's `clear_route_cache` foreign-function call.
+
+    What this can and cannot prove: Envoy 1.40 still clears the route cache by itself after a
+    header change from a module whose proxy-wasm ABI is 0.2.1 (the Rust SDK 0.2.x exports that
+    version; Envoy skips the automatic clear only for ABIs newer than 0.2.1). A build of the
+    filter without the call passes the tests above on 1.40 (measured), and so would this one.
+    What it does catch: a call the host refuses (wrong name, older Envoy), which the filter
+    logs as a warning the first time. A build calling a misspelt function fails here (measured).
+    """
+    client = lua_envoy.client()
+    r = client.post(
+        "/v1/completions",
+        content=json.dumps(completion_body(QWEN)).encode(),
+        headers={"content-type": "application/json", "x-gateway-base-model-name": PHI},
+    )
+    assert_routed(r, QWEN)
+    log = lua_envoy.proc.log()
+    assert "bbr-wasm: configuration accepted" in log, "the Envoy log does not hold the filter's lines"
+    assert "has no clear_route_cache" not in log
