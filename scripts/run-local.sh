@@ -82,10 +82,14 @@ say "building the filter and the mock backend"
 mkdir -p "$RUN"
 
 # start NAME LOGFILE CMD... : runs CMD in the background, records its pid.
+# setsid puts it in a session of its own, so Ctrl-C in the terminal reaches only this script,
+# which then stops the children in order, by pid (otherwise they see the SIGINT too, and one
+# that exits first looks like a crash). A background child is no group leader, so setsid
+# execs in place and $! is the server's own pid.
 start() {
   local name="$1" log="$2"
   shift 2
-  "$@" >"$log" 2>&1 </dev/null &
+  setsid "$@" >"$log" 2>&1 </dev/null &
   PIDS+=("$!")
   say "started $name (pid $!), log $log"
 }
