@@ -186,24 +186,12 @@ impl Router {
     /// Validates a parsed configuration.
     pub fn compile(raw: RawConfig) -> Result<Router, ConfigError> {
         // Limits first: the model names are checked against them.
-        if raw.max_body_bytes == 0 || raw.max_body_bytes > MAX_MAX_BODY_BYTES {
-            return Err(invalid(
-                "maxBodyBytes",
-                format!(
-                    "must be between 1 and {MAX_MAX_BODY_BYTES}, got {}",
-                    raw.max_body_bytes
-                ),
-            ));
-        }
-        if raw.max_model_name_bytes == 0 || raw.max_model_name_bytes > MAX_MAX_MODEL_NAME_BYTES {
-            return Err(invalid(
-                "maxModelNameBytes",
-                format!(
-                    "must be between 1 and {MAX_MAX_MODEL_NAME_BYTES}, got {}",
-                    raw.max_model_name_bytes
-                ),
-            ));
-        }
+        check_range("maxBodyBytes", raw.max_body_bytes, MAX_MAX_BODY_BYTES)?;
+        check_range(
+            "maxModelNameBytes",
+            raw.max_model_name_bytes as u64,
+            MAX_MAX_MODEL_NAME_BYTES as u64,
+        )?;
 
         if raw.models.is_empty() {
             return Err(invalid("models", "must list at least one model"));
@@ -305,6 +293,16 @@ fn add_served(
     index.insert(model.name.clone(), served.len());
     where_defined.push(field.to_string());
     served.push(model);
+    Ok(())
+}
+
+fn check_range(field: &str, value: u64, max: u64) -> Result<(), ConfigError> {
+    if value == 0 || value > max {
+        return Err(invalid(
+            field,
+            format!("must be between 1 and {max}, got {value}"),
+        ));
+    }
     Ok(())
 }
 

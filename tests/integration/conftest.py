@@ -617,3 +617,33 @@ def pytest_sessionfinish(session, exitstatus):
         procs = list(_RUNNING)
     for p in procs:
         p.stop()
+
+
+def parse_http1(data: bytes) -> tuple[int, dict, bytes]:
+    """Status, lower-cased headers and body of a raw HTTP/1.1 response (1xx skipped,
+    chunked bodies decoded, Content-Length honoured)."""
+    # Skip interim 1xx responses (100 Continue).
+    while True:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        if 100 <= status < 200:
+            data = rest
+            continue
+        break
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body, buf = b"", rest
+        while buf:
+            size_line, _, buf = buf.partition(b"\r\n")
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:
+                break
+            body, buf = body + buf[:size], buf[size + 2 :]
+        rest = body
+    elif "content-length" in headers:
+        rest = rest[: int(headers["content-length"])]
+    return status, headers, rest

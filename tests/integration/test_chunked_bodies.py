@@ -14,7 +14,7 @@ import time
 import zlib
 
 import pytest
-from conftest import BACKEND_OF, LORA, PHI, QWEN
+from conftest import BACKEND_OF, LORA, PHI, QWEN, parse_http1
 
 BIG_MESSAGES = [
     {"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i}: " + "lorem ipsum " * 40}
@@ -50,23 +50,7 @@ def _read_response(sock: socket.socket, timeout: float = 30.0) -> tuple[int, dic
         if not part:
             break
         data += part
-    head, _, rest = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {}
-    for line in lines[1:]:
-        k, _, v = line.partition(":")
-        headers[k.strip().lower()] = v.strip()
-    if headers.get("transfer-encoding", "").lower() == "chunked":
-        body, buf = b"", rest
-        while buf:
-            size_line, _, buf = buf.partition(b"\r\n")
-            size = int(size_line.split(b";")[0], 16)
-            if size == 0:
-                break
-            body, buf = body + buf[:size], buf[size + 2 :]
-        rest = body
-    return status, headers, rest
+    return parse_http1(data)
 
 
 @pytest.mark.parametrize("model", [QWEN, PHI, LORA])

@@ -13,6 +13,7 @@ import time
 import httpx
 import pytest
 from conftest import (
+    parse_http1,
     PHI,
     QWEN,
     assert_openai_error,
@@ -216,35 +217,7 @@ def _raw_request(port: int, head: bytes, body_chunks=(), read_timeout: float = 3
             if not part:
                 break
             data += part
-    return _parse_http1(data)
-
-
-def _parse_http1(data: bytes) -> tuple[int, dict, bytes]:
-    # Skip interim 1xx responses (100 Continue).
-    while True:
-        head, _, rest = data.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        if 100 <= status < 200:
-            data = rest
-            continue
-        break
-    headers = {}
-    for line in lines[1:]:
-        k, _, v = line.partition(":")
-        headers[k.strip().lower()] = v.strip()
-    if headers.get("transfer-encoding", "").lower() == "chunked":
-        body, buf = b"", rest
-        while buf:
-            size_line, _, buf = buf.partition(b"\r\n")
-            size = int(size_line.split(b";")[0], 16)
-            if size == 0:
-                break
-            body, buf = body + buf[:size], buf[size + 2 :]
-        rest = body
-    elif "content-length" in headers:
-        rest = rest[: int(headers["content-length"])]
-    return status, headers, rest
+    return parse_http1(data)
 
 
 def _assert_raw_error(status, headers, body, want_status, code, param=None):
