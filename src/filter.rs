@@ -5,7 +5,9 @@
 //! results, so a host error would panic and trap the VM, taking every request on this worker
 //! down with it; they are not used.
 
-use crate::core::{HeadAction, ModelScanner, Rejection, RequestHead, Router, Step, Verdict};
+use crate::core::{
+    BodyScanner, HeadAction, ModelScanner, Rejection, RequestHead, Router, Step, Verdict,
+};
 use log::{debug, error, info, warn};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -131,7 +133,7 @@ struct BbrHttp {
     router: Option<Rc<Router>>,
     configured_at: u64,
     phase: Phase,
-    scanner: Option<ModelScanner>,
+    scanner: Option<Box<BodyScanner>>,
     /// Body bytes already given to the scanner.
     consumed: usize,
 }
@@ -192,8 +194,7 @@ impl HttpContext for BbrHttp {
                 self.reply(200, &body)
             }
             HeadAction::Reject(rejection) => self.reject(&rejection),
-            HeadAction::Inspect => {
-                let mut scanner = router.scanner();
+            HeadAction::Inspect(mut scanner) => {
                 if end_of_stream {
                     // A POST without a body: the scanner calls it what it is.
                     let step = scanner.finish();

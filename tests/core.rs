@@ -5,9 +5,10 @@
 //! that ships as wasm is tested as wasm. Every body case is fed whole, split at every byte
 //! boundary, and one byte at a time.
 
+use bbr_wasm::core::multipart::boundary_of;
 use bbr_wasm::core::{
-    HeadAction, ModelScanner, Rejection, RequestHead, Router, ScanError, Step, UnknownModel,
-    Verdict,
+    BodyScanner, HeadAction, ModelScanner, MultipartScanner, Rejection, RequestHead, Router,
+    ScanError, Step, UnknownModel, Verdict,
 };
 
 #[cfg(target_arch = "wasm32")]
@@ -301,6 +302,37 @@ const BODY_CASES: &[(&str, &str, Want)] = &[
     ),
 ];
 
+/// Multipart bodies with boundary `XyZ`: (name, body, outcome).
+const MULTIPART_CASES: &[(&str, &str, Want)] = &[
+    ("model first", "--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\nRIFF\x01\r\n--Xy\r\n--XyZ--\r\n", Want::Model("whisper-1")),
+    ("model last, file with delimiter look-alikes", "--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\n\r\n--X\r\r\n--XyY\r\n-\r\n--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nQwen/Qwen2.5-3B-Instruct\r\n--XyZ--", Want::Model("Qwen/Qwen2.5-3B-Instruct")),
+    ("preamble and epilogue", "preamble text\r\n--XyZ\r\ncontent-disposition: FORM-DATA; NAME=model\r\n\r\nm\r\n--XyZ--\r\nepilogue", Want::Model("m")),
+    ("padding after boundary", "--XyZ  \r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nm\r\n--XyZ--", Want::Model("m")),
+    ("other fields only", "--XyZ\r\nContent-Disposition: form-data; name=\"language\"\r\n\r\nen\r\n--XyZ--\r\n", Want::Code("missing_model")),
+    ("model_name is not model", "--XyZ\r\nContent-Disposition: form-data; name=\"model_name\"\r\n\r\nm\r\n--XyZ--\r\n", Want::Code("missing_model")),
+    ("empty model", "--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n\r\n--XyZ--\r\n", Want::Code("invalid_model")),
+    ("model with newline", "--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nm\nx\r\n--XyZ--\r\n", Want::Code("invalid_model")),
+    ("two model fields", "--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\na\r\n--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nb\r\n--XyZ--\r\n", Want::Code("duplicate_model")),
+    ("truncated part", "--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--XyZ\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nRIFF", Want::Code("invalid_multipart")),
+    ("truncated headers", "--XyZ\r\nContent-Disposition: form-da", Want::Code("invalid_multipart")),
+    ("no close delimiter", "--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nm\r\n", Want::Code("invalid_multipart")),
+    ("wrong boundary", "--AbC\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nm\r\n--AbC--\r\n", Want::Code("invalid_multipart")),
+    ("garbage after boundary", "--XyZx\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nm\r\n--XyZ--", Want::Code("invalid_multipart")),
+    ("empty body", "", Want::Code("invalid_multipart")),
+];
+
+/// Feeds a multipart body in `parts`, then finishes.
+fn scan_multipart(parts: &[&[u8]]) -> Result<String, &'static str> {
+    let mut scanner = MultipartScanner::new("XyZ", 256);
+    for part in parts {
+        match scanner.feed(part) {
+            Step::NeedMore => {}
+            step => return outcome(step),
+        }
+    }
+    outcome(scanner.finish())
+}
+
 /// The `error.code` a step maps to, or the model it found.
 fn outcome(step: Step) -> Result<String, &'static str> {
     match step {
@@ -351,6 +383,62 @@ both! {
             let parts: Vec<&[u8]> = body.as_bytes().chunks(1).collect();
             check(name, want, scan_parts(&parts), "byte by byte");
         }
+    }
+
+    fn multipart_cases_whole_split_and_bytewise() {
+        for (name, body, want) in MULTIPART_CASES {
+            let bytes = body.as_bytes();
+            check(name, want, scan_multipart(&[bytes]), "whole");
+            for at in 0..=bytes.len() {
+                let (a, b) = bytes.split_at(at);
+                check(name, want, scan_multipart(&[a, b]), &format!("split at {at}"));
+            }
+            let parts: Vec<&[u8]> = bytes.chunks(1).collect();
+            check(name, want, scan_multipart(&parts), "byte by byte");
+        }
+    }
+
+    fn multipart_big_file_and_long_model() {
+        let audio = vec![b'\r'; 3 * 1024 * 1024];
+        let mut body = b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\n".to_vec();
+        body.extend_from_slice(&audio);
+        body.extend_from_slice(b"\r\n--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nm\r\n--XyZ--\r\n");
+        let parts: Vec<&[u8]> = body.chunks(16 * 1024 + 3).collect();
+        assert_eq!(scan_multipart(&parts), Ok("m".to_string()));
+        let long = format!("--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n{}\r\n--XyZ--", "a".repeat(300));
+        assert_eq!(scan_multipart(&[long.as_bytes()]), Err("invalid_model"));
+        let headers = format!("--XyZ\r\nX-Long: {}\r\n\r\n", "h".repeat(9000));
+        assert_eq!(scan_multipart(&[headers.as_bytes()]), Err("invalid_multipart"));
+    }
+
+    fn multipart_boundaries() {
+        assert_eq!(boundary_of("multipart/form-data; boundary=XyZ").as_deref(), Ok("XyZ"));
+        assert_eq!(boundary_of("Multipart/Form-Data;charset=utf-8; BOUNDARY=\"a b'()+_,-./:=?\"").as_deref(), Ok("a b'()+_,-./:=?"));
+        assert_eq!(boundary_of("multipart/form-data; boundary=----WebKitFormBoundary7MA4YWxkTrZu0gW").as_deref(), Ok("----WebKitFormBoundary7MA4YWxkTrZu0gW"));
+        assert!(boundary_of("multipart/form-data").is_err());
+        assert!(boundary_of("multipart/form-data; boundary=").is_err());
+        assert!(boundary_of("multipart/form-data; boundary=\"abc").is_err());
+        assert!(boundary_of("multipart/form-data; boundary=\"abc \"").is_err());
+        assert!(boundary_of("multipart/form-data; boundary=a\rb").is_err());
+        assert!(boundary_of(&format!("multipart/form-data; boundary={}", "a".repeat(71))).is_err());
+        assert!(boundary_of(&format!("multipart/form-data; boundary={}", "a".repeat(70))).is_ok());
+        assert!(boundary_of("application/json; boundary=a").is_err());
+    }
+
+    fn multipart_classification() {
+        let r = router();
+        let head = |path, ct| RequestHead { method: "POST", path, content_type: Some(ct), ..RequestHead::default() };
+        let multipart = BodyScanner::Multipart(MultipartScanner::new("x", 1));
+        assert_eq!(r.classify(&head("/v1/audio/transcriptions", "multipart/form-data; boundary=abc")), HeadAction::Inspect(Box::new(multipart.clone())));
+        assert_eq!(r.classify(&head("/v1/audio/translations?x=1", "multipart/form-data; boundary=abc")), HeadAction::Inspect(Box::new(multipart)));
+        let code = |a: HeadAction| match a {
+            HeadAction::Reject(rej) => (rej.status(), rej.code()),
+            other => unreachable!("expected a rejection, got {other:?}"),
+        };
+        assert_eq!(code(r.classify(&head("/v1/audio/transcriptions", "multipart/form-data"))), (400, "invalid_multipart"));
+        assert_eq!(code(r.classify(&head("/v1/completions", "multipart/form-data; boundary=abc"))), (415, "unsupported_media_type"));
+        // JSON is still read on the audio paths (some clients send it).
+        assert_eq!(r.classify(&head("/v1/audio/transcriptions", "application/json")), HeadAction::Inspect(Box::new(BodyScanner::Json(ModelScanner::new(1)))));
     }
 
     fn invalid_utf8_is_invalid_json() {
@@ -423,7 +511,7 @@ both! {
     fn routing_decisions() {
         let r = router();
         let decide = |body: &str| {
-            let mut s = r.scanner();
+            let mut s = ModelScanner::new(r.max_model_name_bytes);
             let step = match s.feed(body.as_bytes()) {
                 Step::NeedMore => s.finish(),
                 other => other,
@@ -465,27 +553,28 @@ both! {
             content_encoding: ce,
             content_length: cl,
         };
-        let json = Some("application/json");
-        assert_eq!(r.classify(&head("POST", "/v1/completions", json, None, None)), HeadAction::Inspect);
-        assert_eq!(r.classify(&head("POST", "/v1/chat/completions?x=1", None, None, None)), HeadAction::Inspect);
-        assert_eq!(r.classify(&head("POST", "/v1/x", Some("Application/JSON; charset=utf-8"), None, Some("10"))), HeadAction::Inspect);
-        assert_eq!(r.classify(&head("POST", "/v1/x", json, Some("identity"), None)), HeadAction::Inspect);
+        let json_ct = Some("application/json");
+        let json = || BodyScanner::Json(ModelScanner::new(256));
+        assert_eq!(r.classify(&head("POST", "/v1/completions", json_ct, None, None)), HeadAction::Inspect(Box::new(json())));
+        assert_eq!(r.classify(&head("POST", "/v1/chat/completions?x=1", None, None, None)), HeadAction::Inspect(Box::new(json())));
+        assert_eq!(r.classify(&head("POST", "/v1/x", Some("Application/JSON; charset=utf-8"), None, Some("10"))), HeadAction::Inspect(Box::new(json())));
+        assert_eq!(r.classify(&head("POST", "/v1/x", json_ct, Some("identity"), None)), HeadAction::Inspect(Box::new(json())));
         assert_eq!(r.classify(&head("GET", "/v1/models", None, None, None)), HeadAction::ServeModelList);
         assert_eq!(r.classify(&head("GET", "/v1/models?limit=1", None, None, None)), HeadAction::ServeModelList);
         assert_eq!(r.classify(&head("GET", "/v1/models/x", None, None, None)), HeadAction::Pass);
         assert_eq!(r.classify(&head("GET", "/v1/completions", None, None, None)), HeadAction::Pass);
-        assert_eq!(r.classify(&head("POST", "/v2/completions", json, None, None)), HeadAction::Pass);
-        assert_eq!(r.classify(&head("POST", "/health", json, None, None)), HeadAction::Pass);
-        assert_eq!(r.classify(&head("POST", "/v1", json, None, None)), HeadAction::Pass);
+        assert_eq!(r.classify(&head("POST", "/v2/completions", json_ct, None, None)), HeadAction::Pass);
+        assert_eq!(r.classify(&head("POST", "/health", json_ct, None, None)), HeadAction::Pass);
+        assert_eq!(r.classify(&head("POST", "/v1", json_ct, None, None)), HeadAction::Pass);
         let code = |a: HeadAction| match a {
             HeadAction::Reject(rej) => (rej.status(), rej.code()),
             other => unreachable!("expected a rejection, got {other:?}"),
         };
         assert_eq!(code(r.classify(&head("POST", "/v1/x", Some("text/plain"), None, None))), (415, "unsupported_media_type"));
         assert_eq!(code(r.classify(&head("POST", "/v1/x", Some("multipart/form-data; boundary=x"), None, None))), (415, "unsupported_media_type"));
-        assert_eq!(code(r.classify(&head("POST", "/v1/x", json, Some("gzip"), None))), (415, "unsupported_media_type"));
-        assert_eq!(code(r.classify(&head("POST", "/v1/x", json, None, Some("8388609")))), (413, "request_too_large"));
-        assert_eq!(r.classify(&head("POST", "/v1/x", json, None, Some("8388608"))), HeadAction::Inspect);
+        assert_eq!(code(r.classify(&head("POST", "/v1/x", json_ct, Some("gzip"), None))), (415, "unsupported_media_type"));
+        assert_eq!(code(r.classify(&head("POST", "/v1/x", json_ct, None, Some("8388609")))), (413, "request_too_large"));
+        assert_eq!(r.classify(&head("POST", "/v1/x", json_ct, None, Some("8388608"))), HeadAction::Inspect(Box::new(json())));
     }
 
     fn error_bodies_are_openai_shaped() {
@@ -497,6 +586,7 @@ both! {
             Rejection::ModelNotFound("a\"b\n</script>".into()),
             Rejection::TooLarge { limit: 10 },
             Rejection::UnsupportedMediaType("x".into()),
+            Rejection::InvalidMultipart("x".into()),
         ];
         for rej in cases {
             let v: serde_json::Value = match serde_json::from_str(&rej.body()) {
@@ -593,6 +683,8 @@ both! {
             (r#"{"models":[{"name":"a"}],"maxModelNameBytes":0}"#, "maxModelNameBytes: must be between"),
             (r#"{"models":[{"name":"aaaa"}],"maxModelNameBytes":3}"#, "models[0].name: is longer than maxModelNameBytes"),
             (r#"{"models":[{"name":"a"}],"modelList":{"path":"models"}}"#, "modelList.path: must start with '/'"),
+            (r#"{"models":[{"name":"a"}],"multipartPaths":["/v2/audio"]}"#, "multipartPaths[0]: \"/v2/audio\" is under none of pathPrefixes"),
+            (r#"{"models":[{"name":"a"}],"multipartPaths":["audio"]}"#, "multipartPaths[0]: must start with '/'"),
             (r#"{"models":[{"name":"a"}],"modelList":{"enabled":true,"extra":1}}"#, "unknown field `extra`"),
         ];
         for (json, want) in cases {

@@ -10,6 +10,9 @@ use std::fmt;
 
 /// Default for `pathPrefixes`: every OpenAI endpoint.
 pub const DEFAULT_PATH_PREFIX: &str = "/v1/";
+/// Default for `multipartPaths`: OpenAI's form-upload endpoints.
+pub const DEFAULT_MULTIPART_PATHS: [&str; 2] =
+    ["/v1/audio/transcriptions", "/v1/audio/translations"];
 /// Default for `baseModelHeader`: the header the seed's HTTPRoutes match.
 pub const DEFAULT_BASE_MODEL_HEADER: &str = "x-gateway-base-model-name";
 /// Default for `modelHeader`.
@@ -33,6 +36,8 @@ pub struct RawConfig {
     pub models: Vec<RawModel>,
     #[serde(default = "default_path_prefixes")]
     pub path_prefixes: Vec<String>,
+    #[serde(default = "default_multipart_paths")]
+    pub multipart_paths: Vec<String>,
     #[serde(default = "default_base_model_header")]
     pub base_model_header: String,
     #[serde(default = "default_model_header")]
@@ -89,6 +94,12 @@ impl Default for RawModelList {
 
 fn default_path_prefixes() -> Vec<String> {
     vec![DEFAULT_PATH_PREFIX.to_string()]
+}
+fn default_multipart_paths() -> Vec<String> {
+    DEFAULT_MULTIPART_PATHS
+        .iter()
+        .map(|p| p.to_string())
+        .collect()
 }
 fn default_base_model_header() -> String {
     DEFAULT_BASE_MODEL_HEADER.to_string()
@@ -155,6 +166,8 @@ pub struct Router {
     pub served: Vec<ServedModel>,
     index: HashMap<String, usize>,
     pub path_prefixes: Vec<String>,
+    /// Paths whose `multipart/form-data` bodies are read for a `model` form field.
+    pub multipart_paths: Vec<String>,
     /// Lower-case header names (HTTP/2 and Envoy's header maps are lower case).
     pub base_model_header: String,
     pub model_header: String,
@@ -241,6 +254,21 @@ impl Router {
             check_path(&format!("pathPrefixes[{i}]"), prefix)?;
         }
 
+        for (i, path) in raw.multipart_paths.iter().enumerate() {
+            let field = format!("multipartPaths[{i}]");
+            check_path(&field, path)?;
+            if !raw
+                .path_prefixes
+                .iter()
+                .any(|p| path.starts_with(p.as_str()))
+            {
+                return Err(invalid(
+                    field,
+                    format!("{path:?} is under none of pathPrefixes"),
+                ));
+            }
+        }
+
         let base_model_header = check_header_name("baseModelHeader", &raw.base_model_header)?;
         let model_header = check_header_name("modelHeader", &raw.model_header)?;
         if base_model_header == model_header {
@@ -258,6 +286,7 @@ impl Router {
             served,
             index,
             path_prefixes: raw.path_prefixes,
+            multipart_paths: raw.multipart_paths,
             base_model_header,
             model_header,
             unknown_model: raw.unknown_model,

@@ -10,7 +10,9 @@ use std::fmt;
 pub enum Rejection {
     /// The body is not valid JSON, or its top level is not an object.
     InvalidJson(String),
-    /// No top-level `model`.
+    /// A `multipart/form-data` body that cannot be read (bad boundary, truncated part).
+    InvalidMultipart(String),
+    /// No top-level `model` (no `model` form field for multipart).
     MissingModel,
     /// `model` is unusable: not a string, empty, control characters, too long.
     InvalidModel(String),
@@ -28,6 +30,7 @@ impl Rejection {
     pub fn status(&self) -> u32 {
         match self {
             Rejection::InvalidJson(_)
+            | Rejection::InvalidMultipart(_)
             | Rejection::MissingModel
             | Rejection::InvalidModel(_)
             | Rejection::DuplicateModel => 400,
@@ -41,6 +44,7 @@ impl Rejection {
     pub fn code(&self) -> &'static str {
         match self {
             Rejection::InvalidJson(_) => "invalid_json",
+            Rejection::InvalidMultipart(_) => "invalid_multipart",
             Rejection::MissingModel => "missing_model",
             Rejection::InvalidModel(_) => "invalid_model",
             Rejection::DuplicateModel => "duplicate_model",
@@ -58,6 +62,7 @@ impl Rejection {
             | Rejection::DuplicateModel
             | Rejection::ModelNotFound(_) => Some("model"),
             Rejection::InvalidJson(_)
+            | Rejection::InvalidMultipart(_)
             | Rejection::TooLarge { .. }
             | Rejection::UnsupportedMediaType(_) => None,
         }
@@ -81,6 +86,12 @@ impl fmt::Display for Rejection {
                 write!(
                     f,
                     "We could not parse the JSON body of your request: {detail}"
+                )
+            }
+            Rejection::InvalidMultipart(detail) => {
+                write!(
+                    f,
+                    "We could not read the multipart/form-data body of your request: {detail}"
                 )
             }
             Rejection::MissingModel => f.write_str("You must provide a model parameter."),
@@ -107,6 +118,7 @@ impl From<ScanError> for Rejection {
             ScanError::InvalidJson { .. } | ScanError::NotAnObject | ScanError::TooDeep { .. } => {
                 Rejection::InvalidJson(err.to_string())
             }
+            ScanError::InvalidMultipart { .. } => Rejection::InvalidMultipart(err.to_string()),
             ScanError::MissingModel => Rejection::MissingModel,
             ScanError::DuplicateModel => Rejection::DuplicateModel,
             ScanError::ModelNotString { .. }

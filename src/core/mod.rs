@@ -4,10 +4,12 @@
 
 pub mod config;
 pub mod errors;
+pub mod multipart;
 pub mod request;
 pub mod scanner;
 
 pub use config::{ConfigError, Router, ServedModel, UnknownModel};
 pub use errors::Rejection;
-pub use request::{HeadAction, RequestHead, Verdict};
+pub use multipart::MultipartScanner;
+pub use request::{BodyScanner, HeadAction, RequestHead, Verdict};
 pub use scanner::{ModelScanner, ScanError, Step};

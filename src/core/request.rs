@@ -2,6 +2,7 @@
 
 use super::config::{Router, ServedModel, UnknownModel};
 use super::errors::Rejection;
+use super::multipart::{boundary_of, MultipartScanner};
 use super::scanner::{ModelScanner, Step};
 use serde_json::json;
 
@@ -25,9 +26,47 @@ pub enum HeadAction {
     ServeModelList,
     /// Refuse it now.
     Reject(Rejection),
-    /// Hold the headers and read the body.
-    Inspect,
+    /// Hold the headers and read the body with this scanner.
+    Inspect(Box<BodyScanner>),
 }
+
+/// The scanner for the kind of body the request declared.
+#[derive(Debug, Clone)]
+pub enum BodyScanner {
+    Json(ModelScanner),
+    Multipart(MultipartScanner),
+}
+
+impl BodyScanner {
+    /// Feeds the next chunk of the body.
+    pub fn feed(&mut self, chunk: &[u8]) -> Step {
+        match self {
+            BodyScanner::Json(s) => s.feed(chunk),
+            BodyScanner::Multipart(s) => s.feed(chunk),
+        }
+    }
+
+    /// Ends the body.
+    pub fn finish(&mut self) -> Step {
+        match self {
+            BodyScanner::Json(s) => s.finish(),
+            BodyScanner::Multipart(s) => s.finish(),
+        }
+    }
+}
+
+/// Scanners compare equal by kind: enough for tests of the classification.
+impl PartialEq for BodyScanner {
+    fn eq(&self, other: &Self) -> bool {
+        matches!(
+            (self, other),
+            (BodyScanner::Json(_), BodyScanner::Json(_))
+                | (BodyScanner::Multipart(_), BodyScanner::Multipart(_))
+        )
+    }
+}
+
+impl Eq for BodyScanner {}
 
 /// What the body decides.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,9 +102,26 @@ impl Router {
         {
             return HeadAction::Pass;
         }
+        let mut scanner = BodyScanner::Json(ModelScanner::new(self.max_model_name_bytes));
         if let Some(ct) = head.content_type {
             let media_type = ct.split(';').next().unwrap_or("").trim();
-            if !media_type.eq_ignore_ascii_case("application/json") {
+            if media_type.eq_ignore_ascii_case("multipart/form-data")
+                && self.multipart_paths.iter().any(|p| p == path)
+            {
+                match boundary_of(ct) {
+                    Ok(boundary) => {
+                        scanner = BodyScanner::Multipart(MultipartScanner::new(
+                            &boundary,
+                            self.max_model_name_bytes,
+                        ))
+                    }
+                    Err(why) => {
+                        return HeadAction::Reject(Rejection::InvalidMultipart(format!(
+                            "{why} in Content-Type"
+                        )))
+                    }
+                }
+            } else if !media_type.eq_ignore_ascii_case("application/json") {
                 return HeadAction::Reject(Rejection::UnsupportedMediaType(format!(
                     "Content-Type {media_type:?} is not supported here; send application/json."
                 )));
@@ -91,12 +147,7 @@ impl Router {
                 });
             }
         }
-        HeadAction::Inspect
-    }
-
-    /// A scanner for one request body, with this configuration's limits.
-    pub fn scanner(&self) -> ModelScanner {
-        ModelScanner::new(self.max_model_name_bytes)
+        HeadAction::Inspect(Box::new(scanner))
     }
 
     /// Decides from the scanner's final step (after `finish`, or an error from `feed`).

@@ -52,6 +52,8 @@ pub enum ScanError {
     InvalidJson { offset: u64, reason: &'static str },
     /// Valid JSON whose top level is not an object.
     NotAnObject,
+    /// A `multipart/form-data` body that does not follow its own boundary.
+    InvalidMultipart { offset: u64, reason: &'static str },
     /// Nesting deeper than [`MAX_DEPTH`].
     TooDeep { offset: u64 },
     /// The object has no top-level `model`.
@@ -77,6 +79,12 @@ impl fmt::Display for ScanError {
                 write!(f, "invalid JSON at byte {offset}: {reason}")
             }
             ScanError::NotAnObject => f.write_str("the JSON body must be an object"),
+            ScanError::InvalidMultipart { offset, reason } => {
+                write!(
+                    f,
+                    "invalid multipart/form-data body at byte {offset}: {reason}"
+                )
+            }
             ScanError::TooDeep { offset } => {
                 write!(
                     f,

@@ -1,0 +1,328 @@
+//! A push-style `multipart/form-data` scanner that finds the `model` form field.
+//!
+//! OpenAI's audio endpoints (`/v1/audio/transcriptions`, `/v1/audio/translations`) take a
+//! form upload: the audio file and the parameters, `model` among them, as parts. Like the JSON
+//! scanner, this one takes each chunk once, keeps a fixed amount of state (the part headers,
+//! bounded, and the `model` value, bounded) and never needs earlier bytes again.
+//!
+//! Delimiter search needs no buffering across chunks: the delimiter is `CRLF--boundary`, and a
+//! boundary cannot contain CR (RFC 2046 `bchars`), so after a partial match fails the only
+//! place a new match can start is the current byte.
+
+use super::scanner::{ScanError, Step};
+
+/// Longest part-header block accepted (all header lines of one part).
+pub const MAX_PART_HEADER_BYTES: usize = 8 * 1024;
+/// Longest boundary allowed by RFC 2046.
+pub const MAX_BOUNDARY_LEN: usize = 70;
+
+/// Extracts and checks the boundary parameter of a `multipart/form-data` content type.
+pub fn boundary_of(content_type: &str) -> Result<String, &'static str> {
+    let mut params = content_type.split(';');
+    let media_type = params.next().unwrap_or("").trim();
+    if !media_type.eq_ignore_ascii_case("multipart/form-data") {
+        return Err("not multipart/form-data");
+    }
+    let mut boundary = None;
+    for param in params {
+        let Some((name, value)) = param.split_once('=') else {
+            continue;
+        };
+        if name.trim().eq_ignore_ascii_case("boundary") {
+            let value = value.trim();
+            let value = match value.strip_prefix('"') {
+                Some(quoted) => quoted
+                    .strip_suffix('"')
+                    .ok_or("unterminated quoted boundary")?,
+                None => value,
+            };
+            boundary = Some(value.to_string());
+        }
+    }
+    let boundary = boundary.ok_or("no boundary parameter")?;
+    let is_bchar = |c: char| c.is_ascii_alphanumeric() || "'()+_,-./:=? ".contains(c);
+    if boundary.is_empty()
+        || boundary.len() > MAX_BOUNDARY_LEN
+        || !boundary.chars().all(is_bchar)
+        || boundary.ends_with(' ')
+    {
+        return Err("invalid boundary");
+    }
+    Ok(boundary)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Before the first delimiter (a preamble may precede it).
+    Preamble,
+    /// Just after a delimiter: `--` (the end) or transport padding then CRLF.
+    AfterDelimiter,
+    /// After a delimiter's first `-`: the second `-` closes the body.
+    CloseDash,
+    /// Linear whitespace after a delimiter, before its CRLF.
+    Padding,
+    /// After the CR that ends a delimiter line.
+    DelimiterCr,
+    /// In a part's header block.
+    Headers,
+    /// In a part's content.
+    Content,
+    /// After the close delimiter: the epilogue, ignored.
+    Epilogue,
+}
+
+/// The scanner for one multipart body.
+#[derive(Debug, Clone)]
+pub struct MultipartScanner {
+    /// `\r\n--boundary`.
+    delimiter: Vec<u8>,
+    /// How many bytes of `delimiter` the input currently matches.
+    matched: usize,
+    state: State,
+    /// The header block of the current part.
+    headers: Vec<u8>,
+    /// The current part is the `model` field.
+    in_model: bool,
+    model_seen: bool,
+    model: Vec<u8>,
+    max_model_bytes: usize,
+    offset: u64,
+    failed: Option<ScanError>,
+}
+
+impl MultipartScanner {
+    /// A scanner for a body with this (already checked) boundary.
+    pub fn new(boundary: &str, max_model_bytes: usize) -> Self {
+        let mut delimiter = b"\r\n--".to_vec();
+        delimiter.extend_from_slice(boundary.as_bytes());
+        MultipartScanner {
+            delimiter,
+            // The body's first delimiter needs no CRLF before it: start as if one was seen.
+            matched: 2,
+            state: State::Preamble,
+            headers: Vec::new(),
+            in_model: false,
+            model_seen: false,
+            model: Vec::new(),
+            max_model_bytes,
+            offset: 0,
+            failed: None,
+        }
+    }
+
+    /// Feeds the next chunk; [`Step::NeedMore`] until the end, or an error.
+    pub fn feed(&mut self, chunk: &[u8]) -> Step {
+        if let Some(err) = &self.failed {
+            return Step::Error(err.clone());
+        }
+        for &b in chunk {
+            if let Err(err) = self.byte(b) {
+                self.failed = Some(err.clone());
+                return Step::Error(err);
+            }
+            self.offset += 1;
+        }
+        Step::NeedMore
+    }
+
+    /// Ends the body: [`Step::Found`] or [`Step::Error`].
+    pub fn finish(&mut self) -> Step {
+        if let Some(err) = &self.failed {
+            return Step::Error(err.clone());
+        }
+        let result = match self.state {
+            State::Epilogue => self.verdict(),
+            State::Preamble => Err(self.invalid("no multipart boundary found in the body")),
+            _ => Err(self.invalid("the body ends before the closing boundary (truncated part)")),
+        };
+        match result {
+            Ok(model) => Step::Found(model),
+            Err(err) => {
+                self.failed = Some(err.clone());
+                Step::Error(err)
+            }
+        }
+    }
+
+    fn verdict(&self) -> Result<String, ScanError> {
+        if !self.model_seen {
+            return Err(ScanError::MissingModel);
+        }
+        let model =
+            String::from_utf8(self.model.clone()).map_err(|_| ScanError::ModelInvalidUnicode)?;
+        if model.is_empty() {
+            return Err(ScanError::ModelEmpty);
+        }
+        if model.chars().any(char::is_control) {
+            return Err(ScanError::ModelControlCharacter);
+        }
+        Ok(model)
+    }
+
+    fn invalid(&self, reason: &'static str) -> ScanError {
+        ScanError::InvalidMultipart {
+            offset: self.offset,
+            reason,
+        }
+    }
+
+    fn byte(&mut self, b: u8) -> Result<(), ScanError> {
+        match self.state {
+            State::Preamble | State::Content => self.content_byte(b),
+            State::AfterDelimiter => match b {
+                b'-' => {
+                    self.state = State::CloseDash;
+                    Ok(())
+                }
+                b' ' | b'\t' => {
+                    self.state = State::Padding;
+                    Ok(())
+                }
+                b'\r' => {
+                    self.state = State::DelimiterCr;
+                    Ok(())
+                }
+                _ => Err(self.invalid("unexpected bytes after a boundary")),
+            },
+            State::CloseDash => match b {
+                b'-' => {
+                    self.state = State::Epilogue;
+                    Ok(())
+                }
+                _ => Err(self.invalid("unexpected bytes after a boundary")),
+            },
+            State::Padding => match b {
+                b' ' | b'\t' => Ok(()),
+                b'\r' => {
+                    self.state = State::DelimiterCr;
+                    Ok(())
+                }
+                _ => Err(self.invalid("unexpected bytes after a boundary")),
+            },
+            State::DelimiterCr => match b {
+                b'\n' => {
+                    self.headers.clear();
+                    self.state = State::Headers;
+                    Ok(())
+                }
+                _ => Err(self.invalid("a boundary line must end with CRLF")),
+            },
+            State::Headers => {
+                if self.headers.len() >= MAX_PART_HEADER_BYTES {
+                    return Err(self.invalid("part headers too long"));
+                }
+                self.headers.push(b);
+                if self.headers.ends_with(b"\r\n\r\n") {
+                    self.start_content()?;
+                } else if self.headers.as_slice() == b"\r\n" {
+                    // A part with no headers at all: content starts right away.
+                    self.start_content()?;
+                }
+                Ok(())
+            }
+            State::Epilogue => Ok(()),
+        }
+    }
+
+    /// Content bytes (or preamble): watch for the delimiter, keep the model value.
+    fn content_byte(&mut self, b: u8) -> Result<(), ScanError> {
+        if self.delimiter.get(self.matched) == Some(&b) {
+            self.matched += 1;
+            if self.matched == self.delimiter.len() {
+                self.matched = 0;
+                self.end_part();
+                self.state = State::AfterDelimiter;
+            }
+            return Ok(());
+        }
+        // The partial match was content after all.
+        if self.matched > 0 {
+            let held = self.matched;
+            self.matched = 0;
+            if self.state == State::Content {
+                for i in 0..held {
+                    let byte = self.delimiter.get(i).copied().unwrap_or(b'\r');
+                    self.keep(byte)?;
+                }
+            }
+            // The delimiter's only CR is its first byte, so a match can restart only here.
+            if b == b'\r' {
+                self.matched = 1;
+                return Ok(());
+            }
+        }
+        if self.state == State::Content {
+            self.keep(b)?;
+        }
+        Ok(())
+    }
+
+    fn keep(&mut self, b: u8) -> Result<(), ScanError> {
+        if self.in_model {
+            if self.model.len() >= self.max_model_bytes {
+                return Err(ScanError::ModelTooLong {
+                    limit: self.max_model_bytes,
+                });
+            }
+            self.model.push(b);
+        }
+        Ok(())
+    }
+
+    fn end_part(&mut self) {
+        self.in_model = false;
+    }
+
+    /// The header block is complete: is this the `model` field?
+    fn start_content(&mut self) -> Result<(), ScanError> {
+        let is_model = part_name(&self.headers).as_deref() == Some("model");
+        self.headers.clear();
+        if is_model {
+            if self.model_seen {
+                return Err(ScanError::DuplicateModel);
+            }
+            self.model_seen = true;
+        }
+        self.in_model = is_model;
+        self.state = State::Content;
+        // The delimiter that ends this part starts with the CRLF before it.
+        self.matched = 0;
+        Ok(())
+    }
+}
+
+/// The `name` parameter of the part's `Content-Disposition: form-data` header.
+fn part_name(headers: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(headers);
+    for line in text.split("\r\n") {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        if !name.trim().eq_ignore_ascii_case("content-disposition") {
+            continue;
+        }
+        let mut params = value.split(';');
+        if !params
+            .next()
+            .unwrap_or("")
+            .trim()
+            .eq_ignore_ascii_case("form-data")
+        {
+            return None;
+        }
+        for param in params {
+            let Some((key, val)) = param.split_once('=') else {
+                continue;
+            };
+            if key.trim().eq_ignore_ascii_case("name") {
+                let val = val.trim();
+                let val = val
+                    .strip_prefix('"')
+                    .and_then(|v| v.strip_suffix('"'))
+                    .unwrap_or(val);
+                return Some(val.to_string());
+            }
+        }
+    }
+    None
+}
