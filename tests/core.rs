@@ -6,6 +6,7 @@
 //! boundary, and one byte at a time.
 
 use bbr_wasm::core::multipart::boundary_of;
+use bbr_wasm::core::skip::find_string_special;
 use bbr_wasm::core::{
     BodyScanner, HeadAction, ModelScanner, MultipartScanner, Rejection, RequestHead, Router,
     ScanError, Step, UnknownModel, Verdict,
@@ -439,6 +440,30 @@ both! {
         assert_eq!(code(r.classify(&head("/v1/completions", "multipart/form-data; boundary=abc"))), (415, "unsupported_media_type"));
         // JSON is still read on the audio paths (some clients send it).
         assert_eq!(r.classify(&head("/v1/audio/transcriptions", "application/json")), HeadAction::Inspect(Box::new(BodyScanner::Json(ModelScanner::new(1)))));
+    }
+
+    fn string_fast_path_finds_the_first_special_byte() {
+        // Under wasm this runs the SIMD128 path, natively the SWAR path: both must agree with
+        // the obvious scalar answer at every position, for every filler and special byte.
+        let scalar = |v: &[u8]| v.iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20).unwrap_or(v.len());
+        for len in 0..48 {
+            for pos in 0..len {
+                for special in [b'"', b'\\', 0x00, 0x1F, b'\n'] {
+                    for filler in [b'a', 0x20, 0x7F, 0x80, 0xC3, 0xFF, b'!', b'#', b']'] {
+                        let mut v = vec![filler; len];
+                        v[pos] = special;
+                        assert_eq!(find_string_special(&v), pos, "{v:?}");
+                    }
+                }
+            }
+        }
+        for b in 0..=255u8 {
+            for at in 0..20 {
+                let mut v = vec![b'x'; 20];
+                v[at] = b;
+                assert_eq!(find_string_special(&v), scalar(&v), "byte {b:#x} at {at}");
+            }
+        }
     }
 
     fn invalid_utf8_is_invalid_json() {

@@ -7,6 +7,7 @@ pub mod errors;
 pub mod multipart;
 pub mod request;
 pub mod scanner;
+pub mod skip;
 
 pub use config::{ConfigError, Router, ServedModel, UnknownModel};
 pub use errors::Rejection;

@@ -12,6 +12,7 @@
 //! Memory is fixed: the container stack is a bitset of [`MAX_DEPTH`] bits, top-level keys are
 //! decoded into a few bytes, and only the `model` value is kept, up to the configured limit.
 
+use super::skip::{digit_run, plain_string_prefix};
 use std::fmt;
 
 /// Deepest nesting accepted. Deeper documents are refused as invalid JSON: no backend parser
@@ -21,18 +22,6 @@ pub const MAX_DEPTH: usize = 1024;
 
 /// The key we are looking for, compared after unescaping.
 const MODEL_KEY: &[u8] = b"model";
-
-/// Bytes inside a string that the fast path must stop at: the closing quote, a backslash,
-/// control characters (invalid unescaped) and non-ASCII (UTF-8 to validate).
-const STRING_SPECIAL: [bool; 256] = {
-    let mut table = [false; 256];
-    let mut b = 0;
-    while b < 256 {
-        table[b] = b == b'"' as usize || b == b'\\' as usize || b < 0x20 || b >= 0x80;
-        b += 1;
-    }
-    table
-};
 
 /// What the scanner needs or has found after a chunk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -361,16 +350,18 @@ impl ModelScanner {
     fn run(&mut self, chunk: &[u8]) -> ByteResult {
         let mut i = 0;
         while i < chunk.len() {
-            if self.state == State::Str && self.role == StrRole::Skip {
-                // Fast path: most of a request body is prompt text inside strings we only
-                // validate. Skip plain ASCII up to the next byte that needs attention.
-                let rest = &chunk[i..];
-                let plain = rest
-                    .iter()
-                    .position(|&b| STRING_SPECIAL[usize::from(b)])
-                    .unwrap_or(rest.len());
-                i += plain;
-                self.offset += plain as u64;
+            // Fast paths for the runs that make up most of a body. Each stops before any
+            // byte the state machine must see, so the machine stays the only judge.
+            let skipped = match self.state {
+                State::Str if self.role == StrRole::Skip => plain_string_prefix(&chunk[i..]),
+                State::Number(NumberPart::Int | NumberPart::Frac | NumberPart::ExpDigits) => {
+                    digit_run(&chunk[i..])
+                }
+                _ => 0,
+            };
+            if skipped > 0 {
+                i += skipped;
+                self.offset += skipped as u64;
                 if i == chunk.len() {
                     break;
                 }
