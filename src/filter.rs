@@ -5,14 +5,16 @@
 //! results, so a host error would panic and trap the VM, taking every request on this worker
 //! down with it; they are not used.
 
+use crate::core::metrics as names;
 use crate::core::{
-    BodyScanner, HeadAction, ModelScanner, Rejection, RequestHead, Router, Step, Verdict,
+    BodyScanner, HeadAction, ModelScanner, Outcome, Rejection, RequestHead, Router, Step, Verdict,
 };
 use log::{debug, error, info, warn};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, Status};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 use std::cell::Cell;
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
 
@@ -38,6 +40,7 @@ thread_local! {
 struct BbrRoot {
     context_id: u32,
     router: Option<Rc<Router>>,
+    metrics: Rc<Metrics>,
     /// Unix time of the accepted configuration, the `created` of the model list.
     configured_at: u64,
 }
@@ -47,6 +50,7 @@ impl BbrRoot {
         BbrRoot {
             context_id,
             router: None,
+            metrics: Rc::new(Metrics::default()),
             configured_at: 0,
         }
     }
@@ -84,6 +88,7 @@ impl RootContext for BbrRoot {
                     .ok()
                     .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                     .map_or(0, |d| d.as_secs());
+                self.metrics = Rc::new(Metrics::define(id, &router));
                 self.router = Some(Rc::new(router));
                 true
             }
@@ -97,15 +102,23 @@ impl RootContext for BbrRoot {
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        // The SDK filters log lines inside the VM by a level it only learns when told. Asking
+        // the host once per stream makes `POST /logging?wasm=debug` on Envoy's admin take
+        // effect on a running gateway.
+        if let Ok(level) = hostcalls::get_log_level() {
+            proxy_wasm::set_log_level(level);
+        }
         // The SDK panics on `None`, so a context is always returned; without a router it
         // fails closed (see `BbrHttp::on_http_request_headers`).
         Some(Box::new(BbrHttp {
             id: context_id,
             router: self.router.clone(),
+            metrics: Rc::clone(&self.metrics),
             configured_at: self.configured_at,
             phase: Phase::Headers,
             scanner: None,
             consumed: 0,
+            scan_nanos: 0,
         }))
     }
 
@@ -131,11 +144,14 @@ enum Phase {
 struct BbrHttp {
     id: u32,
     router: Option<Rc<Router>>,
+    metrics: Rc<Metrics>,
     configured_at: u64,
     phase: Phase,
     scanner: Option<Box<BodyScanner>>,
     /// Body bytes already given to the scanner.
     consumed: usize,
+    /// Time spent in the scanner for this request.
+    scan_nanos: u64,
 }
 
 impl Context for BbrHttp {}
@@ -166,6 +182,7 @@ impl HttpContext for BbrHttp {
             }
         }
         if removed {
+            self.metrics.increment(self.metrics.spoofed_header_removed);
             info!("[{}] removed client-supplied routing headers", self.id);
             // The route may already have been resolved with the forged value.
             self.clear_route_cache();
@@ -186,10 +203,12 @@ impl HttpContext for BbrHttp {
 
         match router.classify(&head) {
             HeadAction::Pass => {
+                self.metrics.count(Outcome::Passthrough);
                 self.phase = Phase::Passed;
                 Action::Continue
             }
             HeadAction::ServeModelList => {
+                self.metrics.count(Outcome::ModelList);
                 let body = router.model_list_body(self.configured_at);
                 self.reply(200, &body)
             }
@@ -232,7 +251,9 @@ impl HttpContext for BbrHttp {
                 Ok(Some(bytes)) => {
                     self.consumed += bytes.len();
                     if let Some(scanner) = self.scanner.as_mut() {
+                        let started = now_nanos();
                         let step = scanner.feed(&bytes);
+                        self.scan_nanos += now_nanos().saturating_sub(started);
                         if step != Step::NeedMore {
                             return self.act_on(&router, step);
                         }
@@ -283,6 +304,8 @@ impl BbrHttp {
     /// Carries out the scanner's verdict.
     fn act_on(&mut self, router: &Router, step: Step) -> Action {
         self.scanner = None;
+        self.metrics
+            .record_scan(self.consumed as u64, self.scan_nanos);
         match router.decide(step) {
             None => Action::Pause,
             Some(Verdict::Route(served)) => {
@@ -294,11 +317,17 @@ impl BbrHttp {
                     return self.reply_error(500, "The gateway could not route the request.");
                 }
                 self.clear_route_cache();
+                self.metrics.count(Outcome::Routed);
+                if let Some(&id) = self.metrics.per_model.get(&served.base) {
+                    self.metrics.increment(Some(id));
+                }
                 debug!("[{}] routed to base model {:?}", self.id, served.base);
                 self.phase = Phase::Passed;
                 Action::Continue
             }
             Some(Verdict::Pass) => {
+                self.metrics.count(Outcome::UnknownModel);
+                self.metrics.count(Outcome::Passthrough);
                 debug!(
                     "[{}] unknown model passed through without routing headers",
                     self.id
@@ -311,6 +340,7 @@ impl BbrHttp {
     }
 
     fn reject(&mut self, rejection: &Rejection) -> Action {
+        self.metrics.count(rejection.outcome());
         // The code only: the message may carry client text, and logs never carry request content.
         debug!(
             "[{}] rejected: {} {}",
@@ -322,6 +352,7 @@ impl BbrHttp {
     }
 
     fn reply_error(&mut self, status: u32, message: &str) -> Action {
+        self.metrics.count(Outcome::InternalError);
         let body = crate::core::errors::error_body(message, "server_error", None, "internal_error");
         self.reply(status, &body)
     }
@@ -377,4 +408,94 @@ impl BbrHttp {
             );
         }
     }
+}
+
+/// Wall-clock nanoseconds from the host (0 if it cannot tell, which only loses a timing).
+fn now_nanos() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// The filter's metrics, defined once per configuration. A metric the host refused to define
+/// is `None` and simply not recorded: metrics never fail a request.
+#[derive(Default)]
+struct Metrics {
+    outcomes: [Option<u32>; Outcome::ALL.len()],
+    spoofed_header_removed: Option<u32>,
+    body_bytes: Option<u32>,
+    scan_time_us: Option<u32>,
+    scanned_bytes: Option<u32>,
+    scan_nanoseconds: Option<u32>,
+    memory_bytes: Option<u32>,
+    per_model: HashMap<String, u32>,
+}
+
+impl Metrics {
+    fn define(context_id: u32, router: &Router) -> Metrics {
+        let define = |kind: MetricType, name: &str| match hostcalls::define_metric(kind, name) {
+            Ok(id) => Some(id),
+            Err(status) => {
+                warn!("[{context_id}] cannot define metric {name:?}: {status:?}");
+                None
+            }
+        };
+        let mut metrics = Metrics {
+            outcomes: Outcome::ALL.map(|o| define(MetricType::Counter, o.counter())),
+            spoofed_header_removed: define(MetricType::Counter, names::SPOOFED_HEADER_REMOVED),
+            body_bytes: define(MetricType::Histogram, names::BODY_BYTES),
+            scan_time_us: define(MetricType::Histogram, names::SCAN_TIME_US),
+            scanned_bytes: define(MetricType::Counter, names::SCANNED_BYTES),
+            scan_nanoseconds: define(MetricType::Counter, names::SCAN_NANOSECONDS),
+            memory_bytes: define(MetricType::Gauge, names::MEMORY_BYTES),
+            per_model: HashMap::new(),
+        };
+        for served in router.served.iter().filter(|m| !m.is_adapter) {
+            if let Some(id) = define(MetricType::Counter, &names::model_requests(&served.base)) {
+                metrics.per_model.insert(served.base.clone(), id);
+            }
+        }
+        metrics.record(metrics.memory_bytes, memory_bytes());
+        metrics
+    }
+
+    fn count(&self, outcome: Outcome) {
+        let index = Outcome::ALL.iter().position(|&o| o == outcome);
+        self.increment(index.and_then(|i| self.outcomes[i]));
+    }
+
+    fn increment(&self, id: Option<u32>) {
+        if let Some(id) = id {
+            // A failed increment loses one count; it is not worth failing the request for.
+            let _ = hostcalls::increment_metric(id, 1);
+        }
+    }
+
+    fn add(&self, id: Option<u32>, value: u64) {
+        if let Some(id) = id {
+            let _ = hostcalls::increment_metric(id, i64::try_from(value).unwrap_or(i64::MAX));
+        }
+    }
+
+    fn record(&self, id: Option<u32>, value: u64) {
+        if let Some(id) = id {
+            let _ = hostcalls::record_metric(id, value);
+        }
+    }
+
+    /// One inspected body is finished: its size, its scan time, and the VM's memory now.
+    fn record_scan(&self, bytes: u64, nanos: u64) {
+        self.record(self.body_bytes, bytes);
+        self.record(self.scan_time_us, nanos / 1_000);
+        self.add(self.scanned_bytes, bytes);
+        self.add(self.scan_nanoseconds, nanos);
+        self.record(self.memory_bytes, memory_bytes());
+    }
+}
+
+/// The size of this VM's linear memory, in bytes.
+fn memory_bytes() -> u64 {
+    // Memory 0 is the module's only memory; its size is counted in 64 KiB wasm pages.
+    (core::arch::wasm32::memory_size(0) as u64) * 65_536
 }

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod errors;
+pub mod metrics;
 pub mod multipart;
 pub mod request;
 pub mod scanner;
@@ -11,6 +12,7 @@ pub mod skip;
 
 pub use config::{ConfigError, Router, ServedModel, UnknownModel};
 pub use errors::Rejection;
+pub use metrics::Outcome;
 pub use multipart::MultipartScanner;
 pub use request::{BodyScanner, HeadAction, RequestHead, Verdict};
 pub use scanner::{ModelScanner, ScanError, Step};
