@@ -5,6 +5,7 @@
 //! that ships as wasm is tested as wasm. Every body case is fed whole, split at every byte
 //! boundary, and one byte at a time.
 
+use bbr_wasm::core::metrics::{self, Outcome};
 use bbr_wasm::core::multipart::boundary_of;
 use bbr_wasm::core::skip::find_string_special;
 use bbr_wasm::core::{
@@ -631,6 +632,43 @@ both! {
         }
         let body = Rejection::ModelNotFound("a\"b".into()).body();
         assert!(body.contains(r#"`a\"b`"#), "{body}");
+    }
+
+    fn metric_names_and_outcomes() {
+        let mut names: Vec<&str> = Outcome::ALL.iter().map(|o| o.counter()).collect();
+        names.extend([
+            metrics::SPOOFED_HEADER_REMOVED,
+            metrics::BODY_BYTES,
+            metrics::SCAN_TIME_US,
+            metrics::SCANNED_BYTES,
+            metrics::SCAN_NANOSECONDS,
+            metrics::MEMORY_BYTES,
+        ]);
+        for name in &names {
+            assert!(name.starts_with(metrics::PREFIX), "{name}");
+            assert!(name.chars().all(|c| c.is_ascii_lowercase() || c == '_'), "{name}");
+        }
+        let mut unique = names.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), names.len());
+        assert_eq!(
+            metrics::model_requests("Qwen/Qwen2.5-3B-Instruct"),
+            "model=.=Qwen/Qwen2.5-3B-Instruct;.;bbr_model_requests_total"
+        );
+        let cases = [
+            (Rejection::InvalidJson("x".into()), Outcome::InvalidBody),
+            (Rejection::InvalidMultipart("x".into()), Outcome::InvalidBody),
+            (Rejection::InvalidModel("x".into()), Outcome::InvalidBody),
+            (Rejection::DuplicateModel, Outcome::InvalidBody),
+            (Rejection::UnsupportedMediaType("x".into()), Outcome::InvalidBody),
+            (Rejection::MissingModel, Outcome::MissingModel),
+            (Rejection::ModelNotFound("x".into()), Outcome::UnknownModel),
+            (Rejection::TooLarge { limit: 1 }, Outcome::BodyTooLarge),
+        ];
+        for (rejection, outcome) in cases {
+            assert_eq!(rejection.outcome(), outcome, "{rejection:?}");
+        }
     }
 
     fn model_list_body() {
