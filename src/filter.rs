@@ -31,6 +31,9 @@ proxy_wasm::main! {{
 /// would leave the request on the route chosen before our header existed.
 const CLEAR_ROUTE_CACHE: &str = "clear_route_cache";
 
+/// Most body bytes copied into the VM at once.
+const READ_WINDOW_BYTES: usize = 64 * 1024;
+
 thread_local! {
     /// Set once the host said it has no `clear_route_cache`, so we warn once, not per request.
     static NO_CLEAR_ROUTE_CACHE: Cell<bool> = const { Cell::new(false) };
@@ -244,22 +247,15 @@ impl HttpContext for BbrHttp {
         }
         // `body_size` is everything buffered so far (we return Pause, so Envoy keeps
         // buffering). Only the bytes after `consumed` are new: reading from there keeps the
-        // work linear in the body size however many chunks arrive.
-        if body_size > self.consumed {
-            let len = body_size - self.consumed;
-            match hostcalls::get_buffer(BufferType::HttpRequestBody, self.consumed, len) {
-                Ok(Some(bytes)) => {
-                    self.consumed += bytes.len();
-                    if let Some(scanner) = self.scanner.as_mut() {
-                        let started = now_nanos();
-                        let step = scanner.feed(&bytes);
-                        self.scan_nanos += now_nanos().saturating_sub(started);
-                        if step != Step::NeedMore {
-                            return self.act_on(&router, step);
-                        }
-                    }
-                }
-                Ok(None) => {
+        // work linear in the body size however many chunks arrive. They are copied into the VM
+        // a window at a time, so the VM's memory stays bounded however much Envoy delivers in
+        // one callback.
+        while body_size > self.consumed {
+            let len = (body_size - self.consumed).min(READ_WINDOW_BYTES);
+            let bytes = match hostcalls::get_buffer(BufferType::HttpRequestBody, self.consumed, len)
+            {
+                Ok(Some(bytes)) if !bytes.is_empty() => bytes,
+                Ok(_) => {
                     error!(
                         "[{}] the host returned no body bytes ({len} expected)",
                         self.id
@@ -269,6 +265,15 @@ impl HttpContext for BbrHttp {
                 Err(status) => {
                     error!("[{}] cannot read the request body: {status:?}", self.id);
                     return self.reply_error(500, "The gateway could not read the request body.");
+                }
+            };
+            self.consumed += bytes.len();
+            if let Some(scanner) = self.scanner.as_mut() {
+                let started = now_nanos();
+                let step = scanner.feed(&bytes);
+                self.scan_nanos += now_nanos().saturating_sub(started);
+                if step != Step::NeedMore {
+                    return self.act_on(&router, step);
                 }
             }
         }
