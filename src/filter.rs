@@ -186,7 +186,7 @@ impl HttpContext for BbrHttp {
         }
         if removed {
             self.metrics.increment(self.metrics.spoofed_header_removed);
-            info!("[{}] removed client-supplied routing headers", self.id);
+            debug!("[{}] removed client-supplied routing headers", self.id);
             // The route may already have been resolved with the forged value.
             self.clear_route_cache();
         }
