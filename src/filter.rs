@@ -275,6 +275,12 @@ impl HttpContext for BbrHttp {
                 if step != Step::NeedMore {
                     return self.act_on(&router, step);
                 }
+                if router.route_before_body_ends {
+                    if let Some(step) = scanner.early_model() {
+                        // The rest of the body streams on unscanned.
+                        return self.act_on(&router, step);
+                    }
+                }
             }
         }
         if end_of_stream {

@@ -514,6 +514,39 @@ both! {
         assert_eq!(scan_parts(&[escaped.as_bytes()]).map(|m| m.len()), Ok(200));
     }
 
+    fn early_model_before_the_body_ends() {
+        let early = |parts: &[&str]| {
+            let mut s = ModelScanner::new(256);
+            for p in parts {
+                assert_eq!(s.feed(p.as_bytes()), Step::NeedMore, "{parts:?}");
+            }
+            s.early_model()
+        };
+        assert_eq!(early(&[r#"{"model":"m","messages":[{"#]), Some(Step::Found("m".into())));
+        assert_eq!(early(&[r#"{"model":"Qw"#, r#"en","#]), Some(Step::Found("Qwen".into())));
+        assert_eq!(early(&[r#"{"model":"m"#]), None);
+        assert_eq!(early(&[r#"{"messages":[{"model":"x"}],"#]), None);
+        assert_eq!(early(&[r#"{"model":"","#]), Some(Step::Error(ScanError::ModelEmpty)));
+        assert_eq!(early(&[r#"{"model":"a\nb""#]), Some(Step::Error(ScanError::ModelControlCharacter)));
+        let mut failed = ModelScanner::new(256);
+        assert!(matches!(failed.feed(br#"{"model":"m",,"#), Step::Error(_)));
+        assert_eq!(failed.early_model(), None);
+
+        let mut mp = MultipartScanner::new("XyZ", 256);
+        let head = "--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1";
+        assert_eq!(mp.feed(head.as_bytes()), Step::NeedMore);
+        assert_eq!(mp.early_model(), None);
+        assert_eq!(mp.feed(b"\r\n--XyZ\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nRIFF"), Step::NeedMore);
+        assert_eq!(mp.early_model(), Some(Step::Found("whisper-1".into())));
+
+        let r = match Router::from_json(br#"{"models":[{"name":"a"}],"routeBeforeBodyEnds":true}"#) {
+            Ok(r) => r,
+            Err(e) => unreachable!("{e}"),
+        };
+        assert!(r.route_before_body_ends);
+        assert!(!router().route_before_body_ends);
+    }
+
     fn errors_are_sticky() {
         let mut scanner = ModelScanner::new(256);
         assert!(matches!(scanner.feed(b"{\"model\":1"), Step::Error(_)));

@@ -50,6 +50,8 @@ pub struct RawConfig {
     pub max_model_name_bytes: usize,
     #[serde(default)]
     pub model_list: RawModelList,
+    #[serde(default)]
+    pub route_before_body_ends: bool,
 }
 
 /// One base model and the LoRA adapters served on it (the seed's bbr-managed ConfigMap:
@@ -176,6 +178,8 @@ pub struct Router {
     pub max_model_name_bytes: usize,
     /// `Some(path)` when the filter answers `GET path` itself.
     pub model_list_path: Option<String>,
+    /// Release the request as soon as `model` is read, without the whole-body checks.
+    pub route_before_body_ends: bool,
 }
 
 impl Router {
@@ -293,6 +297,7 @@ impl Router {
             max_body_bytes: raw.max_body_bytes,
             max_model_name_bytes: raw.max_model_name_bytes,
             model_list_path,
+            route_before_body_ends: raw.route_before_body_ends,
         })
     }
 

@@ -84,6 +84,8 @@ pub struct MultipartScanner {
     /// The current part is the `model` field.
     in_model: bool,
     model_seen: bool,
+    /// The `model` part has ended.
+    model_complete: bool,
     model: Vec<u8>,
     max_model_bytes: usize,
     offset: u64,
@@ -103,6 +105,7 @@ impl MultipartScanner {
             headers: Vec::new(),
             in_model: false,
             model_seen: false,
+            model_complete: false,
             model: Vec::new(),
             max_model_bytes,
             offset: 0,
@@ -142,6 +145,18 @@ impl MultipartScanner {
                 Step::Error(err)
             }
         }
+    }
+
+    /// The verdict on the `model` field as soon as its part has ended (see
+    /// `ModelScanner::early_model`).
+    pub fn early_model(&self) -> Option<Step> {
+        if self.failed.is_some() || !self.model_complete {
+            return None;
+        }
+        Some(match self.verdict() {
+            Ok(model) => Step::Found(model),
+            Err(err) => Step::Error(err),
+        })
     }
 
     fn verdict(&self) -> Result<String, ScanError> {
@@ -270,6 +285,9 @@ impl MultipartScanner {
     }
 
     fn end_part(&mut self) {
+        if self.in_model {
+            self.model_complete = true;
+        }
         self.in_model = false;
     }
 

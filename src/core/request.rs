@@ -46,6 +46,14 @@ impl BodyScanner {
         }
     }
 
+    /// The verdict on `model` once it is read whole, before the body ends.
+    pub fn early_model(&self) -> Option<Step> {
+        match self {
+            BodyScanner::Json(s) => s.early_model(),
+            BodyScanner::Multipart(s) => s.early_model(),
+        }
+    }
+
     /// Ends the body.
     pub fn finish(&mut self) -> Step {
         match self {

@@ -195,6 +195,8 @@ pub struct ModelScanner {
     /// The next top-level value belongs to a `model` key.
     value_is_model: bool,
     model_seen: bool,
+    /// The `model` string has been read to its closing quote.
+    model_complete: bool,
     model: Vec<u8>,
     max_model_bytes: usize,
     /// The model string held an escaped lone surrogate.
@@ -251,6 +253,7 @@ impl ModelScanner {
             key: None,
             value_is_model: false,
             model_seen: false,
+            model_complete: false,
             model: Vec::new(),
             max_model_bytes,
             model_bad_unicode: false,
@@ -290,6 +293,19 @@ impl ModelScanner {
                 Step::Error(err)
             }
         }
+    }
+
+    /// The verdict on the `model` value as soon as it has been read whole, before the rest of
+    /// the body: for `routeBeforeBodyEnds`, which gives up the checks that need the whole body
+    /// (a second `model`, broken JSON after it). `None` while the value is incomplete.
+    pub fn early_model(&self) -> Option<Step> {
+        if self.failed.is_some() || !self.model_complete {
+            return None;
+        }
+        Some(match self.verdict() {
+            Ok(model) => Step::Found(model),
+            Err(err) => Step::Error(err),
+        })
     }
 
     /// The verdict once the document is complete.
@@ -637,6 +653,9 @@ impl ModelScanner {
     }
 
     fn end_string(&mut self) -> ByteResult {
+        if self.role == StrRole::Model {
+            self.model_complete = true;
+        }
         if self.role == StrRole::TopKey && self.key.is_some_and(|k| k.is_model()) {
             if self.model_seen {
                 return Err(ScanError::DuplicateModel);
