@@ -1,0 +1,229 @@
+"""istio/ in a real Envoy: the configuration istiod and the istio-agent would give the
+gateway, built statically (istio_convert.py), running the module pulled back from a real
+registry, with the HTTPRoutes as Envoy routes and one mock-vllm per InferencePool.
+
+- The EnvoyFilter's filter configuration is accepted by the filter itself, and each model,
+  and the adapter, reaches its pool.
+- The WasmPlugin's pluginConfig, rendered the way istiod renders it, is accepted too, but
+  without allow_on_headers_stop_iteration (which the WasmPlugin API cannot set) inspected
+  requests hang: why istio/ uses the EnvoyFilter.
+- A configuration the filter refuses stops Envoy from starting, with the filter's log line.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import httpx
+import pytest
+
+import bbr_oci
+import istio_convert as ic
+from conftest import LORA, PHI, QWEN, all_docs, doc, free_port, launch_envoy, start_envoy
+
+REFUSED = "bbr-wasm: configuration refused:"
+ACCEPTED = "bbr-wasm: configuration accepted"
+HANG_SECONDS = 3.0
+
+
+@pytest.fixture(scope="session")
+def pulled_module(registry, oci_build, session_dir):
+    """The module as the gateway would get it: pushed to a registry, pulled back, extracted
+    the way Istio's fetcher extracts it."""
+    ref = f"{registry.host}/llm-d/bbr-wasm:envoy-test"
+    bbr_oci.push(oci_build, ref, insecure=True)
+    pulled = bbr_oci.pull(ref, insecure=True)
+    assert pulled.module == oci_build.module
+    path = session_dir / "pulled-bbr_wasm.wasm"
+    path.write_bytes(pulled.module)
+    return str(path)
+
+
+def _routes():
+    return ic.routes_from_httproutes([d.body for d in all_docs() if d.body["kind"] == "HTTPRoute"])
+
+
+def gateway_config(backends, http_filter: dict, listener_merge=None) -> dict:
+    return ic.static_gateway(
+        http_filter,
+        _routes(),
+        {name: m.port for name, m in backends.items()},
+        listener_port=free_port(),
+        admin_port=free_port(),
+        listener_merge=listener_merge,
+    )
+
+
+def envoyfilter_gateway(backends, module: str, mutate_typed_config=None) -> dict:
+    """The gateway as istiod + the agent would configure it from bbr/envoyfilter.yaml. The
+    pin check is test_oci.py's; here the module is the fresh build, whatever the pins say."""
+    ef = doc("EnvoyFilter", "bbr-wasm")
+    tc = ic.agent_localize(ic.extension_config(ef)["typed_config"], module, manifest_digest=None)
+    if mutate_typed_config:
+        mutate_typed_config(tc)
+    listener_merge = ic.one_patch(ef, "LISTENER")["patch"]["value"]
+    return gateway_config(backends, ic.http_filter_from_envoyfilter(ef, tc), listener_merge)
+
+
+def wasmplugin_gateway(backends, module: str, plugin: dict) -> dict:
+    tc = ic.wasmplugin_to_typed_config(plugin, module)
+    return gateway_config(backends, {"name": tc["config"]["name"], "typed_config": tc})
+
+
+def completion(model, **extra):
+    return {"model": model, "prompt": "Hello", "max_tokens": 5, **extra}
+
+
+def assert_reaches(resp: httpx.Response, model: str, pool: str, base: str) -> None:
+    assert resp.status_code == 200, f"{resp.status_code} {resp.text[:300]}"
+    assert resp.headers["x-mock-backend"] == pool, dict(resp.headers)
+    assert resp.headers["x-echo-base-model-name"] == base
+    assert resp.headers["x-echo-model-name"] == model
+    assert resp.json()["model"] == model
+
+
+@pytest.fixture(scope="module")
+def gateway(envoy_bin, session_dir, backends, pulled_module):
+    env = start_envoy(envoy_bin, session_dir, envoyfilter_gateway(backends, pulled_module), "envoyfilter")
+    yield env
+    env.proc.stop()
+
+
+def test_envoyfilter_config_is_accepted(gateway):
+    log = gateway.proc.log()
+    assert ACCEPTED in log and "2 base models, 1 adapters" in log, log[-2000:]
+
+
+def test_each_model_and_the_adapter_reach_their_pool(gateway):
+    with httpx.Client(base_url=gateway.url, timeout=10.0) as c:
+        assert_reaches(c.post("/v1/completions", json=completion(QWEN)), QWEN, "qwen-pool", QWEN)
+        assert_reaches(c.post("/v1/completions", json=completion(PHI)), PHI, "phi-pool", PHI)
+        assert_reaches(c.post("/v1/completions", json=completion(LORA)), LORA, "qwen-pool", QWEN)
+        chat = {"model": PHI, "messages": [{"role": "user", "content": "Hi"}]}
+        assert_reaches(c.post("/v1/chat/completions", json=chat), PHI, "phi-pool", PHI)
+
+
+def test_seed_verification_loop(gateway):
+    """The seed's Step 7: 10 requests per model, each answer has .model. Expected 10/10."""
+    with httpx.Client(base_url=gateway.url, timeout=10.0) as c:
+        for model, pool in ((QWEN, "qwen-pool"), (PHI, "phi-pool")):
+            ok = 0
+            for _ in range(10):
+                r = c.post("/v1/completions", json=completion(model), headers={"Content-Type": "application/json"})
+                if r.status_code == 200 and r.json().get("model") == model and r.headers["x-mock-backend"] == pool:
+                    ok += 1
+            assert ok == 10, f"{model}: {ok}/10"
+
+
+def test_client_header_cannot_pick_the_pool(gateway):
+    with httpx.Client(base_url=gateway.url, timeout=10.0) as c:
+        r = c.post("/v1/completions", json=completion(PHI), headers={"X-Gateway-Base-Model-Name": QWEN})
+        assert_reaches(r, PHI, "phi-pool", PHI)
+
+
+def test_unknown_model_and_model_list(gateway):
+    with httpx.Client(base_url=gateway.url, timeout=10.0) as c:
+        r = c.post("/v1/completions", json=completion("gpt-4"))
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        assert "x-mock-backend" not in r.headers
+        listed = {m["id"]: m["parent"] for m in c.get("/v1/models").json()["data"]}
+        assert listed == {QWEN: None, PHI: None, LORA: QWEN}
+
+
+def test_listener_patch_lets_long_prompts_through(gateway, envoy_bin, session_dir, backends, pulled_module):
+    """The whole body is buffered while the filter reads it. With the LISTENER patch a 2 MiB
+    body is routed; without it Envoy's default 1 MiB buffer limit answers 413 itself (plain
+    text, before the filter's own 8 MiB limit could apply)."""
+    body = json.dumps(completion(QWEN, prompt="x" * (2 * 1024 * 1024))).encode()
+    headers = {"Content-Type": "application/json"}
+    with httpx.Client(base_url=gateway.url, timeout=30.0) as c:
+        assert_reaches(c.post("/v1/completions", content=body, headers=headers), QWEN, "qwen-pool", QWEN)
+
+    ef = doc("EnvoyFilter", "bbr-wasm")
+    tc = ic.agent_localize(ic.extension_config(ef)["typed_config"], pulled_module, manifest_digest=None)
+    cfg = gateway_config(backends, ic.http_filter_from_envoyfilter(ef, tc), listener_merge=None)
+    env = start_envoy(envoy_bin, session_dir, cfg, "no-listener-patch")
+    try:
+        with httpx.Client(base_url=env.url, timeout=30.0) as c:
+            try:
+                r = c.post("/v1/completions", content=body, headers=headers)
+            except httpx.TransportError:
+                return  # Envoy may also close the connection while the body is still coming
+            assert r.status_code == 413, r.text[:200]
+            assert "x-mock-backend" not in r.headers
+            assert not r.headers.get("content-type", "").startswith("application/json"), r.text[:200]
+    finally:
+        env.proc.stop()
+
+
+def test_wasmplugin_config_is_accepted_but_requests_hang(envoy_bin, session_dir, backends, pulled_module):
+    """istiod's rendering of wasmplugin/wasmplugin.yaml: the filter accepts the pluginConfig,
+    but without allow_on_headers_stop_iteration an inspected request never gets an answer,
+    while the same configuration with the flag routes it."""
+    plugin = doc("WasmPlugin", "bbr-wasm")
+    cfg = wasmplugin_gateway(backends, pulled_module, plugin)
+    assert "allow_on_headers_stop_iteration" not in json.dumps(cfg)
+    env = start_envoy(envoy_bin, session_dir, cfg, "wasmplugin")
+    try:
+        assert ACCEPTED in env.proc.log()
+        with httpx.Client(base_url=env.url, timeout=10.0) as c:
+            assert c.get("/v1/models").status_code == 200  # answered at the headers: fine
+            with pytest.raises(httpx.TimeoutException):
+                c.post("/v1/completions", json=completion(QWEN), timeout=HANG_SECONDS)
+    finally:
+        env.proc.stop()
+
+    cfg = wasmplugin_gateway(backends, pulled_module, plugin)
+    cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"][0][
+        "typed_config"
+    ]["config"]["allow_on_headers_stop_iteration"] = True
+    env = start_envoy(envoy_bin, session_dir, cfg, "wasmplugin-with-flag")
+    try:
+        with httpx.Client(base_url=env.url, timeout=10.0) as c:
+            assert_reaches(c.post("/v1/completions", json=completion(LORA)), LORA, "qwen-pool", QWEN)
+    finally:
+        env.proc.stop()
+
+
+def _refused(envoy_bin, session_dir, cfg, name) -> str:
+    proc = launch_envoy(envoy_bin, session_dir, cfg, name)
+    code = proc.wait_exit(timeout=30.0)
+    log = proc.log()
+    proc.stop()
+    assert code is not None, f"Envoy kept running with a configuration the filter refuses:\n{log[-2000:]}"
+    assert code != 0, log[-2000:]
+    assert REFUSED in log, log[-3000:]
+    return log
+
+
+def test_broken_envoyfilter_configuration_stops_envoy(envoy_bin, session_dir, backends, pulled_module):
+    def duplicate(tc):
+        models = {"models": [{"name": QWEN}, {"name": QWEN}]}
+        tc["config"]["configuration"]["value"] = json.dumps(models)
+
+    log = _refused(envoy_bin, session_dir, envoyfilter_gateway(backends, pulled_module, duplicate), "ef-broken")
+    assert "duplicate name" in log
+
+
+def test_broken_wasmplugin_config_stops_envoy(envoy_bin, session_dir, backends, pulled_module):
+    plugin = copy.deepcopy(doc("WasmPlugin", "bbr-wasm"))
+    plugin["spec"]["pluginConfig"]["unknownModel"] = "drop"
+    log = _refused(envoy_bin, session_dir, wasmplugin_gateway(backends, pulled_module, plugin), "wp-broken")
+    assert "unknownModel" in log or "unknown variant" in log
+
+
+def test_envoy_rejects_a_typo_in_the_envoyfilter_patch(envoy_bin, session_dir, backends, pulled_module):
+    """The patch value is opaque to the CRD schema (preserve-unknown-fields); Envoy's own
+    parser is the check: a misspelt PluginConfig field is refused."""
+
+    def typo(tc):
+        tc["config"]["allow_on_header_stop_iteration"] = tc["config"].pop("allow_on_headers_stop_iteration")
+
+    cfg = envoyfilter_gateway(backends, pulled_module, typo)
+    proc = launch_envoy(envoy_bin, session_dir, cfg, "ef-typo")
+    code = proc.wait_exit(timeout=30.0)
+    log = proc.log()
+    proc.stop()
+    assert code not in (None, 0), log[-2000:]
+    assert "allow_on_header_stop_iteration" in log, log[-2000:]
