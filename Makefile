@@ -34,7 +34,7 @@ build: targets ## Build the filter (.wasm) and the mock vLLM backend
 run: ## Start a local gateway: two mock vLLM backends behind Envoy on 127.0.0.1:10000
 	@bash scripts/run-local.sh
 
-test: lint test-native test-wasm test-integration test-istio ## Run every test (lint, core natively and as wasm, Envoy integration, Istio)
+test: lint test-native test-wasm test-integration test-istio fuzz-smoke ## Run every test (lint, core natively and as wasm, Envoy integration, Istio, a short fuzz run)
 
 test-native: ## Core and mock tests, natively
 	$(CARGO) test --workspace
@@ -76,3 +76,44 @@ fmt: ## Format the code
 clean: ## Remove build output, the venv, local tools and run logs
 	$(CARGO) clean
 	rm -rf $(VENV) $(TOOLS) .run
+
+# Fuzzing: cargo-fuzz (libFuzzer) targets in fuzz/, its own workspace. cargo-fuzz passes
+# nightly -Z flags; RUSTC_BOOTSTRAP=1 lets the stable toolchain take them. A run reads the
+# committed seeds (fuzz/corpus/<target>) and writes what it finds to a scratch corpus
+# (target/fuzz-corpus/<target>), so it never changes the repository. A crash, a panic, a
+# 10 s input or an out-of-memory fails the run, and cargo-fuzz prints the input's path
+# (fuzz/artifacts/<target>/, git-ignored) with the command that replays it. Built with
+# debug assertions (overflow checks) and no sanitizer: src/ has no unsafe code, and
+# AddressSanitizer would cost 4x the executions.
+CARGO_FUZZ_VERSION := 0.13.2
+CARGO_FUZZ   := $(TOOLS)/bin/cargo-fuzz
+FUZZ_TARGETS := json_scanner multipart_scanner config
+FUZZ_SECONDS ?= 60
+FUZZ_CARGO   := RUSTC_BOOTSTRAP=1 PATH="$(abspath $(TOOLS)/bin):$$PATH" $(CARGO) fuzz
+FUZZ_BUILD   := --debug-assertions --sanitizer none --target-dir target/fuzz
+# $(call fuzz-run,SECONDS): each target in turn; libFuzzer's progress lines are left out.
+define fuzz-run
+	@set -o pipefail; for t in $(FUZZ_TARGETS); do \
+	  mkdir -p target/fuzz-corpus/$$t; \
+	  echo "== fuzz $$t for $(1) s"; \
+	  $(FUZZ_CARGO) run $(FUZZ_BUILD) $$t target/fuzz-corpus/$$t fuzz/corpus/$$t -- \
+	    -max_total_time=$(1) -timeout=10 -dict=fuzz/dict/$$t.dict -print_final_stats=1 2>&1 \
+	    | grep -v -E '# Uses: |ecommended dictionary|^#[0-9]+[[:space:]]+(NEW|REDUCE|pulse) |NEW_FUNC|find function "__sanitizer' \
+	    || exit 1; \
+	done
+endef
+
+.PHONY: fuzz fuzz-smoke cargo-fuzz
+
+cargo-fuzz:
+	@if [ ! -x $(CARGO_FUZZ) ] || ! $(CARGO_FUZZ) --version 2>/dev/null | grep -q " $(CARGO_FUZZ_VERSION)$$"; then \
+	  echo "installing cargo-fuzz $(CARGO_FUZZ_VERSION) into $(TOOLS) (one-time, about a minute)"; \
+	  $(CARGO) install --quiet --locked --root $(TOOLS) cargo-fuzz --version $(CARGO_FUZZ_VERSION); \
+	fi
+	$(FUZZ_CARGO) build $(FUZZ_BUILD)
+
+fuzz: cargo-fuzz ## Fuzz the JSON and multipart scanners and the config parser, FUZZ_SECONDS (60) each
+	$(call fuzz-run,$(FUZZ_SECONDS))
+
+fuzz-smoke: cargo-fuzz ## A bounded fuzz run for make test: 10 s per target
+	$(call fuzz-run,10)

@@ -321,6 +321,14 @@ const MULTIPART_CASES: &[(&str, &str, Want)] = &[
     ("wrong boundary", "--AbC\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nm\r\n--AbC--\r\n", Want::Code("invalid_multipart")),
     ("garbage after boundary", "--XyZx\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nm\r\n--XyZ--", Want::Code("invalid_multipart")),
     ("empty body", "", Want::Code("invalid_multipart")),
+    // Ambiguities a backend's form parser would read differently (it keeps the last header and
+    // honours quotes): refused, never guessed.
+    ("two content-disposition headers", "--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nqwen-sql-lora\r\n--XyZ\r\nContent-Disposition: form-data; name=\"file\"\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nmicrosoft/Phi-3-mini-4k-instruct\r\n--XyZ--\r\n", Want::Code("invalid_multipart")),
+    ("semicolon inside a quoted filename", "--XyZ\r\nContent-Disposition: form-data; filename=\"a;name=model;b\"; name=\"file\"\r\n\r\nRIFF\r\n--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nm\r\n--XyZ--\r\n", Want::Model("m")),
+    ("two name parameters", "--XyZ\r\nContent-Disposition: form-data; name=\"file\"; name=\"model\"\r\n\r\nm\r\n--XyZ--\r\n", Want::Code("invalid_multipart")),
+    ("name and name*", "--XyZ\r\nContent-Disposition: form-data; name=\"model\"; name*=UTF-8''file\r\n\r\nm\r\n--XyZ--\r\n", Want::Code("invalid_multipart")),
+    ("escaped quote in a name", "--XyZ\r\nContent-Disposition: form-data; name=\"mo\\\"del\"\r\n\r\nm\r\n--XyZ--\r\n", Want::Code("invalid_multipart")),
+    ("unterminated quote", "--XyZ\r\nContent-Disposition: form-data; name=\"model\r\n\r\nm\r\n--XyZ--\r\n", Want::Code("invalid_multipart")),
 ];
 
 /// Feeds a multipart body in `parts`, then finishes.

@@ -293,7 +293,8 @@ impl MultipartScanner {
 
     /// The header block is complete: is this the `model` field?
     fn start_content(&mut self) -> Result<(), ScanError> {
-        let is_model = part_name(&self.headers).as_deref() == Some("model");
+        let name = part_name(&self.headers).map_err(|why| self.invalid(why))?;
+        let is_model = name.as_deref() == Some("model");
         self.headers.clear();
         if is_model {
             if self.model_seen {
@@ -309,38 +310,96 @@ impl MultipartScanner {
     }
 }
 
-/// The `name` parameter of the part's `Content-Disposition: form-data` header.
-fn part_name(headers: &[u8]) -> Option<String> {
+/// The `name` parameter of a part's `Content-Disposition: form-data` header, or `None` when the
+/// part has none (it is then not the `model` field).
+///
+/// Where readers could disagree about which part is `model`, the part is refused rather than
+/// read one way: the backend's form parser (Starlette under vLLM) keeps the last of repeated
+/// headers and parameters and honours quoting, so a first-one-wins reading here would let a
+/// client route by one model while the backend serves another.
+pub fn part_name(headers: &[u8]) -> Result<Option<String>, &'static str> {
     let text = String::from_utf8_lossy(headers);
+    let mut name: Option<Option<String>> = None;
     for line in text.split("\r\n") {
-        let Some((name, value)) = line.split_once(':') else {
+        let Some((header, value)) = line.split_once(':') else {
             continue;
         };
-        if !name.trim().eq_ignore_ascii_case("content-disposition") {
+        if !header.trim().eq_ignore_ascii_case("content-disposition") {
             continue;
         }
-        let mut params = value.split(';');
-        if !params
-            .next()
-            .unwrap_or("")
-            .trim()
-            .eq_ignore_ascii_case("form-data")
-        {
-            return None;
+        if name.is_some() {
+            return Err("a part has more than one Content-Disposition header");
         }
-        for param in params {
-            let Some((key, val)) = param.split_once('=') else {
-                continue;
-            };
-            if key.trim().eq_ignore_ascii_case("name") {
-                let val = val.trim();
-                let val = val
-                    .strip_prefix('"')
-                    .and_then(|v| v.strip_suffix('"'))
-                    .unwrap_or(val);
-                return Some(val.to_string());
+        name = Some(disposition_name(value)?);
+    }
+    Ok(name.flatten())
+}
+
+/// The `name` parameter of one `Content-Disposition` value.
+fn disposition_name(value: &str) -> Result<Option<String>, &'static str> {
+    let params = split_parameters(value)?;
+    let mut params = params.into_iter();
+    if !params
+        .next()
+        .unwrap_or("")
+        .trim()
+        .eq_ignore_ascii_case("form-data")
+    {
+        return Ok(None);
+    }
+    let mut name = None;
+    for param in params {
+        let Some((key, val)) = param.split_once('=') else {
+            continue;
+        };
+        let key = key.trim();
+        // `name*` is RFC 5987's encoded form of the same parameter.
+        if key.eq_ignore_ascii_case("name") || key.eq_ignore_ascii_case("name*") {
+            if name.is_some() {
+                return Err("a part has more than one name parameter");
             }
+            name = Some(unquote(val.trim())?);
         }
     }
-    None
+    Ok(name)
+}
+
+/// Splits a header value on `;`, except inside quoted strings.
+fn split_parameters(value: &str) -> Result<Vec<&str>, &'static str> {
+    let mut parts = Vec::new();
+    let (mut start, mut quoted, mut escaped) = (0, false, false);
+    for (i, c) in value.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            ';' if !quoted => {
+                parts.push(&value[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if quoted {
+        return Err("an unterminated quoted string in Content-Disposition");
+    }
+    parts.push(&value[start..]);
+    Ok(parts)
+}
+
+/// A parameter value: a token, or a quoted string. Escapes inside a part name are refused:
+/// parsers differ on them.
+fn unquote(value: &str) -> Result<String, &'static str> {
+    match value.strip_prefix('"') {
+        Some(inner) => {
+            let inner = inner
+                .strip_suffix('"')
+                .ok_or("a malformed quoted part name")?;
+            if inner.contains(['"', '\\']) {
+                return Err("escaped characters in a part name");
+            }
+            Ok(inner.to_string())
+        }
+        None => Ok(value.to_string()),
+    }
 }
