@@ -12,7 +12,7 @@ TOOLS       := .tools
 WASM_BINDGEN_VERSION := $(shell awk '/^name = "wasm-bindgen"$$/{getline; gsub(/[^0-9.]/,""); print; exit}' Cargo.lock)
 WBG_RUNNER  := $(TOOLS)/bin/wasm-bindgen-test-runner
 
-.PHONY: help build run test test-native test-wasm test-integration test-istio lint fmt clean targets venv wasm-bindgen oci istio-deps
+.PHONY: help build run test test-native test-wasm test-integration test-soak test-istio lint fmt clean targets venv wasm-bindgen oci istio-deps
 
 help: ## List the targets
 	@awk 'BEGIN{FS=":.*## "} /^[a-z-]+:.*## /{printf "  make %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -34,7 +34,7 @@ build: targets ## Build the filter (.wasm) and the mock vLLM backend
 run: ## Start a local gateway: two mock vLLM backends behind Envoy on 127.0.0.1:10000
 	@bash scripts/run-local.sh
 
-test: lint test-native test-wasm test-integration test-istio fuzz-smoke ## Run every test (lint, core natively and as wasm, Envoy integration, Istio, a short fuzz run)
+test: lint test-native test-wasm test-integration test-soak test-istio fuzz-smoke ## Run every test (lint, core natively and as wasm, Envoy integration, soak, Istio, a short fuzz run)
 
 test-native: ## Core and mock tests, natively
 	$(CARGO) test --workspace
@@ -53,6 +53,10 @@ test-wasm: wasm-bindgen ## The same core tests compiled to wasm32-unknown-unknow
 
 test-integration: build venv ## Real Envoy + the built .wasm + mock backends on free loopback ports
 	$(VENV)/bin/python -m pytest -q tests/integration
+
+test-soak: build venv ## Soak (300 000 requests at concurrency 64) and replica fail-over, with wrk
+	@bash scripts/soak-deps.sh
+	$(VENV)/bin/python -m pytest -q tests/soak
 
 istio-deps: venv ## pip packages and Debian's docker-registry, for oci and test-istio
 	@bash scripts/istio-deps.sh

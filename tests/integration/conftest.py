@@ -647,3 +647,151 @@ def parse_http1(data: bytes) -> tuple[int, dict, bytes]:
     elif "content-length" in headers:
         rest = rest[: int(headers["content-length"])]
     return status, headers, rest
+
+
+# --------------------------------------------------------------------------------------
+# Envoy variants (bad input, faults, soak): more worker threads, ECDS, start-up failures.
+# start_envoy above stays as it is; these build the same config the same way.
+# --------------------------------------------------------------------------------------
+
+# The Wasm runtime and plugin stats that show a VM failing, being replaced or reloaded
+# (Envoy 1.40, admin /stats). Counters must not move while requests are served;
+# the gauges must not change.
+WASM_VM_STATS = (
+    "wasm.envoy.wasm.runtime.v8.created",  # counter: every VM created (base, canary, per worker)
+    "wasm.envoy.wasm.runtime.v8.active",  # gauge: VMs alive
+    "wasm.wasm_vm_count",  # gauge: VMs alive, process-wide
+    "wasm.bbr.vm_reload",  # counters of failure_policy FAIL_RELOAD: a failed VM replaced
+    "wasm.bbr.vm_reload_success",
+    "wasm.bbr.vm_reload_failure",
+    "wasm.bbr.vm_reload_backoff",
+)
+
+
+def wasm_vm_stats(env: "Envoy") -> dict[str, int]:
+    """The WASM_VM_STATS of one Envoy (a missing stat reads as -1, so a change shows)."""
+    out = {name: -1 for name in WASM_VM_STATS}
+    for line in env.admin("/stats?filter=^wasm\\.").splitlines():
+        key, _, value = line.partition(": ")
+        if key in out:
+            out[key] = int(value)
+    return out
+
+
+# Lines Envoy logs when a Wasm VM fails (proxy-wasm host): "Wasm VM failed <why>", a trap
+# ("Function: proxy_on_... failed: Uncaught RuntimeError: unreachable") or a plugin that
+# could not be (re)loaded.
+WASM_FAILURE_LOG = re.compile(r"Wasm VM failed|Function: \S+ failed|failed to load|Plugin .* failed|RuntimeError")
+
+
+def log_size(env: "Envoy") -> int:
+    """The current size of Envoy's log file, for wasm_failure_lines(env, since=...)."""
+    try:
+        return env.proc.log_path.stat().st_size
+    except OSError:
+        return 0
+
+
+def wasm_failure_lines(env: "Envoy", since: int = 0) -> list[str]:
+    """Wasm failure lines in Envoy's log, from byte offset `since` on."""
+    with open(env.proc.log_path, "rb") as f:
+        f.seek(since)
+        text = f.read().decode("utf-8", errors="replace")
+    return [line for line in text.splitlines() if WASM_FAILURE_LOG.search(line)]
+
+
+def build_envoy_config(
+    ports: dict[str, int], mutate: Optional[Callable[[dict], None]] = None
+) -> tuple[dict, int, int]:
+    """envoy/envoy.yaml with free listener/admin ports, cluster ports and the absolute .wasm
+    path (as start_envoy does), then mutate(config). Returns (config, port, admin_port)."""
+    _require_artifacts()
+    cfg = load_envoy_yaml()
+    port, admin_port = free_port(), free_port()
+    cfg["admin"]["address"]["socket_address"].update(address="127.0.0.1", port_value=admin_port)
+    listener = cfg["static_resources"]["listeners"][0]
+    listener["address"]["socket_address"].update(address="127.0.0.1", port_value=port)
+    wasm_plugin(cfg)["vm_config"]["code"]["local"]["filename"] = str(WASM)
+    for cluster_name, cluster_port in ports.items():
+        set_cluster_port(cfg, cluster_name, cluster_port)
+    if mutate is not None:
+        mutate(cfg)
+    return cfg, port, admin_port
+
+
+def envoy_argv(envoy_bin: str, tmp_dir: Path, config_path: Path, tag: str, concurrency: int) -> list[str]:
+    return [
+        envoy_bin,
+        "-c",
+        str(config_path),
+        "--concurrency",
+        str(concurrency),
+        "--use-dynamic-base-id",
+        "--base-id-path",
+        str(tmp_dir / f"{tag}.base-id"),
+        "--log-level",
+        "info",
+    ]
+
+
+def start_envoy_with(
+    envoy_bin: str,
+    tmp_dir: Path,
+    ports: dict[str, int],
+    mutate: Optional[Callable[[dict], None]] = None,
+    name: str = "envoy",
+    wait_healthy: bool = True,
+    concurrency: int = 1,
+) -> Envoy:
+    """start_envoy with a choice of worker threads (--concurrency). The caller stops it."""
+    cfg, port, admin_port = build_envoy_config(ports, mutate)
+    tag = f"{name}-{uuid.uuid4().hex[:8]}"
+    config_path = tmp_dir / f"{tag}.yaml"
+    config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    argv = envoy_argv(envoy_bin, tmp_dir, config_path, tag, concurrency)
+    proc = Proc(name=f"Envoy ({name})", argv=argv, log_path=tmp_dir / f"{tag}.log").start()
+    env = Envoy(proc=proc, port=port, admin_port=admin_port, config_path=config_path, config=cfg)
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if not proc.alive():
+            proc.fail(f"exited with status {proc.popen.returncode} during start-up (config {config_path})")
+        if time.monotonic() > deadline:
+            proc.fail(f"not ready within {START_TIMEOUT:.0f}s (config {config_path})")
+        try:
+            if env.admin("/ready").strip() == "LIVE":
+                with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+                    pass
+                break
+        except (httpx.HTTPError, OSError):
+            pass
+        time.sleep(0.1)
+    while wait_healthy:
+        health = _hosts_health(env)
+        if health and all(v == "healthy" for v in health.values()):
+            break
+        if time.monotonic() > deadline:
+            proc.fail(f"hosts not healthy within {START_TIMEOUT:.0f}s: {health}")
+        time.sleep(0.1)
+    return env
+
+
+def run_envoy_to_exit(
+    envoy_bin: str, tmp_dir: Path, cfg: dict, name: str, timeout: float = START_TIMEOUT
+) -> tuple[Optional[int], str]:
+    """Runs Envoy on a config that should make it exit during start-up. Returns (exit status,
+    log); the status is None if it was still running after `timeout` (then it is killed)."""
+    tag = f"{name}-{uuid.uuid4().hex[:8]}"
+    config_path = tmp_dir / f"{tag}.yaml"
+    config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    proc = Proc(
+        name=f"Envoy ({name})",
+        argv=envoy_argv(envoy_bin, tmp_dir, config_path, tag, 1),
+        log_path=tmp_dir / f"{tag}.log",
+    ).start()
+    try:
+        status: Optional[int] = proc.popen.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        status = None
+    log = proc.log()
+    proc.stop()
+    return status, log
