@@ -121,3 +121,12 @@ fuzz: cargo-fuzz ## Fuzz the JSON and multipart scanners and the config parser, 
 
 fuzz-smoke: cargo-fuzz ## A bounded fuzz run for make test: 10 s per target
 	$(call fuzz-run,10)
+
+.PHONY: bench bench-core
+bench: targets ## Benchmark in Envoy: no-inspection baseline vs native json_to_metadata vs bbr-wasm (~8 min; bench/results/)
+	$(CARGO) build --release --target $(WASM_TARGET) -p bbr-wasm
+	@bash scripts/bench-deps.sh
+	$(VENV)/bin/python bench/run.py
+
+bench-core: ## Criterion micro-benchmarks of the core scanners, natively (short; `cargo bench --bench scanner` for the full run)
+	$(CARGO) bench --bench scanner -- --warm-up-time 1 --measurement-time 2

@@ -1,0 +1,1017 @@
+#!/usr/bin/env python3
+"""`make bench`: bbr-wasm against the no-inspection baseline and Envoy's native C++ filter.
+
+One gateway Envoy (--concurrency 1: one worker) holds three configurations side by side, one
+listener each (bench/envoy/gateway.yaml):
+
+  baseline  the client sends x-gateway-base-model-name itself; no body inspection;
+  native    envoy.filters.http.json_to_metadata + RouteMatch.dynamic_metadata;
+  bbr       bbr-wasm, the filter block of envoy/envoy.yaml with the built .wasm.
+
+All three route to the same fast upstream: a second Envoy (bench/envoy/upstream.yaml) that
+reads every body to the end and answers a small 200. wrk (Debian) POSTs realistic
+chat-completions bodies of exact sizes at concurrency 1 and 64. For every (size,
+concurrency) cell the three configurations are run in short, interleaved rounds (ABC, BCA,
+CAB, ...) so machine noise hits all three alike; the figures are medians over the rounds, and
+each ratio is the median of the per-round ratios (the runs of one round are adjacent in time).
+
+The filter's own counters give the scan speed inside V8 (delta of bbr_scanned_bytes_total
+over delta of bbr_scan_nanoseconds_total, per size) and its memory gauge
+(bbr_wasm_memory_bytes) across sizes.
+
+Writes bench/results/results.md, results.png and results.json; prints the tables and a
+PASS/FAIL line per target of issue 5. Exits 0 unless BENCH_STRICT=1 and a target is missed
+(the machine is shared and noisy; a person reads the numbers).
+
+Environment (all optional):
+  BENCH_SIZES        body sizes, default "1K,16K,256K,1M,4M"
+  BENCH_CONCURRENCY  connections, default "1,64"
+  BENCH_ROUNDS       interleaved rounds per cell, default 3
+  BENCH_DURATION     seconds per wrk run, default 3; at concurrency > 1 a cell's runs are
+                     made longer (up to BENCH_MAX_DURATION, default 15) so that they last at
+                     least BENCH_WAVES (default 8) times the slowest configuration's latency
+                     at that concurrency (estimated from its c=1 throughput, or its warm-up):
+                     wrk counts only completed requests, and with 64 large bodies in flight
+                     one "wave" of responses can take a second or more
+  BENCH_WARMUP       seconds of unrecorded warm-up per configuration and cell, default 1
+  BENCH_POSITIONS    where "model" sits in the body: "last" (default), "first", or "last,first"
+  BENCH_CONFIGS      default "baseline,native,bbr"; add "buffer" and/or "bbr_early" for the
+                     diagnostic listeners (bench/envoy/gateway.yaml says what they are)
+  BENCH_STRICT       1: exit 1 when a target is missed
+  BENCH_OUT          output directory, default bench/results
+  ENVOY_BIN, WRK_BIN the binaries (default: scripts/envoy-bin.sh, wrk on PATH)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime as dt
+import http.client
+import json
+import math
+import os
+import platform
+import random
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "bbr_wasm.wasm"
+SHIPPED_ENVOY_YAML = ROOT / "envoy" / "envoy.yaml"
+WRK_SCRIPT = BENCH / "wrk" / "post.lua"
+
+MODEL = "Qwen/Qwen2.5-3B-Instruct"
+PATH = "/v1/chat/completions"
+ALL_CONFIGS = ("baseline", "native", "bbr", "buffer", "bbr_early")
+CONFIGS: tuple[str, ...] = ("baseline", "native", "bbr")  # BENCH_CONFIGS may add "buffer"
+LABELS = {
+    "baseline": "baseline (client header, no inspection)",
+    "native": "native json_to_metadata (C++)",
+    "bbr": "bbr-wasm",
+    "buffer": "diagnostic: client header + C++ buffer filter",
+    "bbr_early": "diagnostic: bbr-wasm with routeBeforeBodyEnds",
+}
+# Legends of the chart.
+SHORT = {"baseline": "baseline", "native": "native json_to_metadata", "bbr": "bbr-wasm",
+         "buffer": "buffer filter (diag.)", "bbr_early": "bbr routeBeforeBodyEnds (diag.)"}
+# The client sends the routing header itself to these (no body inspection).
+HEADER_ROUTED = ("baseline", "buffer")
+KiB = 1024
+MiB = 1024 * 1024
+
+# Issue 5's targets.
+VS_BASELINE_1K = 0.95
+VS_BASELINE_REST = 0.90
+VS_NATIVE_LARGE = 8.0  # at >= 1 MiB
+VS_NATIVE_1K = 1.0
+SCAN_MS_PER_MIB = 0.25  # = 4.19 GB/s, which also meets "at least 4 GB/s"
+
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 5.0
+
+
+def say(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def env_list(name: str, default: str) -> list[str]:
+    return [x.strip() for x in os.environ.get(name, default).split(",") if x.strip()]
+
+
+def parse_size(s: str) -> int:
+    m = re.fullmatch(r"(\d+)\s*([KkMm]?)(i?B)?", s)
+    if not m:
+        raise SystemExit(f"bench: bad size {s!r} (use 1K, 16K, 1M, ...)")
+    n = int(m.group(1))
+    return n * {"": 1, "k": KiB, "m": MiB}[m.group(2).lower()]
+
+
+def size_label(n: int) -> str:
+    if n % MiB == 0:
+        return f"{n // MiB} MiB"
+    if n % KiB == 0:
+        return f"{n // KiB} KiB"
+    return f"{n} B"
+
+
+# --------------------------------------------------------------------------------------
+# Bodies
+# --------------------------------------------------------------------------------------
+
+WORDS = (
+    "the model gateway routes each request by the model field of its body while the "
+    "prompt carries most of the bytes context window tokens retrieval augmented generation "
+    "document section summary answer question customer support ticket invoice contract "
+    "clause table figure latency throughput kubernetes cluster replica adapter lora base "
+    "weights inference server stream chunk response assistant user system please explain "
+    "why how what when where which compare translate rewrite improve concise detailed "
+    "example function variable error stack trace log line database query index"
+).split()
+# A little non-ASCII and a few escapes, as real prompts have: accents, typographic
+# punctuation, CJK, and quotes/newlines/tabs/backslashes that JSON escapes.
+EXTRAS = ("naïve", "café", "résumé", "Zürich", "—", "“quoted”", "数据", "模型", "→",
+          '"as is"', "C:\\temp\\in.txt", "line\nbreak", "tab\there")
+
+
+def prose(rng: random.Random, nbytes: int) -> str:
+    out: list[str] = []
+    n = 0
+    sentence = 0
+    while n < nbytes:
+        w = rng.choice(EXTRAS) if rng.random() < 0.03 else rng.choice(WORDS)
+        sentence += 1
+        if sentence > rng.randint(8, 20):
+            w += "." + ("\n\n" if rng.random() < 0.15 else "")
+            sentence = 0
+        out.append(w)
+        n += len(w.encode()) + 1
+    return " ".join(out)
+
+
+def chat_body(size: int, model_position: str, seed: int = 5) -> bytes:
+    """A chat-completions request of exactly `size` bytes, `model` first or last.
+
+    A system prompt, then user/assistant turns (more of them as the body grows, each a long
+    message), then the sampling parameters. The last user message is padded or trimmed
+    (ASCII) to reach the exact size.
+    """
+    rng = random.Random(seed * 1_000_003 + size)
+    turns = max(2, min(2 + size // (16 * KiB), 32))
+    fixed = 400  # the rest of the document, roughly
+    per_turn = max(16, (size - fixed) // turns)
+    messages = [{"role": "system", "content": "You are a helpful assistant. " + prose(rng, min(per_turn, 600))}]
+    for i in range(turns - 1):
+        role = "user" if i % 2 == 0 else "assistant"
+        messages.append({"role": role, "content": prose(rng, per_turn)})
+    if messages[-1]["role"] != "user":
+        messages.append({"role": "user", "content": prose(rng, 64)})
+    params = {"temperature": 0.7, "top_p": 0.95, "max_tokens": 512, "stream": False,
+              "stop": ["\n\nUser:"], "user": "bench-client-0001"}
+
+    def encode() -> bytes:
+        doc: dict[str, Any] = {}
+        if model_position == "first":
+            doc["model"] = MODEL
+        doc["messages"] = messages
+        doc.update(params)
+        if model_position == "last":
+            doc["model"] = MODEL
+        return json.dumps(doc, ensure_ascii=False).encode()
+
+    last = messages[-1]
+    body = encode()
+    while len(body) > size:  # trim whole characters, then pad back up below
+        over = len(body) - size
+        last["content"] = last["content"][: max(0, len(last["content"]) - max(1, over))]
+        body = encode()
+        if not last["content"] and len(body) > size:
+            raise SystemExit(f"bench: cannot build a {size}-byte body: the fixed part is larger")
+    while len(body) < size:
+        last["content"] += "x" * (size - len(body))  # ASCII: one byte each, never escaped
+        body = encode()
+    assert len(body) == size, (len(body), size)
+    doc = json.loads(body)
+    assert doc["model"] == MODEL and (list(doc)[0] == "model") == (model_position == "first")
+    return body
+
+
+# --------------------------------------------------------------------------------------
+# Processes
+# --------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # runs in the child before exec
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no Envoy outlives a killed bench
+    except (OSError, AttributeError):
+        pass
+
+
+class Proc:
+    def __init__(self, name: str, argv: list[str], log: Path):
+        self.name, self.argv, self.log = name, argv, log
+        self._log = open(log, "ab", buffering=0)
+        self.popen = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self._log,
+                                      stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the process (all threads), from /proc."""
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.popen.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.kill(self.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.popen.wait(timeout=STOP_TIMEOUT)
+        self._log.close()
+
+    def tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        r = conn.getresponse()
+        return r.status, r.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+def http_post(port: int, body: bytes, headers: dict[str, str], timeout: float = 30.0):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", PATH, body=body, headers={"Content-Type": "application/json", **headers})
+        r = conn.getresponse()
+        return r.status, dict((k.lower(), v) for k, v in r.getheaders()), r.read()
+    finally:
+        conn.close()
+
+
+class Envoy:
+    def __init__(self, name: str, bin_: str, config: dict, ports: dict[str, int], work: Path):
+        self.name, self.ports = name, ports
+        self.admin = ports["admin"]
+        cfg_path = work / f"{name}.yaml"
+        cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        self.config_path = cfg_path
+        self.proc = Proc(name, [bin_, "-c", str(cfg_path), "--concurrency", "1",
+                                "--use-dynamic-base-id", "--base-id-path", str(work / f"{name}.base-id"),
+                                "--log-level", "warn"], work / f"{name}.log")
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if not self.proc.alive():
+                raise SystemExit(f"bench: {name} Envoy exited at start:\n{self.proc.tail()}")
+            try:
+                if http_get(self.admin, "/ready", 1.0)[1].strip() == "LIVE":
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.proc.stop()
+                raise SystemExit(f"bench: {name} Envoy not ready in {START_TIMEOUT:.0f}s:\n{self.proc.tail()}")
+            time.sleep(0.1)
+
+    def stats(self, regex: str) -> dict[str, int]:
+        status, text = http_get(self.admin, f"/stats?format=json&filter={regex}")
+        if status != 200:
+            raise RuntimeError(f"{self.name} admin /stats: {status}")
+        return {s["name"]: s["value"] for s in json.loads(text).get("stats", []) if "value" in s}
+
+
+# --------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------
+
+
+def fill(template: Path, ports: dict[str, int]) -> dict:
+    text = template.read_text()
+    for key, value in ports.items():
+        text = text.replace(f"__{key}__", str(value))
+    left = re.findall(r"__[A-Z_]+__", text)
+    left = [x for x in left if not x.startswith("__SHIPPED_BBR_WASM_FILTER")]
+    if left:
+        raise SystemExit(f"bench: unfilled placeholders in {template}: {left}")
+    return yaml.safe_load(text)
+
+
+def shipped_wasm_filter(early: bool = False) -> dict:
+    """The wasm filter entry of envoy/envoy.yaml (the shipped configuration), .wasm made absolute.
+
+    early: the bbr_early diagnostic, the same plus "routeBeforeBodyEnds": true, in its own VM."""
+    cfg = yaml.safe_load(SHIPPED_ENVOY_YAML.read_text())
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    wasm = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.wasm"]
+    if len(wasm) != 1:
+        raise SystemExit("bench: envoy/envoy.yaml has no single envoy.filters.http.wasm filter")
+    entry = json.loads(json.dumps(wasm[0]))
+    config = entry["typed_config"]["config"]
+    config["vm_config"]["code"]["local"]["filename"] = str(WASM)
+    if early:
+        plugin = json.loads(config["configuration"]["value"])
+        plugin["routeBeforeBodyEnds"] = True
+        config["configuration"]["value"] = json.dumps(plugin)
+        config["name"] = config["name"] + "_early"
+        config["vm_config"]["vm_id"] = config["vm_config"].get("vm_id", "bbr") + "_early"
+    return entry
+
+
+def gateway_config(ports: dict[str, int]) -> dict:
+    cfg = fill(BENCH / "envoy" / "gateway.yaml", ports)
+    wasm = {"__SHIPPED_BBR_WASM_FILTER__": shipped_wasm_filter(),
+            "__SHIPPED_BBR_WASM_FILTER_EARLY__": shipped_wasm_filter(early=True)}
+    replaced = 0
+    for listener in cfg["static_resources"]["listeners"]:
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        filters = hcm["http_filters"]
+        for i, f in enumerate(filters):
+            if f["name"] in wasm:
+                filters[i] = wasm[f["name"]]
+                replaced += 1
+    assert replaced == len(wasm)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------
+# Runs
+# --------------------------------------------------------------------------------------
+
+
+def children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def run_wrk(wrk: str, port: int, body_file: Path, conns: int, seconds: float, header: Optional[str],
+            work: Path) -> dict:
+    out = work / "wrk-out.json.tmp"
+    if out.exists():
+        out.unlink()
+    env = dict(os.environ, BENCH_BODY=str(body_file), BENCH_OUT=str(out),
+               BENCH_MODEL_HEADER=header or "")
+    argv = [wrk, "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--timeout", "30s",
+            "-s", str(WRK_SCRIPT), f"http://127.0.0.1:{port}{PATH}"]
+    cpu0 = children_cpu()
+    p = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True,
+                       timeout=seconds + 60, check=False)
+    cpu = children_cpu() - cpu0
+    if p.returncode != 0 or not out.exists():
+        raise RuntimeError(f"wrk failed (exit {p.returncode}): {p.stderr.strip() or p.stdout.strip()}")
+    r = json.loads(out.read_text())
+    out.unlink()
+    r["wrk_cpu_s"] = cpu
+    dur = r["duration_us"] / 1e6
+    r["rps"] = r["requests"] / dur if dur > 0 else 0.0
+    # Little's law cross-check (closed loop: `conns` requests always in flight): unlike the
+    # completed-request count it is not cut short by the requests still in flight at the end.
+    mean_s = r["latency_us"]["mean"] / 1e6
+    r["rps_little"] = conns / mean_s if r["requests"] and mean_s > 0 else 0.0
+    r["errors_total"] = sum(r["errors"].values())
+    return r
+
+
+def median(xs: list[float]) -> float:
+    xs = [x for x in xs if x == x]
+    return statistics.median(xs) if xs else float("nan")
+
+
+def sanity_check(gw: Envoy, up: Envoy, body: bytes) -> None:
+    """One request per configuration: 200, answered by the qwen pool, whole body upstream."""
+    for cfg in CONFIGS:
+        before = up.stats(r"^http\.upstream_qwen\.downstream_cx_rx_bytes_total$")
+        header = {"x-gateway-base-model-name": MODEL} if cfg in HEADER_ROUTED else {}
+        status, headers, resp = http_post(gw.ports[cfg], body, header)
+        if status != 200 or headers.get("x-bench-pool") != "qwen":
+            raise SystemExit(f"bench: {cfg} at {size_label(len(body))}: status {status}, "
+                             f"pool {headers.get('x-bench-pool')!r}, body {resp[:300]!r}")
+        after = up.stats(r"^http\.upstream_qwen\.downstream_cx_rx_bytes_total$")
+        got = sum(after.values()) - sum(before.values())
+        if got < len(body):
+            raise SystemExit(f"bench: {cfg}: the upstream received {got} bytes for a {len(body)}-byte body")
+
+
+UPSTREAM_RX = r"^http\.upstream_(qwen|phi)\.downstream_cx_rx_bytes_total$"
+WASM_STATS = r"^wasmcustom\.bbr_(scanned_bytes_total|scan_nanoseconds_total|wasm_memory_bytes|routed_total)$"
+
+
+def wasm_stats(gw: Envoy) -> dict[str, int]:
+    s = gw.stats(WASM_STATS)
+    return {k.removeprefix("wasmcustom.bbr_"): v for k, v in s.items()}
+
+
+def cell_seconds(runs: list[dict], warm: dict[str, dict], pos: str, size: int, conns: int,
+                 duration: float, max_duration: float, waves: float) -> float:
+    """How long each run of a cell lasts: BENCH_DURATION, or longer at c > 1 so that a run
+    spans at least `waves` times the slowest configuration's latency at this concurrency."""
+    if conns <= 1:
+        return duration
+    latency = 0.0
+    for cfg in CONFIGS:
+        c1 = [r["rps"] for r in runs if r["config"] == cfg and r["position"] == pos
+              and r["size"] == size and r["conns"] == 1 and r["rps"] > 0]
+        if c1:  # closed loop: at c connections a request waits for about c others
+            latency = max(latency, conns / median(c1))
+        w = warm.get(cfg)
+        if w is not None:
+            if w["requests"] > 0:
+                latency = max(latency, w["latency_us"]["mean"] / 1e6)
+            else:  # not one response within the warm-up
+                latency = max(latency, 2 * w["duration_us"] / 1e6)
+    return float(min(max_duration, max(duration, math.ceil(waves * latency))))
+
+
+def sweep(gw: Envoy, up: Envoy, wrk: str, bodies: dict[tuple[str, int], Path], positions: list[str],
+          sizes: list[int], concs: list[int], rounds: int, duration: float, warmup: float,
+          max_duration: float, waves: float, work: Path) -> list[dict]:
+    runs: list[dict] = []
+    total = len(positions) * len(sizes) * len(concs)
+    cell = 0
+    for pos in positions:
+        for size in sizes:
+            for conns in concs:
+                cell += 1
+                body = bodies[(pos, size)]
+                warm: dict[str, dict] = {}
+                if warmup > 0:
+                    for cfg in CONFIGS:
+                        w = run_wrk(wrk, gw.ports[cfg], body, conns, warmup,
+                                    MODEL if cfg in HEADER_ROUTED else None, work)
+                        warm[cfg] = w
+                        time.sleep(0.2)
+                secs = cell_seconds(runs, warm, pos, size, conns, duration, max_duration, waves)
+                say(f"[{cell}/{total}] model {pos}, {size_label(size)}, c={conns}: "
+                    f"{rounds} rounds x {len(CONFIGS)} configs x {secs:.0f}s")
+                for r in range(rounds):
+                    k = r % len(CONFIGS)
+                    order = CONFIGS[k:] + CONFIGS[:k]
+                    for cfg in order:
+                        w0 = wasm_stats(gw) if cfg == "bbr" else None
+                        g0, u0 = gw.proc.cpu_seconds(), up.proc.cpu_seconds()
+                        rx0 = sum(up.stats(UPSTREAM_RX).values())
+                        res = run_wrk(wrk, gw.ports[cfg], body, conns, secs,
+                                      MODEL if cfg in HEADER_ROUTED else None, work)
+                        res["gateway_cpu_s"] = gw.proc.cpu_seconds() - g0
+                        res["upstream_cpu_s"] = up.proc.cpu_seconds() - u0
+                        # Body bytes the upstream read per answered request (about the body size,
+                        # plus headers; requests cut off at the end of the run blur it a little).
+                        rx = sum(up.stats(UPSTREAM_RX).values()) - rx0
+                        res["upstream_rx_bytes_per_request"] = rx / res["requests"] if res["requests"] else None
+                        time.sleep(0.2)  # let the gateway drop what the closed connections left
+                        if w0 is not None:
+                            w1 = wasm_stats(gw)
+                            res["wasm"] = {
+                                "scanned_bytes": w1.get("scanned_bytes_total", 0) - w0.get("scanned_bytes_total", 0),
+                                "scan_ns": w1.get("scan_nanoseconds_total", 0) - w0.get("scan_nanoseconds_total", 0),
+                                "routed": w1.get("routed_total", 0) - w0.get("routed_total", 0),
+                                "memory_bytes": w1.get("wasm_memory_bytes"),
+                            }
+                        res.update(position=pos, size=size, conns=conns, round=r, config=cfg,
+                                   duration_s=secs)
+                        runs.append(res)
+                        flag = f"  ERRORS {res['errors']}" if res["errors_total"] else ""
+                        say(f"    {cfg:8s} {res['rps']:9.1f} req/s  p50 {res['latency_us']['percentiles']['50'] / 1000:8.2f} ms"
+                            f"  p99 {res['latency_us']['percentiles']['99'] / 1000:8.2f} ms{flag}")
+                    if not gw.proc.alive() or not up.proc.alive():
+                        raise SystemExit(f"bench: an Envoy died:\n{gw.proc.tail()}\n{up.proc.tail()}")
+    return runs
+
+
+# --------------------------------------------------------------------------------------
+# Analysis
+# --------------------------------------------------------------------------------------
+
+
+def summarize(runs: list[dict], positions, sizes, concs) -> dict:
+    cells: dict[str, Any] = {}
+    for pos in positions:
+        for size in sizes:
+            for conns in concs:
+                sel = [r for r in runs if r["position"] == pos and r["size"] == size and r["conns"] == conns]
+                by = {cfg: sorted((r for r in sel if r["config"] == cfg), key=lambda r: r["round"]) for cfg in CONFIGS}
+                c: dict[str, Any] = {"position": pos, "size": size, "conns": conns, "configs": {}}
+                for cfg, rs in by.items():
+                    reqs = sum(r["requests"] for r in rs) or 1
+                    done = [r for r in rs if r["requests"] > 0]
+                    c["configs"][cfg] = {
+                        "rps": median([r["rps"] for r in rs]),
+                        "rps_runs": [round(r["rps"], 2) for r in rs],
+                        "rps_little": median([r["rps_little"] for r in done]),
+                        "run_seconds": rs[0]["duration_s"] if rs else None,
+                        "p50_ms": median([r["latency_us"]["percentiles"]["50"] / 1000 for r in done]),
+                        "p99_ms": median([r["latency_us"]["percentiles"]["99"] / 1000 for r in done]),
+                        "errors": sum(r["errors_total"] for r in rs),
+                        "gateway_cpu_us_per_req": 1e6 * sum(r["gateway_cpu_s"] for r in rs) / reqs,
+                        "upstream_cpu_us_per_req": 1e6 * sum(r["upstream_cpu_s"] for r in rs) / reqs,
+                        "wrk_cpu_us_per_req": 1e6 * sum(r["wrk_cpu_s"] for r in rs) / reqs,
+                        "upstream_rx_bytes_per_request": median([r["upstream_rx_bytes_per_request"]
+                                                                 for r in done]),
+                    }
+                rounds = min(len(v) for v in by.values())
+
+                def paired(a: str, b: str) -> float:
+                    return median([by[a][i]["rps"] / by[b][i]["rps"] for i in range(rounds) if by[b][i]["rps"] > 0])
+
+                c["ratio"] = {
+                    "native_vs_baseline": paired("native", "baseline"),
+                    "bbr_vs_baseline": paired("bbr", "baseline"),
+                    "bbr_vs_native": paired("bbr", "native"),
+                }
+                if "buffer" in by:
+                    c["ratio"]["buffer_vs_baseline"] = paired("buffer", "baseline")
+                    c["ratio"]["bbr_vs_buffer"] = paired("bbr", "buffer")
+                if "bbr_early" in by:
+                    c["ratio"]["bbr_early_vs_baseline"] = paired("bbr_early", "baseline")
+                wasm = [r["wasm"] for r in by["bbr"] if "wasm" in r]
+                sb = sum(w["scanned_bytes"] for w in wasm)
+                sn = sum(w["scan_ns"] for w in wasm)
+                c["scan"] = {"bytes": sb, "ns": sn, "routed": sum(w["routed"] for w in wasm),
+                             "memory_bytes": max((w["memory_bytes"] or 0 for w in wasm), default=None)}
+                cells[f"{pos}/{size}/{conns}"] = c
+    return cells
+
+
+def scan_table(cells: dict, positions, sizes, concs) -> list[dict]:
+    rows = []
+    for size in sizes:
+        sel = [cells[f"{p}/{size}/{c}"] for p in positions for c in concs]
+        b = sum(c["scan"]["bytes"] for c in sel)
+        n = sum(c["scan"]["ns"] for c in sel)
+        routed = sum(c["scan"]["routed"] for c in sel)
+        mem_by_c = {str(c): cells[f"{p}/{size}/{c}"]["scan"]["memory_bytes"] for p in positions[:1] for c in concs}
+        rows.append({"size": size, "bytes": b, "ns": n, "requests": routed, "memory_by_conns": mem_by_c,
+                     "gb_s": b / n if n else float("nan"),
+                     "ms_per_mib": (n / 1e6) / (b / MiB) if b else float("nan"),
+                     "us_per_request": n / 1e3 / routed if routed else float("nan"),
+                     "memory_bytes": max((c["scan"]["memory_bytes"] or 0) for c in sel)})
+    b = sum(r["bytes"] for r in rows)
+    n = sum(r["ns"] for r in rows)
+    overall = {"bytes": b, "ns": n, "gb_s": b / n if n else float("nan"),
+               "ms_per_mib": (n / 1e6) / (b / MiB) if b else float("nan")}
+    return rows, overall
+
+
+def checks(cells: dict, scan_rows: list[dict], scan_overall: dict, positions, sizes, concs) -> list[dict]:
+    out = []
+
+    def add(name: str, value: float, ok: bool, target: str) -> None:
+        out.append({"target": name, "value": value, "pass": bool(ok), "want": target})
+
+    for pos in positions:
+        for conns in concs:
+            for size in sizes:
+                c = cells[f"{pos}/{size}/{conns}"]
+                rb = c["ratio"]["bbr_vs_baseline"]
+                want = VS_BASELINE_1K if size <= KiB else VS_BASELINE_REST
+                add(f"bbr/baseline, model {pos}, {size_label(size)}, c={conns}", rb, rb >= want, f">= {want:.2f}x")
+            for size in sizes:
+                c = cells[f"{pos}/{size}/{conns}"]
+                rn = c["ratio"]["bbr_vs_native"]
+                if size >= MiB:
+                    add(f"bbr/native, model {pos}, {size_label(size)}, c={conns}", rn, rn >= VS_NATIVE_LARGE,
+                        f">= {VS_NATIVE_LARGE:.0f}x")
+                elif size <= KiB:
+                    add(f"bbr/native, model {pos}, {size_label(size)}, c={conns}", rn, rn >= VS_NATIVE_1K,
+                        f">= {VS_NATIVE_1K:.1f}x")
+    add("scan speed in V8, all sizes", scan_overall["ms_per_mib"], scan_overall["ms_per_mib"] <= SCAN_MS_PER_MIB,
+        f"<= {SCAN_MS_PER_MIB} ms/MiB")
+    for r in scan_rows:
+        if r["size"] >= 256 * KiB:  # smaller bodies: the two clock reads per window weigh in
+            add(f"scan speed in V8, {size_label(r['size'])}", r["ms_per_mib"], r["ms_per_mib"] <= SCAN_MS_PER_MIB,
+                f"<= {SCAN_MS_PER_MIB} ms/MiB")
+    # Linear memory only grows, in 64 KiB pages. A filter that kept bodies would grow by
+    # megabytes between the smallest and the largest body; one page is allocator noise
+    # (e.g. 64 large requests in flight at once, each with its small scanner state).
+    mems = [r["memory_bytes"] for r in scan_rows if r["memory_bytes"]]
+    if mems:
+        grew = mems[-1] - mems[0]
+        add(f"wasm memory flat: growth from {size_label(scan_rows[0]['size'])} to "
+            f"{size_label(scan_rows[-1]['size'])} bodies (bytes)", grew, grew <= 65536,
+            "<= 65536 (one wasm page)")
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------
+
+
+def fmt_ratio(x: float) -> str:
+    return "n/a" if x != x else (f"{x:.2f}×" if x < 10 else f"{x:.1f}×")
+
+
+def markdown(meta: dict, cells: dict, scan_rows, scan_overall, results: list[dict], positions, sizes, concs) -> str:
+    L: list[str] = []
+    head = "| configuration | c | " + " | ".join(size_label(s) for s in sizes) + " |"
+    sep = "| --- | --- | " + " | ".join("---" for _ in sizes) + " |"
+    L.append("# bbr-wasm benchmark (`make bench`)")
+    L.append("")
+    L.append(f"Run {meta['date']} on {meta['machine']}. {meta['setup']}")
+    L.append("")
+    for pos in positions:
+        L.append(f"## Throughput relative to the no-inspection baseline (model {pos} in the body)")
+        L.append("")
+        L.append("Median over the rounds of each round's ratio (the runs of a round are adjacent in time).")
+        L.append("")
+        L.append(head)
+        L.append(sep)
+        for cfg, key in (("native json_to_metadata (C++)", "native_vs_baseline"), ("bbr-wasm", "bbr_vs_baseline")):
+            for conns in concs:
+                L.append(f"| {cfg} | {conns} | " + " | ".join(
+                    fmt_ratio(cells[f"{pos}/{s}/{conns}"]["ratio"][key]) for s in sizes) + " |")
+        for conns in concs:
+            L.append(f"| **bbr-wasm vs native** | {conns} | " + " | ".join(
+                fmt_ratio(cells[f"{pos}/{s}/{conns}"]["ratio"]["bbr_vs_native"]) for s in sizes) + " |")
+        if "buffer" in CONFIGS:
+            for conns in concs:
+                L.append(f"| diagnostic: buffer filter vs baseline | {conns} | " + " | ".join(
+                    fmt_ratio(cells[f"{pos}/{s}/{conns}"]["ratio"]["buffer_vs_baseline"]) for s in sizes) + " |")
+            for conns in concs:
+                L.append(f"| diagnostic: bbr-wasm vs buffer filter | {conns} | " + " | ".join(
+                    fmt_ratio(cells[f"{pos}/{s}/{conns}"]["ratio"]["bbr_vs_buffer"]) for s in sizes) + " |")
+        if "bbr_early" in CONFIGS:
+            for conns in concs:
+                L.append(f"| diagnostic: bbr-wasm routeBeforeBodyEnds | {conns} | " + " | ".join(
+                    fmt_ratio(cells[f"{pos}/{s}/{conns}"]["ratio"]["bbr_early_vs_baseline"]) for s in sizes) + " |")
+        L.append("")
+        secs = sorted({cells[f"{pos}/{s}/{c}"]["configs"]["bbr"]["run_seconds"] for s in sizes for c in concs})
+        L.append(f"Run lengths used: {', '.join(f'{x:.0f} s' for x in secs)} (longer at c > 1 for slow cells, "
+                 "see BENCH_WAVES in bench/run.py).")
+        L.append("")
+        L.append(f"### Requests per second (median), model {pos}")
+        L.append("")
+        L.append(head)
+        L.append(sep)
+        for cfg in CONFIGS:
+            for conns in concs:
+                L.append(f"| {LABELS[cfg]} | {conns} | " + " | ".join(
+                    f"{cells[f'{pos}/{s}/{conns}']['configs'][cfg]['rps']:.0f}" for s in sizes) + " |")
+        L.append("")
+        L.append(f"### Latency p50 / p99 in ms (median over rounds), model {pos}")
+        L.append("")
+        L.append(head)
+        L.append(sep)
+        for cfg in CONFIGS:
+            for conns in concs:
+                L.append(f"| {LABELS[cfg]} | {conns} | " + " | ".join(
+                    "{:.2f} / {:.2f}".format(cells[f'{pos}/{s}/{conns}']['configs'][cfg]['p50_ms'],
+                                             cells[f'{pos}/{s}/{conns}']['configs'][cfg]['p99_ms']) for s in sizes) + " |")
+        L.append("")
+        L.append(f"### Bytes the upstream read per answered request (median), model {pos}")
+        L.append("")
+        L.append("Body plus request headers: every configuration really carries the whole body upstream.")
+        L.append("")
+        L.append(head)
+        L.append(sep)
+        for cfg in CONFIGS:
+            for conns in concs:
+                L.append(f"| {LABELS[cfg]} | {conns} | " + " | ".join(
+                    f"{cells[f'{pos}/{s}/{conns}']['configs'][cfg]['upstream_rx_bytes_per_request']:.0f}"
+                    for s in sizes) + " |")
+        L.append("")
+        L.append(f"### Gateway CPU cost relative to the baseline, model {pos}")
+        L.append("")
+        L.append("The baseline's gateway CPU time per request divided by this configuration's (from /proc, "
+                 "all runs of the cell): what the throughput ratio would be if the gateway's one worker were "
+                 "the only bottleneck. Less sensitive to other load on the machine than requests per second.")
+        L.append("")
+        L.append(head)
+        L.append(sep)
+        for cfg in CONFIGS:
+            if cfg == "baseline":
+                continue
+            for conns in concs:
+                L.append(f"| {LABELS[cfg]} | {conns} | " + " | ".join(
+                    fmt_ratio(cells[f'{pos}/{s}/{conns}']['configs']['baseline']['gateway_cpu_us_per_req']
+                              / cells[f'{pos}/{s}/{conns}']['configs'][cfg]['gateway_cpu_us_per_req'])
+                    for s in sizes) + " |")
+        L.append("")
+        L.append(f"### Gateway CPU per request in µs (worker + main thread, from /proc), model {pos}")
+        L.append("")
+        L.append(head)
+        L.append(sep)
+        for cfg in CONFIGS:
+            for conns in concs:
+                L.append(f"| {LABELS[cfg]} | {conns} | " + " | ".join(
+                    f"{cells[f'{pos}/{s}/{conns}']['configs'][cfg]['gateway_cpu_us_per_req']:.0f}" for s in sizes) + " |")
+        L.append("")
+    L.append("## Scan speed inside V8 and wasm memory (bbr-wasm's own counters)")
+    L.append("")
+    L.append("Delta of `bbr_scanned_bytes_total` over delta of `bbr_scan_nanoseconds_total` across the bbr-wasm "
+             "runs of each size (both concurrencies). The time is read from the host clock around each 64 KiB "
+             "window handed to the scanner, so for small bodies the two clock calls weigh in. "
+             "`bbr_wasm_memory_bytes` is the VM's linear memory after the runs of that size.")
+    L.append("")
+    mem_cols = " | ".join(f"wasm memory after c={c}" for c in concs)
+    L.append(f"| body | requests scanned | bytes scanned | scan time | GB/s | ms per MiB | µs per request | {mem_cols} |")
+    L.append("| --- | --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in concs) + " |")
+    for r in scan_rows:
+        mems = " | ".join(f"{(r['memory_by_conns'].get(str(c)) or 0) / 1024:.0f} KiB" for c in concs)
+        L.append(f"| {size_label(r['size'])} | {r['requests']} | {r['bytes']} | {r['ns'] / 1e6:.1f} ms | "
+                 f"{r['gb_s']:.2f} | {r['ms_per_mib']:.3f} | {r['us_per_request']:.1f} | {mems} |")
+    L.append(f"| **all** | | {scan_overall['bytes']} | {scan_overall['ns'] / 1e6:.1f} ms | "
+             f"**{scan_overall['gb_s']:.2f}** | **{scan_overall['ms_per_mib']:.3f}** | | " + " | ".join("" for _ in concs) + " |")
+    L.append("")
+    L.append("## Targets (issue 5)")
+    L.append("")
+    L.append("| target | measured | wanted | |")
+    L.append("| --- | --- | --- | --- |")
+    for c in results:
+        v = c["value"]
+        shown = f"{v:.3f}" if isinstance(v, float) else str(v)
+        L.append(f"| {c['target']} | {shown} | {c['want']} | {'PASS' if c['pass'] else '**FAIL**'} |")
+    n_fail = sum(not c["pass"] for c in results)
+    L.append("")
+    L.append(f"{len(results) - n_fail} of {len(results)} targets met.")
+    L.append("")
+    L.append("## Setup")
+    L.append("")
+    for k in ("command", "envoy", "wrk", "gateway", "upstream", "bodies", "rounds", "commit", "load"):
+        L.append(f"- **{k}**: {meta[k]}")
+    L.append("")
+    L.append("```")
+    L.append(meta["lscpu"])
+    L.append("```")
+    L.append("")
+    return "\n".join(L)
+
+
+def chart(path: Path, meta: dict, cells: dict, positions, sizes, concs) -> Optional[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (bash scripts/bench-deps.sh); no chart"
+    pos = positions[0]
+    colors = {"baseline": "#555555", "native": "#d62728", "bbr": "#1f77b4", "buffer": "#9467bd",
+              "bbr_early": "#17becf"}
+    fig, axes = plt.subplots(2, len(concs), figsize=(6.2 * len(concs), 9), squeeze=False)
+    xs = list(range(len(sizes)))
+    xl = [size_label(s) for s in sizes]
+    for j, conns in enumerate(concs):
+        ax = axes[0][j]
+        ratios = [("native", "native_vs_baseline"), ("bbr", "bbr_vs_baseline")]
+        if "buffer" in CONFIGS:
+            ratios.append(("buffer", "buffer_vs_baseline"))
+        if "bbr_early" in CONFIGS:
+            ratios.append(("bbr_early", "bbr_early_vs_baseline"))
+        series = {cfg: [cells[f"{pos}/{s}/{conns}"]["ratio"][key] for s in sizes] for cfg, key in ratios}
+        for cfg, ys in series.items():
+            ax.plot(xs, ys, marker="o", color=colors[cfg], label=SHORT[cfg])
+            for i, (x, y) in enumerate(zip(xs, ys)):
+                # The highest value at a size is labelled above its point, the others below.
+                top = y >= max(v[i] for v in series.values())
+                ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(0, 7 if top else -13),
+                            ha="center", fontsize=8, color=colors[cfg])
+        ax.axhline(1.0, color=colors["baseline"], lw=1, label=SHORT["baseline"])
+        ax.hlines(VS_BASELINE_1K, -0.3, 0.3, colors="green", linestyles="dashed", label="target")
+        ax.hlines(VS_BASELINE_REST, 0.7, len(sizes) - 0.7, colors="green", linestyles="dashed")
+        ax.set_xticks(xs, xl)
+        ax.set_ylim(0, 1.4 if len(series) <= 2 else 1.6)
+        ax.set_title(f"Throughput vs baseline, concurrency {conns}")
+        ax.set_ylabel("× baseline requests/s (higher is better)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper right", ncol=3, framealpha=0.9)
+        ax = axes[1][j]
+        for cfg in CONFIGS:
+            p50 = [cells[f"{pos}/{s}/{conns}"]["configs"][cfg]["p50_ms"] for s in sizes]
+            p99 = [cells[f"{pos}/{s}/{conns}"]["configs"][cfg]["p99_ms"] for s in sizes]
+            ax.plot(xs, p50, marker="o", color=colors[cfg], label=f"{cfg} p50")
+            ax.plot(xs, p99, marker="x", ls="--", color=colors[cfg], label=f"{cfg} p99")
+        ax.set_yscale("log")
+        ax.set_xticks(xs, xl)
+        ax.set_title(f"Latency, concurrency {conns}")
+        ax.set_ylabel("ms (log scale, lower is better)")
+        ax.set_xlabel(f"request body (chat completion, model {pos})")
+        ax.grid(alpha=0.3, which="both")
+    # One legend for both latency panels, under them, where it hides no line.
+    handles, labels = axes[1][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2 * len(CONFIGS), fontsize=8, frameon=False)
+    fig.suptitle(f"bbr-wasm vs no-inspection baseline and native json_to_metadata\n"
+                 f"Envoy {meta['envoy_version']}, 1 worker; {meta['date']}, {meta['machine']}", fontsize=11)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def machine_info() -> dict:
+    def sh(cmd: str) -> str:
+        try:
+            return subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=20).stdout.strip()
+        except subprocess.SubprocessError:
+            return ""
+
+    lscpu = sh("lscpu | head -n 20")
+    model = re.search(r"Model name:\s*(.+)", lscpu)
+    return {
+        "nproc": sh("nproc"),
+        "lscpu": lscpu,
+        "machine": f"{sh('nproc')} CPUs ({model.group(1).strip() if model else platform.processor()}), "
+                   f"{platform.system()} {platform.release()}",
+    }
+
+
+# --------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    sizes = [parse_size(s) for s in env_list("BENCH_SIZES", "1K,16K,256K,1M,4M")]
+    concs = [int(c) for c in env_list("BENCH_CONCURRENCY", "1,64")]
+    positions = env_list("BENCH_POSITIONS", "last")
+    for p in positions:
+        if p not in ("first", "last"):
+            raise SystemExit(f"bench: BENCH_POSITIONS: {p!r} is neither first nor last")
+    rounds = int(os.environ.get("BENCH_ROUNDS", "3"))
+    duration = float(os.environ.get("BENCH_DURATION", "3"))
+    warmup = float(os.environ.get("BENCH_WARMUP", "1"))
+    max_duration = float(os.environ.get("BENCH_MAX_DURATION", "15"))
+    waves = float(os.environ.get("BENCH_WAVES", "8"))
+    global CONFIGS
+    CONFIGS = tuple(env_list("BENCH_CONFIGS", "baseline,native,bbr"))
+    for c in ("baseline", "native", "bbr"):
+        if c not in CONFIGS:
+            raise SystemExit(f"bench: BENCH_CONFIGS must include {c} (the targets compare it)")
+    for c in CONFIGS:
+        if c not in ALL_CONFIGS:
+            raise SystemExit(f"bench: BENCH_CONFIGS: unknown configuration {c!r}; known: {ALL_CONFIGS}")
+    strict = os.environ.get("BENCH_STRICT", "0") == "1"
+    out_dir = Path(os.environ.get("BENCH_OUT", str(BENCH / "results")))
+    if not out_dir.is_absolute():
+        out_dir = ROOT / out_dir
+
+    if not WASM.is_file():
+        raise SystemExit(f"bench: {WASM.relative_to(ROOT)} is missing; run `make build`")
+    wrk = os.environ.get("WRK_BIN") or shutil.which("wrk")
+    if not wrk:
+        raise SystemExit("bench: wrk not found; run `bash scripts/bench-deps.sh` (or set WRK_BIN)")
+    envoy_bin = os.environ.get("ENVOY_BIN_RESOLVED") or subprocess.run(
+        ["bash", str(ROOT / "scripts" / "envoy-bin.sh")], capture_output=True, text=True, check=True,
+        timeout=600).stdout.strip().splitlines()[-1]
+    envoy_version = re.search(r"/(\d+\.\d+\.\d+)/", subprocess.run(
+        [envoy_bin, "--version"], capture_output=True, text=True, timeout=30).stdout)
+    envoy_version = envoy_version.group(1) if envoy_version else "?"
+    wrk_version = subprocess.run([wrk, "-v"], capture_output=True, text=True, timeout=10)
+    wrk_version = (wrk_version.stdout + wrk_version.stderr).splitlines()[0].strip()
+
+    run_root = ROOT / ".run"
+    run_root.mkdir(exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-", dir=run_root))
+    say(f"work dir {work.relative_to(ROOT)} (Envoy configs and logs)")
+
+    bodies: dict[tuple[str, int], Path] = {}
+    for pos in positions:
+        for size in sizes:
+            p = work / f"body-{pos}-{size}.json"
+            p.write_bytes(chat_body(size, pos))
+            bodies[(pos, size)] = p
+
+    up_ports = {"admin": free_port(), "qwen": free_port(), "phi": free_port()}
+    gw_ports = {"admin": free_port(), "baseline": free_port(), "native": free_port(), "bbr": free_port(),
+                "buffer": free_port(), "bbr_early": free_port()}
+    up_cfg = fill(BENCH / "envoy" / "upstream.yaml",
+                  {"PORT_ADMIN": up_ports["admin"], "PORT_QWEN": up_ports["qwen"], "PORT_PHI": up_ports["phi"]})
+    gw_cfg = gateway_config({"PORT_ADMIN": gw_ports["admin"], "PORT_BASELINE": gw_ports["baseline"],
+                             "PORT_NATIVE": gw_ports["native"], "PORT_BBR": gw_ports["bbr"],
+                             "PORT_BUFFER": gw_ports["buffer"], "PORT_BBR_EARLY": gw_ports["bbr_early"],
+                             "UPSTREAM_QWEN": up_ports["qwen"], "UPSTREAM_PHI": up_ports["phi"]})
+
+    procs: list[Envoy] = []
+
+    def on_signal(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    info = machine_info()
+    load_before = os.getloadavg()
+    started = time.monotonic()
+    try:
+        up = Envoy("upstream", envoy_bin, up_cfg, up_ports, work)
+        procs.append(up)
+        gw = Envoy("gateway", envoy_bin, gw_cfg, gw_ports, work)
+        procs.append(gw)
+        say(f"gateway pid {gw.proc.pid} (listeners baseline :{gw_ports['baseline']}, native "
+            f":{gw_ports['native']}, bbr :{gw_ports['bbr']}), upstream pid {up.proc.pid}")
+        for (pos, size), p in sorted(bodies.items(), key=lambda kv: kv[0][1]):
+            if size in (min(sizes), max(sizes)):
+                sanity_check(gw, up, p.read_bytes())
+        say("sanity check passed: each configuration routes to the qwen pool and the upstream reads whole bodies")
+        runs = sweep(gw, up, wrk, bodies, positions, sizes, concs, rounds, duration, warmup,
+                     max_duration, waves, work)
+        mem_final = wasm_stats(gw).get("wasm_memory_bytes")
+    finally:
+        for e in reversed(procs):
+            e.proc.stop()
+    elapsed = time.monotonic() - started
+    load_after = os.getloadavg()
+
+    cells = summarize(runs, positions, sizes, concs)
+    scan_rows, scan_overall = scan_table(cells, positions, sizes, concs)
+    results = checks(cells, scan_rows, scan_overall, positions, sizes, concs)
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+    except subprocess.SubprocessError:
+        commit = "?"
+    meta = {
+        "date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "machine": info["machine"],
+        "lscpu": info["lscpu"],
+        "nproc": info["nproc"],
+        "envoy_version": envoy_version,
+        "setup": (f"Envoy {envoy_version}, gateway with --concurrency 1; wrk -t1, HTTP/1.1 keep-alive; "
+                  f"{rounds} interleaved rounds per configuration and cell, medians reported."),
+        "command": " ".join([f"{k}={os.environ[k]}" for k in sorted(os.environ)
+                             if k.startswith("BENCH_") and k != "BENCH_OUT"] + ["make bench"]),
+        "envoy": f"{envoy_version} ({envoy_bin})",
+        "wrk": f"{wrk_version}, -t1, --timeout 30s, one prepared body per run (bench/wrk/post.lua)",
+        "gateway": "one Envoy, --concurrency 1, three listeners (bench/envoy/gateway.yaml); "
+                   "per_connection_buffer_limit_bytes 8454144 on every listener and cluster; no access log",
+        "upstream": "a second Envoy, --concurrency 1, direct_response 200 after the buffer filter has read "
+                    "the whole body (bench/envoy/upstream.yaml)",
+        "bodies": "chat-completions JSON of exactly the stated size: system prompt, user/assistant turns of "
+                  "prose with some non-ASCII and escapes, sampling parameters; `model` "
+                  + " and ".join(positions) + " (last is the harder case for a scanner that could stop early; "
+                  "bbr-wasm always reads to the end to validate)",
+        "rounds": f"{rounds} rounds per cell, each running every configuration once for {duration:.0f} s "
+                  f"(longer at c > 1 where one wave of responses is slow: at least {waves:.0f} x the slowest "
+                  f"configuration's latency, at most {max_duration:.0f} s), order rotated per round "
+                  f"(ABC, BCA, CAB); {warmup:.0f} s unrecorded warm-up per configuration and cell; "
+                  f"{elapsed / 60:.1f} min in all",
+        "commit": commit,
+        "load": f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after "
+                "(other work on the machine shares its cores)",
+        "final_wasm_memory_bytes": mem_final,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps({
+        "meta": meta, "sizes": sizes, "concurrency": concs, "positions": positions,
+        "cells": cells, "scan": {"per_size": scan_rows, "overall": scan_overall},
+        "targets": results, "runs": runs}, indent=1) + "\n")
+    md = markdown(meta, cells, scan_rows, scan_overall, results, positions, sizes, concs)
+    (out_dir / "results.md").write_text(md)
+    why = chart(out_dir / "results.png", meta, cells, positions, sizes, concs)
+    if why:
+        say(why)
+    print(md)
+    n_fail = sum(not c["pass"] for c in results)
+    for c in results:
+        v = c["value"]
+        print(f"{'PASS' if c['pass'] else 'FAIL'}  {c['target']}: {v:.3f} (want {c['want']})"
+              if isinstance(v, float) else f"{'PASS' if c['pass'] else 'FAIL'}  {c['target']}: {v} (want {c['want']})")
+    print(f"bench: {len(results) - n_fail} of {len(results)} targets met; results in "
+          f"{out_dir.relative_to(ROOT) if out_dir.is_relative_to(ROOT) else out_dir}/results.{{md,png,json}}")
+    shutil.rmtree(work, ignore_errors=True)
+    if n_fail and strict:
+        print("bench: BENCH_STRICT=1 and a target was missed: exit 1")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
