@@ -382,9 +382,16 @@ impl BbrHttp {
     }
 
     /// A request header, or `None` if absent or unreadable.
+    ///
+    /// Read as bytes: the SDK's `get_map_value` unwraps a UTF-8 conversion, so one client
+    /// header with bytes 0x80-0xFF (which Envoy accepts) would panic and trap the VM. Invalid
+    /// UTF-8 becomes U+FFFD here, which matches no content type, encoding or path we accept.
     fn request_header(&self, name: &str) -> Option<String> {
-        match hostcalls::get_map_value(MapType::HttpRequestHeaders, name) {
-            Ok(value) => value,
+        match hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name) {
+            Ok(value) => value.map(|bytes| match String::from_utf8(bytes) {
+                Ok(text) => text,
+                Err(err) => String::from_utf8_lossy(err.as_bytes()).into_owned(),
+            }),
             Err(status) => {
                 warn!("[{}] cannot read header {name:?}: {status:?}", self.id);
                 None
@@ -392,9 +399,10 @@ impl BbrHttp {
         }
     }
 
-    /// Removes every copy of a request header; reports whether one was there.
+    /// Removes every copy of a request header; reports whether one was there. Its value is
+    /// never decoded (see `request_header`): a forged header may hold any bytes.
     fn remove_request_header(&self, name: &str) -> Result<bool, Status> {
-        let present = hostcalls::get_map_value(MapType::HttpRequestHeaders, name)?.is_some();
+        let present = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)?.is_some();
         if present {
             hostcalls::remove_map_value(MapType::HttpRequestHeaders, name)?;
         }
