@@ -79,7 +79,7 @@ fmt: ## Format the code
 
 clean: ## Remove build output, the venv, local tools and run logs
 	$(CARGO) clean
-	rm -rf $(VENV) $(TOOLS) .run
+	rm -rf $(VENV) .venv-llm $(TOOLS) .run
 
 # Fuzzing: cargo-fuzz (libFuzzer) targets in fuzz/, its own workspace. cargo-fuzz passes
 # nightly -Z flags; RUSTC_BOOTSTRAP=1 lets the stable toolchain take them. A run reads the
@@ -130,3 +130,7 @@ bench: targets ## Benchmark in Envoy: no-inspection baseline vs native json_to_m
 
 bench-core: ## Criterion micro-benchmarks of the core scanners, natively (short; `cargo bench --bench scanner` for the full run)
 	$(CARGO) bench --bench scanner -- --warm-up-time 1 --measurement-time 2
+
+.PHONY: bench-llm
+bench-llm: ## GuideLLM through the gateway to mock backends: the seeds' tables (own ~6 GB venv, not in test)
+	@bash scripts/bench-llm.sh
