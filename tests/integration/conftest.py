@@ -437,6 +437,32 @@ def _hosts_health(env: Envoy) -> dict[str, str]:
     return out
 
 
+def _wait_ready(env: Envoy, wait_healthy: bool) -> None:
+    """Until Envoy is LIVE and its listener accepts, then (wait_healthy) until every upstream
+    host passed its health check; fails the test with Envoy's log tail otherwise."""
+    proc, deadline = env.proc, time.monotonic() + START_TIMEOUT
+    while True:
+        if not proc.alive():
+            proc.fail(f"exited with status {proc.popen.returncode} during start-up (config {env.config_path})")
+        if time.monotonic() > deadline:
+            proc.fail(f"not ready within {START_TIMEOUT:.0f}s (config {env.config_path})")
+        try:
+            if env.admin("/ready").strip() == "LIVE":
+                with socket.create_connection(("127.0.0.1", env.port), timeout=1.0):
+                    pass
+                break
+        except (httpx.HTTPError, OSError):
+            pass
+        time.sleep(0.1)
+    while wait_healthy:
+        health = _hosts_health(env)
+        if health and all(v == "healthy" for v in health.values()):
+            break
+        if time.monotonic() > deadline:
+            proc.fail(f"hosts not healthy within {START_TIMEOUT:.0f}s: {health}")
+        time.sleep(0.1)
+
+
 def start_envoy(
     envoy_bin: str,
     tmp_dir: Path,
@@ -485,30 +511,7 @@ def start_envoy(
     ]
     proc = Proc(name=f"Envoy ({name})", argv=argv, log_path=tmp_dir / f"{tag}.log").start()
     env = Envoy(proc=proc, port=port, admin_port=admin_port, config_path=config_path, config=cfg)
-
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        if not proc.alive():
-            proc.fail(f"exited with status {proc.popen.returncode} during start-up (config {config_path})")
-        if time.monotonic() > deadline:
-            proc.fail(f"not ready within {START_TIMEOUT:.0f}s (config {config_path})")
-        try:
-            if env.admin("/ready").strip() == "LIVE":
-                with socket.create_connection(("127.0.0.1", port), timeout=1.0):
-                    pass
-                break
-        except (httpx.HTTPError, OSError):
-            pass
-        time.sleep(0.1)
-
-    if wait_healthy:
-        while True:
-            health = _hosts_health(env)
-            if health and all(v == "healthy" for v in health.values()):
-                break
-            if time.monotonic() > deadline:
-                proc.fail(f"hosts not healthy within {START_TIMEOUT:.0f}s: {health}")
-            time.sleep(0.1)
+    _wait_ready(env, wait_healthy)
     return env
 
 
@@ -751,27 +754,7 @@ def start_envoy_with(
     argv = envoy_argv(envoy_bin, tmp_dir, config_path, tag, concurrency)
     proc = Proc(name=f"Envoy ({name})", argv=argv, log_path=tmp_dir / f"{tag}.log").start()
     env = Envoy(proc=proc, port=port, admin_port=admin_port, config_path=config_path, config=cfg)
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        if not proc.alive():
-            proc.fail(f"exited with status {proc.popen.returncode} during start-up (config {config_path})")
-        if time.monotonic() > deadline:
-            proc.fail(f"not ready within {START_TIMEOUT:.0f}s (config {config_path})")
-        try:
-            if env.admin("/ready").strip() == "LIVE":
-                with socket.create_connection(("127.0.0.1", port), timeout=1.0):
-                    pass
-                break
-        except (httpx.HTTPError, OSError):
-            pass
-        time.sleep(0.1)
-    while wait_healthy:
-        health = _hosts_health(env)
-        if health and all(v == "healthy" for v in health.values()):
-            break
-        if time.monotonic() > deadline:
-            proc.fail(f"hosts not healthy within {START_TIMEOUT:.0f}s: {health}")
-        time.sleep(0.1)
+    _wait_ready(env, wait_healthy)
     return env
 
 
