@@ -170,8 +170,11 @@ def static_gateway(
     listener_port: int,
     admin_port: int,
     listener_merge: Optional[dict] = None,
+    hcm_merge: Optional[dict] = None,
 ) -> dict:
-    """A static Envoy bootstrap standing in for the Istio gateway."""
+    """A static Envoy bootstrap standing in for the Istio gateway. `hcm_merge` is the value of a
+    NETWORK_FILTER MERGE patch on the HTTP connection manager (its typed_config's fields are
+    merged into the HCM's, as istiod merges the patch)."""
     listener = {
         "name": "gateway",
         "address": {"socket_address": {"address": "127.0.0.1", "port_value": listener_port}},
@@ -203,6 +206,12 @@ def static_gateway(
     }
     if listener_merge:
         listener.update(copy.deepcopy(listener_merge))
+    if hcm_merge:
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        merge = copy.deepcopy(hcm_merge.get("typed_config", {}))
+        if merge.pop("@type", hcm["@type"]) != hcm["@type"]:
+            raise AssertionError("the NETWORK_FILTER patch is not for the HTTP connection manager")
+        hcm.update(merge)
     clusters = [
         {
             "name": name,

@@ -17,10 +17,11 @@ import json
 
 import httpx
 import pytest
+import yaml
 
 import bbr_oci
 import istio_convert as ic
-from conftest import LORA, PHI, QWEN, all_docs, doc, free_port, launch_envoy, start_envoy
+from conftest import LORA, PHI, QWEN, ROOT, all_docs, doc, free_port, launch_envoy, start_envoy
 
 REFUSED = "bbr-wasm: configuration refused:"
 ACCEPTED = "bbr-wasm: configuration accepted"
@@ -44,7 +45,7 @@ def _routes():
     return ic.routes_from_httproutes([d.body for d in all_docs() if d.body["kind"] == "HTTPRoute"])
 
 
-def gateway_config(backends, http_filter: dict, listener_merge=None) -> dict:
+def gateway_config(backends, http_filter: dict, listener_merge=None, hcm_merge=None) -> dict:
     return ic.static_gateway(
         http_filter,
         _routes(),
@@ -52,6 +53,7 @@ def gateway_config(backends, http_filter: dict, listener_merge=None) -> dict:
         listener_port=free_port(),
         admin_port=free_port(),
         listener_merge=listener_merge,
+        hcm_merge=hcm_merge,
     )
 
 
@@ -63,7 +65,8 @@ def envoyfilter_gateway(backends, module: str, mutate_typed_config=None) -> dict
     if mutate_typed_config:
         mutate_typed_config(tc)
     listener_merge = ic.one_patch(ef, "LISTENER")["patch"]["value"]
-    return gateway_config(backends, ic.http_filter_from_envoyfilter(ef, tc), listener_merge)
+    hcm_merge = ic.one_patch(ef, "NETWORK_FILTER")["patch"]["value"]
+    return gateway_config(backends, ic.http_filter_from_envoyfilter(ef, tc), listener_merge, hcm_merge)
 
 
 def wasmplugin_gateway(backends, module: str, plugin: dict) -> dict:
@@ -129,6 +132,24 @@ def test_unknown_model_and_model_list(gateway):
         assert "x-mock-backend" not in r.headers
         listed = {m["id"]: m["parent"] for m in c.get("/v1/models").json()["data"]}
         assert listed == {QWEN: None, PHI: None, LORA: QWEN}
+
+
+def test_envoy_errors_are_openai_json(gateway):
+    """The NETWORK_FILTER patch gives the gateway envoy.yaml's local replies: a request the
+    filter does not route (no routing header) gets Envoy's 404 as OpenAI JSON."""
+    with httpx.Client(base_url=gateway.url, timeout=10.0) as c:
+        r = c.get("/v1/completions")
+        assert r.status_code == 404, r.text
+        assert r.headers["content-type"].startswith("application/json")
+        assert r.json()["error"]["code"] == "route_not_found"
+
+
+def test_local_replies_match_the_shipped_envoy_config():
+    """One source of truth: the EnvoyFilter's mappers are envoy/envoy.yaml's."""
+    shipped = yaml.safe_load((ROOT / "envoy" / "envoy.yaml").read_text())
+    hcm = shipped["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    patch = ic.one_patch(doc("EnvoyFilter", "bbr-wasm"), "NETWORK_FILTER")["patch"]["value"]
+    assert patch["typed_config"]["local_reply_config"] == hcm["local_reply_config"]
 
 
 def test_listener_patch_lets_long_prompts_through(gateway, envoy_bin, session_dir, backends, pulled_module):
