@@ -29,16 +29,37 @@ pub fn digit_run(bytes: &[u8]) -> usize {
         .unwrap_or(bytes.len())
 }
 
-/// How many leading bytes of a string's content can be skipped: up to the first special byte,
-/// but only over complete, valid UTF-8. What is left (a special byte, an invalid byte, or a
+/// How many leading bytes of a string's content can be skipped: plain runs (up to the first
+/// special byte, over complete, valid UTF-8) and the complete escapes between them. What is
+/// left (the closing quote, a control byte, an invalid or split escape, invalid UTF-8 or a
 /// character split across chunks) goes to the byte-at-a-time state machine, which reports it.
+/// Consuming escapes here rather than in the state machine measured +13-30 % in V8 on chat
+/// bodies (about one escape per 170 bytes).
 #[inline]
 pub fn plain_string_prefix(bytes: &[u8]) -> usize {
-    let stop = find_string_special(bytes);
-    let run = &bytes[..stop];
-    match std::str::from_utf8(run) {
-        Ok(_) => stop,
-        Err(e) => e.valid_up_to(),
+    let mut i = 0;
+    loop {
+        let stop = i + find_string_special(&bytes[i..]);
+        if let Err(e) = std::str::from_utf8(&bytes[i..stop]) {
+            return i + e.valid_up_to();
+        }
+        i = stop;
+        if bytes.get(i) != Some(&b'\\') {
+            return i;
+        }
+        // An escape: inside a string that is only validated, any of these will do (an
+        // unpaired `\uD800` is grammatical JSON; see the scanner).
+        match bytes.get(i + 1) {
+            Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => i += 2,
+            Some(b'u')
+                if bytes
+                    .get(i + 2..i + 6)
+                    .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) =>
+            {
+                i += 6
+            }
+            _ => return i,
+        }
     }
 }
 
@@ -171,7 +192,15 @@ mod tests {
     #[test]
     fn plain_prefix_stops_before_bad_or_split_utf8() {
         assert_eq!(plain_string_prefix(b"abc\"def"), 3);
-        assert_eq!(plain_string_prefix("h\u{e9}llo\\".as_bytes()), 6);
+        // Complete escapes are skipped; a split or invalid one is left to the state machine.
+        assert_eq!(
+            plain_string_prefix("h\u{e9}llo\\n\\\"x\\u00e9y\"".as_bytes()),
+            18
+        );
+        assert_eq!(plain_string_prefix(b"ab\\"), 2);
+        assert_eq!(plain_string_prefix(b"ab\\u00e"), 2);
+        assert_eq!(plain_string_prefix(b"ab\\u00eg\""), 2);
+        assert_eq!(plain_string_prefix(b"ab\\x"), 2);
         // A split 3-byte character: the first two bytes are left to the state machine.
         let s = "ab\u{4e2d}".as_bytes();
         assert_eq!(plain_string_prefix(&s[..4]), 2);
