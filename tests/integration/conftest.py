@@ -470,6 +470,7 @@ def start_envoy(
     mutate: Optional[Callable[[dict], None]] = None,
     name: str = "envoy",
     wait_healthy: bool = True,
+    concurrency: int = 1,
 ) -> Envoy:
     """Starts Envoy from envoy/envoy.yaml with:
 
@@ -481,34 +482,11 @@ def start_envoy(
     Waits until admin /ready says LIVE, the listener accepts connections and (with
     wait_healthy) every host passed its first health check.
     """
-    _require_artifacts()
-    cfg = load_envoy_yaml()
-    port, admin_port = free_port(), free_port()
-    cfg["admin"]["address"]["socket_address"].update(address="127.0.0.1", port_value=admin_port)
-    listener = cfg["static_resources"]["listeners"][0]
-    listener["address"]["socket_address"].update(address="127.0.0.1", port_value=port)
-    wasm_plugin(cfg)["vm_config"]["code"]["local"]["filename"] = str(WASM)
-    for cluster_name, cluster_port in ports.items():
-        set_cluster_port(cfg, cluster_name, cluster_port)
-    if mutate is not None:
-        mutate(cfg)
-
+    cfg, port, admin_port = build_envoy_config(ports, mutate)
     tag = f"{name}-{uuid.uuid4().hex[:8]}"
     config_path = tmp_dir / f"{tag}.yaml"
     config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    argv = [
-        envoy_bin,
-        "-c",
-        str(config_path),
-        "--concurrency",
-        "1",
-        # Several Envoys run at once: each picks its own shared-memory base id.
-        "--use-dynamic-base-id",
-        "--base-id-path",
-        str(tmp_dir / f"{tag}.base-id"),
-        "--log-level",
-        "info",
-    ]
+    argv = envoy_argv(envoy_bin, tmp_dir, config_path, tag, concurrency)
     proc = Proc(name=f"Envoy ({name})", argv=argv, log_path=tmp_dir / f"{tag}.log").start()
     env = Envoy(proc=proc, port=port, admin_port=admin_port, config_path=config_path, config=cfg)
     _wait_ready(env, wait_healthy)
@@ -729,33 +707,13 @@ def envoy_argv(envoy_bin: str, tmp_dir: Path, config_path: Path, tag: str, concu
         str(config_path),
         "--concurrency",
         str(concurrency),
+        # Several Envoys run at once: each picks its own shared-memory base id.
         "--use-dynamic-base-id",
         "--base-id-path",
         str(tmp_dir / f"{tag}.base-id"),
         "--log-level",
         "info",
     ]
-
-
-def start_envoy_with(
-    envoy_bin: str,
-    tmp_dir: Path,
-    ports: dict[str, int],
-    mutate: Optional[Callable[[dict], None]] = None,
-    name: str = "envoy",
-    wait_healthy: bool = True,
-    concurrency: int = 1,
-) -> Envoy:
-    """start_envoy with a choice of worker threads (--concurrency). The caller stops it."""
-    cfg, port, admin_port = build_envoy_config(ports, mutate)
-    tag = f"{name}-{uuid.uuid4().hex[:8]}"
-    config_path = tmp_dir / f"{tag}.yaml"
-    config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    argv = envoy_argv(envoy_bin, tmp_dir, config_path, tag, concurrency)
-    proc = Proc(name=f"Envoy ({name})", argv=argv, log_path=tmp_dir / f"{tag}.log").start()
-    env = Envoy(proc=proc, port=port, admin_port=admin_port, config_path=config_path, config=cfg)
-    _wait_ready(env, wait_healthy)
-    return env
 
 
 def run_envoy_to_exit(

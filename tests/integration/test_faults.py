@@ -57,7 +57,7 @@ from conftest import (
     http_filters,
     routes,
     run_envoy_to_exit,
-    start_envoy_with,
+    start_envoy,
     start_mock,
     totals,
     wasm_plugin,
@@ -235,7 +235,7 @@ class EcdsGateway:
             new_route["route"]["cluster"] = "new-vllm"
             routes(cfg).append(new_route)
 
-        self.env = start_envoy_with(envoy_bin, session_dir, ports, mutate, "ecds", True, concurrency)
+        self.env = start_envoy(envoy_bin, session_dir, ports, mutate, "ecds", True, concurrency)
 
     def plugin_with(self, filter_config, **plugin_fields) -> dict:
         plugin = copy.deepcopy(self.plugin)
@@ -513,7 +513,7 @@ def test_vm_that_never_loads_fail_closed_or_open(envoy_bin, session_dir, backend
             cfg["static_resources"]["clusters"].append(code_cluster)
 
         ports = {"qwen-vllm": backends.qwen.port, "phi-vllm": backends.phi.port}
-        env = start_envoy_with(envoy_bin, session_dir, ports, remote_code, f"no-vm-{policy}", True, 2)
+        env = start_envoy(envoy_bin, session_dir, ports, remote_code, f"no-vm-{policy}", True, 2)
         try:
             log = env.proc.log()
             assert "Failed to parse corrupted Wasm module" in log and "Plugin bbr failed to load" in log
@@ -603,7 +603,7 @@ def test_vm_that_traps_at_run_time(envoy_bin, session_dir, backends, policy):
         wasm_plugin(cfg)["failure_policy"] = policy
 
     ports = {"qwen-vllm": backends.qwen.port, "phi-vllm": backends.phi.port}
-    env = start_envoy_with(envoy_bin, session_dir, ports, standin, f"trap-{policy}", True, 1)
+    env = start_envoy(envoy_bin, session_dir, ports, standin, f"trap-{policy}", True, 1)
     try:
         client = env.client()
         before = totals(backends)

@@ -26,7 +26,7 @@ from bbr_integration import (
     PHI,
     QWEN,
     cluster,
-    start_envoy_with,
+    start_envoy,
     wasm_vm_stats,
 )
 from loadgen import make_kinds, run_wrk
@@ -67,7 +67,7 @@ def test_replica_killed_mid_soak(envoy_bin, session_dir, mock_factory):
         hc = cluster(cfg, "qwen-vllm")["health_checks"][0]
         assert (hc["interval"], hc["unhealthy_threshold"]) == (f"{HC_INTERVAL_S}s", HC_UNHEALTHY_THRESHOLD)
 
-    env = start_envoy_with(
+    env = start_envoy(
         envoy_bin,
         session_dir,
         {"qwen-vllm": qwen_a.port, "phi-vllm": phi.port},

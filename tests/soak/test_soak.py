@@ -29,7 +29,7 @@ from bbr_integration import (
     PHI,
     QWEN,
     log_size,
-    start_envoy_with,
+    start_envoy,
     wasm_failure_lines,
     wasm_vm_stats,
 )
@@ -87,7 +87,7 @@ def _mib(n: float) -> str:
 def test_soak(envoy_bin, session_dir, mock_factory):
     qwen = mock_factory(QWEN, "soak-qwen", loras=(LORA,))
     phi = mock_factory(PHI, "soak-phi")
-    env = start_envoy_with(
+    env = start_envoy(
         envoy_bin,
         session_dir,
         {"qwen-vllm": qwen.port, "phi-vllm": phi.port},
