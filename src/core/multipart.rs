@@ -9,7 +9,7 @@
 //! boundary cannot contain CR (RFC 2046 `bchars`), so after a partial match fails the only
 //! place a new match can start is the current byte.
 
-use super::scanner::{ScanError, Step};
+use super::scanner::{model_value, remember, ScanError, Step};
 
 /// Longest part-header block accepted (all header lines of one part).
 pub const MAX_PART_HEADER_BYTES: usize = 8 * 1024;
@@ -120,8 +120,7 @@ impl MultipartScanner {
         }
         for &b in chunk {
             if let Err(err) = self.byte(b) {
-                self.failed = Some(err.clone());
-                return Step::Error(err);
+                return remember(&mut self.failed, Step::Error(err));
             }
             self.offset += 1;
         }
@@ -138,13 +137,7 @@ impl MultipartScanner {
             State::Preamble => Err(self.invalid("no multipart boundary found in the body")),
             _ => Err(self.invalid("the body ends before the closing boundary (truncated part)")),
         };
-        match result {
-            Ok(model) => Step::Found(model),
-            Err(err) => {
-                self.failed = Some(err.clone());
-                Step::Error(err)
-            }
-        }
+        remember(&mut self.failed, result.into())
     }
 
     /// The verdict on the `model` field as soon as its part has ended (see
@@ -153,25 +146,14 @@ impl MultipartScanner {
         if self.failed.is_some() || !self.model_complete {
             return None;
         }
-        Some(match self.verdict() {
-            Ok(model) => Step::Found(model),
-            Err(err) => Step::Error(err),
-        })
+        Some(self.verdict().into())
     }
 
     fn verdict(&self) -> Result<String, ScanError> {
         if !self.model_seen {
             return Err(ScanError::MissingModel);
         }
-        let model =
-            String::from_utf8(self.model.clone()).map_err(|_| ScanError::ModelInvalidUnicode)?;
-        if model.is_empty() {
-            return Err(ScanError::ModelEmpty);
-        }
-        if model.chars().any(char::is_control) {
-            return Err(ScanError::ModelControlCharacter);
-        }
-        Ok(model)
+        model_value(&self.model)
     }
 
     fn invalid(&self, reason: &'static str) -> ScanError {

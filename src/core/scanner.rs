@@ -34,6 +34,36 @@ pub enum Step {
     Error(ScanError),
 }
 
+impl From<Result<String, ScanError>> for Step {
+    fn from(result: Result<String, ScanError>) -> Step {
+        match result {
+            Ok(model) => Step::Found(model),
+            Err(err) => Step::Error(err),
+        }
+    }
+}
+
+/// Records an error step in `failed`, so that every later call returns it again.
+pub(crate) fn remember(failed: &mut Option<ScanError>, step: Step) -> Step {
+    if let Step::Error(err) = &step {
+        *failed = Some(err.clone());
+    }
+    step
+}
+
+/// The rules a complete `model` value obeys, whichever body it came from (JSON string or
+/// form field): valid UTF-8, not empty, no control characters.
+pub(crate) fn model_value(bytes: &[u8]) -> Result<String, ScanError> {
+    let model = String::from_utf8(bytes.to_vec()).map_err(|_| ScanError::ModelInvalidUnicode)?;
+    if model.is_empty() {
+        return Err(ScanError::ModelEmpty);
+    }
+    if model.chars().any(char::is_control) {
+        return Err(ScanError::ModelControlCharacter);
+    }
+    Ok(model)
+}
+
 /// Why a body cannot be routed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ScanError {
@@ -267,13 +297,11 @@ impl ModelScanner {
         if let Some(err) = &self.failed {
             return Step::Error(err.clone());
         }
-        match self.run(chunk) {
+        let step = match self.run(chunk) {
             Ok(()) => Step::NeedMore,
-            Err(err) => {
-                self.failed = Some(err.clone());
-                Step::Error(err)
-            }
-        }
+            Err(err) => Step::Error(err),
+        };
+        remember(&mut self.failed, step)
     }
 
     /// Ends the body. Returns [`Step::Found`] or [`Step::Error`], never [`Step::NeedMore`].
@@ -286,13 +314,7 @@ impl ModelScanner {
             State::DocumentStart => Err(self.invalid("empty body")),
             _ => Err(self.invalid("unexpected end of body")),
         };
-        match result {
-            Ok(model) => Step::Found(model),
-            Err(err) => {
-                self.failed = Some(err.clone());
-                Step::Error(err)
-            }
-        }
+        remember(&mut self.failed, result.into())
     }
 
     /// The verdict on the `model` value as soon as it has been read whole, before the rest of
@@ -302,10 +324,7 @@ impl ModelScanner {
         if self.failed.is_some() || !self.model_complete {
             return None;
         }
-        Some(match self.verdict() {
-            Ok(model) => Step::Found(model),
-            Err(err) => Step::Error(err),
-        })
+        Some(self.verdict().into())
     }
 
     /// The verdict once the document is complete.
@@ -318,17 +337,7 @@ impl ModelScanner {
         if self.model_bad_unicode {
             return Err(ScanError::ModelInvalidUnicode);
         }
-        if self.model.is_empty() {
-            return Err(ScanError::ModelEmpty);
-        }
-        // The scanner validated the bytes as UTF-8 and the escapes produced UTF-8, so this
-        // conversion cannot fail; the error arm keeps that an error rather than a panic.
-        let model =
-            String::from_utf8(self.model.clone()).map_err(|_| ScanError::ModelInvalidUnicode)?;
-        if model.chars().any(char::is_control) {
-            return Err(ScanError::ModelControlCharacter);
-        }
-        Ok(model)
+        model_value(&self.model)
     }
 
     fn invalid(&self, reason: &'static str) -> ScanError {
