@@ -600,6 +600,17 @@ def pytest_sessionfinish(session, exitstatus):
         p.stop()
 
 
+def read_http1_until_close(sock: socket.socket) -> tuple[int, dict, bytes]:
+    """Reads a `Connection: close` response to its end and parses it (see parse_http1)."""
+    data = b""
+    while True:
+        part = sock.recv(65536)
+        if not part:
+            break
+        data += part
+    return parse_http1(data)
+
+
 def parse_http1(data: bytes) -> tuple[int, dict, bytes]:
     """Status, lower-cased headers and body of a raw HTTP/1.1 response (1xx skipped,
     chunked bodies decoded, Content-Length honoured)."""

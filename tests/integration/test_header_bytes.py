@@ -17,7 +17,7 @@ import pytest
 from conftest import (
     BACKEND_OF,
     QWEN,
-    parse_http1,
+    read_http1_until_close,
     totals,
     wasm_failure_lines,
     wasm_vm_stats,
@@ -33,13 +33,7 @@ def raw_post(port: int, headers: list[bytes], body: bytes, path: bytes = b"/v1/c
     head += b"Content-Length: %d\r\n\r\n" % len(body)
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         s.sendall(head + body)
-        data = b""
-        while True:
-            part = s.recv(65536)
-            if not part:
-                break
-            data += part
-    return parse_http1(data)
+        return read_http1_until_close(s)
 
 
 BODY = json.dumps({"model": QWEN, "prompt": "hi", "max_tokens": 2}).encode()

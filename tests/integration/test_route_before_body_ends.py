@@ -13,7 +13,7 @@ import socket
 import time
 
 import pytest
-from conftest import QWEN, backend_ports, filter_config_with, parse_http1, set_filter_config
+from conftest import QWEN, backend_ports, filter_config_with, read_http1_until_close, set_filter_config
 
 BODY_BYTES = 4 * 1024 * 1024
 SLICES = 16
@@ -61,14 +61,8 @@ def send_slowly(env) -> tuple[float, float, int, bytes]:
             check()
         last_byte = time.monotonic() - started
         s.sendall(body[(SLICES - 1) * step :])
-        data = b""
-        while True:
-            part = s.recv(65536)
-            if not part:
-                break
-            data += part
+        status, _, resp = read_http1_until_close(s)
     check()
-    status, _, resp = parse_http1(data)
     assert first_upstream is not None, "the upstream request never started"
     return first_upstream, last_byte, status, resp
 
