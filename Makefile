@@ -72,7 +72,7 @@ test-istio: build istio-deps ## Istio manifests: schemas, the OCI image via a lo
 lint: targets ## rustfmt check and clippy -D warnings, host and wasm32-wasip1
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	$(CARGO) clippy -p bbr-wasm --target $(WASM_TARGET) -- -D warnings
+	$(CARGO) clippy -p bbr-wasm -p bbr-floor -p bbr-scan-bench --target $(WASM_TARGET) -- -D warnings
 
 fmt: ## Format the code
 	$(CARGO) fmt --all
@@ -122,11 +122,15 @@ fuzz: cargo-fuzz ## Fuzz the JSON and multipart scanners and the config parser, 
 fuzz-smoke: cargo-fuzz ## A bounded fuzz run for make test: 10 s per target
 	$(call fuzz-run,10)
 
-.PHONY: bench bench-core
+.PHONY: bench bench-core bench-scan
 bench: targets ## Benchmark in Envoy: no-inspection baseline vs native json_to_metadata vs bbr-wasm (~8 min; bench/results/)
-	$(CARGO) build --release --target $(WASM_TARGET) -p bbr-wasm
+	$(CARGO) build --release --target $(WASM_TARGET) -p bbr-wasm -p bbr-floor
 	@bash scripts/bench-deps.sh
 	$(VENV)/bin/python bench/run.py
+
+bench-scan: targets venv ## The JSON scanner alone inside V8 (Node's WASI) on make bench's bodies: GB/s, under a minute
+	$(CARGO) build --release --target $(WASM_TARGET) -p bbr-scan-bench
+	$(VENV)/bin/python bench/scan.py
 
 bench-core: ## Criterion micro-benchmarks of the core scanners, natively (short; `cargo bench --bench scanner` for the full run)
 	$(CARGO) bench --bench scanner -- --warm-up-time 1 --measurement-time 2

@@ -75,7 +75,10 @@ WRK_SCRIPT = BENCH / "wrk" / "post.lua"
 
 MODEL = "Qwen/Qwen2.5-3B-Instruct"
 PATH = "/v1/chat/completions"
-ALL_CONFIGS = ("baseline", "native", "bbr", "buffer", "bbr_early")
+# The floor filter (bench/floor-filter): a proxy-wasm filter with no routing logic, three modes.
+FLOOR_WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "bbr_floor.wasm"
+FLOOR_MODES = ("pass", "buffer", "read")
+ALL_CONFIGS = ("baseline", "native", "bbr", "buffer", "bbr_early") + tuple(f"wasm_{m}" for m in FLOOR_MODES)
 CONFIGS: tuple[str, ...] = ("baseline", "native", "bbr")  # BENCH_CONFIGS may add "buffer"
 LABELS = {
     "baseline": "baseline (client header, no inspection)",
@@ -83,12 +86,16 @@ LABELS = {
     "bbr": "bbr-wasm",
     "buffer": "diagnostic: client header + C++ buffer filter",
     "bbr_early": "diagnostic: bbr-wasm with routeBeforeBodyEnds",
+    "wasm_pass": "diagnostic: empty wasm filter (Continue at the headers)",
+    "wasm_buffer": "diagnostic: wasm filter holding the body, reading nothing",
+    "wasm_read": "diagnostic: wasm filter copying every body byte into the VM",
 }
 # Legends of the chart.
 SHORT = {"baseline": "baseline", "native": "native json_to_metadata", "bbr": "bbr-wasm",
-         "buffer": "buffer filter (diag.)", "bbr_early": "bbr routeBeforeBodyEnds (diag.)"}
+         "buffer": "buffer filter (diag.)", "bbr_early": "bbr routeBeforeBodyEnds (diag.)",
+         "wasm_pass": "wasm pass (diag.)", "wasm_buffer": "wasm buffer (diag.)", "wasm_read": "wasm read (diag.)"}
 # The client sends the routing header itself to these (no body inspection).
-HEADER_ROUTED = ("baseline", "buffer")
+HEADER_ROUTED = ("baseline", "buffer", "wasm_pass", "wasm_buffer", "wasm_read")
 KiB = 1024
 MiB = 1024 * 1024
 
@@ -373,7 +380,31 @@ def gateway_config(ports: dict[str, int]) -> dict:
                 filters[i] = wasm[f["name"]]
                 replaced += 1
     assert replaced == len(wasm)
+    # The floor listeners: copies of the `buffer` listener (routed on the client's header)
+    # with the C++ buffer filter replaced by the floor filter in one of its modes.
+    template = next(l for l in cfg["static_resources"]["listeners"] if l["name"] == "buffer")
+    for mode in FLOOR_MODES:
+        name = f"wasm_{mode}"
+        listener = json.loads(json.dumps(template))
+        listener["name"] = name
+        listener["address"]["socket_address"]["port_value"] = ports[f"PORT_{name.upper()}"]
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        hcm["stat_prefix"] = name
+        hcm["route_config"]["name"] = f"{name}_routes"
+        hcm["http_filters"][0] = floor_wasm_filter(mode)
+        cfg["static_resources"]["listeners"].append(listener)
     return cfg
+
+
+def floor_wasm_filter(mode: str) -> dict:
+    """The floor filter in `mode`, with the same VM settings as the shipped filter."""
+    entry = shipped_wasm_filter()
+    config = entry["typed_config"]["config"]
+    config["name"] = f"floor_{mode}"
+    config["configuration"]["value"] = mode
+    config["vm_config"]["vm_id"] = "floor"
+    config["vm_config"]["code"]["local"]["filename"] = str(FLOOR_WASM)
+    return entry
 
 
 # --------------------------------------------------------------------------------------
@@ -565,6 +596,10 @@ def summarize(runs: list[dict], positions, sizes, concs) -> dict:
                     c["ratio"]["bbr_vs_buffer"] = paired("bbr", "buffer")
                 if "bbr_early" in by:
                     c["ratio"]["bbr_early_vs_baseline"] = paired("bbr_early", "baseline")
+                for mode in FLOOR_MODES:
+                    if f"wasm_{mode}" in by:
+                        c["ratio"][f"wasm_{mode}_vs_baseline"] = paired(f"wasm_{mode}", "baseline")
+                        c["ratio"][f"bbr_vs_wasm_{mode}"] = paired("bbr", f"wasm_{mode}")
                 wasm = [r["wasm"] for r in by["bbr"] if "wasm" in r]
                 sb = sum(w["scanned_bytes"] for w in wasm)
                 sn = sum(w["scan_ns"] for w in wasm)
@@ -789,7 +824,8 @@ def chart(path: Path, meta: dict, cells: dict, positions, sizes, concs) -> Optio
         return "matplotlib is not installed (bash scripts/bench-deps.sh); no chart"
     pos = positions[0]
     colors = {"baseline": "#555555", "native": "#d62728", "bbr": "#1f77b4", "buffer": "#9467bd",
-              "bbr_early": "#17becf"}
+              "bbr_early": "#17becf", "wasm_pass": "#bcbd22", "wasm_buffer": "#8c564b",
+              "wasm_read": "#e377c2"}
     fig, axes = plt.subplots(2, len(concs), figsize=(6.2 * len(concs), 9), squeeze=False)
     xs = list(range(len(sizes)))
     xl = [size_label(s) for s in sizes]
@@ -913,13 +949,15 @@ def main() -> int:
 
     up_ports = {"admin": free_port(), "qwen": free_port(), "phi": free_port()}
     gw_ports = {"admin": free_port(), "baseline": free_port(), "native": free_port(), "bbr": free_port(),
-                "buffer": free_port(), "bbr_early": free_port()}
+                "buffer": free_port(), "bbr_early": free_port(),
+                **{f"wasm_{m}": free_port() for m in FLOOR_MODES}}
     up_cfg = fill(BENCH / "envoy" / "upstream.yaml",
                   {"PORT_ADMIN": up_ports["admin"], "PORT_QWEN": up_ports["qwen"], "PORT_PHI": up_ports["phi"]})
     gw_cfg = gateway_config({"PORT_ADMIN": gw_ports["admin"], "PORT_BASELINE": gw_ports["baseline"],
                              "PORT_NATIVE": gw_ports["native"], "PORT_BBR": gw_ports["bbr"],
                              "PORT_BUFFER": gw_ports["buffer"], "PORT_BBR_EARLY": gw_ports["bbr_early"],
-                             "UPSTREAM_QWEN": up_ports["qwen"], "UPSTREAM_PHI": up_ports["phi"]})
+                             "UPSTREAM_QWEN": up_ports["qwen"], "UPSTREAM_PHI": up_ports["phi"],
+                             **{f"PORT_WASM_{m.upper()}": gw_ports[f"wasm_{m}"] for m in FLOOR_MODES}})
 
     procs: list[Envoy] = []
 

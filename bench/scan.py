@@ -1,0 +1,68 @@
+"""make bench-scan: the core's JSON scanner timed inside V8 (Node), on the bodies of make bench.
+
+Builds nothing itself (the Makefile builds bench/scan-harness for wasm32-wasip1 with +simd128,
+as the filter is built), writes the chat-completions bodies `make bench` sends (model first and
+last, 1 KiB to 4 MiB), runs the harness under Node's V8 and prints GB/s per body. Quick (under
+a minute) and repeatable, for comparing scanner changes; the figure checked against issue 5's
+target is the one `make bench` reads from the filter inside Envoy.
+
+Environment: BENCH_SIZES (default 1K,16K,256K,1M,4M), BENCH_SCAN_REPS (default 30).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import ROOT, chat_body, env_list, parse_size, size_label  # noqa: E402
+
+HARNESS = ROOT / "target" / "wasm32-wasip1" / "release" / "bbr-scan-bench.wasm"
+RUNNER = ROOT / "bench" / "scan" / "run.mjs"
+
+
+def main() -> int:
+    node = shutil.which("node")
+    if not node:
+        raise SystemExit("bench-scan: node not found (Debian: apt-get install nodejs)")
+    if not HARNESS.is_file():
+        raise SystemExit(f"bench-scan: {HARNESS.relative_to(ROOT)} is missing; run `make bench-scan`")
+    sizes = [parse_size(s) for s in env_list("BENCH_SIZES", "1K,16K,256K,1M,4M")]
+    reps = int(os.environ.get("BENCH_SCAN_REPS", "30"))
+    with tempfile.TemporaryDirectory(prefix="bench-scan-") as tmp:
+        files = {}
+        for pos in ("first", "last"):
+            for size in sizes:
+                p = Path(tmp) / f"chat-{pos}-{size}.json"
+                p.write_bytes(chat_body(size, pos))
+                files[str(p)] = (pos, size)
+        out = subprocess.run([node, "--no-warnings", str(RUNNER), str(HARNESS), str(reps), *files],
+                             capture_output=True, text=True, timeout=900)
+        if out.returncode != 0:
+            raise SystemExit(f"bench-scan: harness failed ({out.returncode}):\n{out.stderr}")
+    print(f"JSON scanner in V8 (node {subprocess.run([node, '--version'], capture_output=True, text=True).stdout.strip()}), "
+          f"64 KiB windows, {reps} repetitions, median (best):")
+    print(f"{'body':>14}  {'model':>5}  {'GB/s':>12}  {'ms per MiB':>16}")
+    total_bytes = total_ns = 0
+    for line in out.stdout.splitlines():
+        r = json.loads(line)
+        pos, size = files[r["file"]]
+        if not r["found"]:
+            raise SystemExit(f"bench-scan: the scanner did not find the model in the {pos} {size} body")
+        gbps = r["bytes"] / r["median_ns"]
+        ms_mib = r["median_ns"] / 1e6 * (1 << 20) / r["bytes"]
+        print(f"{size_label(size):>14}  {pos:>5}  {gbps:6.2f} ({r['bytes'] / r['best_ns']:4.2f})  "
+              f"{ms_mib:7.3f} ({r['best_ns'] / 1e6 * (1 << 20) / r['bytes']:6.3f})")
+        total_bytes += r["bytes"]
+        total_ns += r["median_ns"]
+    print(f"{'all':>14}  {'':>5}  {total_bytes / total_ns:6.2f}        "
+          f"{total_ns / 1e6 * (1 << 20) / total_bytes:7.3f}   (issue 5 wants >= 4 GB/s, <= 0.25 ms per MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
