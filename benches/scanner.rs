@@ -14,8 +14,8 @@
 //! - `cjk/<size>`: the same shape with Chinese and Japanese text (3-byte UTF-8 throughout);
 //! - `embeddings/<size>`: an embeddings-style request with a long array of numbers;
 //! - `multipart/<size>/model-first|model-last`: an audio upload with a binary file part;
-//! - `skip/<size>`: the string fast path alone (`find_string_special`, and with the UTF-8
-//!   check `plain_string_prefix`), on ASCII and on CJK text: the ceiling for string bodies;
+//! - `skip/<size>`: the string fast path alone (`find_string_stop`, which stops at non-ASCII too, and
+//!   `plain_string_prefix`, which validates it), on ASCII and on CJK text: the ceiling for string bodies;
 //! - `serde/<size>`: `serde_json` on the same chat body, as a point of reference (a full
 //!   `Value` parse, like the naive prototype; and a typed struct that borrows `model`).
 
@@ -30,7 +30,7 @@ criterion::criterion_main!(native::benches);
 
 #[cfg(not(target_arch = "wasm32"))]
 mod native {
-    use bbr_wasm::core::skip::{find_string_special, plain_string_prefix};
+    use bbr_wasm::core::skip::{find_string_stop, plain_string_prefix};
     use bbr_wasm::core::{ModelScanner, MultipartScanner, Step};
     use criterion::{BenchmarkId, Criterion, Throughput};
     use std::hint::black_box;
@@ -373,13 +373,11 @@ mod native {
             .collect();
         let cjk: Vec<u8> = prose(&mut rng, MIB, Text::Cjk).into_bytes();
         for (name, text) in [("ascii-1MiB", &ascii), ("cjk-1MiB", &cjk)] {
-            assert_eq!(find_string_special(text), text.len());
+            assert_eq!(plain_string_prefix(text), text.len());
             g.throughput(Throughput::Bytes(text.len() as u64));
-            g.bench_with_input(
-                BenchmarkId::new("find_string_special", name),
-                text,
-                |b, t| b.iter(|| find_string_special(black_box(t))),
-            );
+            g.bench_with_input(BenchmarkId::new("find_string_stop", name), text, |b, t| {
+                b.iter(|| find_string_stop(black_box(t)))
+            });
             g.bench_with_input(
                 BenchmarkId::new("plain_string_prefix", name),
                 text,
