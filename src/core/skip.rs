@@ -115,7 +115,7 @@ fn utf8_char_len(bytes: &[u8]) -> Option<usize> {
 /// Scalar tail shared by both implementations.
 #[inline]
 fn is_stop(b: u8) -> bool {
-    b == b'"' || b == b'\\' || b < 0x20 || b >= 0x80
+    b == b'"' || b == b'\\' || !(0x20..0x80).contains(&b)
 }
 
 #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
