@@ -454,7 +454,7 @@ both! {
     fn string_fast_path_finds_the_first_stop_byte() {
         // Under wasm this runs the SIMD128 path, natively the SWAR path: both must agree with
         // the obvious scalar answer at every position, for every filler and stop byte.
-        let scalar = |v: &[u8]| v.iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20 || b >= 0x80).unwrap_or(v.len());
+        let scalar = |v: &[u8]| v.iter().position(|&b| b == b'"' || b == b'\\' || !(0x20..0x80).contains(&b)).unwrap_or(v.len());
         for len in 0..48 {
             for pos in 0..len {
                 for special in [b'"', b'\\', 0x00, 0x1F, b'\n', 0x80, 0xC3, 0xFF] {
