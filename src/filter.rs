@@ -5,6 +5,7 @@
 //! results, so a host error would panic and trap the VM, taking every request on this worker
 //! down with it; they are not used.
 
+use crate::core::headers;
 use crate::core::metrics as names;
 use crate::core::{
     BodyScanner, HeadAction, ModelScanner, Outcome, Rejection, RequestHead, Router, Step, Verdict,
@@ -15,8 +16,9 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 use std::cell::Cell;
 use std::collections::HashMap;
+use std::ptr::null_mut;
 use std::rc::Rc;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
 
 proxy_wasm::main! {{
     // Installs the `log` backend and a panic hook that logs the panic at critical level, so
@@ -33,6 +35,20 @@ const CLEAR_ROUTE_CACHE: &str = "clear_route_cache";
 
 /// Most body bytes copied into the VM at once.
 const READ_WINDOW_BYTES: usize = 64 * 1024;
+
+/// How often each worker's root context asks the host for the log level.
+const LOG_LEVEL_REFRESH: Duration = Duration::from_secs(1);
+
+// The raw ABI call behind the SDK's `get_map_bytes`, which panics on a non-Ok status (a trap
+// that takes the VM down) and unwraps each header name as UTF-8. Declared here to handle both.
+// The same import as the SDK's declaration (module "env"), with the enum arguments as u32.
+extern "C" {
+    fn proxy_get_header_map_pairs(
+        map_type: u32,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> u32;
+}
 
 thread_local! {
     /// Set once the host said it has no `clear_route_cache`, so we warn once, not per request.
@@ -61,11 +77,22 @@ impl BbrRoot {
 
 impl Context for BbrRoot {}
 
+fn refresh_log_level() {
+    if let Ok(level) = hostcalls::get_log_level() {
+        proxy_wasm::set_log_level(level);
+    }
+}
+
 impl RootContext for BbrRoot {
     fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
         let id = self.context_id;
-        if let Ok(level) = hostcalls::get_log_level() {
-            proxy_wasm::set_log_level(level);
+        refresh_log_level();
+        // The SDK filters log lines inside the VM by a level it only learns when told. A timer
+        // asks the host now and then, so `POST /logging?wasm=debug` on Envoy's admin takes
+        // effect on a running gateway, at no cost per request (asking once per stream was a
+        // host call on every request).
+        if let Err(status) = hostcalls::set_tick_period(LOG_LEVEL_REFRESH) {
+            warn!("[{id}] bbr-wasm: no timer ({status:?}); the log level is read once, now");
         }
         let bytes = match hostcalls::get_buffer(
             BufferType::PluginConfiguration,
@@ -104,13 +131,11 @@ impl RootContext for BbrRoot {
         }
     }
 
+    fn on_tick(&mut self) {
+        refresh_log_level();
+    }
+
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        // The SDK filters log lines inside the VM by a level it only learns when told. Asking
-        // the host once per stream makes `POST /logging?wasm=debug` on Envoy's admin take
-        // effect on a running gateway.
-        if let Ok(level) = hostcalls::get_log_level() {
-            proxy_wasm::set_log_level(level);
-        }
         // The SDK panics on `None`, so a context is always returned; without a router it
         // fails closed (see `BbrHttp::on_http_request_headers`).
         Some(Box::new(BbrHttp {
@@ -169,20 +194,42 @@ impl HttpContext for BbrHttp {
             return self.reply_error(500, "The gateway's model router is not configured.");
         };
 
+        // Every header this callback reads, in one host call (see `core::headers`).
+        let map = match request_header_map() {
+            Ok(map) => map,
+            Err(status) => {
+                error!(
+                    "[{}] cannot read the request headers: status {status}",
+                    self.id
+                );
+                return self.reply_error(500, "The gateway could not read the request headers.");
+            }
+        };
+        let pairs = match headers::parse_pairs(&map) {
+            Ok(pairs) => pairs,
+            Err(err) => {
+                error!("[{}] {err}", self.id);
+                return self.reply_error(500, "The gateway could not read the request headers.");
+            }
+        };
+
         // Anti-spoofing comes first, for every request, inspected or not: a client must never
-        // choose a pool by sending the routing header itself.
+        // choose a pool by sending the routing header itself. The value is never decoded: a
+        // forged header may hold any bytes.
         let mut removed = false;
         for name in [&router.base_model_header, &router.model_header] {
-            match self.remove_request_header(name) {
-                Ok(was_present) => removed |= was_present,
-                Err(status) => {
-                    error!(
-                        "[{}] cannot remove client header {name:?}: {status:?}",
-                        self.id
-                    );
-                    return self.reply_error(500, "The gateway could not sanitize the request.");
-                }
+            if headers::first(&pairs, name).is_none() {
+                continue;
             }
+            // Removes every copy of the header.
+            if let Err(status) = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name) {
+                error!(
+                    "[{}] cannot remove client header {name:?}: {status:?}",
+                    self.id
+                );
+                return self.reply_error(500, "The gateway could not sanitize the request.");
+            }
+            removed = true;
         }
         if removed {
             self.metrics.increment(self.metrics.spoofed_header_removed);
@@ -191,11 +238,16 @@ impl HttpContext for BbrHttp {
             self.clear_route_cache();
         }
 
-        let method = self.request_header(":method");
-        let path = self.request_header(":path");
-        let content_type = self.request_header("content-type");
-        let content_encoding = self.request_header("content-encoding");
-        let content_length = self.request_header("content-length");
+        // Read as bytes, decoded here: invalid UTF-8 (bytes 0x80-0xFF, which Envoy accepts in
+        // values) becomes U+FFFD, which matches no content type, encoding or path we accept.
+        // The SDK's string getters unwrap the conversion instead, so one such header would
+        // panic and trap the VM.
+        let text = |name: &str| headers::first(&pairs, name).map(String::from_utf8_lossy);
+        let method = text(":method");
+        let path = text(":path");
+        let content_type = text("content-type");
+        let content_encoding = text("content-encoding");
+        let content_length = text("content-length");
         let head = RequestHead {
             method: method.as_deref().unwrap_or(""),
             path: path.as_deref().unwrap_or(""),
@@ -381,34 +433,6 @@ impl BbrHttp {
         Action::Pause
     }
 
-    /// A request header, or `None` if absent or unreadable.
-    ///
-    /// Read as bytes: the SDK's `get_map_value` unwraps a UTF-8 conversion, so one client
-    /// header with bytes 0x80-0xFF (which Envoy accepts) would panic and trap the VM. Invalid
-    /// UTF-8 becomes U+FFFD here, which matches no content type, encoding or path we accept.
-    fn request_header(&self, name: &str) -> Option<String> {
-        match hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name) {
-            Ok(value) => value.map(|bytes| match String::from_utf8(bytes) {
-                Ok(text) => text,
-                Err(err) => String::from_utf8_lossy(err.as_bytes()).into_owned(),
-            }),
-            Err(status) => {
-                warn!("[{}] cannot read header {name:?}: {status:?}", self.id);
-                None
-            }
-        }
-    }
-
-    /// Removes every copy of a request header; reports whether one was there. Its value is
-    /// never decoded (see `request_header`): a forged header may hold any bytes.
-    fn remove_request_header(&self, name: &str) -> Result<bool, Status> {
-        let present = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)?.is_some();
-        if present {
-            hostcalls::remove_map_value(MapType::HttpRequestHeaders, name)?;
-        }
-        Ok(present)
-    }
-
     fn set_request_header(&self, name: &str, value: &str) -> Result<(), Status> {
         hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value))
     }
@@ -427,6 +451,27 @@ impl BbrHttp {
             );
         }
     }
+}
+
+/// The request header map, serialized as the ABI hands it over (see `core::headers`), or the
+/// host's status code.
+fn request_header_map() -> Result<Vec<u8>, u32> {
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the host writes a pointer and a size into the two locals, nothing else.
+    let status = unsafe {
+        proxy_get_header_map_pairs(MapType::HttpRequestHeaders as u32, &mut data, &mut size)
+    };
+    if status != Status::Ok as u32 {
+        return Err(status);
+    }
+    if data.is_null() {
+        return Ok(Vec::new());
+    }
+    // SAFETY: the host allocated the `size` bytes through the SDK's `proxy_on_memory_allocate`,
+    // which hands out the buffer of a `Vec<u8>` of exactly that capacity and forgets it; taking
+    // it back as that Vec frees it on drop (the SDK's own `get_map_bytes` does the same).
+    Ok(unsafe { Vec::from_raw_parts(data, size, size) })
 }
 
 /// Wall-clock nanoseconds from the host (0 if it cannot tell, which only loses a timing).
@@ -448,6 +493,9 @@ struct Metrics {
     scanned_bytes: Option<u32>,
     scan_nanoseconds: Option<u32>,
     memory_bytes: Option<u32>,
+    /// The linear memory size last written to the gauge: it is only written when it changed,
+    /// which is rarely (it stays flat), saving a host call per request.
+    memory_recorded: Cell<u64>,
     per_model: HashMap<String, u32>,
 }
 
@@ -468,6 +516,7 @@ impl Metrics {
             scanned_bytes: define(MetricType::Counter, names::SCANNED_BYTES),
             scan_nanoseconds: define(MetricType::Counter, names::SCAN_NANOSECONDS),
             memory_bytes: define(MetricType::Gauge, names::MEMORY_BYTES),
+            memory_recorded: Cell::new(0),
             per_model: HashMap::new(),
         };
         for served in router.served.iter().filter(|m| !m.is_adapter) {
@@ -475,7 +524,7 @@ impl Metrics {
                 metrics.per_model.insert(served.base.clone(), id);
             }
         }
-        metrics.record(metrics.memory_bytes, memory_bytes());
+        metrics.record_memory();
         metrics
     }
 
@@ -509,7 +558,16 @@ impl Metrics {
         self.record(self.scan_time_us, nanos / 1_000);
         self.add(self.scanned_bytes, bytes);
         self.add(self.scan_nanoseconds, nanos);
-        self.record(self.memory_bytes, memory_bytes());
+        self.record_memory();
+    }
+
+    /// The VM's linear memory size, if it changed since it was last recorded.
+    fn record_memory(&self) {
+        let now = memory_bytes();
+        if now != self.memory_recorded.get() {
+            self.record(self.memory_bytes, now);
+            self.memory_recorded.set(now);
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 //! that ships as wasm is tested as wasm. Every body case is fed whole, split at every byte
 //! boundary, and one byte at a time.
 
+use bbr_wasm::core::headers;
 use bbr_wasm::core::metrics::{self, Outcome};
 use bbr_wasm::core::multipart::boundary_of;
 use bbr_wasm::core::skip::find_string_stop;
@@ -449,6 +450,22 @@ both! {
         assert_eq!(code(r.classify(&head("/v1/completions", "multipart/form-data; boundary=abc"))), (415, "unsupported_media_type"));
         // JSON is still read on the audio paths (some clients send it).
         assert_eq!(r.classify(&head("/v1/audio/transcriptions", "application/json")), HeadAction::Inspect(Box::new(BodyScanner::Json(ModelScanner::new(1)))));
+    }
+
+    fn header_map_pairs_parse_and_never_panic() {
+        // The ABI's layout, written out by hand: 2 pairs, their sizes, then NUL-ended fields.
+        let mut map = 2u32.to_le_bytes().to_vec();
+        for n in [7u32, 4, 12, 16] {
+            map.extend_from_slice(&n.to_le_bytes());
+        }
+        map.extend_from_slice(b":method\0POST\0content-type\0application/json\0");
+        let pairs = headers::parse_pairs(&map).unwrap_or_default();
+        assert_eq!(pairs.len(), 2);
+        assert_eq!(headers::first(&pairs, "Content-Type"), Some(&b"application/json"[..]));
+        assert_eq!(headers::first(&pairs, "content-length"), None);
+        for cut in 1..map.len() {
+            assert!(headers::parse_pairs(&map[..cut]).is_err(), "cut at {cut}");
+        }
     }
 
     fn string_fast_path_finds_the_first_stop_byte() {

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod errors;
+pub mod headers;
 pub mod metrics;
 pub mod multipart;
 pub mod request;
