@@ -6,9 +6,18 @@ listener each (bench/envoy/gateway.yaml):
 
   baseline  the client sends x-gateway-base-model-name itself; no body inspection;
   native    envoy.filters.http.json_to_metadata + RouteMatch.dynamic_metadata;
-  bbr       bbr-wasm, the filter block of envoy/envoy.yaml with the built .wasm.
+  bbr       bbr-wasm, the filter block of envoy/envoy.yaml with the built .wasm;
 
-All three route to the same fast upstream: a second Envoy (bench/envoy/upstream.yaml) that
+and, by default, one floor for reference:
+
+  wasm_read a proxy-wasm filter with no logic (bench/floor-filter) that holds each request
+            until its body is complete and copies every body byte into the VM, as bbr-wasm
+            must, without looking at them; routed on the client's header like the baseline.
+            What any wasm filter that reads the body costs in this Envoy: the distance from
+            it to bbr-wasm is bbr-wasm's own work (scan, headers, metrics), and where it is
+            itself below a target, no wasm filter that reads the body can meet that target.
+
+All of them route to the same fast upstream: a second Envoy (bench/envoy/upstream.yaml) that
 reads every body to the end and answers a small 200. wrk (Debian) POSTs realistic
 chat-completions bodies of exact sizes at concurrency 1 and 64. For every (size,
 concurrency) cell the three configurations are run in short, interleaved rounds (ABC, BCA,
@@ -35,8 +44,9 @@ Environment (all optional):
                      one "wave" of responses can take a second or more
   BENCH_WARMUP       seconds of unrecorded warm-up per configuration and cell, default 1
   BENCH_POSITIONS    where "model" sits in the body: "last" (default), "first", or "last,first"
-  BENCH_CONFIGS      default "baseline,native,bbr"; add "buffer" and/or "bbr_early" for the
-                     diagnostic listeners (bench/envoy/gateway.yaml says what they are)
+  BENCH_CONFIGS      default "baseline,native,bbr,wasm_read"; more diagnostics: "buffer",
+                     "bbr_early" (bench/envoy/gateway.yaml says what they are), "wasm_pass"
+                     and "wasm_buffer" (bench/floor-filter/src/lib.rs)
   BENCH_STRICT       1: exit 1 when a target is missed
   BENCH_OUT          output directory, default bench/results
   ENVOY_BIN, WRK_BIN the binaries (default: scripts/envoy-bin.sh, wrk on PATH)
@@ -642,6 +652,8 @@ def checks(cells: dict, scan_rows: list[dict], scan_overall: dict, positions, si
                 rb = c["ratio"]["bbr_vs_baseline"]
                 want = VS_BASELINE_1K if size <= KiB else VS_BASELINE_REST
                 add(f"bbr/baseline, model {pos}, {size_label(size)}, c={conns}", rb, rb >= want, f">= {want:.2f}x")
+                if "wasm_read_vs_baseline" in c["ratio"]:
+                    out[-1]["floor"] = c["ratio"]["wasm_read_vs_baseline"]
             for size in sizes:
                 c = cells[f"{pos}/{size}/{conns}"]
                 rn = c["ratio"]["bbr_vs_native"]
@@ -707,6 +719,16 @@ def markdown(meta: dict, cells: dict, scan_rows, scan_overall, results: list[dic
             for conns in concs:
                 L.append(f"| diagnostic: bbr-wasm vs buffer filter | {conns} | " + " | ".join(
                     fmt_ratio(cells[f"{pos}/{s}/{conns}"]["ratio"]["bbr_vs_buffer"]) for s in sizes) + " |")
+        for mode in FLOOR_MODES:
+            if f"wasm_{mode}" not in CONFIGS:
+                continue
+            for conns in concs:
+                L.append(f"| floor: {LABELS[f'wasm_{mode}'].removeprefix('diagnostic: ')} | {conns} | " + " | ".join(
+                    fmt_ratio(cells[f"{pos}/{s}/{conns}"]["ratio"][f"wasm_{mode}_vs_baseline"]) for s in sizes) + " |")
+        if "wasm_read" in CONFIGS:
+            for conns in concs:
+                L.append(f"| **bbr-wasm vs that floor** | {conns} | " + " | ".join(
+                    fmt_ratio(cells[f"{pos}/{s}/{conns}"]["ratio"]["bbr_vs_wasm_read"]) for s in sizes) + " |")
         if "bbr_early" in CONFIGS:
             for conns in concs:
                 L.append(f"| diagnostic: bbr-wasm routeBeforeBodyEnds | {conns} | " + " | ".join(
@@ -792,12 +814,19 @@ def markdown(meta: dict, cells: dict, scan_rows, scan_overall, results: list[dic
     L.append("")
     L.append("## Targets (issue 5)")
     L.append("")
-    L.append("| target | measured | wanted | |")
-    L.append("| --- | --- | --- | --- |")
+    floors = "wasm_read" in CONFIGS
+    if floors:
+        L.append("*floor*: the same ratio for the wasm filter that only copies the body into the VM "
+                 "(`wasm_read`), measured in the same rounds. Where it is below the target, no wasm filter "
+                 "that reads the body reaches the target in this Envoy on this machine.")
+        L.append("")
+    L.append("| target | measured | wanted | |" + (" floor |" if floors else ""))
+    L.append("| --- | --- | --- | --- |" + (" --- |" if floors else ""))
     for c in results:
         v = c["value"]
         shown = f"{v:.3f}" if isinstance(v, float) else str(v)
-        L.append(f"| {c['target']} | {shown} | {c['want']} | {'PASS' if c['pass'] else '**FAIL**'} |")
+        floor = (f" {c['floor']:.3f} |" if "floor" in c else " |") if floors else ""
+        L.append(f"| {c['target']} | {shown} | {c['want']} | {'PASS' if c['pass'] else '**FAIL**'} |{floor}")
     n_fail = sum(not c["pass"] for c in results)
     L.append("")
     L.append(f"{len(results) - n_fail} of {len(results)} targets met.")
@@ -826,7 +855,7 @@ def chart(path: Path, meta: dict, cells: dict, positions, sizes, concs) -> Optio
     colors = {"baseline": "#555555", "native": "#d62728", "bbr": "#1f77b4", "buffer": "#9467bd",
               "bbr_early": "#17becf", "wasm_pass": "#bcbd22", "wasm_buffer": "#8c564b",
               "wasm_read": "#e377c2"}
-    fig, axes = plt.subplots(2, len(concs), figsize=(6.2 * len(concs), 9), squeeze=False)
+    fig, axes = plt.subplots(2, len(concs), figsize=(6.2 * len(concs), 9.5), squeeze=False)
     xs = list(range(len(sizes)))
     xl = [size_label(s) for s in sizes]
     for j, conns in enumerate(concs):
@@ -836,6 +865,7 @@ def chart(path: Path, meta: dict, cells: dict, positions, sizes, concs) -> Optio
             ratios.append(("buffer", "buffer_vs_baseline"))
         if "bbr_early" in CONFIGS:
             ratios.append(("bbr_early", "bbr_early_vs_baseline"))
+        ratios += [(f"wasm_{m}", f"wasm_{m}_vs_baseline") for m in FLOOR_MODES if f"wasm_{m}" in CONFIGS]
         series = {cfg: [cells[f"{pos}/{s}/{conns}"]["ratio"][key] for s in sizes] for cfg, key in ratios}
         for cfg, ys in series.items():
             ax.plot(xs, ys, marker="o", color=colors[cfg], label=SHORT[cfg])
@@ -867,7 +897,7 @@ def chart(path: Path, meta: dict, cells: dict, positions, sizes, concs) -> Optio
         ax.grid(alpha=0.3, which="both")
     # One legend for both latency panels, under them, where it hides no line.
     handles, labels = axes[1][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=2 * len(CONFIGS), fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=min(2 * len(CONFIGS), 8), fontsize=8, frameon=False)
     fig.suptitle(f"bbr-wasm vs no-inspection baseline and native json_to_metadata\n"
                  f"Envoy {meta['envoy_version']}, 1 worker; {meta['date']}, {meta['machine']}", fontsize=11)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
@@ -909,7 +939,7 @@ def main() -> int:
     max_duration = float(os.environ.get("BENCH_MAX_DURATION", "15"))
     waves = float(os.environ.get("BENCH_WAVES", "8"))
     global CONFIGS
-    CONFIGS = tuple(env_list("BENCH_CONFIGS", "baseline,native,bbr"))
+    CONFIGS = tuple(env_list("BENCH_CONFIGS", "baseline,native,bbr,wasm_read"))
     for c in ("baseline", "native", "bbr"):
         if c not in CONFIGS:
             raise SystemExit(f"bench: BENCH_CONFIGS must include {c} (the targets compare it)")
@@ -923,6 +953,8 @@ def main() -> int:
 
     if not WASM.is_file():
         raise SystemExit(f"bench: {WASM.relative_to(ROOT)} is missing; run `make build`")
+    if any(c.startswith("wasm_") for c in CONFIGS) and not FLOOR_WASM.is_file():
+        raise SystemExit(f"bench: {FLOOR_WASM.relative_to(ROOT)} is missing; run `make bench` (it builds it)")
     wrk = os.environ.get("WRK_BIN") or shutil.which("wrk")
     if not wrk:
         raise SystemExit("bench: wrk not found; run `bash scripts/bench-deps.sh` (or set WRK_BIN)")
@@ -1008,7 +1040,8 @@ def main() -> int:
                              if k.startswith("BENCH_") and k != "BENCH_OUT"] + ["make bench"]),
         "envoy": f"{envoy_version} ({envoy_bin})",
         "wrk": f"{wrk_version}, -t1, --timeout 30s, one prepared body per run (bench/wrk/post.lua)",
-        "gateway": "one Envoy, --concurrency 1, three listeners (bench/envoy/gateway.yaml); "
+        "gateway": f"one Envoy, --concurrency 1, one listener per configuration ({', '.join(CONFIGS)}; "
+                   "bench/envoy/gateway.yaml and the floor listeners bench/run.py derives from it); "
                    "per_connection_buffer_limit_bytes 8454144 on every listener and cluster; no access log",
         "upstream": "a second Envoy, --concurrency 1, direct_response 200 after the buffer filter has read "
                     "the whole body (bench/envoy/upstream.yaml)",
@@ -1019,7 +1052,7 @@ def main() -> int:
         "rounds": f"{rounds} rounds per cell, each running every configuration once for {duration:.0f} s "
                   f"(longer at c > 1 where one wave of responses is slow: at least {waves:.0f} x the slowest "
                   f"configuration's latency, at most {max_duration:.0f} s), order rotated per round "
-                  f"(ABC, BCA, CAB); {warmup:.0f} s unrecorded warm-up per configuration and cell; "
+                  f"(ABCD, BCDA, ...); {warmup:.0f} s unrecorded warm-up per configuration and cell; "
                   f"{elapsed / 60:.1f} min in all",
         "commit": commit,
         "load": f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after "
