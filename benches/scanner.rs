@@ -1,8 +1,9 @@
 //! Criterion micro-benchmarks of the core scanners, natively (`cargo bench --bench scanner`,
 //! or `make bench-core` for a short run).
 //!
-//! Native numbers use the SWAR fast path of `core::skip` (the wasm build uses SIMD128 and runs
-//! under V8: `make bench` measures that one, inside Envoy, from the filter's own counters).
+//! Native numbers use the SWAR fast path of `core::skip` and the plain-array stand-in for the
+//! vector UTF-8 check of `core::vector` (the wasm build uses SIMD128 and runs under V8: `make
+//! bench-scan` times that in Node, `make bench` inside Envoy from the filter's own counters).
 //! What they are good for: comparing scanner changes, and seeing which kind of body costs
 //! what. Bodies are fed in 64 KiB windows, as the filter reads them.
 //!

@@ -9,6 +9,7 @@ use bbr_wasm::core::headers;
 use bbr_wasm::core::metrics::{self, Outcome};
 use bbr_wasm::core::multipart::boundary_of;
 use bbr_wasm::core::skip::find_string_stop;
+use bbr_wasm::core::vector;
 use bbr_wasm::core::{
     BodyScanner, HeadAction, ModelScanner, MultipartScanner, Rejection, RequestHead, Router,
     ScanError, Step, UnknownModel, Verdict,
@@ -372,6 +373,52 @@ fn check(name: &str, want: &Want, got: Result<String, &'static str>, how: &str) 
     }
 }
 
+/// What the fast path may never get wrong, and how far it must get.
+///
+/// Sound: everything it accepts is plain content (no special byte) and valid, complete
+/// UTF-8. Far enough: at least every whole block up to the first one with a special byte or
+/// a UTF-8 error, or through the first block of plain ASCII, less a last character that is
+/// not complete there. (It may accept a little
+/// more: a lone invalid lead byte at the very end of a block, such as C0, is only seen to
+/// be invalid with the next block, and is then left to the caller with the bytes before it
+/// accepted.)
+fn check_plain_blocks(bytes: &[u8], what: &str) {
+    let got = vector::plain_blocks(bytes);
+    assert!(got <= bytes.len(), "{what}");
+    let accepted = &bytes[..got];
+    assert!(
+        std::str::from_utf8(accepted).is_ok(),
+        "{what}: accepted invalid or incomplete UTF-8, {got} bytes"
+    );
+    assert!(
+        !accepted
+            .iter()
+            .any(|&b| b == b'"' || b == b'\\' || b < 0x20),
+        "{what}: accepted a special byte"
+    );
+    let mut whole = 0;
+    for (n, block) in bytes.chunks_exact(16).enumerate() {
+        let end = (n + 1) * 16;
+        let specials = block.iter().any(|&b| b == b'"' || b == b'\\' || b < 0x20);
+        let valid = match std::str::from_utf8(&bytes[..end]) {
+            Ok(_) => true,
+            Err(e) => e.error_len().is_none(), // only cut short at `end`
+        };
+        if specials || !valid {
+            break;
+        }
+        whole = end;
+        if block.is_ascii() {
+            break; // a block of plain ASCII ends the run
+        }
+    }
+    let must = match std::str::from_utf8(&bytes[..whole]) {
+        Ok(_) => whole,
+        Err(e) => e.valid_up_to(),
+    };
+    assert!(got >= must, "{what}: stopped at {got}, before {must}");
+}
+
 both! {
     fn body_cases_whole() {
         for (name, body, want) in BODY_CASES {
@@ -450,6 +497,69 @@ both! {
         assert_eq!(code(r.classify(&head("/v1/completions", "multipart/form-data; boundary=abc"))), (415, "unsupported_media_type"));
         // JSON is still read on the audio paths (some clients send it).
         assert_eq!(r.classify(&head("/v1/audio/transcriptions", "application/json")), HeadAction::Inspect(Box::new(BodyScanner::Json(ModelScanner::new(1)))));
+    }
+
+    fn blocks_are_sound_and_go_far_enough_for_every_character_at_every_offset() {
+        let chars = [
+            "a",
+            "\u{7f}",
+            "\u{80}",
+            "\u{e9}",
+            "\u{7ff}",
+            "\u{800}",
+            "\u{4e2d}",
+            "\u{d7ff}",
+            "\u{e000}",
+            "\u{fffd}",
+            "\u{ffff}",
+            "\u{10000}",
+            "\u{1f600}",
+            "\u{10ffff}",
+        ];
+        for c in chars {
+            for at in 0..40 {
+                let mut text = "x".repeat(at);
+                text.push_str(c);
+                text.push_str(&"y".repeat(40));
+                let bytes = text.as_bytes();
+                check_plain_blocks(bytes, &format!("{c:?} at {at}"));
+                // Cut anywhere: an incomplete character at the end is never accepted.
+                for cut in 0..bytes.len() {
+                    check_plain_blocks(&bytes[..cut], &format!("{c:?} at {at} cut {cut}"));
+                }
+            }
+        }
+    }
+
+    fn blocks_are_sound_and_go_far_enough_for_every_byte_pair_and_edge_quad() {
+        // Every pair of bytes (at a block boundary and inside a block), then continuations.
+        let edges = [
+            0x00u8, 0x22, 0x41, 0x5C, 0x7F, 0x80, 0x8F, 0x90, 0x9F, 0xA0, 0xBF, 0xC0, 0xC1, 0xC2,
+            0xDF, 0xE0, 0xE1, 0xEC, 0xED, 0xEE, 0xEF, 0xF0, 0xF1, 0xF3, 0xF4, 0xF5, 0xFF,
+        ];
+        for a in 0..=255u8 {
+            for b in 0..=255u8 {
+                for at in [3usize, 14, 15, 16] {
+                    let mut v = vec![b'x'; 48];
+                    v[at] = a;
+                    v[at + 1] = b;
+                    check_plain_blocks(&v, &format!("{a:#x} {b:#x} at {at}"));
+                }
+            }
+        }
+        for &a in &edges {
+            for &b in &edges {
+                for &c in &edges {
+                    for &d in &edges {
+                        for at in [0usize, 13, 14, 15] {
+                            let mut v = vec![b'x'; 48];
+                            v[at..at + 4].copy_from_slice(&[a, b, c, d]);
+                            check_plain_blocks(&v, &format!("{:x?} at {at}", [a, b, c, d]));
+                        }
+                    }
+                }
+            }
+        }
     }
 
     fn header_map_pairs_parse_and_never_panic() {

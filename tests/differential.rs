@@ -31,7 +31,7 @@ use std::time::Duration;
 // Generators
 
 /// Strings that stress the scanner: model-like names, anything Unicode (control characters
-/// included), and runs of the characters JSON must or may escape.
+/// included), runs of the characters JSON must or may escape, and long non-ASCII runs.
 fn string() -> impl Strategy<Value = String> {
     prop_oneof![
         4 => "[A-Za-z0-9/._:-]{0,24}",
@@ -42,6 +42,16 @@ fn string() -> impl Strategy<Value = String> {
                 "\u{ffff}", "\u{10ffff}", "😀", " ", "model", "a",
             ]),
             0..12,
+        )
+        .prop_map(|parts| parts.concat()),
+        // Long runs of mostly non-ASCII text: whole 16-byte blocks of it go through the vector
+        // UTF-8 check (src/core/vector.rs), with specials and ASCII at any offset in between.
+        2 => vec(
+            prop::sample::select(vec![
+                "中", "文", "。", "é", "ß", "😀", "\u{800}", "\u{ffff}", "\u{10000}", "\u{10ffff}",
+                "\u{7ff}", "\u{e000}", "a", " ", "\"", "\\", "\n",
+            ]),
+            0..96,
         )
         .prop_map(|parts| parts.concat()),
     ]

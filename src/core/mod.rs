@@ -10,6 +10,7 @@ pub mod multipart;
 pub mod request;
 pub mod scanner;
 pub mod skip;
+pub mod vector;
 
 pub use config::{ConfigError, Router, ServedModel, UnknownModel};
 pub use errors::Rejection;

@@ -52,16 +52,17 @@ pub fn plain_string_prefix(bytes: &[u8]) -> usize {
             return i;
         };
         if b >= 0x80 {
-            // Non-ASCII text tends to come in runs (CJK, accented words): take the whole run
-            // here, a character at a time, before going back to the block search.
-            loop {
-                match utf8_char_len(&bytes[i..]) {
-                    Some(n) => i += n,
-                    None => return i,
-                }
-                if bytes.get(i).is_none_or(|&next| next < 0x80) {
-                    break;
-                }
+            // One character here; a lone accented letter or dash in ASCII text costs no more.
+            match utf8_char_len(&bytes[i..]) {
+                Some(n) => i += n,
+                None => return i,
+            }
+            if bytes.get(i).is_some_and(|&next| next >= 0x80) {
+                // A run of non-ASCII text (CJK, Cyrillic, emoji...): whole blocks of it are
+                // validated in the vector registers (see `vector`). Measured: CJK 0.86 ->
+                // 3.7 GB/s in V8, while sparse accents stay on the path above (doing the
+                // vector check for them too made chat bodies 30 % slower).
+                i += super::vector::plain_blocks(&bytes[i..]);
             }
             continue;
         }
