@@ -10,12 +10,13 @@ listener each (bench/envoy/gateway.yaml):
 
 and, by default, one floor for reference:
 
-  wasm_read a proxy-wasm filter with no logic (bench/floor-filter) that holds each request
-            until its body is complete and copies every body byte into the VM, as bbr-wasm
-            must, without looking at them; routed on the client's header like the baseline.
-            What any wasm filter that reads the body costs in this Envoy: the distance from
-            it to bbr-wasm is bbr-wasm's own work (scan, headers, metrics), and where it is
-            itself below a target, no wasm filter that reads the body can meet that target.
+  wasm_route a proxy-wasm filter with no logic (bench/floor-filter) that holds each request
+             until its body is complete, copies every body byte into the VM as bbr-wasm must
+             (without looking at them), then sets the two routing headers bbr-wasm sets, so
+             Envoy routes on a header changed by wasm. What any body-based router written as a
+             wasm filter costs in this Envoy: the distance from it to bbr-wasm is bbr-wasm's
+             own work (classification, scan, decision, metrics), and where it is itself below
+             a target, no such filter can meet that target.
 
 All of them route to the same fast upstream: a second Envoy (bench/envoy/upstream.yaml) that
 reads every body to the end and answers a small 200. wrk (Debian) POSTs realistic
@@ -44,9 +45,9 @@ Environment (all optional):
                      one "wave" of responses can take a second or more
   BENCH_WARMUP       seconds of unrecorded warm-up per configuration and cell, default 1
   BENCH_POSITIONS    where "model" sits in the body: "last" (default), "first", or "last,first"
-  BENCH_CONFIGS      default "baseline,native,bbr,wasm_read"; more diagnostics: "buffer",
-                     "bbr_early" (bench/envoy/gateway.yaml says what they are), "wasm_pass"
-                     and "wasm_buffer" (bench/floor-filter/src/lib.rs)
+  BENCH_CONFIGS      default "baseline,native,bbr,wasm_route"; more diagnostics: "buffer",
+                     "bbr_early" (bench/envoy/gateway.yaml says what they are), "wasm_pass",
+                     "wasm_buffer" and "wasm_read" (bench/floor-filter/src/lib.rs)
   BENCH_STRICT       1: exit 1 when a target is missed
   BENCH_OUT          output directory, default bench/results
   ENVOY_BIN, WRK_BIN the binaries (default: scripts/envoy-bin.sh, wrk on PATH)
@@ -87,7 +88,7 @@ MODEL = "Qwen/Qwen2.5-3B-Instruct"
 PATH = "/v1/chat/completions"
 # The floor filter (bench/floor-filter): a proxy-wasm filter with no routing logic, three modes.
 FLOOR_WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "bbr_floor.wasm"
-FLOOR_MODES = ("pass", "buffer", "read")
+FLOOR_MODES = ("pass", "buffer", "read", "route")
 ALL_CONFIGS = ("baseline", "native", "bbr", "buffer", "bbr_early") + tuple(f"wasm_{m}" for m in FLOOR_MODES)
 CONFIGS: tuple[str, ...] = ("baseline", "native", "bbr")  # BENCH_CONFIGS may add "buffer"
 LABELS = {
@@ -99,13 +100,15 @@ LABELS = {
     "wasm_pass": "diagnostic: empty wasm filter (Continue at the headers)",
     "wasm_buffer": "diagnostic: wasm filter holding the body, reading nothing",
     "wasm_read": "diagnostic: wasm filter copying every body byte into the VM",
+    "wasm_route": "diagnostic: wasm filter copying the body and setting the routing headers",
 }
 # Legends of the chart.
 SHORT = {"baseline": "baseline", "native": "native json_to_metadata", "bbr": "bbr-wasm",
          "buffer": "buffer filter (diag.)", "bbr_early": "bbr routeBeforeBodyEnds (diag.)",
-         "wasm_pass": "wasm pass (diag.)", "wasm_buffer": "wasm buffer (diag.)", "wasm_read": "wasm read (diag.)"}
+         "wasm_pass": "wasm pass (diag.)", "wasm_buffer": "wasm buffer (diag.)", "wasm_read": "wasm read (diag.)",
+         "wasm_route": "wasm read+set headers (diag.)"}
 # The client sends the routing header itself to these (no body inspection).
-HEADER_ROUTED = ("baseline", "buffer", "wasm_pass", "wasm_buffer", "wasm_read")
+HEADER_ROUTED = ("baseline", "buffer", "wasm_pass", "wasm_buffer", "wasm_read", "wasm_route")
 KiB = 1024
 MiB = 1024 * 1024
 
@@ -639,6 +642,14 @@ def scan_table(cells: dict, positions, sizes, concs) -> list[dict]:
     return rows, overall
 
 
+def floor_config() -> Optional[str]:
+    """The floor the targets are compared with: the most complete one that ran."""
+    for cfg in ("wasm_route", "wasm_read"):
+        if cfg in CONFIGS:
+            return cfg
+    return None
+
+
 def checks(cells: dict, scan_rows: list[dict], scan_overall: dict, positions, sizes, concs) -> list[dict]:
     out = []
 
@@ -652,8 +663,9 @@ def checks(cells: dict, scan_rows: list[dict], scan_overall: dict, positions, si
                 rb = c["ratio"]["bbr_vs_baseline"]
                 want = VS_BASELINE_1K if size <= KiB else VS_BASELINE_REST
                 add(f"bbr/baseline, model {pos}, {size_label(size)}, c={conns}", rb, rb >= want, f">= {want:.2f}x")
-                if "wasm_read_vs_baseline" in c["ratio"]:
-                    out[-1]["floor"] = c["ratio"]["wasm_read_vs_baseline"]
+                floor = floor_config()
+                if floor:
+                    out[-1]["floor"] = c["ratio"][f"{floor}_vs_baseline"]
             for size in sizes:
                 c = cells[f"{pos}/{size}/{conns}"]
                 rn = c["ratio"]["bbr_vs_native"]
@@ -725,10 +737,11 @@ def markdown(meta: dict, cells: dict, scan_rows, scan_overall, results: list[dic
             for conns in concs:
                 L.append(f"| floor: {LABELS[f'wasm_{mode}'].removeprefix('diagnostic: ')} | {conns} | " + " | ".join(
                     fmt_ratio(cells[f"{pos}/{s}/{conns}"]["ratio"][f"wasm_{mode}_vs_baseline"]) for s in sizes) + " |")
-        if "wasm_read" in CONFIGS:
+        floor = floor_config()
+        if floor:
             for conns in concs:
-                L.append(f"| **bbr-wasm vs that floor** | {conns} | " + " | ".join(
-                    fmt_ratio(cells[f"{pos}/{s}/{conns}"]["ratio"]["bbr_vs_wasm_read"]) for s in sizes) + " |")
+                L.append(f"| **bbr-wasm vs the {floor} floor** | {conns} | " + " | ".join(
+                    fmt_ratio(cells[f"{pos}/{s}/{conns}"]["ratio"][f"bbr_vs_{floor}"]) for s in sizes) + " |")
         if "bbr_early" in CONFIGS:
             for conns in concs:
                 L.append(f"| diagnostic: bbr-wasm routeBeforeBodyEnds | {conns} | " + " | ".join(
@@ -814,11 +827,12 @@ def markdown(meta: dict, cells: dict, scan_rows, scan_overall, results: list[dic
     L.append("")
     L.append("## Targets (issue 5)")
     L.append("")
-    floors = "wasm_read" in CONFIGS
+    floor = floor_config()
+    floors = floor is not None
     if floors:
-        L.append("*floor*: the same ratio for the wasm filter that only copies the body into the VM "
-                 "(`wasm_read`), measured in the same rounds. Where it is below the target, no wasm filter "
-                 "that reads the body reaches the target in this Envoy on this machine.")
+        L.append(f"*floor*: the same ratio for `{floor}` ({LABELS[floor].removeprefix('diagnostic: ')}, no "
+                 "logic), measured in the same rounds. Where it is below the target, no wasm filter doing "
+                 "that reaches the target in this Envoy on this machine.")
         L.append("")
     L.append("| target | measured | wanted | |" + (" floor |" if floors else ""))
     L.append("| --- | --- | --- | --- |" + (" --- |" if floors else ""))
@@ -854,7 +868,7 @@ def chart(path: Path, meta: dict, cells: dict, positions, sizes, concs) -> Optio
     pos = positions[0]
     colors = {"baseline": "#555555", "native": "#d62728", "bbr": "#1f77b4", "buffer": "#9467bd",
               "bbr_early": "#17becf", "wasm_pass": "#bcbd22", "wasm_buffer": "#8c564b",
-              "wasm_read": "#e377c2"}
+              "wasm_read": "#e377c2", "wasm_route": "#7f7f7f"}
     fig, axes = plt.subplots(2, len(concs), figsize=(6.2 * len(concs), 9.5), squeeze=False)
     xs = list(range(len(sizes)))
     xl = [size_label(s) for s in sizes]
@@ -939,7 +953,7 @@ def main() -> int:
     max_duration = float(os.environ.get("BENCH_MAX_DURATION", "15"))
     waves = float(os.environ.get("BENCH_WAVES", "8"))
     global CONFIGS
-    CONFIGS = tuple(env_list("BENCH_CONFIGS", "baseline,native,bbr,wasm_read"))
+    CONFIGS = tuple(env_list("BENCH_CONFIGS", "baseline,native,bbr,wasm_route"))
     for c in ("baseline", "native", "bbr"):
         if c not in CONFIGS:
             raise SystemExit(f"bench: BENCH_CONFIGS must include {c} (the targets compare it)")

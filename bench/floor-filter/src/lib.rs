@@ -7,6 +7,9 @@
 //!   Continue, reading nothing: what holding the body costs through the wasm ABI.
 //! - `read`: as `buffer`, and copies every new body byte into the VM in 64 KiB windows,
 //!   exactly as bbr-wasm does, without looking at them.
+//! - `route`: as `read`, and at the end of the body sets the two routing headers bbr-wasm sets
+//!   (to the value the client sent in `x-gateway-base-model-name`), so Envoy routes the request
+//!   on a header changed by wasm, as it does for bbr-wasm: the floor of any body-based router.
 //!
 //! The bench routes these listeners on the client's header, like the baseline, so the
 //! distance from `read` to bbr-wasm is what bbr-wasm's own logic costs.
@@ -14,13 +17,14 @@
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Pass,
     Buffer,
     Read,
+    Route,
 }
 
 proxy_wasm::main! {{
@@ -44,6 +48,7 @@ impl RootContext for FloorRoot {
             b"pass" => Mode::Pass,
             b"buffer" => Mode::Buffer,
             b"read" => Mode::Read,
+            b"route" => Mode::Route,
             _ => return false,
         };
         true
@@ -81,7 +86,7 @@ impl HttpContext for FloorHttp {
         if self.mode == Mode::Pass {
             return Action::Continue;
         }
-        if self.mode == Mode::Read {
+        if self.mode != Mode::Buffer {
             while body_size > self.consumed {
                 let len = (body_size - self.consumed).min(64 * 1024);
                 match hostcalls::get_buffer(BufferType::HttpRequestBody, self.consumed, len) {
@@ -90,10 +95,24 @@ impl HttpContext for FloorHttp {
                 }
             }
         }
-        if end_of_stream {
-            Action::Continue
-        } else {
-            Action::Pause
+        if !end_of_stream {
+            return Action::Pause;
         }
+        if self.mode == Mode::Route {
+            // The client's header (the bench sends it to the floor listeners), set again from
+            // wasm, plus the second header bbr-wasm sets.
+            let base = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, BASE_HEADER)
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            let base = String::from_utf8_lossy(&base).into_owned();
+            let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, BASE_HEADER, Some(&base));
+            let _ =
+                hostcalls::set_map_value(MapType::HttpRequestHeaders, MODEL_HEADER, Some(&base));
+        }
+        Action::Continue
     }
 }
+
+const BASE_HEADER: &str = "x-gateway-base-model-name";
+const MODEL_HEADER: &str = "x-gateway-model-name";
