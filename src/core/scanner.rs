@@ -12,7 +12,7 @@
 //! Memory is fixed: the container stack is a bitset of [`MAX_DEPTH`] bits, top-level keys are
 //! decoded into a few bytes, and only the `model` value is kept, up to the configured limit.
 
-use super::skip::{digit_run, plain_string_prefix};
+use super::skip::{digit_run, plain_string_prefix, utf8_lead};
 use std::fmt;
 
 /// Deepest nesting accepted. Deeper documents are refused as invalid JSON: no backend parser
@@ -624,16 +624,8 @@ impl ModelScanner {
             }
             _ => {
                 self.plain_char()?;
-                let (remaining, lo, hi) = match b {
-                    0xC2..=0xDF => (1, 0x80, 0xBF),
-                    0xE0 => (2, 0xA0, 0xBF),
-                    0xE1..=0xEC | 0xEE..=0xEF => (2, 0x80, 0xBF),
-                    // ED A0..BF would encode a UTF-16 surrogate.
-                    0xED => (2, 0x80, 0x9F),
-                    0xF0 => (3, 0x90, 0xBF),
-                    0xF1..=0xF3 => (3, 0x80, 0xBF),
-                    0xF4 => (3, 0x80, 0x8F),
-                    _ => return Err(self.invalid("invalid UTF-8 in a string")),
+                let Some((remaining, lo, hi)) = utf8_lead(b) else {
+                    return Err(self.invalid("invalid UTF-8 in a string"));
                 };
                 self.store(b)?;
                 self.state = State::Utf8 { remaining, lo, hi };

@@ -85,26 +85,35 @@ pub fn plain_string_prefix(bytes: &[u8]) -> usize {
     }
 }
 
+/// What a UTF-8 lead byte announces: how many continuation bytes follow, and the range the
+/// first of them must fall in (the later ones are 0x80-0xBF). `None` for a byte that cannot
+/// start a character. RFC 3629's ranges: no overlong forms (C0, C1, E0 80-9F, F0 80-8F), no
+/// UTF-16 surrogates (ED A0-BF), nothing above U+10FFFF (F4 90-BF, F5-FF). The one table both
+/// the fast path and the scanner's byte-at-a-time state machine use.
+#[inline]
+pub fn utf8_lead(b: u8) -> Option<(u8, u8, u8)> {
+    Some(match b {
+        0xC2..=0xDF => (1, 0x80, 0xBF),
+        0xE0 => (2, 0xA0, 0xBF),
+        0xE1..=0xEC | 0xEE..=0xEF => (2, 0x80, 0xBF),
+        0xED => (2, 0x80, 0x9F),
+        0xF0 => (3, 0x90, 0xBF),
+        0xF1..=0xF3 => (3, 0x80, 0xBF),
+        0xF4 => (3, 0x80, 0x8F),
+        _ => return None,
+    })
+}
+
 /// Length of the complete, valid UTF-8 character at the start of `bytes` (whose first byte is
-/// 0x80 or above), or `None` if it is invalid or not complete in `bytes`. The ranges are
-/// RFC 3629's (no overlong forms, no surrogates, nothing above U+10FFFF), the same the state
-/// machine applies byte by byte.
+/// 0x80 or above), or `None` if it is invalid or not complete in `bytes`.
 #[inline]
 fn utf8_char_len(bytes: &[u8]) -> Option<usize> {
-    let (len, lo, hi) = match *bytes.first()? {
-        0xC2..=0xDF => (2, 0x80, 0xBF),
-        0xE0 => (3, 0xA0, 0xBF),
-        0xE1..=0xEC | 0xEE..=0xEF => (3, 0x80, 0xBF),
-        0xED => (3, 0x80, 0x9F),
-        0xF0 => (4, 0x90, 0xBF),
-        0xF1..=0xF3 => (4, 0x80, 0xBF),
-        0xF4 => (4, 0x80, 0x8F),
-        _ => return None,
-    };
+    let (continuations, lo, hi) = utf8_lead(*bytes.first()?)?;
     let second = *bytes.get(1)?;
     if second < lo || second > hi {
         return None;
     }
+    let len = usize::from(continuations) + 1;
     for k in 2..len {
         if *bytes.get(k)? & 0xC0 != 0x80 {
             return None;
