@@ -44,6 +44,16 @@ def cjk_body(size: int) -> bytes:
     return json.dumps({"messages": turns, "max_tokens": 512, "model": MODEL}, ensure_ascii=False).encode()
 
 
+def audio_body(size: int) -> bytes:
+    """A /v1/audio/transcriptions upload: a file part of `size` random bytes, then `model`."""
+    boundary = "bench-scan-boundary-7d3f"
+    audio = random.Random(13).randbytes(size)
+    return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n"
+            f"Content-Type: audio/wav\r\n\r\n").encode() + audio + (
+            f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n{MODEL}"
+            f"\r\n--{boundary}--\r\n").encode()
+
+
 def main() -> int:
     node = shutil.which("node")
     if not node:
@@ -64,11 +74,16 @@ def main() -> int:
         cjk = Path(tmp) / "chat-cjk.json"
         cjk.write_bytes(cjk_body(MiB))
         files[str(cjk)] = ("last", "cjk")
+        # And a 4 MiB audio upload (multipart/form-data, random bytes as the file, `model` last),
+        # which the filter reads with the multipart scanner.
+        audio = Path(tmp) / "audio.multipart"
+        audio.write_bytes(audio_body(4 * MiB))
+        files[str(audio)] = ("last", "audio")
         out = subprocess.run([node, "--no-warnings", str(RUNNER), str(HARNESS), str(reps), *files],
                              capture_output=True, text=True, timeout=900)
         if out.returncode != 0:
             raise SystemExit(f"bench-scan: harness failed ({out.returncode}):\n{out.stderr}")
-    print(f"JSON scanner in V8 (node {subprocess.run([node, '--version'], capture_output=True, text=True).stdout.strip()}), "
+    print(f"Scanners in V8 (node {subprocess.run([node, '--version'], capture_output=True, text=True).stdout.strip()}), "
           f"64 KiB windows, {reps} repetitions, median (best):")
     print(f"{'body':>14}  {'model':>5}  {'GB/s':>12}  {'ms per MiB':>16}")
     total_bytes = total_ns = 0
@@ -79,10 +94,10 @@ def main() -> int:
             raise SystemExit(f"bench-scan: the scanner did not find the model in the {pos} {size} body")
         gbps = r["bytes"] / r["median_ns"]
         ms_mib = r["median_ns"] / 1e6 * (1 << 20) / r["bytes"]
-        label = "1 MiB CJK" if size == "cjk" else size_label(size)
+        label = {"cjk": "1 MiB CJK", "audio": "4 MiB audio"}.get(size) or size_label(size)
         print(f"{label:>14}  {pos:>5}  {gbps:6.2f} ({r['bytes'] / r['best_ns']:4.2f})  "
               f"{ms_mib:7.3f} ({r['best_ns'] / 1e6 * (1 << 20) / r['bytes']:6.3f})")
-        if size != "cjk":  # "all" is over the bench's bodies, as make bench reports it
+        if isinstance(size, int):  # "all" is over the bench's bodies, as make bench reports it
             total_bytes += r["bytes"]
             total_ns += r["median_ns"]
     print(f"{'all':>14}  {'':>5}  {total_bytes / total_ns:6.2f}        "

@@ -562,6 +562,24 @@ both! {
         }
     }
 
+    fn find_byte_finds_the_first_needle_at_every_position() {
+        // The multipart fast path's CR search: SIMD128 under wasm, plain arrays natively.
+        for len in 0..48 {
+            for needle in [b'\r', 0x00, 0xFF] {
+                let filler = if needle == b'x' { b'y' } else { b'x' };
+                assert_eq!(vector::find_byte(needle, &vec![filler; len]), len);
+                for pos in 0..len {
+                    let mut v = vec![filler; len];
+                    v[pos] = needle;
+                    if pos + 1 < len {
+                        v[len - 1] = needle; // a later one must not win
+                    }
+                    assert_eq!(vector::find_byte(needle, &v), pos, "{needle:#x} at {pos} of {len}");
+                }
+            }
+        }
+    }
+
     fn header_map_pairs_parse_and_never_panic() {
         // The ABI's layout, written out by hand: 2 pairs, their sizes, then NUL-ended fields.
         let mut map = 2u32.to_le_bytes().to_vec();

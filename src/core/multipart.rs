@@ -10,6 +10,7 @@
 //! place a new match can start is the current byte.
 
 use super::scanner::{model_value, remember, ScanError, Step};
+use super::vector::find_byte;
 
 /// Longest part-header block accepted (all header lines of one part).
 pub const MAX_PART_HEADER_BYTES: usize = 8 * 1024;
@@ -118,11 +119,28 @@ impl MultipartScanner {
         if let Some(err) = &self.failed {
             return Step::Error(err.clone());
         }
-        for &b in chunk {
-            if let Err(err) = self.byte(b) {
+        let mut i = 0;
+        while i < chunk.len() {
+            // Fast path: outside the `model` part, content (and the preamble) is only watched
+            // for the delimiter, whose one CR is its first byte. With no partial match pending,
+            // every byte up to the next CR is plain content: skip to it (an audio file is
+            // megabytes of it).
+            if self.matched == 0
+                && !self.in_model
+                && matches!(self.state, State::Content | State::Preamble)
+            {
+                let skip = find_byte(b'\r', &chunk[i..]);
+                i += skip;
+                self.offset += skip as u64;
+                if i == chunk.len() {
+                    break;
+                }
+            }
+            if let Err(err) = self.byte(chunk[i]) {
                 return remember(&mut self.failed, Step::Error(err));
             }
             self.offset += 1;
+            i += 1;
         }
         Step::NeedMore
     }

@@ -145,6 +145,25 @@ fn stops(v: V) -> V {
     or(or(eq(v, splat(b'"')), eq(v, splat(b'\\'))), outside)
 }
 
+/// Index of the first `needle` in `bytes`, or `bytes.len()`: 16 bytes per vector compare.
+#[inline]
+pub fn find_byte(needle: u8, bytes: &[u8]) -> usize {
+    let wanted = splat(needle);
+    let mut i = 0;
+    let mut blocks = bytes.chunks_exact(16);
+    for block in &mut blocks {
+        if any(eq(load(block), wanted)) {
+            break;
+        }
+        i += 16;
+    }
+    // The block that matched (or the tail), byte by byte.
+    i + bytes[i..]
+        .iter()
+        .position(|&b| b == needle)
+        .unwrap_or(bytes.len() - i)
+}
+
 /// Lanes holding `"`, `\` or a byte below 0x20.
 #[inline(always)]
 fn specials(v: V) -> V {

@@ -5,7 +5,8 @@
 //! the same thing inside Envoy, from the filter's own counters, and that is the figure the
 //! targets are checked on.
 //!
-//! Usage: `bbr-scan-bench REPS FILE...`. Each body is fed in 64 KiB windows, as the filter
+//! Usage: `bbr-scan-bench REPS FILE...`. A file that starts with `--` is a multipart/form-data
+//! body (its first line names the boundary), any other a JSON body. Each is fed in 64 KiB windows, as the filter
 //! reads them, each copied into a fresh buffer just before it is scanned (the filter gets a
 //! fresh copy from the host's get_buffer); the copy is not timed.
 //!
@@ -18,14 +19,25 @@
 // A benchmark may stop on a broken setup.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use bbr_wasm::core::{ModelScanner, Step};
+use bbr_wasm::core::{BodyScanner, ModelScanner, MultipartScanner, Step};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 const WINDOW: usize = 64 * 1024;
 
+/// The scanner the filter would use: multipart for a body that starts with a boundary line
+/// (`--BOUNDARY\r\n`, as bench/scan.py writes its audio upload), JSON otherwise.
+fn scanner_for(body: &[u8]) -> BodyScanner {
+    if let Some(rest) = body.strip_prefix(b"--") {
+        let end = rest.windows(2).position(|w| w == b"\r\n").unwrap_or(0);
+        let boundary = std::str::from_utf8(&rest[..end]).expect("an ASCII boundary");
+        return BodyScanner::Multipart(MultipartScanner::new(boundary, 256));
+    }
+    BodyScanner::Json(ModelScanner::new(256))
+}
+
 fn scan_once(body: &[u8]) -> (Duration, Step) {
-    let mut scanner = ModelScanner::new(256);
+    let mut scanner = scanner_for(body);
     let mut elapsed = Duration::ZERO;
     for window in body.chunks(WINDOW) {
         // A fresh copy per window, as the host's get_buffer makes; not timed.
