@@ -178,35 +178,13 @@ mod swar {
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 mod simd128 {
     use super::is_stop;
-    use core::arch::wasm32::{
-        u8x16, u8x16_bitmask, u8x16_eq, u8x16_gt, u8x16_splat, u8x16_sub, v128, v128_or,
-    };
-
-    /// Lanes of `v` that stop the fast path. `v - 0x20` (wrapping) is above 0x5F exactly for
-    /// the bytes below 0x20 and from 0x80 up: one compare for both.
-    #[inline(always)]
-    fn stops(v: v128) -> v128 {
-        let quote = u8x16_splat(b'"');
-        let backslash = u8x16_splat(b'\\');
-        let outside = u8x16_gt(u8x16_sub(v, u8x16_splat(0x20)), u8x16_splat(0x5F));
-        v128_or(v128_or(u8x16_eq(v, quote), u8x16_eq(v, backslash)), outside)
-    }
-
-    #[inline(always)]
-    fn load(block: &[u8]) -> v128 {
-        let mut lanes = [0u8; 16];
-        lanes.copy_from_slice(block);
-        u8x16(
-            lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5], lanes[6], lanes[7],
-            lanes[8], lanes[9], lanes[10], lanes[11], lanes[12], lanes[13], lanes[14], lanes[15],
-        )
-    }
+    use crate::core::vector::stop_mask;
 
     pub fn find(bytes: &[u8]) -> usize {
         let mut i = 0;
         let mut blocks = bytes.chunks_exact(16);
         for block in &mut blocks {
-            let mask = u8x16_bitmask(stops(load(block)));
+            let mask = stop_mask(block);
             if mask != 0 {
                 return i + mask.trailing_zeros() as usize;
             }

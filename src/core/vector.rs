@@ -164,6 +164,13 @@ pub fn find_byte(needle: u8, bytes: &[u8]) -> usize {
         .unwrap_or(bytes.len() - i)
 }
 
+/// Bit k set when byte k of the 16-byte `block` is `"`, `\`, below 0x20 or from 0x80 up: the
+/// string fast path's block test (`skip::find_string_stop`).
+#[inline(always)]
+pub fn stop_mask(block: &[u8]) -> u32 {
+    bitmask(stops(load(block)))
+}
+
 /// Lanes holding `"`, `\` or a byte below 0x20.
 #[inline(always)]
 fn specials(v: V) -> V {
@@ -234,8 +241,8 @@ fn incomplete_tail(bytes: &[u8]) -> usize {
 mod simd128 {
     pub use core::arch::wasm32::v128 as V;
     use core::arch::wasm32::{
-        i8x16_shuffle, u8x16, u8x16_eq, u8x16_gt, u8x16_lt, u8x16_shr, u8x16_splat, u8x16_sub,
-        u8x16_sub_sat, u8x16_swizzle, v128_and, v128_any_true, v128_or, v128_xor,
+        i8x16_shuffle, u8x16, u8x16_bitmask, u8x16_eq, u8x16_gt, u8x16_lt, u8x16_shr, u8x16_splat,
+        u8x16_sub, u8x16_sub_sat, u8x16_swizzle, v128_and, v128_any_true, v128_or, v128_xor,
     };
 
     #[inline(always)]
@@ -295,6 +302,11 @@ mod simd128 {
     #[inline(always)]
     pub fn any(a: V) -> bool {
         v128_any_true(a)
+    }
+    /// Bit k set when lane k's high bit is.
+    #[inline(always)]
+    pub fn bitmask(a: V) -> u32 {
+        u32::from(u8x16_bitmask(a))
     }
     /// The 16 bytes that end one byte before `cur`'s: `prev`'s last, then `cur`'s first 15.
     #[inline(always)]
@@ -382,6 +394,13 @@ mod portable {
     #[inline(always)]
     pub fn any(a: V) -> bool {
         a.0.iter().any(|&x| x != 0)
+    }
+    /// Bit k set when lane k's high bit is.
+    #[inline(always)]
+    pub fn bitmask(a: V) -> u32 {
+        a.0.iter()
+            .enumerate()
+            .fold(0, |m, (k, &x)| m | (u32::from(x >> 7) << k))
     }
     #[inline(always)]
     fn shifted(prev: V, cur: V, n: usize) -> V {
