@@ -55,7 +55,6 @@ Environment (all optional):
 
 from __future__ import annotations
 
-import ctypes
 import datetime as dt
 import http.client
 import json
@@ -67,7 +66,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -79,6 +77,8 @@ from typing import Any, Optional
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+import procs  # noqa: E402  (tests/procs.py)
 BENCH = ROOT / "bench"
 WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "bbr_wasm.wasm"
 SHIPPED_ENVOY_YAML = ROOT / "envoy" / "envoy.yaml"
@@ -233,18 +233,9 @@ def chat_body(size: int, model_position: str, seed: int = 5) -> bytes:
 # --------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:  # runs in the child before exec
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no Envoy outlives a killed bench
-    except (OSError, AttributeError):
-        pass
+# A free port, children that die with the bench (no Envoy outlives a killed bench), stopping
+# by pid: tests/procs.py, shared with the tests.
+free_port = procs.free_port
 
 
 class Proc:
@@ -252,7 +243,7 @@ class Proc:
         self.name, self.argv, self.log = name, argv, log
         self._log = open(log, "ab", buffering=0)
         self.popen = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self._log,
-                                      stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+                                      stderr=subprocess.STDOUT, preexec_fn=procs.die_with_parent)
 
     @property
     def pid(self) -> int:
@@ -270,26 +261,11 @@ class Proc:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
-        if self.popen.poll() is None:
-            try:
-                os.kill(self.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.popen.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.kill(self.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.popen.wait(timeout=STOP_TIMEOUT)
+        procs.stop(self.popen, STOP_TIMEOUT)
         self._log.close()
 
     def tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        return procs.tail(self.log, n)
 
 
 def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, str]:

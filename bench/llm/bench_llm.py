@@ -47,15 +47,12 @@ Environment (all optional):
 
 from __future__ import annotations
 
-import ctypes
 import datetime as dt
 import json
 import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -66,6 +63,8 @@ from typing import Any, Optional
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+import procs  # noqa: E402  (tests/procs.py)
 WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "bbr_wasm.wasm"
 MOCK = ROOT / "target" / "release" / "mock-vllm"
 ENVOY_YAML = ROOT / "envoy" / "envoy.yaml"
@@ -109,14 +108,6 @@ class SetupError(Exception):
 # --------------------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: the child is killed if this script dies, even by SIGKILL."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 class Proc:
     def __init__(self, name: str, argv: list[str], log: Path, env: Optional[dict] = None):
         self.name, self.argv, self.log_path = name, argv, log
@@ -130,7 +121,7 @@ class Proc:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,
-            preexec_fn=_die_with_parent,
+            preexec_fn=procs.die_with_parent,  # killed if this script dies, even by SIGKILL
         )
 
     @property
@@ -147,25 +138,14 @@ class Proc:
             return ""
 
     def tail(self, n: int = 30) -> str:
-        return "\n".join(self.text().splitlines()[-n:])
+        return procs.tail(self.log_path, n)
 
     def stop(self) -> None:
-        if self.popen.poll() is None:
-            try:
-                os.kill(self.popen.pid, signal.SIGTERM)
-                self.popen.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                os.kill(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(timeout=STOP_TIMEOUT)
-            except ProcessLookupError:
-                pass
+        procs.stop(self.popen, STOP_TIMEOUT)
         self._log.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = procs.free_port  # tests/procs.py, shared with the tests and make bench
 
 
 def http_get(url: str, timeout: float = 5.0) -> str:

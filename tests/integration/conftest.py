@@ -13,13 +13,13 @@ target/release/mock-vllm); nothing is skipped: a missing artefact fails with tha
 from __future__ import annotations
 
 import copy
-import ctypes
 import json
 import os
 import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -32,6 +32,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+import procs  # noqa: E402  (tests/procs.py)
 WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "bbr_wasm.wasm"
 MOCK = ROOT / "target" / "release" / "mock-vllm"
 ENVOY_YAML = ROOT / "envoy" / "envoy.yaml"
@@ -108,30 +110,10 @@ def envoy_bin() -> str:
 # --------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1 (bind to port 0 and let the kernel pick)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as e:
-        return f"<cannot read {path}: {e}>"
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: the child gets SIGKILL if pytest itself dies (even by SIGKILL), so no Envoy or
-    mock outlives a killed test run. Best effort elsewhere."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
+# free_port, die_with_parent (the children die with pytest, even if it is SIGKILLed) and the
+# stop sequence are shared with the Istio tests and the benchmarks: tests/procs.py.
+free_port = procs.free_port
+_die_with_parent = procs.die_with_parent
 
 
 @dataclass
@@ -174,23 +156,12 @@ class Proc:
             return ""
 
     def tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        return _tail(self.log_path, lines)
+        return procs.tail(self.log_path, lines)
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after STOP_TIMEOUT; by pid, always."""
-        if self.popen is not None and self.popen.poll() is None:
-            try:
-                os.kill(self.popen.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.popen.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.kill(self.popen.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.popen.wait(timeout=STOP_TIMEOUT)
+        if self.popen is not None:
+            procs.stop(self.popen, STOP_TIMEOUT)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -36,6 +35,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bbr_oci  # noqa: E402
+sys.path.insert(0, str(HERE.parent))
+import procs  # noqa: E402  (tests/procs.py)
 import k8s_schema  # noqa: E402
 
 ROOT = HERE.parents[1]
@@ -59,10 +60,7 @@ def crds_dir() -> Path:
     return Path(env) if env else ROOT.parent / "shared" / "schemas" / "crds"
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = procs.free_port  # tests/procs.py, shared with the other harnesses
 
 
 def manifest_files() -> list[Path]:
@@ -112,7 +110,7 @@ class Proc:
             return ""
 
     def tail(self, n: int = 60) -> str:
-        return "\n".join(self.log().splitlines()[-n:])
+        return procs.tail(self.log_path, n)
 
     def wait_exit(self, timeout: float) -> Optional[int]:
         try:
@@ -121,19 +119,8 @@ class Proc:
             return None
 
     def stop(self) -> None:
-        if self.popen is not None and self.popen.poll() is None:
-            try:
-                os.kill(self.popen.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.popen.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.kill(self.popen.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.popen.wait(timeout=STOP_TIMEOUT)
+        if self.popen is not None:
+            procs.stop(self.popen, STOP_TIMEOUT)
         if self._log is not None:
             self._log.close()
             self._log = None
