@@ -2,15 +2,12 @@
 # Installs what tests/soak needs beyond the venv: wrk, Debian's package (the load generator).
 # Idempotent; CI machines start without it.
 set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT="$(pwd)"
+
 say() { printf 'soak-deps: %s\n' "$*" >&2; }
-if command -v wrk >/dev/null 2>&1; then
-  exit 0
-fi
-if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
-  say "installing wrk (Debian package) for tests/soak"
-  apt-get update -qq >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk >&2
-else
-  say "error: tests/soak needs wrk: sudo apt-get install wrk"
-  exit 1
-fi
+die() { say "error: $*"; exit 1; }
+source "$ROOT/scripts/lib.sh"
+
+apt_install wrk wrk "install wrk 4.x (tests/soak needs it)"
