@@ -47,7 +47,11 @@ Environment (all optional):
   BENCH_POSITIONS    where "model" sits in the body: "last" (default), "first", or "last,first"
   BENCH_CONFIGS      default "baseline,native,bbr,wasm_route"; more diagnostics: "buffer",
                      "bbr_early" (bench/envoy/gateway.yaml says what they are), "wasm_pass",
-                     "wasm_buffer" and "wasm_read" (bench/floor-filter/src/lib.rs)
+                     "wasm_buffer" and "wasm_read" (bench/floor-filter/src/lib.rs), and "bbr_alt"
+  BENCH_ALT_WASM     a second build of the filter (a .wasm path), run as the "bbr_alt"
+                     configuration next to bbr-wasm, same plugin configuration, its own VM:
+                     an A/B comparison of two builds in one run, paired round by round. Adds
+                     "bbr_alt" to BENCH_CONFIGS when it is set
   BENCH_STRICT       1: exit 1 when a target is missed
   BENCH_OUT          output directory, default bench/results
   ENVOY_BIN, WRK_BIN the binaries (default: scripts/envoy-bin.sh, wrk on PATH)
@@ -89,7 +93,8 @@ PATH = "/v1/chat/completions"
 # The floor filter (bench/floor-filter): a proxy-wasm filter with no routing logic, three modes.
 FLOOR_WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "bbr_floor.wasm"
 FLOOR_MODES = ("pass", "buffer", "read", "route")
-ALL_CONFIGS = ("baseline", "native", "bbr", "buffer", "bbr_early") + tuple(f"wasm_{m}" for m in FLOOR_MODES)
+ALL_CONFIGS = ("baseline", "native", "bbr", "buffer", "bbr_early", "bbr_alt") + tuple(
+    f"wasm_{m}" for m in FLOOR_MODES)
 CONFIGS: tuple[str, ...] = ("baseline", "native", "bbr")  # BENCH_CONFIGS may add "buffer"
 LABELS = {
     "baseline": "baseline (client header, no inspection)",
@@ -97,6 +102,7 @@ LABELS = {
     "bbr": "bbr-wasm",
     "buffer": "diagnostic: client header + C++ buffer filter",
     "bbr_early": "diagnostic: bbr-wasm with routeBeforeBodyEnds",
+    "bbr_alt": "diagnostic: bbr-wasm, the BENCH_ALT_WASM build",
     "wasm_pass": "diagnostic: empty wasm filter (Continue at the headers)",
     "wasm_buffer": "diagnostic: wasm filter holding the body, reading nothing",
     "wasm_read": "diagnostic: wasm filter copying every body byte into the VM",
@@ -105,6 +111,7 @@ LABELS = {
 # Legends of the chart.
 SHORT = {"baseline": "baseline", "native": "native json_to_metadata", "bbr": "bbr-wasm",
          "buffer": "buffer filter (diag.)", "bbr_early": "bbr routeBeforeBodyEnds (diag.)",
+         "bbr_alt": "bbr-wasm, BENCH_ALT_WASM build (diag.)",
          "wasm_pass": "wasm pass (diag.)", "wasm_buffer": "wasm buffer (diag.)", "wasm_read": "wasm read (diag.)",
          "wasm_route": "wasm read+set headers (diag.)"}
 # The client sends the routing header itself to these (no body inspection).
@@ -382,6 +389,23 @@ def gateway_config(ports: dict[str, int]) -> dict:
         hcm["route_config"]["name"] = f"{name}_routes"
         hcm["http_filters"][0] = floor_wasm_filter(mode)
         cfg["static_resources"]["listeners"].append(listener)
+    alt = os.environ.get("BENCH_ALT_WASM")
+    if alt:
+        # A copy of the bbr listener running the other build, in its own VM.
+        template = next(l for l in cfg["static_resources"]["listeners"] if l["name"] == "bbr")
+        listener = json.loads(json.dumps(template))
+        listener["name"] = "bbr_alt"
+        listener["address"]["socket_address"]["port_value"] = ports["PORT_BBR_ALT"]
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        hcm["stat_prefix"] = "bbr_alt"
+        hcm["route_config"]["name"] = "bbr_alt_routes"
+        entry = shipped_wasm_filter()
+        config = entry["typed_config"]["config"]
+        config["name"] = config["name"] + "_alt"
+        config["vm_config"]["vm_id"] = config["vm_config"].get("vm_id", "bbr") + "_alt"
+        config["vm_config"]["code"]["local"]["filename"] = str(Path(alt).resolve())
+        hcm["http_filters"][0] = entry
+        cfg["static_resources"]["listeners"].append(listener)
     return cfg
 
 
@@ -585,6 +609,9 @@ def summarize(runs: list[dict], positions, sizes, concs) -> dict:
                     c["ratio"]["bbr_vs_buffer"] = paired("bbr", "buffer")
                 if "bbr_early" in by:
                     c["ratio"]["bbr_early_vs_baseline"] = paired("bbr_early", "baseline")
+                if "bbr_alt" in by:
+                    c["ratio"]["bbr_alt_vs_baseline"] = paired("bbr_alt", "baseline")
+                    c["ratio"]["bbr_alt_vs_bbr"] = paired("bbr_alt", "bbr")
                 for mode in FLOOR_MODES:
                     if f"wasm_{mode}" in by:
                         c["ratio"][f"wasm_{mode}_vs_baseline"] = paired(f"wasm_{mode}", "baseline")
@@ -722,6 +749,13 @@ def markdown(meta: dict, cells: dict, scan_rows, scan_overall, results: list[dic
             for conns in concs:
                 L.append(f"| diagnostic: bbr-wasm routeBeforeBodyEnds | {conns} | " + " | ".join(
                     fmt_ratio(cells[f"{pos}/{s}/{conns}"]["ratio"]["bbr_early_vs_baseline"]) for s in sizes) + " |")
+        if "bbr_alt" in CONFIGS:
+            for conns in concs:
+                L.append(f"| diagnostic: BENCH_ALT_WASM build | {conns} | " + " | ".join(
+                    fmt_ratio(cells[f"{pos}/{s}/{conns}"]["ratio"]["bbr_alt_vs_baseline"]) for s in sizes) + " |")
+            for conns in concs:
+                L.append(f"| **BENCH_ALT_WASM build vs bbr-wasm** | {conns} | " + " | ".join(
+                    fmt_ratio(cells[f"{pos}/{s}/{conns}"]["ratio"]["bbr_alt_vs_bbr"]) for s in sizes) + " |")
         L.append("")
         secs = sorted({cells[f"{pos}/{s}/{c}"]["configs"]["bbr"]["run_seconds"] for s in sizes for c in concs})
         L.append(f"Run lengths used: {', '.join(f'{x:.0f} s' for x in secs)} (longer at c > 1 for slow cells, "
@@ -843,7 +877,7 @@ def chart(path: Path, meta: dict, cells: dict, positions, sizes, concs) -> Optio
         return "matplotlib is not installed (bash scripts/bench-deps.sh); no chart"
     pos = positions[0]
     colors = {"baseline": "#555555", "native": "#d62728", "bbr": "#1f77b4", "buffer": "#9467bd",
-              "bbr_early": "#17becf", "wasm_pass": "#bcbd22", "wasm_buffer": "#8c564b",
+              "bbr_early": "#17becf", "bbr_alt": "#ff7f0e", "wasm_pass": "#bcbd22", "wasm_buffer": "#8c564b",
               "wasm_read": "#e377c2", "wasm_route": "#7f7f7f"}
     fig, axes = plt.subplots(2, len(concs), figsize=(6.2 * len(concs), 9.5), squeeze=False)
     xs = list(range(len(sizes)))
@@ -855,6 +889,8 @@ def chart(path: Path, meta: dict, cells: dict, positions, sizes, concs) -> Optio
             ratios.append(("buffer", "buffer_vs_baseline"))
         if "bbr_early" in CONFIGS:
             ratios.append(("bbr_early", "bbr_early_vs_baseline"))
+        if "bbr_alt" in CONFIGS:
+            ratios.append(("bbr_alt", "bbr_alt_vs_baseline"))
         ratios += [(f"wasm_{m}", f"wasm_{m}_vs_baseline") for m in FLOOR_MODES if f"wasm_{m}" in CONFIGS]
         series = {cfg: [cells[f"{pos}/{s}/{conns}"]["ratio"][key] for s in sizes] for cfg, key in ratios}
         for cfg, ys in series.items():
@@ -936,6 +972,14 @@ def main() -> int:
     for c in CONFIGS:
         if c not in ALL_CONFIGS:
             raise SystemExit(f"bench: BENCH_CONFIGS: unknown configuration {c!r}; known: {ALL_CONFIGS}")
+    alt = os.environ.get("BENCH_ALT_WASM")
+    if alt:
+        if not Path(alt).is_file():
+            raise SystemExit(f"bench: BENCH_ALT_WASM: {alt} is not a file")
+        if "bbr_alt" not in CONFIGS:
+            CONFIGS += ("bbr_alt",)
+    elif "bbr_alt" in CONFIGS:
+        raise SystemExit("bench: the bbr_alt configuration needs BENCH_ALT_WASM (a .wasm path)")
     strict = os.environ.get("BENCH_STRICT", "0") == "1"
     out_dir = Path(os.environ.get("BENCH_OUT", str(BENCH / "results")))
     if not out_dir.is_absolute():
@@ -971,13 +1015,13 @@ def main() -> int:
 
     up_ports = {"admin": free_port(), "qwen": free_port(), "phi": free_port()}
     gw_ports = {"admin": free_port(), "baseline": free_port(), "native": free_port(), "bbr": free_port(),
-                "buffer": free_port(), "bbr_early": free_port(),
+                "buffer": free_port(), "bbr_early": free_port(), "bbr_alt": free_port(),
                 **{f"wasm_{m}": free_port() for m in FLOOR_MODES}}
     up_cfg = fill(BENCH / "envoy" / "upstream.yaml",
                   {"PORT_ADMIN": up_ports["admin"], "PORT_QWEN": up_ports["qwen"], "PORT_PHI": up_ports["phi"]})
     gw_cfg = gateway_config({"PORT_ADMIN": gw_ports["admin"], "PORT_BASELINE": gw_ports["baseline"],
                              "PORT_NATIVE": gw_ports["native"], "PORT_BBR": gw_ports["bbr"],
-                             "PORT_BUFFER": gw_ports["buffer"], "PORT_BBR_EARLY": gw_ports["bbr_early"],
+                             "PORT_BUFFER": gw_ports["buffer"], "PORT_BBR_EARLY": gw_ports["bbr_early"], "PORT_BBR_ALT": gw_ports["bbr_alt"],
                              "UPSTREAM_QWEN": up_ports["qwen"], "UPSTREAM_PHI": up_ports["phi"],
                              **{f"PORT_WASM_{m.upper()}": gw_ports[f"wasm_{m}"] for m in FLOOR_MODES}})
 
@@ -1032,7 +1076,8 @@ def main() -> int:
         "wrk": f"{wrk_version}, -t1, --timeout 30s, one prepared body per run (bench/wrk/post.lua)",
         "gateway": f"one Envoy, --concurrency 1, one listener per configuration ({', '.join(CONFIGS)}; "
                    "bench/envoy/gateway.yaml and the floor listeners bench/run.py derives from it); "
-                   "per_connection_buffer_limit_bytes 8454144 on every listener and cluster; no access log",
+                   "per_connection_buffer_limit_bytes 8454144 on every listener and cluster; no access log"
+                   + (f"; bbr_alt runs {os.environ['BENCH_ALT_WASM']}" if "bbr_alt" in CONFIGS else ""),
         "upstream": "a second Envoy, --concurrency 1, direct_response 200 after the buffer filter has read "
                     "the whole body (bench/envoy/upstream.yaml)",
         "bodies": "chat-completions JSON of exactly the stated size: system prompt, user/assistant turns of "
