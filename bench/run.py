@@ -51,7 +51,9 @@ Environment (all optional):
   BENCH_ALT_WASM     a second build of the filter (a .wasm path), run as the "bbr_alt"
                      configuration next to bbr-wasm, same plugin configuration, its own VM:
                      an A/B comparison of two builds in one run, paired round by round. Adds
-                     "bbr_alt" to BENCH_CONFIGS when it is set
+                     "bbr_alt" to BENCH_CONFIGS when it is set. Both VMs write the same
+                     metric names: the scan figures are still bbr-wasm's (deltas around its
+                     own runs), but the memory gauge holds whichever VM wrote it last
   BENCH_STRICT       1: exit 1 when a target is missed
   BENCH_OUT          output directory, default bench/results
   ENVOY_BIN, WRK_BIN the binaries (default: scripts/envoy-bin.sh, wrk on PATH)
