@@ -380,35 +380,32 @@ def gateway_config(ports: dict[str, int]) -> dict:
     assert replaced == len(wasm)
     # The floor listeners: copies of the `buffer` listener (routed on the client's header)
     # with the C++ buffer filter replaced by the floor filter in one of its modes.
-    template = next(l for l in cfg["static_resources"]["listeners"] if l["name"] == "buffer")
     for mode in FLOOR_MODES:
-        name = f"wasm_{mode}"
-        listener = json.loads(json.dumps(template))
-        listener["name"] = name
-        listener["address"]["socket_address"]["port_value"] = ports[f"PORT_{name.upper()}"]
-        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
-        hcm["stat_prefix"] = name
-        hcm["route_config"]["name"] = f"{name}_routes"
-        hcm["http_filters"][0] = floor_wasm_filter(mode)
-        cfg["static_resources"]["listeners"].append(listener)
+        add_listener_copy(cfg, "buffer", f"wasm_{mode}", ports, floor_wasm_filter(mode))
     alt = os.environ.get("BENCH_ALT_WASM")
     if alt:
         # A copy of the bbr listener running the other build, in its own VM.
-        template = next(l for l in cfg["static_resources"]["listeners"] if l["name"] == "bbr")
-        listener = json.loads(json.dumps(template))
-        listener["name"] = "bbr_alt"
-        listener["address"]["socket_address"]["port_value"] = ports["PORT_BBR_ALT"]
-        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
-        hcm["stat_prefix"] = "bbr_alt"
-        hcm["route_config"]["name"] = "bbr_alt_routes"
         entry = shipped_wasm_filter()
         config = entry["typed_config"]["config"]
         config["name"] = config["name"] + "_alt"
         config["vm_config"]["vm_id"] = config["vm_config"].get("vm_id", "bbr") + "_alt"
         config["vm_config"]["code"]["local"]["filename"] = str(Path(alt).resolve())
-        hcm["http_filters"][0] = entry
-        cfg["static_resources"]["listeners"].append(listener)
+        add_listener_copy(cfg, "bbr", "bbr_alt", ports, entry)
     return cfg
+
+
+def add_listener_copy(cfg: dict, template: str, name: str, ports: dict[str, int], first_filter: dict) -> None:
+    """Appends a copy of the `template` listener as `name` (port PORT_<NAME>, its own stat prefix
+    and route config name), with its first HTTP filter replaced by `first_filter`."""
+    source = next(l for l in cfg["static_resources"]["listeners"] if l["name"] == template)
+    listener = json.loads(json.dumps(source))
+    listener["name"] = name
+    listener["address"]["socket_address"]["port_value"] = ports[f"PORT_{name.upper()}"]
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["stat_prefix"] = name
+    hcm["route_config"]["name"] = f"{name}_routes"
+    hcm["http_filters"][0] = first_filter
+    cfg["static_resources"]["listeners"].append(listener)
 
 
 def floor_wasm_filter(mode: str) -> dict:
@@ -722,42 +719,31 @@ def markdown(meta: dict, cells: dict, scan_rows, scan_overall, results: list[dic
         L.append("")
         L.append(head)
         L.append(sep)
-        for cfg, key in (("native json_to_metadata (C++)", "native_vs_baseline"), ("bbr-wasm", "bbr_vs_baseline")):
+
+        def ratio_rows(label: str, key: str) -> None:
+            """One row per concurrency: the `key` ratio of this position at every size."""
             for conns in concs:
-                L.append(f"| {cfg} | {conns} | " + " | ".join(
+                L.append(f"| {label} | {conns} | " + " | ".join(
                     fmt_ratio(cells[f"{pos}/{s}/{conns}"]["ratio"][key]) for s in sizes) + " |")
-        for conns in concs:
-            L.append(f"| **bbr-wasm vs native** | {conns} | " + " | ".join(
-                fmt_ratio(cells[f"{pos}/{s}/{conns}"]["ratio"]["bbr_vs_native"]) for s in sizes) + " |")
+
+        ratio_rows("native json_to_metadata (C++)", "native_vs_baseline")
+        ratio_rows("bbr-wasm", "bbr_vs_baseline")
+        ratio_rows("**bbr-wasm vs native**", "bbr_vs_native")
         if "buffer" in CONFIGS:
-            for conns in concs:
-                L.append(f"| diagnostic: buffer filter vs baseline | {conns} | " + " | ".join(
-                    fmt_ratio(cells[f"{pos}/{s}/{conns}"]["ratio"]["buffer_vs_baseline"]) for s in sizes) + " |")
-            for conns in concs:
-                L.append(f"| diagnostic: bbr-wasm vs buffer filter | {conns} | " + " | ".join(
-                    fmt_ratio(cells[f"{pos}/{s}/{conns}"]["ratio"]["bbr_vs_buffer"]) for s in sizes) + " |")
+            ratio_rows("diagnostic: buffer filter vs baseline", "buffer_vs_baseline")
+            ratio_rows("diagnostic: bbr-wasm vs buffer filter", "bbr_vs_buffer")
         for mode in FLOOR_MODES:
-            if f"wasm_{mode}" not in CONFIGS:
-                continue
-            for conns in concs:
-                L.append(f"| floor: {LABELS[f'wasm_{mode}'].removeprefix('diagnostic: ')} | {conns} | " + " | ".join(
-                    fmt_ratio(cells[f"{pos}/{s}/{conns}"]["ratio"][f"wasm_{mode}_vs_baseline"]) for s in sizes) + " |")
+            if f"wasm_{mode}" in CONFIGS:
+                ratio_rows(f"floor: {LABELS[f'wasm_{mode}'].removeprefix('diagnostic: ')}",
+                           f"wasm_{mode}_vs_baseline")
         floor = floor_config()
         if floor:
-            for conns in concs:
-                L.append(f"| **bbr-wasm vs the {floor} floor** | {conns} | " + " | ".join(
-                    fmt_ratio(cells[f"{pos}/{s}/{conns}"]["ratio"][f"bbr_vs_{floor}"]) for s in sizes) + " |")
+            ratio_rows(f"**bbr-wasm vs the {floor} floor**", f"bbr_vs_{floor}")
         if "bbr_early" in CONFIGS:
-            for conns in concs:
-                L.append(f"| diagnostic: bbr-wasm routeBeforeBodyEnds | {conns} | " + " | ".join(
-                    fmt_ratio(cells[f"{pos}/{s}/{conns}"]["ratio"]["bbr_early_vs_baseline"]) for s in sizes) + " |")
+            ratio_rows("diagnostic: bbr-wasm routeBeforeBodyEnds", "bbr_early_vs_baseline")
         if "bbr_alt" in CONFIGS:
-            for conns in concs:
-                L.append(f"| diagnostic: BENCH_ALT_WASM build | {conns} | " + " | ".join(
-                    fmt_ratio(cells[f"{pos}/{s}/{conns}"]["ratio"]["bbr_alt_vs_baseline"]) for s in sizes) + " |")
-            for conns in concs:
-                L.append(f"| **BENCH_ALT_WASM build vs bbr-wasm** | {conns} | " + " | ".join(
-                    fmt_ratio(cells[f"{pos}/{s}/{conns}"]["ratio"]["bbr_alt_vs_bbr"]) for s in sizes) + " |")
+            ratio_rows("diagnostic: BENCH_ALT_WASM build", "bbr_alt_vs_baseline")
+            ratio_rows("**BENCH_ALT_WASM build vs bbr-wasm**", "bbr_alt_vs_bbr")
         L.append("")
         secs = sorted({cells[f"{pos}/{s}/{c}"]["configs"]["bbr"]["run_seconds"] for s in sizes for c in concs})
         L.append(f"Run lengths used: {', '.join(f'{x:.0f} s' for x in secs)} (longer at c > 1 for slow cells, "
