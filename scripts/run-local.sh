@@ -5,12 +5,22 @@
 #   microsoft/Phi-3-mini-4k-instruct                          mock-vllm on 127.0.0.1:8002
 #   Envoy with bbr-wasm (envoy/envoy.yaml)                    127.0.0.1:10000, admin :9901
 #
+# `make run BACKEND=llama` adds a real model as a third pool:
+#
+#   HuggingFaceTB/SmolLM2-135M-Instruct                       llama-server on 127.0.0.1:8003
+#                                                             and 127.0.0.1:8004 (one cluster)
+#
+# llama.cpp's llama-server is built from source the first time (scripts/llama-deps.sh, about
+# 6 minutes on 2 cores) and the model comes out of a PyPI wheel; Envoy then runs
+# envoy/envoy.yaml with that pool added (tests/llama_pool.py writes .run/envoy-llama.yaml).
+#
 # Installs what is missing (the venv with Envoy, the wasm32-wasip1 target), builds the filter
 # and the mock, starts everything, prints example requests, and stops everything it started
 # (by pid) on Ctrl-C or exit. Logs: .run/
 #
-# Environment: ENVOY_BIN (see scripts/envoy-bin.sh), CARGO (default cargo),
-#              MOCK_TTFT_MS / MOCK_ITL_MS (default 0 / 20: a visible token stream).
+# Environment: BACKEND (mock, the default, or llama), ENVOY_BIN (see scripts/envoy-bin.sh),
+#              CARGO (default cargo), MOCK_TTFT_MS / MOCK_ITL_MS (default 0 / 20: a visible
+#              token stream).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -26,6 +36,10 @@ LISTEN_PORT=10000
 ADMIN_PORT=9901
 QWEN_PORT=8001
 PHI_PORT=8002
+LLAMA_PORTS=(8003 8004)
+SMOL="HuggingFaceTB/SmolLM2-135M-Instruct"
+BACKEND="${BACKEND:-mock}"
+ENVOY_CONFIG=envoy/envoy.yaml
 START_TIMEOUT=30 # seconds per process
 
 say() { printf 'run-local: %s\n' "$*" >&2; }
@@ -68,9 +82,21 @@ else
 fi
 ENVOY="$(bash scripts/envoy-bin.sh)" || die "no usable Envoy (see above)"
 
-for port in $LISTEN_PORT $ADMIN_PORT $QWEN_PORT $PHI_PORT; do
+case "$BACKEND" in
+  mock) ports=($LISTEN_PORT $ADMIN_PORT $QWEN_PORT $PHI_PORT) ;;
+  llama) ports=($LISTEN_PORT $ADMIN_PORT $QWEN_PORT $PHI_PORT "${LLAMA_PORTS[@]}") ;;
+  *) die "BACKEND=$BACKEND: choose mock (the default) or llama" ;;
+esac
+for port in "${ports[@]}"; do
   port_busy "$port" && die "127.0.0.1:$port is already in use (another 'make run'?)"
 done
+
+if [[ "$BACKEND" == llama ]]; then
+  # The venv has PyYAML for tests/llama_pool.py (with ENVOY_BIN set, envoy-bin.sh skips it).
+  bash scripts/bootstrap.sh
+  say "llama-server and SmolLM2-135M-Instruct (built once: about 6 minutes the first time)"
+  bash scripts/llama-deps.sh >/dev/null || die "could not install llama-server (see above)"
+fi
 
 # --- build ---------------------------------------------------------------------------------
 say "building the filter and the mock backend"
@@ -126,14 +152,30 @@ PHI_PID="${PIDS[-1]}"
 wait_for "mock-vllm qwen" "$QWEN_PID" "$RUN/mock-qwen.log" grep -q listening "$RUN/mock-qwen.log"
 wait_for "mock-vllm phi" "$PHI_PID" "$RUN/mock-phi.log" grep -q listening "$RUN/mock-phi.log"
 
+healthy_count=2
+if [[ "$BACKEND" == llama ]]; then
+  for i in "${!LLAMA_PORTS[@]}"; do
+    port="${LLAMA_PORTS[$i]}"
+    mapfile -d '' argv < <(.venv/bin/python tests/llama_pool.py argv "$port")
+    ((${#argv[@]})) || die "tests/llama_pool.py gave no command line for llama-server"
+    start "llama-server smollm-$i" "$RUN/llama-$i.log" "${argv[@]}"
+    pid="${PIDS[-1]}"
+    # /health answers 503 while the model loads, 200 once it can serve.
+    wait_for "llama-server smollm-$i" "$pid" "$RUN/llama-$i.log" curl -fsS --max-time 2 "http://127.0.0.1:$port/health"
+  done
+  ENVOY_CONFIG="$RUN/envoy-llama.yaml"
+  .venv/bin/python tests/llama_pool.py envoy-config envoy/envoy.yaml "$ENVOY_CONFIG" "$(IFS=,; echo "${LLAMA_PORTS[*]}")"
+  healthy_count=$((2 + ${#LLAMA_PORTS[@]}))
+fi
+
 # --- Envoy ---------------------------------------------------------------------------------
 # Started after the backends so its first health check finds them up.
-start "Envoy" "$RUN/envoy.log" "$ENVOY" -c envoy/envoy.yaml --concurrency 2 --use-dynamic-base-id \
+start "Envoy" "$RUN/envoy.log" "$ENVOY" -c "$ENVOY_CONFIG" --concurrency 2 --use-dynamic-base-id \
   --base-id-path "$RUN/envoy.base-id"
 ENVOY_PID="${PIDS[-1]}"
 envoy_ready() {
   [[ "$(curl -fsS --max-time 2 "http://127.0.0.1:$ADMIN_PORT/ready")" == LIVE ]] &&
-    [[ "$(curl -fsS --max-time 2 "http://127.0.0.1:$ADMIN_PORT/clusters" | grep -c '::health_flags::healthy$')" -ge 2 ]]
+    [[ "$(curl -fsS --max-time 2 "http://127.0.0.1:$ADMIN_PORT/clusters" | grep -c '::health_flags::healthy$')" -ge "$healthy_count" ]]
 }
 wait_for "Envoy" "$ENVOY_PID" "$RUN/envoy.log" envoy_ready
 
@@ -168,6 +210,20 @@ Try, in another terminal:
 
 Ctrl-C stops everything.
 EOF
+if [[ "$BACKEND" == llama ]]; then
+  cat >&2 <<EOF
+
+A real model: SmolLM2-135M-Instruct on llama-server (127.0.0.1:${LLAMA_PORTS[0]} and :${LLAMA_PORTS[1]}, one
+cluster; logs .run/llama-*.log). It answers "model": "$SMOL" whatever a request
+names, so a response's model shows which pool answered:
+
+  curl -s localhost:$LISTEN_PORT/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{"model": "$SMOL", "max_tokens": 40, "messages": [{"role": "user", "content": "What is the capital of France?"}]}'
+
+  curl -sN localhost:$LISTEN_PORT/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{"model": "$SMOL", "stream": true, "max_tokens": 40, "messages": [{"role": "user", "content": "Tell me a short story."}]}'
+EOF
+fi
 
 # Wait until Ctrl-C, or until one of the processes dies.
 while true; do

