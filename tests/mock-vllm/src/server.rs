@@ -43,6 +43,9 @@ static X_PREFIX_IN: HeaderName = HeaderName::from_static("x-gateway-prefix-hash"
 static X_PREFIX_ECHO: HeaderName = HeaderName::from_static("x-echo-prefix-hash");
 /// Prompt tokens this request found in the simulated prefix cache.
 static X_HIT_TOKENS: HeaderName = HeaderName::from_static("x-mock-prefix-cache-hit-tokens");
+/// Time to first token as this replica schedules it (queueing + prefill + --ttft-ms), in ms:
+/// simulated time, which a benchmark can trust when its own client is short of CPU.
+static X_TTFT: HeaderName = HeaderName::from_static("x-mock-ttft-ms");
 
 // ---------------------------------------------------------------------------
 // Response bodies
@@ -369,6 +372,7 @@ async fn route(state: &Arc<State>, method: &Method, path: &str, body: Bytes) -> 
 }
 
 async fn inference(state: &Arc<State>, ep: Endpoint, body: &[u8]) -> Response<RespBody> {
+    let arrived = Instant::now();
     let req = match openai::parse_request(ep, body) {
         Ok(r) => r,
         Err(e) => return api_error_response(e),
@@ -401,6 +405,9 @@ async fn inference(state: &Arc<State>, ep: Endpoint, body: &[u8]) -> Response<Re
     let hit_tokens = HeaderValue::from(admitted.hit_tokens);
     let start = Instant::now();
     let first_token_at = start + state.ttft;
+    let ttft_ms = (first_token_at - arrived).as_secs_f64() * 1000.0;
+    let ttft_ms =
+        HeaderValue::from_str(&format!("{ttft_ms:.3}")).unwrap_or(HeaderValue::from_static("0"));
 
     if req.stream {
         state.count_served(model_idx);
@@ -429,6 +436,7 @@ async fn inference(state: &Arc<State>, ep: Endpoint, body: &[u8]) -> Response<Re
             HeaderValue::from_static("no-cache"),
         );
         r.headers_mut().insert(X_HIT_TOKENS.clone(), hit_tokens);
+        r.headers_mut().insert(X_TTFT.clone(), ttft_ms);
         return r;
     }
 
@@ -445,6 +453,7 @@ async fn inference(state: &Arc<State>, ep: Endpoint, body: &[u8]) -> Response<Re
     drop(inflight);
     let mut r = json_response(StatusCode::OK, &v);
     r.headers_mut().insert(X_HIT_TOKENS.clone(), hit_tokens);
+    r.headers_mut().insert(X_TTFT.clone(), ttft_ms);
     r
 }
 

@@ -136,6 +136,11 @@ fn shared_prefix_hits_the_cache_and_skips_its_prefill() {
 
     let (cold, h) = post(&[]);
     assert_eq!(header(&h, "x-mock-prefix-cache-hit-tokens"), Some("0"));
+    let ttft: f64 = header(&h, "x-mock-ttft-ms").unwrap().parse().unwrap();
+    assert!(
+        (1004.0..cold.as_secs_f64() * 1000.0).contains(&ttft),
+        "{ttft} ms"
+    );
     assert!(
         cold >= Duration::from_millis(1000),
         "cold prefill took {cold:?}"
