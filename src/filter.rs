@@ -8,7 +8,8 @@
 use crate::core::headers;
 use crate::core::metrics as names;
 use crate::core::{
-    BodyScanner, HeadAction, ModelScanner, Outcome, Rejection, RequestHead, Router, Step, Verdict,
+    BodyScanner, CaptureState, HeadAction, ModelScanner, Outcome, PromptCapture, Rejection,
+    RequestHead, Router, Step, Verdict,
 };
 use log::{debug, error, info, warn};
 use proxy_wasm::hostcalls;
@@ -145,6 +146,7 @@ impl RootContext for BbrRoot {
             configured_at: self.configured_at,
             phase: Phase::Headers,
             scanner: None,
+            capture: None,
             consumed: 0,
             scan_nanos: 0,
         }))
@@ -176,6 +178,9 @@ struct BbrHttp {
     configured_at: u64,
     phase: Phase,
     scanner: Option<Box<BodyScanner>>,
+    /// The prompt's start, for the prefix key (prefix affinity on, JSON body); fed until it
+    /// is settled, usually a few KiB into the body.
+    capture: Option<Box<PromptCapture>>,
     /// Body bytes already given to the scanner.
     consumed: usize,
     /// Time spent in the scanner for this request.
@@ -217,7 +222,11 @@ impl HttpContext for BbrHttp {
         // choose a pool by sending the routing header itself. The value is never decoded: a
         // forged header may hold any bytes.
         let mut removed = false;
-        for name in [&router.base_model_header, &router.model_header] {
+        for name in [
+            &router.base_model_header,
+            &router.model_header,
+            &router.prefix_header,
+        ] {
             if headers::first(&pairs, name).is_none() {
                 continue;
             }
@@ -274,6 +283,7 @@ impl HttpContext for BbrHttp {
                     let step = scanner.finish();
                     return self.act_on(&router, step);
                 }
+                self.capture = router.prompt_capture(&scanner).map(Box::new);
                 self.scanner = Some(scanner);
                 self.phase = Phase::Scanning;
                 // Needs `allow_on_headers_stop_iteration: true` on Envoy >= 1.35; otherwise
@@ -323,6 +333,11 @@ impl HttpContext for BbrHttp {
             if let Some(scanner) = self.scanner.as_mut() {
                 let started = now_nanos();
                 let step = scanner.feed(&bytes);
+                if let Some(capture) = self.capture.as_mut() {
+                    if capture.state() == CaptureState::Reading {
+                        capture.feed(&bytes);
+                    }
+                }
                 self.scan_nanos += now_nanos().saturating_sub(started);
                 if step != Step::NeedMore {
                     return self.act_on(&router, step);
@@ -357,6 +372,9 @@ impl HttpContext for BbrHttp {
 
 impl BbrHttp {
     fn finish(&mut self, router: &Router) -> Action {
+        if let Some(capture) = self.capture.as_mut() {
+            capture.finish();
+        }
         let step = match self.scanner.as_mut() {
             Some(scanner) => scanner.finish(),
             None => ModelScanner::new(router.max_model_name_bytes).finish(),
@@ -367,6 +385,7 @@ impl BbrHttp {
     /// Carries out the scanner's verdict.
     fn act_on(&mut self, router: &Router, step: Step) -> Action {
         self.scanner = None;
+        let capture = self.capture.take();
         self.metrics
             .record_scan(self.consumed as u64, self.scan_nanos);
         match router.decide(step) {
@@ -378,6 +397,18 @@ impl BbrHttp {
                 if let Err(status) = set {
                     error!("[{}] cannot set the routing headers: {status:?}", self.id);
                     return self.reply_error(500, "The gateway could not route the request.");
+                }
+                // With routeBeforeBodyEnds the capture may not be settled yet: no key then,
+                // rather than a key over part of the prompt that the next request would not share.
+                if let Some(key) = capture.and_then(|c| router.prefix_key(&c, &served.name)) {
+                    if let Some(affinity) = &router.prefix_affinity {
+                        if let Err(status) = self.set_request_header(&affinity.header, &key) {
+                            error!("[{}] cannot set the prefix key: {status:?}", self.id);
+                            return self
+                                .reply_error(500, "The gateway could not route the request.");
+                        }
+                        self.metrics.increment(self.metrics.prefix_keyed);
+                    }
                 }
                 self.clear_route_cache();
                 self.metrics.count(Outcome::Routed);
@@ -424,6 +455,7 @@ impl BbrHttp {
     fn reply(&mut self, status: u32, body: &str) -> Action {
         self.phase = Phase::Replied;
         self.scanner = None;
+        self.capture = None;
         let headers = vec![("content-type", "application/json")];
         if let Err(status_err) =
             hostcalls::send_http_response(status, headers, Some(body.as_bytes()))
@@ -488,6 +520,7 @@ fn now_nanos() -> u64 {
 struct Metrics {
     outcomes: [Option<u32>; Outcome::ALL.len()],
     spoofed_header_removed: Option<u32>,
+    prefix_keyed: Option<u32>,
     body_bytes: Option<u32>,
     scan_time_us: Option<u32>,
     scanned_bytes: Option<u32>,
@@ -511,6 +544,7 @@ impl Metrics {
         let mut metrics = Metrics {
             outcomes: Outcome::ALL.map(|o| define(MetricType::Counter, o.counter())),
             spoofed_header_removed: define(MetricType::Counter, names::SPOOFED_HEADER_REMOVED),
+            prefix_keyed: define(MetricType::Counter, names::PREFIX_KEYED),
             body_bytes: define(MetricType::Histogram, names::BODY_BYTES),
             scan_time_us: define(MetricType::Histogram, names::SCAN_TIME_US),
             scanned_bytes: define(MetricType::Counter, names::SCANNED_BYTES),

@@ -66,6 +66,8 @@ impl Outcome {
 
 /// Requests that arrived with a client-supplied routing header, which was removed.
 pub const SPOOFED_HEADER_REMOVED: &str = "bbr_spoofed_header_removed_total";
+/// Routed requests that got a prefix-key header (prefix affinity on, a complete block).
+pub const PREFIX_KEYED: &str = "bbr_prefix_keyed_total";
 /// Histogram: body bytes read per inspected request.
 pub const BODY_BYTES: &str = "bbr_body_bytes";
 /// Histogram: time spent scanning the body of one request, in microseconds.
