@@ -210,7 +210,8 @@ impl PromptCapture {
     pub fn new(budget: usize) -> Self {
         PromptCapture {
             budget,
-            out: Vec::new(),
+            // One allocation up front rather than a doubling series as the prompt comes in.
+            out: Vec::with_capacity(budget.min(MAX_CAPTURE_BYTES)),
             state: CaptureState::Reading,
             lex: Lex::Between,
             sink: Sink::Drop,
@@ -260,11 +261,16 @@ impl PromptCapture {
     pub fn feed(&mut self, chunk: &[u8]) -> CaptureState {
         let mut i = 0;
         while i < chunk.len() && self.state == CaptureState::Reading {
-            // Fast path: the plain bytes of a string that goes nowhere.
-            if self.lex == Lex::Str && self.sink == Sink::Drop {
-                i += string_stop(&chunk[i..]);
-                if i == chunk.len() {
-                    break;
+            // Fast path: the plain bytes of a string (up to its next quote or backslash), taken
+            // as one run whatever their sink; the state machine sees only the stop byte.
+            if self.lex == Lex::Str {
+                let n = string_stop(&chunk[i..]);
+                if n > 0 {
+                    self.put_run(&chunk[i..i + n]);
+                    i += n;
+                    if i == chunk.len() || self.state != CaptureState::Reading {
+                        break;
+                    }
                 }
             }
             self.byte(chunk[i]);
@@ -383,6 +389,27 @@ impl PromptCapture {
         let mut buf = [0u8; 4];
         for &b in c.encode_utf8(&mut buf).as_bytes() {
             self.put(b);
+        }
+    }
+
+    /// A run of plain (unescaped) bytes of the current string.
+    fn put_run(&mut self, run: &[u8]) {
+        match self.sink {
+            Sink::Drop => {}
+            Sink::Prompt => self.emit(run),
+            Sink::Content => self.content_bytes(run),
+            Sink::PartText if self.part_is_text() == Some(true) => self.content_bytes(run),
+            Sink::PartText => {
+                let room = self.budget.saturating_sub(self.part_text.len());
+                self.part_text
+                    .extend_from_slice(&run[..run.len().min(room)]);
+            }
+            // Short values (keys, roles, types): byte by byte into their fixed buffers.
+            Sink::Key | Sink::Role | Sink::PartType => {
+                for &b in run {
+                    self.put(b);
+                }
+            }
         }
     }
 
