@@ -149,6 +149,7 @@ impl RootContext for BbrRoot {
             capture: None,
             consumed: 0,
             scan_nanos: 0,
+            held: false,
         }))
     }
 
@@ -185,9 +186,21 @@ struct BbrHttp {
     consumed: usize,
     /// Time spent in the scanner for this request.
     scan_nanos: u64,
+    /// Counted in the `bbr_bodies_in_progress` gauge (reading the body, not decided yet).
+    held: bool,
 }
 
 impl Context for BbrHttp {}
+
+/// The SDK drops the context when Envoy destroys the stream (proxy_on_delete), whatever ended
+/// it: a reply, the end of the response, or a reset by the client or by Envoy's overload
+/// manager in the middle of the body. The scanner and the buffers go with it; the gauge is the
+/// one thing outside the context, so it is settled here.
+impl Drop for BbrHttp {
+    fn drop(&mut self) {
+        self.release_hold();
+    }
+}
 
 impl HttpContext for BbrHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
@@ -286,6 +299,8 @@ impl HttpContext for BbrHttp {
                 self.capture = router.prompt_capture(&scanner).map(Box::new);
                 self.scanner = Some(scanner);
                 self.phase = Phase::Scanning;
+                self.held = true;
+                self.metrics.add_gauge(self.metrics.bodies_in_progress, 1);
                 // Needs `allow_on_headers_stop_iteration: true` on Envoy >= 1.35; otherwise
                 // this Pause becomes StopAllIteration and the body callback never comes.
                 Action::Pause
@@ -382,10 +397,19 @@ impl BbrHttp {
         self.act_on(router, step)
     }
 
+    /// The request is no longer waiting for its body (decided, answered or gone).
+    fn release_hold(&mut self) {
+        if self.held {
+            self.held = false;
+            self.metrics.add_gauge(self.metrics.bodies_in_progress, -1);
+        }
+    }
+
     /// Carries out the scanner's verdict.
     fn act_on(&mut self, router: &Router, step: Step) -> Action {
         self.scanner = None;
         let capture = self.capture.take();
+        self.release_hold();
         self.metrics
             .record_scan(self.consumed as u64, self.scan_nanos);
         match router.decide(step) {
@@ -456,6 +480,7 @@ impl BbrHttp {
         self.phase = Phase::Replied;
         self.scanner = None;
         self.capture = None;
+        self.release_hold();
         let headers = vec![("content-type", "application/json")];
         if let Err(status_err) =
             hostcalls::send_http_response(status, headers, Some(body.as_bytes()))
@@ -526,6 +551,7 @@ struct Metrics {
     scanned_bytes: Option<u32>,
     scan_nanoseconds: Option<u32>,
     memory_bytes: Option<u32>,
+    bodies_in_progress: Option<u32>,
     /// The linear memory size last written to the gauge: it is only written when it changed,
     /// which is rarely (it stays flat), saving a host call per request.
     memory_recorded: Cell<u64>,
@@ -550,6 +576,7 @@ impl Metrics {
             scanned_bytes: define(MetricType::Counter, names::SCANNED_BYTES),
             scan_nanoseconds: define(MetricType::Counter, names::SCAN_NANOSECONDS),
             memory_bytes: define(MetricType::Gauge, names::MEMORY_BYTES),
+            bodies_in_progress: define(MetricType::Gauge, names::BODIES_IN_PROGRESS),
             memory_recorded: Cell::new(0),
             per_model: HashMap::new(),
         };
@@ -577,6 +604,13 @@ impl Metrics {
     fn add(&self, id: Option<u32>, value: u64) {
         if let Some(id) = id {
             let _ = hostcalls::increment_metric(id, i64::try_from(value).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Moves a gauge up or down (Envoy adds a positive and subtracts a negative offset).
+    fn add_gauge(&self, id: Option<u32>, offset: i64) {
+        if let Some(id) = id {
+            let _ = hostcalls::increment_metric(id, offset);
         }
     }
 

@@ -81,6 +81,12 @@ pub const SCAN_NANOSECONDS: &str = "bbr_scan_nanoseconds_total";
 /// allocates at once, so it shows that bodies are not kept whole.
 pub const MEMORY_BYTES: &str = "bbr_wasm_memory_bytes";
 
+/// Gauge: requests whose body the filter is reading now (held at their headers, their body
+/// buffered by Envoy). It goes down when the request is decided, answered, or reset by the
+/// client or by Envoy's overload manager: after a flood of cut-off uploads it is back at 0,
+/// so no per-request state was left behind.
+pub const BODIES_IN_PROGRESS: &str = "bbr_bodies_in_progress";
+
 /// The per-base-model request counter's name, with the model as an Istio-style tag.
 ///
 /// Envoy's stat names use `.` as a separator, but the tag regex takes everything up to `;.;`,
