@@ -8,7 +8,8 @@
 use crate::core::headers;
 use crate::core::metrics as names;
 use crate::core::{
-    BodyScanner, HeadAction, ModelScanner, Outcome, Rejection, RequestHead, Router, Step, Verdict,
+    BodyScanner, CaptureState, HeadAction, ModelScanner, Outcome, PromptCapture, Rejection,
+    RequestHead, Router, Step, Verdict,
 };
 use log::{debug, error, info, warn};
 use proxy_wasm::hostcalls;
@@ -145,8 +146,10 @@ impl RootContext for BbrRoot {
             configured_at: self.configured_at,
             phase: Phase::Headers,
             scanner: None,
+            capture: None,
             consumed: 0,
             scan_nanos: 0,
+            held: false,
         }))
     }
 
@@ -176,13 +179,28 @@ struct BbrHttp {
     configured_at: u64,
     phase: Phase,
     scanner: Option<Box<BodyScanner>>,
+    /// The prompt's start, for the prefix key (prefix affinity on, JSON body); fed until it
+    /// is settled, usually a few KiB into the body.
+    capture: Option<Box<PromptCapture>>,
     /// Body bytes already given to the scanner.
     consumed: usize,
     /// Time spent in the scanner for this request.
     scan_nanos: u64,
+    /// Counted in the `bbr_bodies_in_progress` gauge (reading the body, not decided yet).
+    held: bool,
 }
 
 impl Context for BbrHttp {}
+
+/// The SDK drops the context when Envoy destroys the stream (proxy_on_delete), whatever ended
+/// it: a reply, the end of the response, or a reset by the client or by Envoy's overload
+/// manager in the middle of the body. The scanner and the buffers go with it; the gauge is the
+/// one thing outside the context, so it is settled here.
+impl Drop for BbrHttp {
+    fn drop(&mut self) {
+        self.release_hold();
+    }
+}
 
 impl HttpContext for BbrHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
@@ -217,7 +235,11 @@ impl HttpContext for BbrHttp {
         // choose a pool by sending the routing header itself. The value is never decoded: a
         // forged header may hold any bytes.
         let mut removed = false;
-        for name in [&router.base_model_header, &router.model_header] {
+        for name in [
+            &router.base_model_header,
+            &router.model_header,
+            &router.prefix_header,
+        ] {
             if headers::first(&pairs, name).is_none() {
                 continue;
             }
@@ -274,8 +296,11 @@ impl HttpContext for BbrHttp {
                     let step = scanner.finish();
                     return self.act_on(&router, step);
                 }
+                self.capture = router.prompt_capture(&scanner).map(Box::new);
                 self.scanner = Some(scanner);
                 self.phase = Phase::Scanning;
+                self.held = true;
+                self.metrics.add_gauge(self.metrics.bodies_in_progress, 1);
                 // Needs `allow_on_headers_stop_iteration: true` on Envoy >= 1.35; otherwise
                 // this Pause becomes StopAllIteration and the body callback never comes.
                 Action::Pause
@@ -323,6 +348,11 @@ impl HttpContext for BbrHttp {
             if let Some(scanner) = self.scanner.as_mut() {
                 let started = now_nanos();
                 let step = scanner.feed(&bytes);
+                if let Some(capture) = self.capture.as_mut() {
+                    if capture.state() == CaptureState::Reading {
+                        capture.feed(&bytes);
+                    }
+                }
                 self.scan_nanos += now_nanos().saturating_sub(started);
                 if step != Step::NeedMore {
                     return self.act_on(&router, step);
@@ -357,6 +387,9 @@ impl HttpContext for BbrHttp {
 
 impl BbrHttp {
     fn finish(&mut self, router: &Router) -> Action {
+        if let Some(capture) = self.capture.as_mut() {
+            capture.finish();
+        }
         let step = match self.scanner.as_mut() {
             Some(scanner) => scanner.finish(),
             None => ModelScanner::new(router.max_model_name_bytes).finish(),
@@ -364,9 +397,19 @@ impl BbrHttp {
         self.act_on(router, step)
     }
 
+    /// The request is no longer waiting for its body (decided, answered or gone).
+    fn release_hold(&mut self) {
+        if self.held {
+            self.held = false;
+            self.metrics.add_gauge(self.metrics.bodies_in_progress, -1);
+        }
+    }
+
     /// Carries out the scanner's verdict.
     fn act_on(&mut self, router: &Router, step: Step) -> Action {
         self.scanner = None;
+        let capture = self.capture.take();
+        self.release_hold();
         self.metrics
             .record_scan(self.consumed as u64, self.scan_nanos);
         match router.decide(step) {
@@ -378,6 +421,18 @@ impl BbrHttp {
                 if let Err(status) = set {
                     error!("[{}] cannot set the routing headers: {status:?}", self.id);
                     return self.reply_error(500, "The gateway could not route the request.");
+                }
+                // With routeBeforeBodyEnds the capture may not be settled yet: no key then,
+                // rather than a key over part of the prompt that the next request would not share.
+                if let Some(key) = capture.and_then(|c| router.prefix_key(&c, &served.name)) {
+                    if let Some(affinity) = &router.prefix_affinity {
+                        if let Err(status) = self.set_request_header(&affinity.header, &key) {
+                            error!("[{}] cannot set the prefix key: {status:?}", self.id);
+                            return self
+                                .reply_error(500, "The gateway could not route the request.");
+                        }
+                        self.metrics.increment(self.metrics.prefix_keyed);
+                    }
                 }
                 self.clear_route_cache();
                 self.metrics.count(Outcome::Routed);
@@ -424,6 +479,8 @@ impl BbrHttp {
     fn reply(&mut self, status: u32, body: &str) -> Action {
         self.phase = Phase::Replied;
         self.scanner = None;
+        self.capture = None;
+        self.release_hold();
         let headers = vec![("content-type", "application/json")];
         if let Err(status_err) =
             hostcalls::send_http_response(status, headers, Some(body.as_bytes()))
@@ -488,11 +545,13 @@ fn now_nanos() -> u64 {
 struct Metrics {
     outcomes: [Option<u32>; Outcome::ALL.len()],
     spoofed_header_removed: Option<u32>,
+    prefix_keyed: Option<u32>,
     body_bytes: Option<u32>,
     scan_time_us: Option<u32>,
     scanned_bytes: Option<u32>,
     scan_nanoseconds: Option<u32>,
     memory_bytes: Option<u32>,
+    bodies_in_progress: Option<u32>,
     /// The linear memory size last written to the gauge: it is only written when it changed,
     /// which is rarely (it stays flat), saving a host call per request.
     memory_recorded: Cell<u64>,
@@ -511,11 +570,13 @@ impl Metrics {
         let mut metrics = Metrics {
             outcomes: Outcome::ALL.map(|o| define(MetricType::Counter, o.counter())),
             spoofed_header_removed: define(MetricType::Counter, names::SPOOFED_HEADER_REMOVED),
+            prefix_keyed: define(MetricType::Counter, names::PREFIX_KEYED),
             body_bytes: define(MetricType::Histogram, names::BODY_BYTES),
             scan_time_us: define(MetricType::Histogram, names::SCAN_TIME_US),
             scanned_bytes: define(MetricType::Counter, names::SCANNED_BYTES),
             scan_nanoseconds: define(MetricType::Counter, names::SCAN_NANOSECONDS),
             memory_bytes: define(MetricType::Gauge, names::MEMORY_BYTES),
+            bodies_in_progress: define(MetricType::Gauge, names::BODIES_IN_PROGRESS),
             memory_recorded: Cell::new(0),
             per_model: HashMap::new(),
         };
@@ -543,6 +604,13 @@ impl Metrics {
     fn add(&self, id: Option<u32>, value: u64) {
         if let Some(id) = id {
             let _ = hostcalls::increment_metric(id, i64::try_from(value).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Moves a gauge up or down (Envoy adds a positive and subtracts a negative offset).
+    fn add_gauge(&self, id: Option<u32>, offset: i64) {
+        if let Some(id) = id {
+            let _ = hostcalls::increment_metric(id, offset);
         }
     }
 

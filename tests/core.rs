@@ -829,6 +829,7 @@ both! {
             metrics::SCANNED_BYTES,
             metrics::SCAN_NANOSECONDS,
             metrics::MEMORY_BYTES,
+            metrics::BODIES_IN_PROGRESS,
         ]);
         for name in &names {
             assert!(name.starts_with(metrics::PREFIX), "{name}");

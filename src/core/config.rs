@@ -4,6 +4,9 @@
 //! (which istiod turns into the same StringValue). Unknown keys are refused so that a typo
 //! never silently falls back to a default.
 
+use super::prefix::{
+    DEFAULT_BLOCK_BYTES, DEFAULT_PREFIX_BLOCKS, DEFAULT_PREFIX_HEADER, MAX_CAPTURE_BYTES,
+};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::fmt;
@@ -52,6 +55,50 @@ pub struct RawConfig {
     pub model_list: RawModelList,
     #[serde(default)]
     pub route_before_body_ends: bool,
+    #[serde(default)]
+    pub prefix_affinity: RawPrefixAffinity,
+}
+
+/// `prefixAffinity`: a header carrying the prompt's prefix key, for a consistent-hash load
+/// balancer (see `core::prefix`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawPrefixAffinity {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default = "default_prefix_header")]
+    pub header: String,
+    #[serde(default = "default_block_bytes")]
+    pub block_bytes: usize,
+    #[serde(default = "default_prefix_blocks")]
+    pub prefix_blocks: usize,
+}
+
+impl Default for RawPrefixAffinity {
+    fn default() -> Self {
+        RawPrefixAffinity {
+            enabled: false,
+            header: default_prefix_header(),
+            block_bytes: default_block_bytes(),
+            prefix_blocks: default_prefix_blocks(),
+        }
+    }
+}
+
+/// The validated `prefixAffinity`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrefixAffinity {
+    /// Lower-case header name.
+    pub header: String,
+    pub block_bytes: usize,
+    pub prefix_blocks: usize,
+}
+
+impl PrefixAffinity {
+    /// The bytes of prompt one request holds for its key.
+    pub fn capture_bytes(&self) -> usize {
+        self.block_bytes * self.prefix_blocks
+    }
 }
 
 /// One base model and the LoRA adapters served on it (the seed's bbr-managed ConfigMap:
@@ -121,6 +168,15 @@ fn default_model_list_path() -> String {
 fn default_true() -> bool {
     true
 }
+fn default_prefix_header() -> String {
+    DEFAULT_PREFIX_HEADER.to_string()
+}
+fn default_block_bytes() -> usize {
+    DEFAULT_BLOCK_BYTES
+}
+fn default_prefix_blocks() -> usize {
+    DEFAULT_PREFIX_BLOCKS
+}
 
 /// Why a configuration was refused. `field` names the offending field as a JSON path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,6 +236,11 @@ pub struct Router {
     pub model_list_path: Option<String>,
     /// Release the request as soon as `model` is read, without the whole-body checks.
     pub route_before_body_ends: bool,
+    /// `Some` when `prefixAffinity.enabled`.
+    pub prefix_affinity: Option<PrefixAffinity>,
+    /// `prefixAffinity.header`, lower case: removed from every client request, enabled or not,
+    /// since a route may hash on it.
+    pub prefix_header: String,
 }
 
 impl Router {
@@ -279,6 +340,41 @@ impl Router {
             return Err(invalid("modelHeader", "must differ from baseModelHeader"));
         }
 
+        let prefix = &raw.prefix_affinity;
+        let prefix_header = check_header_name("prefixAffinity.header", &prefix.header)?;
+        if prefix_header == base_model_header || prefix_header == model_header {
+            return Err(invalid(
+                "prefixAffinity.header",
+                "must differ from baseModelHeader and modelHeader",
+            ));
+        }
+        if prefix.block_bytes < 16 || prefix.block_bytes > MAX_CAPTURE_BYTES {
+            return Err(invalid(
+                "prefixAffinity.blockBytes",
+                format!(
+                    "must be between 16 and {MAX_CAPTURE_BYTES}, got {}",
+                    prefix.block_bytes
+                ),
+            ));
+        }
+        if prefix.prefix_blocks == 0
+            || prefix.prefix_blocks.saturating_mul(prefix.block_bytes) > MAX_CAPTURE_BYTES
+        {
+            return Err(invalid(
+                "prefixAffinity.prefixBlocks",
+                format!(
+                    "must be at least 1, and blockBytes x prefixBlocks at most {MAX_CAPTURE_BYTES} \
+                     (the bytes each request holds), got {}",
+                    prefix.prefix_blocks
+                ),
+            ));
+        }
+        let prefix_affinity = prefix.enabled.then(|| PrefixAffinity {
+            header: prefix_header.clone(),
+            block_bytes: prefix.block_bytes,
+            prefix_blocks: prefix.prefix_blocks,
+        });
+
         let model_list_path = if raw.model_list.enabled {
             check_path("modelList.path", &raw.model_list.path)?;
             Some(raw.model_list.path.clone())
@@ -298,6 +394,8 @@ impl Router {
             max_model_name_bytes: raw.max_model_name_bytes,
             model_list_path,
             route_before_body_ends: raw.route_before_body_ends,
+            prefix_affinity,
+            prefix_header,
         })
     }
 

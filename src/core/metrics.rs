@@ -66,6 +66,8 @@ impl Outcome {
 
 /// Requests that arrived with a client-supplied routing header, which was removed.
 pub const SPOOFED_HEADER_REMOVED: &str = "bbr_spoofed_header_removed_total";
+/// Routed requests that got a prefix-key header (prefix affinity on, a complete block).
+pub const PREFIX_KEYED: &str = "bbr_prefix_keyed_total";
 /// Histogram: body bytes read per inspected request.
 pub const BODY_BYTES: &str = "bbr_body_bytes";
 /// Histogram: time spent scanning the body of one request, in microseconds.
@@ -78,6 +80,12 @@ pub const SCAN_NANOSECONDS: &str = "bbr_scan_nanoseconds_total";
 /// Gauge: the size of the VM's linear memory in bytes. It grows with what the filter
 /// allocates at once, so it shows that bodies are not kept whole.
 pub const MEMORY_BYTES: &str = "bbr_wasm_memory_bytes";
+
+/// Gauge: requests whose body the filter is reading now (held at their headers, their body
+/// buffered by Envoy). It goes down when the request is decided, answered, or reset by the
+/// client or by Envoy's overload manager: after a flood of cut-off uploads it is back at 0,
+/// so no per-request state was left behind.
+pub const BODIES_IN_PROGRESS: &str = "bbr_bodies_in_progress";
 
 /// The per-base-model request counter's name, with the model as an Istio-style tag.
 ///

@@ -7,14 +7,16 @@ pub mod errors;
 pub mod headers;
 pub mod metrics;
 pub mod multipart;
+pub mod prefix;
 pub mod request;
 pub mod scanner;
 pub mod skip;
 pub mod vector;
 
-pub use config::{ConfigError, Router, ServedModel, UnknownModel};
+pub use config::{ConfigError, PrefixAffinity, Router, ServedModel, UnknownModel};
 pub use errors::Rejection;
 pub use metrics::Outcome;
 pub use multipart::MultipartScanner;
+pub use prefix::{CaptureState, PromptCapture};
 pub use request::{BodyScanner, HeadAction, RequestHead, Verdict};
 pub use scanner::{ModelScanner, ScanError, Step};

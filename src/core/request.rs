@@ -3,6 +3,7 @@
 use super::config::{Router, ServedModel, UnknownModel};
 use super::errors::Rejection;
 use super::multipart::{boundary_of, MultipartScanner};
+use super::prefix::{key_header_value, prefix_key, CaptureState, PromptCapture};
 use super::scanner::{ModelScanner, Step};
 use serde_json::json;
 
@@ -171,6 +172,30 @@ impl Router {
                 },
             }),
         }
+    }
+
+    /// A prompt capture for this request's body, when prefix affinity is on and the body is
+    /// JSON (multipart audio uploads carry no prompt to share).
+    pub fn prompt_capture(&self, scanner: &BodyScanner) -> Option<PromptCapture> {
+        match (&self.prefix_affinity, scanner) {
+            (Some(affinity), BodyScanner::Json(_)) => {
+                Some(PromptCapture::new(affinity.capture_bytes()))
+            }
+            _ => None,
+        }
+    }
+
+    /// The prefix-key header value for a routed request: the model as requested (an adapter's
+    /// KV cache is its own) seeds the chain. `None` without a settled capture or a complete
+    /// block.
+    pub fn prefix_key(&self, capture: &PromptCapture, model: &str) -> Option<String> {
+        let affinity = self.prefix_affinity.as_ref()?;
+        if capture.state() != CaptureState::Done {
+            return None;
+        }
+        let prompt = capture.prompt()?;
+        prefix_key(model, prompt, affinity.block_bytes, affinity.prefix_blocks)
+            .map(key_header_value)
     }
 
     /// The `GET /v1/models` body, in OpenAI's list format. `created` is a Unix time.

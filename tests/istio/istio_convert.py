@@ -171,6 +171,7 @@ def static_gateway(
     admin_port: int,
     listener_merge: Optional[dict] = None,
     hcm_merge: Optional[dict] = None,
+    bootstrap_merge: Optional[dict] = None,
 ) -> dict:
     """A static Envoy bootstrap standing in for the Istio gateway. `hcm_merge` is the value of a
     NETWORK_FILTER MERGE patch on the HTTP connection manager (its typed_config's fields are
@@ -226,10 +227,39 @@ def static_gateway(
         }
         for name, port in cluster_ports.items()
     ]
-    return {
+    bootstrap = {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
         "static_resources": {"listeners": [listener], "clusters": clusters},
+        # What Istio's own bootstrap template has (tools/packaging/common/envoy_bootstrap.json):
+        # the connection-count monitor, so that a merged custom bootstrap must not repeat it.
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+                        "max_active_downstream_connections": 2147483647,
+                    },
+                }
+            ]
+        },
     }
+    if bootstrap_merge:
+        merge_bootstrap(bootstrap, bootstrap_merge)
+    return bootstrap
+
+
+def merge_bootstrap(into: dict, custom: dict) -> None:
+    """The istio-agent's merge of a custom bootstrap (sidecar.istio.io/bootstrapOverride) into
+    its own: protobuf MergeFrom semantics, i.e. messages merged field by field, repeated fields
+    appended, scalars replaced."""
+    for key, value in custom.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            merge_bootstrap(into[key], value)
+        elif isinstance(value, list) and isinstance(into.get(key), list):
+            into[key].extend(copy.deepcopy(value))
+        else:
+            into[key] = copy.deepcopy(value)
 
 
 def http_filter_from_envoyfilter(envoyfilter: dict, typed_config: dict) -> dict:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
+import time
 
 import httpx
 import pytest
@@ -45,7 +47,12 @@ def _routes():
     return ic.routes_from_httproutes([d.body for d in all_docs() if d.body["kind"] == "HTTPRoute"])
 
 
-def gateway_config(backends, http_filter: dict, listener_merge=None, hcm_merge=None) -> dict:
+def overload_bootstrap() -> dict:
+    """custom_bootstrap.json of bbr/overload-bootstrap.yaml (the bootstrap override)."""
+    return json.loads(doc("ConfigMap", "bbr-wasm-overload")["data"]["custom_bootstrap.json"])
+
+
+def gateway_config(backends, http_filter: dict, listener_merge=None, hcm_merge=None, bootstrap_merge=None) -> dict:
     return ic.static_gateway(
         http_filter,
         _routes(),
@@ -54,6 +61,7 @@ def gateway_config(backends, http_filter: dict, listener_merge=None, hcm_merge=N
         admin_port=free_port(),
         listener_merge=listener_merge,
         hcm_merge=hcm_merge,
+        bootstrap_merge=bootstrap_merge,
     )
 
 
@@ -66,7 +74,7 @@ def envoyfilter_gateway(backends, module: str, mutate_typed_config=None) -> dict
         mutate_typed_config(tc)
     listener_merge = ic.one_patch(ef, "LISTENER")["patch"]["value"]
     hcm_merge = ic.one_patch(ef, "NETWORK_FILTER")["patch"]["value"]
-    return gateway_config(backends, ic.http_filter_from_envoyfilter(ef, tc), listener_merge, hcm_merge)
+    return gateway_config(backends, ic.http_filter_from_envoyfilter(ef, tc), listener_merge, hcm_merge, overload_bootstrap())
 
 
 def wasmplugin_gateway(backends, module: str, plugin: dict) -> dict:
@@ -145,11 +153,19 @@ def test_envoy_errors_are_openai_json(gateway):
 
 
 def test_local_replies_match_the_shipped_envoy_config():
-    """One source of truth: the EnvoyFilter's mappers are envoy/envoy.yaml's."""
+    """One source of truth: the EnvoyFilter's mappers and HTTP/2 caps are envoy/envoy.yaml's,
+    and so is the overload protection of the bootstrap override (without the connection-count
+    monitor, which Istio's bootstrap has already)."""
     shipped = yaml.safe_load((ROOT / "envoy" / "envoy.yaml").read_text())
     hcm = shipped["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     patch = ic.one_patch(doc("EnvoyFilter", "bbr-wasm"), "NETWORK_FILTER")["patch"]["value"]
     assert patch["typed_config"]["local_reply_config"] == hcm["local_reply_config"]
+    assert patch["typed_config"]["http2_protocol_options"] == hcm["http2_protocol_options"]
+    om = copy.deepcopy(shipped["overload_manager"])
+    om["resource_monitors"] = [m for m in om["resource_monitors"] if "downstream_connections" not in m["typed_config"]["@type"]]
+    assert overload_bootstrap() == {"overload_manager": om, "memory_allocator_manager": shipped["memory_allocator_manager"]}
+    gw = doc("Gateway", "infra-pattern1-inference-gateway")
+    assert gw["spec"]["infrastructure"]["annotations"]["sidecar.istio.io/bootstrapOverride"] == "bbr-wasm-overload"
 
 
 def test_listener_patch_lets_long_prompts_through(gateway, envoy_bin, session_dir, backends, pulled_module):
@@ -248,3 +264,70 @@ def test_envoy_rejects_a_typo_in_the_envoyfilter_patch(envoy_bin, session_dir, b
     proc.stop()
     assert code not in (None, 0), log[-2000:]
     assert "allow_on_header_stop_iteration" in log, log[-2000:]
+
+
+# --------------------------------------------------------------------------------------
+# A flood of held uploads against the gateway as Istio configures it (issue 12)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("protocol", ["http1", "http2"])
+def test_flood_of_held_uploads(envoy_bin, session_dir, backends, pulled_module, protocol):
+    """The EnvoyFilter + the bootstrap override, under 300 held 8 MB uploads: the same checks
+    and bounds as tests/integration/test_overload.py (see there for the figures behind them)."""
+    import flood
+
+    env = start_envoy(envoy_bin, session_dir, envoyfilter_gateway(backends, pulled_module), f"istio-flood-{protocol}")
+    admin = f"http://127.0.0.1:{env.admin_port}"
+
+    def stats(prefix: str) -> dict:
+        out = {}
+        for line in httpx.get(f"{admin}/stats?filter=^{prefix}", timeout=5.0).text.splitlines():
+            k, _, v = line.partition(": ")
+            if v.lstrip("-").isdigit():
+                out[k] = int(v)
+        return out
+
+    def allocated() -> int:
+        return int(httpx.get(f"{admin}/memory", timeout=5.0).json()["allocated"])
+
+    def probe(c: httpx.Client) -> httpx.Response:
+        r = c.post("/v1/completions", json=completion(PHI))
+        if r.status_code == 200:
+            assert_reaches(r, PHI, "phi-pool", PHI)
+        return r
+
+    try:
+        vm_before, alloc_before = stats("wasm\\."), allocated()
+        f = flood.run_flood(
+            env.port, env.proc.popen.pid, QWEN, probe, uploads=300,
+            http2_connections=3 if protocol == "http2" else 0, ramp_seconds=2.0, hold_seconds=6.0,
+        )
+        print(f"\n[istio {protocol} flood] {f.summary()}")
+        assert env.proc.alive(), f.summary()
+        assert f.peak_rss <= (1 << 30) + FLOOD_MARGIN[protocol], f.summary()
+        assert set(f.outcomes) <= {"reset", "held", "json:503:gateway_overloaded", "json:408:request_timeout"}, f.summary()
+        assert f.probe.sent >= 3 and f.probe.rate >= FLOOD_MIN_SUCCESS[protocol], f.summary()
+        assert set(f.probe.failures) <= {"json:503:gateway_overloaded"}, f.summary()
+        if protocol == "http2":
+            assert f.max_concurrent_streams == [100, 100, 100]
+        assert stats("wasm\\.") == vm_before, "the wasm VM was replaced or failed"
+        deadline = time.monotonic() + 30
+        while stats("wasmcustom\\.bbr_bodies_in_progress").get("wasmcustom.bbr_bodies_in_progress") != 0:
+            assert time.monotonic() < deadline, "the filter still holds requests of the closed flood"
+            time.sleep(0.2)
+        while allocated() > alloc_before + 64 * flood.MIB:
+            assert time.monotonic() < deadline, f"heap in use {allocated() / flood.MIB:.0f} MiB after the flood"
+            time.sleep(0.5)
+        print(f"[istio {protocol} flood] after: heap in use {allocated() / flood.MIB:.0f} MiB, RSS {flood.rss_bytes(env.proc.popen.pid) / flood.MIB:.0f} MiB")
+        with httpx.Client(base_url=env.url, timeout=10.0) as c:
+            for _ in range(5):
+                assert_reaches(c.post("/v1/completions", json=completion(PHI)), PHI, "phi-pool", PHI)
+    finally:
+        env.proc.stop()
+
+
+# The bounds of tests/integration/test_overload.py (MARGIN, MIN_SUCCESS), for a 1 GiB budget.
+FLOOD_MARGIN = {"http2": 256 * 1024 * 1024, "http1": 1280 * 1024 * 1024}
+FLOOD_MIN_SUCCESS = {"http2": 0.95, "http1": 0.0}

@@ -21,7 +21,7 @@ DOCS = all_docs()
 
 def test_there_are_manifests():
     kinds = sorted({d.body["kind"] for d in DOCS})
-    assert kinds == ["DestinationRule", "EnvoyFilter", "Gateway", "HTTPRoute", "InferencePool", "WasmPlugin"], kinds
+    assert kinds == ["ConfigMap", "DestinationRule", "EnvoyFilter", "Gateway", "HTTPRoute", "InferencePool", "WasmPlugin"], kinds
 
 
 @pytest.mark.parametrize("d", DOCS, ids=[d.where.replace(str(ROOT) + "/", "") for d in DOCS])
@@ -115,6 +115,7 @@ def test_default_install():
     built = k8s_schema.kustomize_build(ISTIO)
     names = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in built)
     assert names == [
+        "ConfigMap/bbr-wasm-overload",
         "EnvoyFilter/bbr-wasm",
         f"Gateway/{GATEWAY}",
         "HTTPRoute/phi-model-route",

@@ -15,15 +15,24 @@
 //! a 256 KiB body repeated back to back scanned at twice the speed of the same bytes inside a
 //! 1 MiB body), which no real stream of different requests would allow.
 //! Prints one JSON line per file.
+//!
+//! Each body is also timed with the prefix-affinity capture (`core::prefix::PromptCapture`,
+//! the shipped budget of 4 blocks of 256 bytes) fed beside the scanner as the filter feeds it:
+//! every window until the capture is settled. The two variants alternate in the same rounds,
+//! so their ratio is measured side by side.
 
 // A benchmark may stop on a broken setup.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use bbr_wasm::core::{BodyScanner, ModelScanner, MultipartScanner, Step};
+use bbr_wasm::core::{
+    BodyScanner, CaptureState, ModelScanner, MultipartScanner, PromptCapture, Step,
+};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 const WINDOW: usize = 64 * 1024;
+/// The shipped prefixAffinity budget: blockBytes 256 x prefixBlocks 4.
+const CAPTURE_BYTES: usize = 1024;
 
 /// The scanner the filter would use: multipart for a body that starts with a boundary line
 /// (`--BOUNDARY\r\n`, as bench/scan.py writes its audio upload), JSON otherwise.
@@ -36,14 +45,21 @@ fn scanner_for(body: &[u8]) -> BodyScanner {
     BodyScanner::Json(ModelScanner::new(256))
 }
 
-fn scan_once(body: &[u8]) -> (Duration, Step) {
+fn scan_once(body: &[u8], with_capture: bool) -> (Duration, Step) {
     let mut scanner = scanner_for(body);
+    let mut capture = (with_capture && matches!(scanner, BodyScanner::Json(_)))
+        .then(|| PromptCapture::new(CAPTURE_BYTES));
     let mut elapsed = Duration::ZERO;
     for window in body.chunks(WINDOW) {
         // A fresh copy per window, as the host's get_buffer makes; not timed.
         let copy = black_box(window.to_vec());
         let started = Instant::now();
         let step = scanner.feed(black_box(&copy));
+        if let Some(c) = capture.as_mut() {
+            if c.state() == CaptureState::Reading {
+                c.feed(black_box(&copy));
+            }
+        }
         elapsed += started.elapsed();
         if step != Step::NeedMore {
             return (elapsed, step);
@@ -68,27 +84,46 @@ fn main() {
         .collect();
     let found: Vec<bool> = files
         .iter()
-        .map(|(_, body)| matches!(scan_once(body).1, Step::Found(_)))
+        .map(|(_, body)| matches!(scan_once(body, false).1, Step::Found(_)))
         .collect();
     // Warm-up (V8 tiers hot functions up), then the timed repetitions, interleaved.
     for _ in 0..3 {
         for (_, body) in &files {
-            scan_once(body);
+            scan_once(body, false);
+            scan_once(body, true);
         }
     }
     let mut nanos: Vec<Vec<u128>> = vec![Vec::with_capacity(reps); files.len()];
-    for _ in 0..reps {
+    let mut capture_nanos: Vec<Vec<u128>> = vec![Vec::with_capacity(reps); files.len()];
+    for rep in 0..reps {
         for (i, (_, body)) in files.iter().enumerate() {
-            nanos[i].push(scan_once(body).0.as_nanos().max(1));
+            // Alternate which variant goes first, so neither always runs on a warmer cache.
+            let order = if rep % 2 == 0 {
+                [false, true]
+            } else {
+                [true, false]
+            };
+            for with_capture in order {
+                let t = scan_once(body, with_capture).0.as_nanos().max(1);
+                if with_capture {
+                    capture_nanos[i].push(t);
+                } else {
+                    nanos[i].push(t);
+                }
+            }
         }
     }
-    for (((path, body), mut times), found) in files.iter().zip(nanos).zip(found) {
+    for ((((path, body), mut times), mut ctimes), found) in
+        files.iter().zip(nanos).zip(capture_nanos).zip(found)
+    {
         times.sort_unstable();
+        ctimes.sort_unstable();
         println!(
-            "{{\"file\":{path:?},\"bytes\":{},\"found\":{found},\"reps\":{reps},\"median_ns\":{},\"best_ns\":{}}}",
+            "{{\"file\":{path:?},\"bytes\":{},\"found\":{found},\"reps\":{reps},\"median_ns\":{},\"best_ns\":{},\"capture_median_ns\":{}}}",
             body.len(),
             times[times.len() / 2],
-            times[0]
+            times[0],
+            ctimes[ctimes.len() / 2]
         );
     }
 }
