@@ -394,6 +394,7 @@ def gateway_config(strategies: list[Strategy], ports: dict[str, int], mock_ports
         route["name"] = s.name
         route["match"]["headers"][0]["string_match"] = {"exact": MODEL}
         route["route"]["cluster"] = s.name
+        route["route"].pop("hash_policy", None)
         if s.hashed:
             route["route"]["hash_policy"] = [{"header": {"header_name": HEADER}}]
         hcm["route_config"]["virtual_hosts"][0]["routes"] = [route]
@@ -408,6 +409,7 @@ def gateway_config(strategies: list[Strategy], ports: dict[str, int], mock_ports
         c = copy.deepcopy(cluster_t)
         c["name"] = s.name
         c["lb_policy"] = s.lb
+        c.get("common_lb_config", {}).pop("consistent_hashing_lb_config", None)
         if s.hashed and s.hbf is not None:
             c.setdefault("common_lb_config", {})["consistent_hashing_lb_config"] = {
                 "hash_balance_factor": s.hbf}
