@@ -141,6 +141,11 @@ bench-scan: targets venv ## The JSON scanner alone inside V8 (Node's WASI) on ma
 bench-core: ## Criterion micro-benchmarks of the core scanners, natively (short; `cargo bench --bench scanner` for the full run)
 	$(CARGO) bench --bench scanner -- --warm-up-time 1 --measurement-time 2
 
+.PHONY: bench-routing
+bench-routing: build venv ## Replica choice: round robin vs least request vs prefix affinity over 4 caching mock replicas (~10 min; bench/results/routing/)
+	@bash scripts/bench-deps.sh --python-only
+	$(VENV)/bin/python bench/routing/bench_routing.py $(BENCH_ROUTING_ARGS)
+
 .PHONY: bench-llm
 bench-llm: ## GuideLLM through the gateway: the seeds' tables (BACKEND=llama: the real model; own ~6 GB venv, not in test)
 	@bash scripts/bench-llm.sh

@@ -6,6 +6,7 @@
 # Idempotent and quiet when everything is there.
 #
 #   bash scripts/bench-deps.sh          (`make bench` runs it)
+#   bash scripts/bench-deps.sh --python-only   (`make bench-routing`: matplotlib, no wrk)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -21,6 +22,7 @@ source "$ROOT/scripts/lib.sh"
 [[ -x "$VENV/bin/envoy" && -x "$VENV/bin/python" ]] || bash "$ROOT/scripts/bootstrap.sh"
 
 pip_requirements "$VENV" "$REQS" "$STAMP" matplotlib
+[[ "${1:-}" == "--python-only" ]] && exit 0
 
 if [[ -n "${WRK_BIN:-}" ]]; then
   [[ -x "$WRK_BIN" ]] || die "WRK_BIN=$WRK_BIN is not an executable file"

@@ -3,6 +3,8 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
+use crate::cache::EngineConfig;
+
 pub const USAGE: &str = "\
 mock-vllm: a vLLM stand-in for gateway tests (OpenAI-compatible API, deterministic output)
 
@@ -22,6 +24,16 @@ OPTIONS:
     --ttft-ms N            Time to first token, in milliseconds (default 0).
     --itl-ms N             Delay between tokens, in milliseconds (default 0).
     --max-model-len N      Context length reported by /v1/models (default 4096).
+    --prefix-cache-blocks N
+                           Simulated prefix cache: an LRU of N blocks per replica (default 0:
+                           none). Tokens are 4 bytes of prompt text.
+    --block-tokens N       Tokens per cache block (default 16, vLLM's block size).
+    --prefill-tokens-per-s N
+                           Turns the timing model on: one prefill at a time at N tokens/s
+                           (uncached tokens only), then decoding in parallel at --itl-ms;
+                           TTFT = queueing + prefill + --ttft-ms (default 0: off).
+    --max-num-seqs N       Sequences running at once under the timing model; more wait
+                           (default 256, vLLM's).
     --allow-non-loopback   Allow binding a non-loopback address.
     -h, --help             Print this help and exit.
 
@@ -32,6 +44,7 @@ Once listening, one line is printed to stdout:
 
 ENDPOINTS:
     POST /v1/completions, POST /v1/chat/completions   (stream: true -> SSE)
+    POST /reset_prefix_cache
     GET  /v1/models, GET /health, GET /metrics
     GET  /mock/stats, POST /mock/stats/reset
 ";
@@ -47,6 +60,7 @@ pub struct Config {
     pub itl: Duration,
     pub max_model_len: u64,
     pub allow_non_loopback: bool,
+    pub engine: EngineConfig,
 }
 
 impl Config {
@@ -82,6 +96,7 @@ where
     let mut itl: Option<u64> = None;
     let mut max_model_len: Option<u64> = None;
     let mut allow_non_loopback = false;
+    let mut engine = EngineOptions::default();
 
     let mut it = args.into_iter().map(Into::into);
     while let Some(arg) = it.next() {
@@ -108,6 +123,10 @@ where
                 | "--ttft-ms"
                 | "--itl-ms"
                 | "--max-model-len"
+                | "--prefix-cache-blocks"
+                | "--block-tokens"
+                | "--prefill-tokens-per-s"
+                | "--max-num-seqs"
         );
         if !takes_value {
             return Err(format!("unknown option '{name}'"));
@@ -132,7 +151,7 @@ where
                 }
                 set_once(&mut max_model_len, &name, n)?
             }
-            _ => return Err(format!("unknown option '{name}'")),
+            _ => engine.set(&name, &value)?,
         }
     }
 
@@ -168,7 +187,52 @@ where
         itl: Duration::from_millis(itl.unwrap_or(0)),
         max_model_len: max_model_len.unwrap_or(4096),
         allow_non_loopback,
+        engine: engine.finish(),
     }))
+}
+
+/// The prefix-cache and timing-model options (see cache.rs).
+#[derive(Default)]
+struct EngineOptions {
+    cache_blocks: Option<u64>,
+    block_tokens: Option<u64>,
+    prefill: Option<u64>,
+    max_num_seqs: Option<u64>,
+}
+
+/// Upper bound for the engine's counts (blocks, tokens/s, sequences): anything larger is a typo.
+const MAX_ENGINE_VALUE: u64 = 1 << 32;
+
+impl EngineOptions {
+    fn set(&mut self, name: &str, value: &str) -> Result<(), String> {
+        let n = parse_u64(name, value)?;
+        if n > MAX_ENGINE_VALUE {
+            return Err(format!(
+                "option '{name}' is at most {MAX_ENGINE_VALUE}, got {n}"
+            ));
+        }
+        let (slot, min) = match name {
+            "--prefix-cache-blocks" => (&mut self.cache_blocks, 0),
+            "--block-tokens" => (&mut self.block_tokens, 1),
+            "--prefill-tokens-per-s" => (&mut self.prefill, 0),
+            "--max-num-seqs" => (&mut self.max_num_seqs, 1),
+            _ => return Err(format!("unknown option '{name}'")),
+        };
+        if n < min {
+            return Err(format!("'{name}' must be at least {min}"));
+        }
+        set_once(slot, name, n)
+    }
+
+    fn finish(self) -> EngineConfig {
+        let d = EngineConfig::default();
+        EngineConfig {
+            block_tokens: self.block_tokens.unwrap_or(d.block_tokens),
+            cache_blocks: self.cache_blocks.map_or(d.cache_blocks, |n| n as usize),
+            prefill_tokens_per_s: self.prefill.unwrap_or(d.prefill_tokens_per_s),
+            max_num_seqs: self.max_num_seqs.map_or(d.max_num_seqs, |n| n as usize),
+        }
+    }
 }
 
 fn set_once<T>(slot: &mut Option<T>, name: &str, value: T) -> Result<(), String> {
@@ -242,6 +306,34 @@ mod tests {
         assert_eq!(c.itl, Duration::ZERO);
         assert_eq!(c.max_model_len, 4096);
         assert_eq!(c.served_models(), vec!["llama".to_string()]);
+        assert_eq!(c.engine, EngineConfig::default());
+    }
+
+    #[test]
+    fn engine_options() {
+        let c = run(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--model",
+            "m",
+            "--prefix-cache-blocks",
+            "1000",
+            "--block-tokens=64",
+            "--prefill-tokens-per-s",
+            "20000",
+            "--max-num-seqs",
+            "8",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.engine,
+            EngineConfig {
+                block_tokens: 64,
+                cache_blocks: 1000,
+                prefill_tokens_per_s: 20000,
+                max_num_seqs: 8
+            }
+        );
     }
 
     #[test]
@@ -384,6 +476,52 @@ mod tests {
                     "caf\u{e9}",
                 ],
                 "printable ASCII",
+            ),
+            (
+                &[
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--model",
+                    "m",
+                    "--block-tokens",
+                    "0",
+                ],
+                "at least 1",
+            ),
+            (
+                &[
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--model",
+                    "m",
+                    "--max-num-seqs",
+                    "0",
+                ],
+                "at least 1",
+            ),
+            (
+                &[
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--model",
+                    "m",
+                    "--prefix-cache-blocks",
+                    "99999999999",
+                ],
+                "at most",
+            ),
+            (
+                &[
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--model",
+                    "m",
+                    "--prefill-tokens-per-s",
+                    "1",
+                    "--prefill-tokens-per-s",
+                    "2",
+                ],
+                "more than once",
             ),
         ];
         for (args, want) in cases {

@@ -1,6 +1,7 @@
 //! mock-vllm: a vLLM stand-in for bbr-wasm's tests. See `mock-vllm --help`.
 
 mod args;
+mod cache;
 mod openai;
 mod server;
 mod state;

@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio::time::{Instant, Sleep};
 
 use crate::args::Config;
+use crate::cache::{self, Admitted, Engine};
 use crate::openai::{self, ApiError, Endpoint, Meta};
 use crate::state::{Finish, InflightGuard, State};
 
@@ -38,6 +39,13 @@ static X_MODEL_IN: HeaderName = HeaderName::from_static("x-gateway-model-name");
 static X_BASE_ECHO: HeaderName = HeaderName::from_static("x-echo-base-model-name");
 static X_MODEL_ECHO: HeaderName = HeaderName::from_static("x-echo-model-name");
 static X_BODY_BYTES: HeaderName = HeaderName::from_static("x-echo-request-body-bytes");
+static X_PREFIX_IN: HeaderName = HeaderName::from_static("x-gateway-prefix-hash");
+static X_PREFIX_ECHO: HeaderName = HeaderName::from_static("x-echo-prefix-hash");
+/// Prompt tokens this request found in the simulated prefix cache.
+static X_HIT_TOKENS: HeaderName = HeaderName::from_static("x-mock-prefix-cache-hit-tokens");
+/// Time to first token as this replica schedules it (queueing + prefill + --ttft-ms), in ms:
+/// simulated time, which a benchmark can trust when its own client is short of CPU.
+static X_TTFT: HeaderName = HeaderName::from_static("x-mock-ttft-ms");
 
 // ---------------------------------------------------------------------------
 // Response bodies
@@ -92,6 +100,8 @@ impl Body for RespBody {
 pub struct SseBody {
     state: Arc<State>,
     _inflight: InflightGuard,
+    /// The sequence slot, held until the stream ends.
+    _admitted: Admitted,
     ep: Endpoint,
     meta: Meta,
     tokens: u64,
@@ -252,6 +262,7 @@ fn simple_error(status: StatusCode, message: &str, typ: &str) -> Response<RespBo
 fn allowed(path: &str) -> Option<&'static str> {
     match path {
         "/v1/completions" | "/v1/chat/completions" | "/mock/stats/reset" => Some("POST"),
+        "/reset_prefix_cache" => Some("POST"),
         "/v1/models" | "/health" | "/metrics" | "/mock/stats" => Some("GET, HEAD"),
         _ => None,
     }
@@ -265,6 +276,7 @@ pub async fn handle(
     let (parts, body) = req.into_parts();
     let echo_base = parts.headers.get(&X_BASE_IN).cloned();
     let echo_model = parts.headers.get(&X_MODEL_IN).cloned();
+    let echo_prefix = parts.headers.get(&X_PREFIX_IN).cloned();
 
     let (mut resp, body_len) = match Limited::new(body, MAX_BODY_BYTES).collect().await {
         Ok(collected) => {
@@ -303,6 +315,9 @@ pub async fn handle(
     }
     if let Some(v) = echo_model {
         h.insert(X_MODEL_ECHO.clone(), v);
+    }
+    if let Some(v) = echo_prefix {
+        h.insert(X_PREFIX_ECHO.clone(), v);
     }
     h.insert(X_BODY_BYTES.clone(), HeaderValue::from(body_len));
     Ok(resp)
@@ -343,6 +358,11 @@ async fn route(state: &Arc<State>, method: &Method, path: &str, body: Bytes) -> 
             RespBody::bytes(state.metrics_text()),
         ),
         "/mock/stats" => json_response(StatusCode::OK, &state.stats_json()),
+        // vLLM's endpoint (a dev-mode one there): empties the prefix cache.
+        "/reset_prefix_cache" => {
+            state.engine.reset_cache();
+            response(StatusCode::OK, None, RespBody::empty())
+        }
         "/mock/stats/reset" => {
             state.reset_stats();
             json_response(StatusCode::OK, &state.stats_json())
@@ -352,6 +372,7 @@ async fn route(state: &Arc<State>, method: &Method, path: &str, body: Bytes) -> 
 }
 
 async fn inference(state: &Arc<State>, ep: Endpoint, body: &[u8]) -> Response<RespBody> {
+    let arrived = Instant::now();
     let req = match openai::parse_request(ep, body) {
         Ok(r) => r,
         Err(e) => return api_error_response(e),
@@ -374,14 +395,26 @@ async fn inference(state: &Arc<State>, ep: Endpoint, body: &[u8]) -> Response<Re
         prompt_tokens: req.prompt_tokens,
     };
     let inflight = state.start_inflight(model_idx);
+    // Queueing and prefill (the timing model), and the prefix cache; the response (and, when
+    // streaming, its headers) starts after it, as vLLM's first chunk does.
+    let prompt = cache::capture_prompt(ep, body);
+    let admitted = state
+        .engine
+        .admit(&state.models[model_idx], prompt.as_deref())
+        .await;
+    let hit_tokens = HeaderValue::from(admitted.hit_tokens);
     let start = Instant::now();
     let first_token_at = start + state.ttft;
+    let ttft_ms = (first_token_at - arrived).as_secs_f64() * 1000.0;
+    let ttft_ms =
+        HeaderValue::from_str(&format!("{ttft_ms:.3}")).unwrap_or(HeaderValue::from_static("0"));
 
     if req.stream {
         state.count_served(model_idx);
         let sse = SseBody {
             state: Arc::clone(state),
             _inflight: inflight,
+            _admitted: admitted,
             ep,
             meta,
             tokens,
@@ -402,6 +435,8 @@ async fn inference(state: &Arc<State>, ep: Endpoint, body: &[u8]) -> Response<Re
             hyper::header::CACHE_CONTROL,
             HeaderValue::from_static("no-cache"),
         );
+        r.headers_mut().insert(X_HIT_TOKENS.clone(), hit_tokens);
+        r.headers_mut().insert(X_TTFT.clone(), ttft_ms);
         return r;
     }
 
@@ -414,8 +449,12 @@ async fn inference(state: &Arc<State>, ep: Endpoint, body: &[u8]) -> Response<Re
     let v = openai::full_response(ep, &meta, tokens, finish);
     state.count_served(model_idx);
     state.count_finished(finish);
+    drop(admitted);
     drop(inflight);
-    json_response(StatusCode::OK, &v)
+    let mut r = json_response(StatusCode::OK, &v);
+    r.headers_mut().insert(X_HIT_TOKENS.clone(), hit_tokens);
+    r.headers_mut().insert(X_TTFT.clone(), ttft_ms);
+    r
 }
 
 // ---------------------------------------------------------------------------
@@ -438,13 +477,16 @@ pub async fn run(cfg: Config) -> Result<(), String> {
         .map_err(|e| format!("cannot read the bound address: {e}"))?;
     let id = cfg.id.clone().unwrap_or_else(|| local.to_string());
     let models = cfg.served_models();
-    let state = Arc::new(State::new(
-        id.clone(),
-        models.clone(),
-        cfg.ttft,
-        cfg.itl,
-        cfg.max_model_len,
-    )?);
+    let state = Arc::new(
+        State::new(
+            id.clone(),
+            models.clone(),
+            cfg.ttft,
+            cfg.itl,
+            cfg.max_model_len,
+        )?
+        .with_engine(Engine::new(cfg.engine)),
+    );
 
     {
         let mut out = std::io::stdout().lock();

@@ -9,6 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use hyper::header::HeaderValue;
 use serde_json::{json, Map, Value};
 
+use crate::cache::Engine;
+
 /// vLLM's default `--max-num-seqs`: requests past this many in flight count as waiting.
 pub const MAX_NUM_SEQS: i64 = 256;
 
@@ -50,6 +52,8 @@ pub struct State {
     success: [AtomicU64; 3],
     seq: AtomicU64,
     boot: u64,
+    /// The simulated prefix cache and prefill queue (inert unless configured).
+    pub engine: Engine,
 }
 
 impl State {
@@ -86,7 +90,14 @@ impl State {
             seq: AtomicU64::new(0),
             boot,
             models,
+            engine: Engine::new(Default::default()),
         })
+    }
+
+    /// Replaces the (inert) default engine.
+    pub fn with_engine(mut self, engine: Engine) -> State {
+        self.engine = engine;
+        self
     }
 
     pub fn base(&self) -> &str {
@@ -151,9 +162,11 @@ impl State {
 
     /// Prometheus text exposition with vLLM's metric names and labels.
     pub fn metrics_text(&self) -> String {
-        let inflight = self.inflight_total();
-        let running = inflight.min(MAX_NUM_SEQS);
-        let waiting = inflight - running;
+        let (running, waiting) = self.engine.gauges().unwrap_or_else(|| {
+            let inflight = self.inflight_total();
+            let running = inflight.min(MAX_NUM_SEQS);
+            (running, inflight - running)
+        });
         let kv = running as f64 / MAX_NUM_SEQS as f64;
         let labels = format!("model_name=\"{}\",engine=\"0\"", escape_label(self.base()));
         let mut out = String::with_capacity(2048);
@@ -213,6 +226,7 @@ impl State {
                 float(now)
             );
         }
+        out.push_str(&self.engine.metrics_text(&labels));
         out
     }
 }

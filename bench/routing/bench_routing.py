@@ -1,0 +1,813 @@
+"""make bench-routing: which replica gets a prompt, and what its prefix cache makes of it.
+
+One Envoy with bbr-wasm in front of one pool of 4 mock-vllm replicas that simulate vLLM's prefix
+caching and one-prefill-at-a-time scheduling (tests/mock-vllm, "Prefix caching"). Envoy has one
+listener per strategy, each routing to its own cluster over the same 4 replicas:
+
+  round_robin      lb_policy ROUND_ROBIN
+  least_request    lb_policy LEAST_REQUEST (what envoy/envoy.yaml ships today)
+  affinity         lb_policy MAGLEV hashing on x-gateway-prefix-hash, bounded load
+                   (common_lb_config.consistent_hashing_lb_config.hash_balance_factor)
+  + variants of affinity (RING_HASH, other hash_balance_factor and prefixBlocks values)
+
+The same request sequence is replayed against each strategy, the replicas' caches emptied
+(POST /reset_prefix_cache) in between. Arrivals are open-loop (Poisson, seeded), paced so that
+the pool would run at UTILISATION of its prefill capacity if nothing were cached; a conversation's
+next turn is also held until its previous turn has answered. Workloads:
+
+  tenants        many tenants, each with a long system prompt (all of them opening with the same
+                 company preamble), short user questions; tenant popularity Zipf-like
+  conversations  multi-turn chats growing turn by turn, all opening with one app system prompt
+  control        no shared prefixes at all
+
+and a sweep of each replica's cache capacity as a multiple of the workload's working set (the
+distinct blocks some later request reuses). Hit rates come from the replicas' own counters
+(vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total); the oracle is one infinite
+cache seeing the whole sequence in order.
+
+The prefix key: when the built filter supports `prefixAffinity`, the filter computes it (and
+every response's x-echo-prefix-hash is checked against bench/routing/prefix_key.py's); until
+then the load generator sends the header itself, computed by prefix_key.py. `KeySource` is the
+one place that decides. --key-source {auto,filter,client}.
+
+    .venv/bin/python bench/routing/bench_routing.py [--quick] [--key-source auto]
+Results: bench/results/routing/{results.json,results.md,routing.png}.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import datetime as dt
+import hashlib
+import http.client
+import json
+import math
+import os
+import platform
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import procs  # noqa: E402  (tests/procs.py)
+import prefix_key  # noqa: E402
+
+WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "bbr_wasm.wasm"
+MOCK = ROOT / "target" / "release" / "mock-vllm"
+SHIPPED_ENVOY_YAML = ROOT / "envoy" / "envoy.yaml"
+OUT = ROOT / "bench" / "results" / "routing"
+MODEL = "Qwen/Qwen2.5-3B-Instruct"
+PATH = "/v1/chat/completions"
+HEADER = "x-gateway-prefix-hash"
+REPLICAS = 4
+
+# The simulated replica (mock-vllm flags). A block is 16 tokens (vLLM's default) of 4 bytes.
+BLOCK_TOKENS = 16
+BLOCK_BYTES = BLOCK_TOKENS * 4
+PREFILL_TOKENS_PER_S = 25_000   # uncached prompt tokens per second, one prefill at a time
+ITL_MS = 40                     # decode: 40 ms per token, all running requests in parallel
+BASE_TTFT_MS = 2                # fixed cost before the first token, on top of queue and prefill
+MAX_NUM_SEQS = 64
+MAX_TOKENS = 16                 # tokens per answer: ~0.6 s in flight, so Envoy sees ~10 per replica
+UTILISATION = 0.6               # offered load / the pool's prefill capacity with nothing cached
+
+# The key: 256-byte blocks (about 64 tokens), as llm-d's prefix scorer uses.
+KEY_BLOCK_BYTES = 256
+DEFAULT_PREFIX_BLOCKS = 8
+DEFAULT_LB = "MAGLEV"
+DEFAULT_HBF = 150               # hash_balance_factor, percent: 1.5x the mean in-flight load
+
+CAPACITIES = (0.25, 0.5, 1.0, 2.0)
+TARGET_CAPACITY = 0.5
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 10.0
+
+
+def say(msg: str) -> None:
+    print(f"bench-routing: {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------
+# Strategies
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    lb: str                             # ROUND_ROBIN, LEAST_REQUEST, MAGLEV, RING_HASH
+    hbf: Optional[int] = None           # hash_balance_factor in percent; None: unbounded
+    prefix_blocks: Optional[int] = None  # the key's prefixBlocks (hashing strategies only)
+
+    @property
+    def hashed(self) -> bool:
+        return self.lb in ("MAGLEV", "RING_HASH")
+
+
+MAIN = (
+    Strategy("round_robin", "ROUND_ROBIN"),
+    Strategy("least_request", "LEAST_REQUEST"),
+    Strategy("affinity", DEFAULT_LB, DEFAULT_HBF, DEFAULT_PREFIX_BLOCKS),
+)
+
+
+def variants() -> tuple[Strategy, ...]:
+    """Affinity with one setting changed at a time: bounded load, the hash table, the key."""
+    out = [Strategy(f"affinity_hbf_{h or 'none'}", DEFAULT_LB, h, DEFAULT_PREFIX_BLOCKS)
+           for h in (None, 125, 200) if h != DEFAULT_HBF]
+    out.append(Strategy("affinity_ring_hash", "RING_HASH", DEFAULT_HBF, DEFAULT_PREFIX_BLOCKS))
+    out += [Strategy(f"affinity_blocks_{n}", DEFAULT_LB, DEFAULT_HBF, n)
+            for n in (2, 4, 16, 32) if n != DEFAULT_PREFIX_BLOCKS]
+    return tuple(out)
+
+
+class KeySource:
+    """Where the x-gateway-prefix-hash header comes from: the filter ("filter") or, until the
+    filter computes it, the load generator ("client", prefix_key.py). The only place that knows."""
+
+    def __init__(self, mode: str):
+        assert mode in ("filter", "client")
+        self.mode = mode
+
+    def filter_config(self, strategy: Strategy) -> dict:
+        cfg: dict = {"models": [{"name": MODEL}]}
+        if self.mode == "filter" and strategy.hashed:
+            cfg["prefixAffinity"] = {"enabled": True, "header": HEADER, "blockBytes": KEY_BLOCK_BYTES,
+                                     "prefixBlocks": strategy.prefix_blocks}
+        return cfg
+
+    def expected(self, body: dict, strategy: Strategy) -> Optional[str]:
+        if not strategy.hashed:
+            return None
+        return prefix_key.prefix_key(MODEL, body, KEY_BLOCK_BYTES, strategy.prefix_blocks)
+
+    def headers(self, body: dict, strategy: Strategy) -> dict[str, str]:
+        key = self.expected(body, strategy) if self.mode == "client" else None
+        return {HEADER: key} if key else {}
+
+
+# --------------------------------------------------------------------------------------
+# Workloads
+# --------------------------------------------------------------------------------------
+
+_SYLLABLES = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "ve", "da", "xu", "qe", "zo", "fa",
+              "gi", "hu", "ja", "be", "co", "wy", "ol", "an", "er", "is", "um"]
+
+
+def text(rng: random.Random, nbytes: int) -> str:
+    """Random pseudo-words: unrelated texts share no 64-byte block."""
+    words = []
+    n = 0
+    while n < nbytes:
+        w = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 4)))
+        words.append(w)
+        n += len(w) + 1
+    return " ".join(words)[:nbytes]
+
+
+@dataclass
+class Req:
+    at: float                 # seconds after the start
+    body: dict
+    after: Optional[int]      # index of a request that must have answered first (previous turn)
+
+
+@dataclass
+class Workload:
+    name: str
+    description: str
+    reqs: list[Req]
+    rate: float = 0.0
+    working_set_blocks: int = 0
+    oracle_hit_rate: float = 0.0
+    prompt_tokens_mean: float = 0.0
+
+
+def body_of(messages: list[dict]) -> dict:
+    # Not streamed: the replica reports its TTFT (x-mock-ttft-ms, simulated time), so the
+    # client's own CPU shortage on a shared 2-core machine does not enter the figures, and one
+    # response body instead of MAX_TOKENS events keeps Envoy's and the client's work small.
+    return {"model": MODEL, "messages": messages, "max_tokens": MAX_TOKENS}
+
+
+def tokens_of(body: dict) -> int:
+    return -(-len(prefix_key.capture(body)) // 4)
+
+
+def pace(reqs_bodies: list[dict], rng: random.Random) -> tuple[list[float], float]:
+    """Poisson arrival times for the bodies, at the rate that makes the pool's no-cache prefill
+    load UTILISATION."""
+    mean_s = statistics.mean(tokens_of(b) for b in reqs_bodies) / PREFILL_TOKENS_PER_S
+    rate = UTILISATION * REPLICAS / mean_s
+    t, out = 0.0, []
+    for _ in reqs_bodies:
+        t += rng.expovariate(rate)
+        out.append(t)
+    return out, rate
+
+
+def tenants_workload(n: int, rng: random.Random) -> Workload:
+    tenants = 24
+    preamble = "Company policy. " + text(rng, 496)      # shared by every tenant: 2 key blocks
+    prompts = [preamble + " " + text(rng, 3584) for _ in range(tenants)]
+    weights = [1.0 / (i + 1) ** 0.6 for i in range(tenants)]
+    bodies = []
+    for _ in range(n):
+        t = rng.choices(range(tenants), weights)[0]
+        bodies.append(body_of([{"role": "system", "content": prompts[t]},
+                               {"role": "user", "content": text(rng, rng.randint(80, 400))}]))
+    times, rate = pace(bodies, rng)
+    return Workload("tenants", f"{tenants} tenants, 4 KiB system prompts opening with a shared 512-byte "
+                    "preamble, 80-400-byte questions, Zipf(0.6) popularity",
+                    [Req(t, b, None) for t, b in zip(times, bodies)], rate)
+
+
+def conversations_workload(n_conv: int, turns: int, rng: random.Random) -> Workload:
+    system = "You are the assistant of an online shop. " + text(rng, 1500)   # every conversation
+    convs = [[{"role": "system", "content": system}] for _ in range(n_conv)]
+    left = [turns] * n_conv
+    order = []                 # (conversation, body) in arrival order
+    while any(left):
+        c = rng.choices(range(n_conv), [l for l in left])[0]
+        convs[c].append({"role": "user", "content": text(rng, rng.randint(150, 600))})
+        order.append((c, body_of(copy.deepcopy(convs[c]))))
+        # The assistant's answer as the client will send it back next turn.
+        convs[c].append({"role": "assistant", "content": text(rng, rng.randint(300, 900))})
+        left[c] -= 1
+    times, rate = pace([b for _, b in order], rng)
+    last: dict[int, int] = {}
+    reqs = []
+    for i, ((c, b), t) in enumerate(zip(order, times)):
+        reqs.append(Req(t, b, last.get(c)))
+        last[c] = i
+    return Workload("conversations", f"{n_conv} conversations x {turns} turns, one shared 1.5 KiB system "
+                    "prompt, 150-600-byte user turns, 300-900-byte answers sent back",
+                    reqs, rate)
+
+
+def control_workload(n: int, rng: random.Random) -> Workload:
+    bodies = [body_of([{"role": "system", "content": text(rng, 4096)},
+                       {"role": "user", "content": text(rng, rng.randint(80, 400))}]) for _ in range(n)]
+    times, rate = pace(bodies, rng)
+    return Workload("control", "no shared prefixes: a unique 4 KiB system prompt per request",
+                    [Req(t, b, None) for t, b in zip(times, bodies)], rate)
+
+
+def oracle(w: Workload) -> None:
+    """One infinite cache with the mock's accounting (16-token blocks, last token recomputed),
+    and the working set: the distinct blocks that some later request finds cached."""
+    seen: set[bytes] = set()
+    reused: set[bytes] = set()
+    queries = hits = 0
+    for r in w.reqs:
+        prompt = prefix_key.capture(r.body)
+        tokens = -(-len(prompt) // 4)
+        h = hashlib.blake2b(MODEL.encode(), digest_size=16).digest()
+        cached_run, still = 0, True
+        chain = []
+        for i in range(len(prompt) // BLOCK_BYTES):
+            h = hashlib.blake2b(h + prompt[i * BLOCK_BYTES:(i + 1) * BLOCK_BYTES], digest_size=16).digest()
+            chain.append(h)
+            if still and h in seen:
+                cached_run += 1
+                reused.add(h)
+            else:
+                still = False
+        queries += tokens
+        hits += min(cached_run * BLOCK_TOKENS, max(tokens - 1, 0))
+        seen.update(chain)
+    w.oracle_hit_rate = hits / queries if queries else 0.0
+    w.working_set_blocks = len(reused)
+    w.prompt_tokens_mean = queries / len(w.reqs)
+
+
+# --------------------------------------------------------------------------------------
+# Processes and configuration
+# --------------------------------------------------------------------------------------
+
+
+class Proc:
+    def __init__(self, name: str, argv: list[str], log: Path, stdout_pipe: bool = False):
+        self.name, self.log = name, log
+        self._log = open(log, "ab", buffering=0)
+        self.popen = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.PIPE if stdout_pipe else self._log,
+                                      stderr=self._log, preexec_fn=procs.die_with_parent)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self) -> None:
+        procs.stop(self.popen, STOP_TIMEOUT)
+        if self.popen.stdout:
+            self.popen.stdout.close()
+        self._log.close()
+
+
+def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        r = conn.getresponse()
+        return r.status, r.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+def http_post(port: int, path: str, timeout: float = 5.0) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", path, body=b"")
+        r = conn.getresponse()
+        r.read()
+        return r.status
+    finally:
+        conn.close()
+
+
+class Mock:
+    """One replica; its ready line gives the bound port."""
+
+    def __init__(self, i: int, cache_blocks: int, work: Path):
+        self.id = f"replica-{i}"
+        argv = [str(MOCK), "--listen", "127.0.0.1:0", "--model", MODEL, "--id", self.id,
+                "--prefix-cache-blocks", str(cache_blocks), "--block-tokens", str(BLOCK_TOKENS),
+                "--prefill-tokens-per-s", str(PREFILL_TOKENS_PER_S), "--ttft-ms", str(BASE_TTFT_MS),
+                "--itl-ms", str(ITL_MS), "--max-num-seqs", str(MAX_NUM_SEQS)]
+        self.proc = Proc(self.id, argv, work / f"{self.id}.log", stdout_pipe=True)
+        line = self.proc.popen.stdout.readline().decode()   # printed once bound, then flushed
+        m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+        if not m:
+            self.proc.stop()
+            raise SystemExit(f"bench-routing: {self.id} did not start: {line!r}\n{procs.tail(work / f'{self.id}.log', 20)}")
+        self.port = int(m.group(1))
+
+    def counters(self) -> tuple[float, float]:
+        status, text = http_get(self.port, "/metrics")
+        if status != 200:
+            raise RuntimeError(f"{self.id} /metrics: {status}")
+        vals = {}
+        for line in text.splitlines():
+            for name in ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total"):
+                if line.startswith(name + "{"):
+                    vals[name] = float(line.rsplit(" ", 1)[1])
+        return vals["vllm:prefix_cache_queries_total"], vals["vllm:prefix_cache_hits_total"]
+
+    def reset_cache(self) -> None:
+        if http_post(self.port, "/reset_prefix_cache") != 200:
+            raise RuntimeError(f"{self.id} /reset_prefix_cache failed")
+
+
+def shipped() -> dict:
+    return yaml.safe_load(SHIPPED_ENVOY_YAML.read_text())
+
+
+def gateway_config(strategies: list[Strategy], ports: dict[str, int], mock_ports: list[int],
+                   keys: KeySource) -> dict:
+    """envoy/envoy.yaml's listener, filter and cluster settings; one listener + cluster per strategy."""
+    base = shipped()
+    listener_t = base["static_resources"]["listeners"][0]
+    cluster_t = next(c for c in base["static_resources"]["clusters"] if c["name"] == "qwen-vllm")
+    listeners, clusters = [], []
+    for s in strategies:
+        lst = copy.deepcopy(listener_t)
+        lst["name"] = s.name
+        lst["address"]["socket_address"]["port_value"] = ports[s.name]
+        hcm = lst["filter_chains"][0]["filters"][0]["typed_config"]
+        hcm["stat_prefix"] = s.name
+        hcm.pop("access_log", None)        # one line per request would cost CPU and disk
+        hcm["route_config"]["name"] = f"{s.name}_routes"
+        route = copy.deepcopy(hcm["route_config"]["virtual_hosts"][0]["routes"][0])
+        route["name"] = s.name
+        route["match"]["headers"][0]["string_match"] = {"exact": MODEL}
+        route["route"]["cluster"] = s.name
+        route["route"].pop("hash_policy", None)
+        if s.hashed:
+            route["route"]["hash_policy"] = [{"header": {"header_name": HEADER}}]
+        hcm["route_config"]["virtual_hosts"][0]["routes"] = [route]
+        for f in hcm["http_filters"]:
+            if f["name"] == "envoy.filters.http.wasm":
+                conf = f["typed_config"]["config"]
+                conf["name"] = f"bbr_{s.name}"
+                conf["vm_config"]["code"]["local"]["filename"] = str(WASM)
+                conf["configuration"]["value"] = json.dumps(keys.filter_config(s), separators=(",", ":"))
+        listeners.append(lst)
+
+        c = copy.deepcopy(cluster_t)
+        c["name"] = s.name
+        c["lb_policy"] = s.lb
+        c.get("common_lb_config", {}).pop("consistent_hashing_lb_config", None)
+        if s.hashed and s.hbf is not None:
+            c.setdefault("common_lb_config", {})["consistent_hashing_lb_config"] = {
+                "hash_balance_factor": s.hbf}
+        c["load_assignment"] = {"cluster_name": s.name, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}}
+            for p in mock_ports]}]}
+        clusters.append(c)
+    base["admin"]["address"]["socket_address"]["port_value"] = ports["admin"]
+    base["static_resources"]["listeners"] = listeners
+    base["static_resources"]["clusters"] = clusters
+    return base
+
+
+class Envoy:
+    def __init__(self, config: dict, work: Path, admin: int):
+        path = work / "gateway.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        envoy = ROOT / ".venv" / "bin" / "envoy"
+        self.log = work / "envoy.log"
+        self.proc = Proc("envoy", [str(envoy), "-c", str(path), "--concurrency", "1", "--use-dynamic-base-id",
+                                   "--base-id-path", str(work / "envoy.base-id"), "--log-level", "warn"], self.log)
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if not self.proc.alive():
+                raise RuntimeError(f"Envoy exited at start:\n{procs.tail(self.log, 30)}")
+            try:
+                if http_get(admin, "/ready", 1.0)[1].strip() == "LIVE":
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.proc.stop()
+                raise RuntimeError(f"Envoy not ready in {START_TIMEOUT:.0f}s:\n{procs.tail(self.log, 30)}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+# --------------------------------------------------------------------------------------
+# Replay
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    status: int = 0
+    ttft_ms: float = float("nan")       # the replica's (x-mock-ttft-ms)
+    latency_ms: float = float("nan")    # the client's, request sent to response read
+    done_at: float = 0.0
+    backend: str = ""
+    hit_tokens: int = 0
+    echo_key: Optional[str] = None
+    error: str = ""
+
+
+async def send(client: httpx.AsyncClient, port: int, body: dict, headers: dict, t0: float) -> Outcome:
+    out = Outcome()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    try:
+        r = await client.post(f"http://127.0.0.1:{port}{PATH}", content=json.dumps(body),
+                              headers={"content-type": "application/json", **headers})
+        out.latency_ms = (loop.time() - start) * 1000
+        out.status = r.status_code
+        out.backend = r.headers.get("x-mock-backend", "")
+        out.hit_tokens = int(r.headers.get("x-mock-prefix-cache-hit-tokens", "0") or 0)
+        out.echo_key = r.headers.get("x-echo-prefix-hash")
+        out.ttft_ms = float(r.headers.get("x-mock-ttft-ms", "nan"))
+    except (httpx.HTTPError, OSError, ValueError) as e:
+        out.error = f"{type(e).__name__}: {e}"
+    out.done_at = loop.time() - t0
+    return out
+
+
+async def replay(w: Workload, port: int, strategy: Strategy, keys: KeySource) -> tuple[list[Outcome], float]:
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=64)
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(60.0)) as client:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time() + 0.05
+        done: list[asyncio.Event] = [asyncio.Event() for _ in w.reqs]
+        results: list[Optional[Outcome]] = [None] * len(w.reqs)
+
+        async def one(i: int, r: Req) -> None:
+            await asyncio.sleep(max(0.0, t0 + r.at - loop.time()))
+            if r.after is not None:
+                await done[r.after].wait()
+            results[i] = await send(client, port, r.body, keys.headers(r.body, strategy), t0)
+            done[i].set()
+
+        await asyncio.gather(*(one(i, r) for i, r in enumerate(w.reqs)))
+        wall = loop.time() - t0
+    return [r or Outcome(error="not sent") for r in results], wall
+
+
+def pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    k = (len(xs) - 1) * p / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def run_one(w: Workload, strategy: Strategy, ports: dict[str, int], mocks: list[Mock],
+            keys: KeySource, capacity: float) -> dict:
+    for m in mocks:
+        m.reset_cache()
+    before = [m.counters() for m in mocks]
+    outcomes, wall = asyncio.run(replay(w, ports[strategy.name], strategy, keys))
+    after = [m.counters() for m in mocks]
+    queries = sum(a[0] - b[0] for a, b in zip(after, before))
+    hits = sum(a[1] - b[1] for a, b in zip(after, before))
+    ok = [o for o in outcomes if o.status == 200 and not o.error]
+    ttfts = [o.ttft_ms for o in ok if not math.isnan(o.ttft_ms)]
+    per_replica = {m.id: 0 for m in mocks}
+    for o in ok:
+        per_replica[o.backend] = per_replica.get(o.backend, 0) + 1
+    counts = list(per_replica.values())
+    mismatched = 0
+    if strategy.hashed:
+        mismatched = sum(1 for r, o in zip(w.reqs, outcomes)
+                         if o.status == 200 and o.echo_key != keys.expected(r.body, strategy))
+    span = max((o.done_at for o in ok), default=wall)
+    return {
+        "workload": w.name, "strategy": strategy.name, "capacity": capacity,
+        "lb": strategy.lb, "hash_balance_factor": strategy.hbf, "prefix_blocks": strategy.prefix_blocks,
+        "requests": len(outcomes), "ok": len(ok),
+        "errors": sorted({o.error or f"HTTP {o.status}" for o in outcomes if o not in ok})[:5],
+        "hit_rate": hits / queries if queries else 0.0,
+        "hit_rate_from_headers": (sum(o.hit_tokens for o in ok) / queries) if queries else 0.0,
+        "oracle_hit_rate": w.oracle_hit_rate,
+        "ttft_p50_ms": pct(ttfts, 50), "ttft_p95_ms": pct(ttfts, 95), "ttft_p99_ms": pct(ttfts, 99),
+        "latency_p50_ms": pct([o.latency_ms for o in ok], 50),
+        "latency_p95_ms": pct([o.latency_ms for o in ok], 95),
+        "throughput_rps": len(ok) / span if span > 0 else 0.0,
+        "offered_rps": w.rate,
+        "per_replica": per_replica,
+        "max_over_mean": max(counts) / statistics.mean(counts) if counts and statistics.mean(counts) else float("nan"),
+        "key_mismatches": mismatched,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Targets, report
+# --------------------------------------------------------------------------------------
+
+
+def find(rows: list[dict], workload: str, strategy: str, capacity: float) -> Optional[dict]:
+    return next((r for r in rows if r["workload"] == workload and r["strategy"] == strategy
+                 and r["capacity"] == capacity), None)
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    out = []
+
+    def check(name: str, value: float, limit: float, ok: bool, text: str) -> None:
+        out.append({"target": name, "value": value, "limit": limit, "met": bool(ok), "text": text})
+
+    c = TARGET_CAPACITY
+    for wl in ("tenants", "conversations"):
+        rr, lr, af = (find(rows, wl, s, c) for s in ("round_robin", "least_request", "affinity"))
+        if not (rr and lr and af):
+            continue
+        check(f"{wl}: affinity hit rate >= 2x round robin's", af["hit_rate"] / max(rr["hit_rate"], 1e-9), 2.0,
+              af["hit_rate"] >= 2 * rr["hit_rate"],
+              f"{af['hit_rate']:.3f} vs {rr['hit_rate']:.3f}")
+        check(f"{wl}: affinity hit rate >= 0.8x the oracle's", af["hit_rate"] / max(af["oracle_hit_rate"], 1e-9),
+              0.8, af["hit_rate"] >= 0.8 * af["oracle_hit_rate"],
+              f"{af['hit_rate']:.3f} vs {af['oracle_hit_rate']:.3f}")
+        check(f"{wl}: affinity TTFT p95 <= 0.6x round robin's", af["ttft_p95_ms"] / rr["ttft_p95_ms"], 0.6,
+              af["ttft_p95_ms"] <= 0.6 * rr["ttft_p95_ms"],
+              f"{af['ttft_p95_ms']:.1f} ms vs {rr['ttft_p95_ms']:.1f} ms")
+        check(f"{wl}: affinity TTFT p95 below least request's", af["ttft_p95_ms"] / lr["ttft_p95_ms"], 1.0,
+              af["ttft_p95_ms"] < lr["ttft_p95_ms"],
+              f"{af['ttft_p95_ms']:.1f} ms vs {lr['ttft_p95_ms']:.1f} ms")
+        check(f"{wl}: affinity max/mean requests per replica <= 1.25", af["max_over_mean"], 1.25,
+              af["max_over_mean"] <= 1.25, f"{af['max_over_mean']:.2f} ({af['per_replica']})")
+    lr, af = find(rows, "control", "least_request", c), find(rows, "control", "affinity", c)
+    if lr and af:
+        check("control: affinity TTFT p95 within 5% of least request's", af["ttft_p95_ms"] / lr["ttft_p95_ms"], 1.05,
+              abs(af["ttft_p95_ms"] / lr["ttft_p95_ms"] - 1) <= 0.05,
+              f"{af['ttft_p95_ms']:.1f} ms vs {lr['ttft_p95_ms']:.1f} ms")
+        check("control: affinity throughput within 5% of least request's",
+              af["throughput_rps"] / lr["throughput_rps"], 1.05,
+              abs(af["throughput_rps"] / lr["throughput_rps"] - 1) <= 0.05,
+              f"{af['throughput_rps']:.1f} vs {lr['throughput_rps']:.1f} req/s")
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| workload | capacity | strategy | hit rate | oracle | TTFT p50 | p95 | p99 (ms) | req/s "
+            "| client p95 | per replica | max/mean | errors |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows:
+        lines.append(
+            f"| {r['workload']} | {r['capacity']}x | {r['strategy']} | {r['hit_rate']:.3f} | {r['oracle_hit_rate']:.3f} "
+            f"| {r['ttft_p50_ms']:.1f} | {r['ttft_p95_ms']:.1f} | {r['ttft_p99_ms']:.1f} | {r['throughput_rps']:.1f} "
+            f"| {r['latency_p95_ms']:.0f} "
+            f"| {'/'.join(str(v) for v in r['per_replica'].values())} | {r['max_over_mean']:.2f} "
+            f"| {r['requests'] - r['ok']} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def markdown(meta: dict, rows: list[dict], checks: list[dict]) -> str:
+    md = [f"# make bench-routing ({meta['date']})", "",
+          f"Key source: **{meta['key_source']}**. Replicas: {REPLICAS} mock-vllm, prefill "
+          f"{PREFILL_TOKENS_PER_S} tokens/s one at a time, decode {ITL_MS} ms/token in parallel, "
+          f"{MAX_TOKENS} tokens per answer, {BLOCK_TOKENS}-token cache blocks (tokens = 4 bytes). "
+          f"Offered load: {UTILISATION:.0%} of the pool's prefill capacity with nothing cached. "
+          f"Affinity: {DEFAULT_LB}, hash_balance_factor {DEFAULT_HBF}, {KEY_BLOCK_BYTES}-byte key blocks, "
+          f"prefixBlocks {DEFAULT_PREFIX_BLOCKS}. Wall time {meta['seconds']:.0f} s.", ""]
+    md.append("TTFT is the replica's own (x-mock-ttft-ms: queueing + prefill + base, simulated time); "
+              "'client p95' is the client's request-to-response latency (includes decoding and this "
+              "machine's CPU noise). Per replica: requests answered by replica-0..3.")
+    md += ["", "## Workloads", ""]
+    for w in meta["workloads"]:
+        md.append(f"- **{w['name']}**: {w['description']}; {w['requests']} requests at {w['rate']:.1f}/s, "
+                  f"{w['prompt_tokens_mean']:.0f} prompt tokens on average, working set {w['working_set_blocks']} "
+                  f"blocks, oracle hit rate {w['oracle_hit_rate']:.3f}.")
+    md += ["", f"## Targets (capacity {TARGET_CAPACITY}x the working set)", ""]
+    for c in checks:
+        md.append(f"- {'met' if c['met'] else 'NOT MET'}: {c['target']}: {c['text']} (ratio {c['value']:.2f}, limit {c['limit']})")
+    md += ["", "## Strategies across cache capacities", "", table([r for r in rows if r["strategy"] in
+                                                                  ("round_robin", "least_request", "affinity")])]
+    var = [r for r in rows if r["strategy"].startswith("affinity_") or
+           (r["strategy"] == "affinity" and r["capacity"] == TARGET_CAPACITY)]
+    if var:
+        md += ["## Affinity settings (one changed at a time)", "", table(var)]
+    return "\n".join(md) + "\n"
+
+
+def chart(path: Path, rows: list[dict]) -> Optional[str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        return f"no chart: {e}"
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for col, wl in enumerate(("tenants", "conversations")):
+        for strat, style in (("round_robin", "o-"), ("least_request", "s-"), ("affinity", "^-")):
+            pts = sorted((r["capacity"], r) for r in rows if r["workload"] == wl and r["strategy"] == strat)
+            if not pts:
+                continue
+            caps = [p[0] for p in pts]
+            axes[0][col].plot(caps, [p[1]["hit_rate"] for p in pts], style, label=strat)
+            axes[1][col].plot(caps, [p[1]["ttft_p95_ms"] for p in pts], style, label=strat)
+        pts = sorted((r["capacity"], r["oracle_hit_rate"]) for r in rows if r["workload"] == wl and r["strategy"] == "affinity")
+        if pts:
+            axes[0][col].plot([p[0] for p in pts], [p[1] for p in pts], "k--", label="oracle (one infinite cache)")
+        axes[0][col].set_title(f"{wl}: prefix-cache hit rate")
+        axes[1][col].set_title(f"{wl}: TTFT p95 (ms)")
+        for ax in (axes[0][col], axes[1][col]):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("cache per replica / working set")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        axes[0][col].set_ylim(0, 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------
+
+
+def probe_filter(port: int, strategy: Strategy) -> tuple[bool, str]:
+    """Does the filter set the key, and is it the key prefix_key.py computes?"""
+    body = body_of([{"role": "system", "content": "probe " * 400}, {"role": "user", "content": "hi"}])
+    body["stream"] = False
+    want = prefix_key.prefix_key(MODEL, body, KEY_BLOCK_BYTES, strategy.prefix_blocks)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("POST", PATH, body=json.dumps(body), headers={"content-type": "application/json"})
+        r = conn.getresponse()
+        r.read()
+        got = r.getheader("x-echo-prefix-hash")
+        if r.status != 200:
+            return False, f"probe answered {r.status}"
+        if got != want:
+            return False, f"filter key {got!r}, prefix_key.py {want!r}"
+        return True, f"filter key {got} = prefix_key.py's"
+    except OSError as e:
+        return False, f"probe failed: {e}"
+    finally:
+        conn.close()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--key-source", choices=("auto", "filter", "client"), default="auto")
+    ap.add_argument("--quick", action="store_true", help="fewer requests, 0.5x capacity only, no variants")
+    ap.add_argument("--no-variants", action="store_true")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    for f in (WASM, MOCK):
+        if not f.is_file():
+            raise SystemExit(f"bench-routing: {f} missing: run make build")
+    began = time.monotonic()
+    scale = 0.4 if args.quick else 1.0
+    rng = random.Random(15)
+    workloads = [tenants_workload(int(480 * scale), rng),
+                 conversations_workload(int(32 * scale) or 1, 8, rng),
+                 control_workload(int(360 * scale), rng)]
+    for w in workloads:
+        oracle(w)
+        say(f"workload {w.name}: {len(w.reqs)} requests at {w.rate:.1f}/s, working set {w.working_set_blocks} "
+            f"blocks, oracle hit rate {w.oracle_hit_rate:.3f}")
+    strategies = list(MAIN) + ([] if (args.quick or args.no_variants) else list(variants()))
+    capacities = (TARGET_CAPACITY,) if args.quick else CAPACITIES
+
+    rows: list[dict] = []
+    work = Path(tempfile.mkdtemp(prefix="bench-routing-"))
+    ports = {"admin": procs.free_port(), **{s.name: procs.free_port() for s in strategies}}
+    mode = args.key_source
+    key_note = ""
+    mocks: list[Mock] = []
+    envoy: Optional[Envoy] = None
+    try:
+        for cap in capacities:
+            for w in workloads:
+                if w.name == "control" and cap != TARGET_CAPACITY:
+                    continue       # nothing is shared: capacity changes nothing
+                blocks = max(1, round(cap * w.working_set_blocks)) if w.working_set_blocks else 1000
+                mocks = [Mock(i, blocks, work) for i in range(REPLICAS)]
+                if envoy is None or envoy_ports != [m.port for m in mocks]:
+                    if envoy is not None:
+                        envoy.stop()
+                    envoy_ports = [m.port for m in mocks]
+                    if mode in ("auto", "filter"):
+                        try:
+                            envoy = Envoy(gateway_config(strategies, ports, envoy_ports, KeySource("filter")),
+                                          work, ports["admin"])
+                            ok, key_note = probe_filter(ports["affinity"], MAIN[2])
+                        except RuntimeError as e:
+                            envoy, ok, key_note = None, False, str(e).splitlines()[0]
+                        if ok:
+                            mode = "filter"
+                        elif mode == "filter":
+                            raise SystemExit(f"bench-routing: the filter does not compute the key: {key_note}")
+                        else:
+                            say(f"the filter does not set {HEADER} ({key_note}): the load generator sends it")
+                            if envoy is not None:
+                                envoy.stop()
+                            mode = "client"
+                    if mode == "client":
+                        envoy = Envoy(gateway_config(strategies, ports, envoy_ports, KeySource("client")),
+                                      work, ports["admin"])
+                keys = KeySource(mode)
+                for s in strategies:
+                    if s not in MAIN and cap != TARGET_CAPACITY:
+                        continue
+                    row = run_one(w, s, ports, mocks, keys, cap)
+                    rows.append(row)
+                    say(f"{w.name} {cap}x {s.name}: hit {row['hit_rate']:.3f} (oracle {row['oracle_hit_rate']:.3f}) "
+                        f"TTFT p50/p95/p99 {row['ttft_p50_ms']:.1f}/{row['ttft_p95_ms']:.1f}/{row['ttft_p99_ms']:.1f} ms "
+                        f"{row['throughput_rps']:.1f} req/s replicas {list(row['per_replica'].values())} "
+                        f"errors {row['requests'] - row['ok']}{' key mismatches ' + str(row['key_mismatches']) if row['key_mismatches'] else ''}")
+                for m in mocks:
+                    m.proc.stop()
+                mocks = []
+    finally:
+        for m in mocks:
+            m.proc.stop()
+        if envoy is not None:
+            envoy.stop()
+
+    checks = targets(rows)
+    meta = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "seconds": time.monotonic() - began, "key_source": mode, "key_note": key_note, "quick": args.quick,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "workloads": [{"name": w.name, "description": w.description, "requests": len(w.reqs), "rate": w.rate,
+                       "working_set_blocks": w.working_set_blocks, "oracle_hit_rate": w.oracle_hit_rate,
+                       "prompt_tokens_mean": w.prompt_tokens_mean} for w in workloads],
+        "settings": {"replicas": REPLICAS, "prefill_tokens_per_s": PREFILL_TOKENS_PER_S, "itl_ms": ITL_MS,
+                     "base_ttft_ms": BASE_TTFT_MS, "max_tokens": MAX_TOKENS, "block_tokens": BLOCK_TOKENS,
+                     "utilisation": UTILISATION, "key_block_bytes": KEY_BLOCK_BYTES,
+                     "default_prefix_blocks": DEFAULT_PREFIX_BLOCKS, "default_lb": DEFAULT_LB,
+                     "default_hash_balance_factor": DEFAULT_HBF},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "targets": checks}, indent=1))
+    md = markdown(meta, rows, checks)
+    (args.out / "results.md").write_text(md)
+    note = chart(args.out / "routing.png", rows)
+    if note:
+        say(note)
+    print(md)
+    for c in checks:
+        print(f"{'met    ' if c['met'] else 'NOT MET'}  {c['target']}: {c['text']}")
+    say(f"done in {meta['seconds']:.0f} s; results in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
