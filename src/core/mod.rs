@@ -7,6 +7,7 @@ pub mod errors;
 pub mod headers;
 pub mod metrics;
 pub mod multipart;
+pub mod overload;
 pub mod prefix;
 pub mod request;
 pub mod scanner;
