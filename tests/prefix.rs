@@ -3,6 +3,7 @@
 //! like tests/core.rs.
 
 use bbr_wasm::core::prefix::{key_header_value, prefix_key};
+use bbr_wasm::core::vector::find_quote_or_backslash;
 use bbr_wasm::core::{CaptureState, PromptCapture, Router};
 
 #[cfg(target_arch = "wasm32")]
@@ -320,6 +321,25 @@ mod xxhash_rust_reference {
 }
 
 both! {
+    fn quote_or_backslash_search_finds_the_first_at_every_position() {
+        // Each stop byte at every position of 0..40 bytes, after bytes that look like stops to
+        // the scanner's own search (control, non-ASCII) but are not stops here.
+        for len in 0..40 {
+            let base: Vec<u8> = (0..len).map(|i| [b'a', 0x01, 0xC3, b'z'][i % 4]).collect();
+            assert_eq!(find_quote_or_backslash(&base), len, "none in {len}");
+            for at in 0..len {
+                for stop in [b'"', b'\\'] {
+                    let mut v = base.clone();
+                    v[at] = stop;
+                    if at + 1 < len {
+                        v[len - 1] = b'"';
+                    }
+                    assert_eq!(find_quote_or_backslash(&v), at, "{stop} at {at} of {len}");
+                }
+            }
+        }
+    }
+
     fn reference_xxh64_matches_published_vectors() {
         // XXH64 of the empty input and of "a", seed 0, from the xxHash test vectors; and a
         // 100-byte input, which takes the 32-byte-stripe path, against the crate.

@@ -24,14 +24,14 @@
 //! JSON. Anything the capture does not understand makes it give up: no key, the request is
 //! routed as usual and spread over the pool.
 
-use super::vector::find_byte;
+use super::vector::find_quote_or_backslash as string_stop;
 use xxhash_rust::xxh64::Xxh64;
 
 /// Default for `prefixAffinity.blockBytes`: llm-d's prefix scorer uses 64-token blocks and
 /// counts 4 bytes per token.
 pub const DEFAULT_BLOCK_BYTES: usize = 256;
 /// Default for `prefixAffinity.prefixBlocks` (see the README's "Prefix affinity").
-pub const DEFAULT_PREFIX_BLOCKS: usize = 4;
+pub const DEFAULT_PREFIX_BLOCKS: usize = 8;
 /// Default for `prefixAffinity.header`.
 pub const DEFAULT_PREFIX_HEADER: &str = "x-gateway-prefix-hash";
 /// Largest accepted `blockBytes x prefixBlocks`: the bytes one request may hold for its key.
@@ -126,24 +126,6 @@ enum Lex {
     Unicode { digits: u8, value: u16 },
     /// Inside a number or literal: until a delimiter.
     Scalar,
-}
-
-/// Index of the first `"` or `\\` in `bytes`, or `bytes.len()`: the end of the plain run of a
-/// string the capture drops. Searched in windows, so that a string full of escapes is not
-/// searched to its closing quote once per escape.
-fn string_stop(bytes: &[u8]) -> usize {
-    const WINDOW: usize = 256;
-    let mut start = 0;
-    while start < bytes.len() {
-        let window = &bytes[start..bytes.len().min(start + WINDOW)];
-        let quote = find_byte(b'"', window);
-        let backslash = find_byte(b'\\', &window[..quote]);
-        if backslash < window.len() {
-            return start + backslash;
-        }
-        start += window.len();
-    }
-    bytes.len()
 }
 
 /// The state of the capture.

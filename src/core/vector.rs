@@ -164,6 +164,27 @@ pub fn find_byte(needle: u8, bytes: &[u8]) -> usize {
         .unwrap_or(bytes.len() - i)
 }
 
+/// Index of the first `"` or `\` in `bytes`, or `bytes.len()`: 16 bytes per vector compare.
+/// The prefix capture (`core::prefix`) copies the runs between them; control and non-ASCII
+/// bytes do not stop it (the scanner validates those).
+#[inline]
+pub fn find_quote_or_backslash(bytes: &[u8]) -> usize {
+    let (quote, backslash) = (splat(b'"'), splat(b'\\'));
+    let mut i = 0;
+    let mut blocks = bytes.chunks_exact(16);
+    for block in &mut blocks {
+        let v = load(block);
+        if any(or(eq(v, quote), eq(v, backslash))) {
+            break;
+        }
+        i += 16;
+    }
+    i + bytes[i..]
+        .iter()
+        .position(|&b| b == b'"' || b == b'\\')
+        .unwrap_or(bytes.len() - i)
+}
+
 /// Bit k set when byte k of the 16-byte `block` is `"`, `\`, below 0x20 or from 0x80 up: the
 /// string fast path's block test (`skip::find_string_stop`).
 #[inline(always)]

@@ -20,7 +20,7 @@ from conftest import QWEN, routes, set_cluster_port  # noqa: F401
 
 # The shipped defaults (README, Prefix affinity).
 BLOCK_BYTES = 256
-PREFIX_BLOCKS = 4
+PREFIX_BLOCKS = 8
 SEEN_KEY = "x-test-prefix-hash"
 REPLICAS = ("qwen-p1", "qwen-p2", "qwen-p3")
 # Each answer takes this long, so that concurrent requests are in flight together.
@@ -42,9 +42,9 @@ def chat_prompt(messages: list[dict]) -> bytes:
 
 
 def system_prompt(tenant: int) -> str:
-    # ~1.5 KiB: more than PREFIX_BLOCKS blocks, so the key is the tenant's, whatever follows.
+    # ~3 KiB: more than PREFIX_BLOCKS blocks (2 KiB), so the key is the tenant's, whatever follows.
     return f"You are the support assistant of tenant {tenant}. " + " ".join(
-        f"Rule {i}: answer politely, cite the manual section {tenant}.{i}, and never guess." for i in range(20)
+        f"Rule {i}: answer politely, cite the manual section {tenant}.{i}, and never guess." for i in range(40)
     )
 
 
@@ -162,8 +162,8 @@ def test_client_sent_key_is_removed(pool):
 
 
 def test_burst_on_one_prefix_spills_under_bounded_load(pool):
-    """Many concurrent requests with one key: hash_balance_factor 150 caps the chosen replica at
-    1.5x the mean in-flight load, so the burst spills onto the others."""
+    """Many concurrent requests with one key: hash_balance_factor 125 caps the chosen replica at
+    1.25x the mean in-flight load, so the burst spills onto the others."""
     env, replicas = pool
     messages = [{"role": "system", "content": system_prompt(999)}, {"role": "user", "content": "Burst?"}]
     with httpx.Client(base_url=env.url, timeout=60.0) as client:

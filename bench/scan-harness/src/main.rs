@@ -17,7 +17,7 @@
 //! Prints one JSON line per file.
 //!
 //! Each body is also timed with the prefix-affinity capture (`core::prefix::PromptCapture`,
-//! the shipped budget of 4 blocks of 256 bytes) fed beside the scanner as the filter feeds it:
+//! the shipped budget of 8 blocks of 256 bytes) fed beside the scanner as the filter feeds it:
 //! every window until the capture is settled. The two variants alternate in the same rounds,
 //! so their ratio is measured side by side.
 
@@ -31,8 +31,8 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 const WINDOW: usize = 64 * 1024;
-/// The shipped prefixAffinity budget: blockBytes 256 x prefixBlocks 4.
-const CAPTURE_BYTES: usize = 1024;
+/// The shipped prefixAffinity budget: blockBytes 256 x prefixBlocks 8.
+const CAPTURE_BYTES: usize = 2048;
 
 /// The scanner the filter would use: multipart for a body that starts with a boundary line
 /// (`--BOUNDARY\r\n`, as bench/scan.py writes its audio upload), JSON otherwise.
