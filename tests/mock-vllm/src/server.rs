@@ -488,6 +488,14 @@ pub async fn run(cfg: Config) -> Result<(), String> {
         .with_engine(Engine::new(cfg.engine)),
     );
 
+    // The handlers exist before the ready line: a SIGTERM sent as soon as that line appears
+    // (tests do) must reach them, not the default action, which kills the process with the
+    // signal (seen on a loaded machine: exit status "signal 15" instead of 0).
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("cannot install the SIGTERM handler: {e}"))?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| format!("cannot install the SIGINT handler: {e}"))?;
+
     {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(
@@ -503,11 +511,6 @@ pub async fn run(cfg: Config) -> Result<(), String> {
     // proxy that may be about to reuse it (that race shows up as sporadic 503s).
     builder.http1().keep_alive(true).header_read_timeout(None);
     let builder = Arc::new(builder);
-
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| format!("cannot install the SIGTERM handler: {e}"))?;
-    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .map_err(|e| format!("cannot install the SIGINT handler: {e}"))?;
 
     loop {
         tokio::select! {
