@@ -4,6 +4,7 @@
 //! (which istiod turns into the same StringValue). Unknown keys are refused so that a typo
 //! never silently falls back to a default.
 
+use super::discovery::Pool;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::fmt;
@@ -28,12 +29,41 @@ pub const DEFAULT_MODEL_LIST_PATH: &str = "/v1/models";
 pub const MAX_MAX_BODY_BYTES: u64 = 1024 * 1024 * 1024;
 /// Largest accepted `maxModelNameBytes`.
 pub const MAX_MAX_MODEL_NAME_BYTES: usize = 64 * 1024;
+/// Default for `pools[].path`: what vLLM answers the served models on.
+pub const DEFAULT_POOL_PATH: &str = "/v1/models";
+/// Default for `pools[].intervalMs`: 10 s (plus up to 10 % jitter).
+pub const DEFAULT_POOL_INTERVAL_MS: u64 = 10_000;
+/// Default for `pools[].timeoutMs`.
+pub const DEFAULT_POOL_TIMEOUT_MS: u64 = 2_000;
+/// Smallest accepted `pools[].intervalMs`: the timer ticks at a tenth of the shortest
+/// interval, and below this the polls cost more than they tell.
+pub const MIN_POOL_INTERVAL_MS: u64 = 100;
+/// Largest accepted `pools[].intervalMs` (one hour).
+pub const MAX_POOL_INTERVAL_MS: u64 = 3_600_000;
+/// Largest accepted `pools[].timeoutMs` (one minute).
+pub const MAX_POOL_TIMEOUT_MS: u64 = 60_000;
+/// Default for `absentPollsBeforeRemoval`.
+pub const DEFAULT_ABSENT_POLLS_BEFORE_REMOVAL: u32 = 3;
+/// Largest accepted `absentPollsBeforeRemoval`.
+pub const MAX_ABSENT_POLLS_BEFORE_REMOVAL: u32 = 1000;
+/// Default for `poolHeader`: names the cluster of a discovered model; the shipped Envoy
+/// route reads it with `cluster_header`.
+pub const DEFAULT_POOL_HEADER: &str = "x-gateway-destination-pool";
+/// Most bytes in a cluster name or an authority.
+pub const MAX_CLUSTER_NAME_BYTES: usize = 255;
 
 /// The configuration exactly as written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RawConfig {
+    #[serde(default)]
     pub models: Vec<RawModel>,
+    #[serde(default)]
+    pub pools: Vec<RawPool>,
+    #[serde(default = "default_absent_polls_before_removal")]
+    pub absent_polls_before_removal: u32,
+    #[serde(default = "default_pool_header")]
+    pub pool_header: String,
     #[serde(default = "default_path_prefixes")]
     pub path_prefixes: Vec<String>,
     #[serde(default = "default_multipart_paths")]
@@ -62,6 +92,22 @@ pub struct RawModel {
     pub name: String,
     #[serde(default)]
     pub adapters: Vec<String>,
+}
+
+/// A pool whose served models are discovered by polling its `/v1/models`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawPool {
+    pub cluster: String,
+    #[serde(default = "default_pool_path")]
+    pub path: String,
+    #[serde(default = "default_pool_interval_ms")]
+    pub interval_ms: u64,
+    #[serde(default = "default_pool_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Default: the cluster name.
+    #[serde(default)]
+    pub authority: Option<String>,
 }
 
 /// What to do with a model that no base model or adapter knows.
@@ -121,6 +167,21 @@ fn default_model_list_path() -> String {
 fn default_true() -> bool {
     true
 }
+fn default_absent_polls_before_removal() -> u32 {
+    DEFAULT_ABSENT_POLLS_BEFORE_REMOVAL
+}
+fn default_pool_header() -> String {
+    DEFAULT_POOL_HEADER.to_string()
+}
+fn default_pool_path() -> String {
+    DEFAULT_POOL_PATH.to_string()
+}
+fn default_pool_interval_ms() -> u64 {
+    DEFAULT_POOL_INTERVAL_MS
+}
+fn default_pool_timeout_ms() -> u64 {
+    DEFAULT_POOL_TIMEOUT_MS
+}
 
 /// Why a configuration was refused. `field` names the offending field as a JSON path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,7 +197,9 @@ pub enum ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ConfigError::Missing => f.write_str("no configuration: `models` is required"),
+            ConfigError::Missing => {
+                f.write_str("no configuration: `models` or `pools` is required")
+            }
             ConfigError::Syntax(msg) => write!(f, "{msg}"),
             ConfigError::Invalid { field, reason } => write!(f, "{field}: {reason}"),
         }
@@ -180,6 +243,12 @@ pub struct Router {
     pub model_list_path: Option<String>,
     /// Release the request as soon as `model` is read, without the whole-body checks.
     pub route_before_body_ends: bool,
+    /// Pools to discover models from, in configuration order (their precedence).
+    pub pools: Vec<Pool>,
+    /// Consecutive successful polls a model must be missing from before it is removed.
+    pub absent_polls_before_removal: u32,
+    /// Lower-case name of the header naming a discovered model's cluster.
+    pub pool_header: String,
 }
 
 impl Router {
@@ -210,8 +279,11 @@ impl Router {
             MAX_MAX_MODEL_NAME_BYTES as u64,
         )?;
 
-        if raw.models.is_empty() {
-            return Err(invalid("models", "must list at least one model"));
+        if raw.models.is_empty() && raw.pools.is_empty() {
+            return Err(invalid(
+                "models",
+                "must list at least one model (or configure pools to discover them)",
+            ));
         }
         let mut served = Vec::new();
         let mut index: HashMap<String, usize> = HashMap::new();
@@ -279,6 +351,20 @@ impl Router {
             return Err(invalid("modelHeader", "must differ from baseModelHeader"));
         }
 
+        let pool_header = check_header_name("poolHeader", &raw.pool_header)?;
+        if pool_header == base_model_header || pool_header == model_header {
+            return Err(invalid(
+                "poolHeader",
+                "must differ from baseModelHeader and modelHeader",
+            ));
+        }
+        let pools = compile_pools(&raw.pools)?;
+        check_range(
+            "absentPollsBeforeRemoval",
+            u64::from(raw.absent_polls_before_removal),
+            u64::from(MAX_ABSENT_POLLS_BEFORE_REMOVAL),
+        )?;
+
         let model_list_path = if raw.model_list.enabled {
             check_path("modelList.path", &raw.model_list.path)?;
             Some(raw.model_list.path.clone())
@@ -298,6 +384,9 @@ impl Router {
             max_model_name_bytes: raw.max_model_name_bytes,
             model_list_path,
             route_before_body_ends: raw.route_before_body_ends,
+            pools,
+            absent_polls_before_removal: raw.absent_polls_before_removal,
+            pool_header,
         })
     }
 
@@ -330,6 +419,72 @@ fn add_served(
     Ok(())
 }
 
+fn compile_pools(raw: &[RawPool]) -> Result<Vec<Pool>, ConfigError> {
+    let mut pools: Vec<Pool> = Vec::with_capacity(raw.len());
+    for (i, p) in raw.iter().enumerate() {
+        let field = format!("pools[{i}].cluster");
+        check_token(&field, &p.cluster)?;
+        if let Some(j) = pools.iter().position(|q| q.cluster == p.cluster) {
+            return Err(invalid(
+                field,
+                format!("duplicate cluster {:?}, already at pools[{j}].cluster", p.cluster),
+            ));
+        }
+        check_path(&format!("pools[{i}].path"), &p.path)?;
+        let interval = format!("pools[{i}].intervalMs");
+        if !(MIN_POOL_INTERVAL_MS..=MAX_POOL_INTERVAL_MS).contains(&p.interval_ms) {
+            return Err(invalid(
+                interval,
+                format!(
+                    "must be between {MIN_POOL_INTERVAL_MS} and {MAX_POOL_INTERVAL_MS}, got {}",
+                    p.interval_ms
+                ),
+            ));
+        }
+        check_range(
+            &format!("pools[{i}].timeoutMs"),
+            p.timeout_ms,
+            MAX_POOL_TIMEOUT_MS,
+        )?;
+        let authority = match &p.authority {
+            Some(a) => {
+                check_token(&format!("pools[{i}].authority"), a)?;
+                a.clone()
+            }
+            None => p.cluster.clone(),
+        };
+        pools.push(Pool {
+            cluster: p.cluster.clone(),
+            path: p.path.clone(),
+            interval_ms: p.interval_ms,
+            timeout_ms: p.timeout_ms,
+            authority,
+        });
+    }
+    Ok(pools)
+}
+
+/// A cluster name or an authority: it travels in a header value, so printable ASCII without
+/// spaces (Envoy cluster names in practice: `qwen-vllm`, `outbound|8000||svc.ns.svc...`).
+fn check_token(field: &str, value: &str) -> Result<(), ConfigError> {
+    if value.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    if value.len() > MAX_CLUSTER_NAME_BYTES {
+        return Err(invalid(
+            field,
+            format!("is longer than {MAX_CLUSTER_NAME_BYTES} bytes"),
+        ));
+    }
+    if !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            field,
+            format!("must be printable ASCII without spaces, got {value:?}"),
+        ));
+    }
+    Ok(())
+}
+
 fn check_range(field: &str, value: u64, max: u64) -> Result<(), ConfigError> {
     if value == 0 || value > max {
         return Err(invalid(
@@ -341,7 +496,7 @@ fn check_range(field: &str, value: u64, max: u64) -> Result<(), ConfigError> {
 }
 
 /// A model name must be something a client can send and a header can carry.
-fn check_model_name(field: &str, name: &str, max_bytes: usize) -> Result<(), ConfigError> {
+pub(crate) fn check_model_name(field: &str, name: &str, max_bytes: usize) -> Result<(), ConfigError> {
     if name.is_empty() {
         return Err(invalid(field, "must not be empty"));
     }

@@ -4,7 +4,7 @@ use super::config::{Router, ServedModel, UnknownModel};
 use super::errors::Rejection;
 use super::multipart::{boundary_of, MultipartScanner};
 use super::scanner::{ModelScanner, Step};
-use serde_json::json;
+use super::discovery::RoutingView;
 
 /// The request headers the decision needs. Names are looked up by the adapter.
 #[derive(Debug, Clone, Copy, Default)]
@@ -173,22 +173,9 @@ impl Router {
         }
     }
 
-    /// The `GET /v1/models` body, in OpenAI's list format. `created` is a Unix time.
+    /// The `GET /v1/models` body of the static models, in OpenAI's list format. `created` is
+    /// a Unix time. (The filter answers from its [`RoutingView`], which adds discovered ones.)
     pub fn model_list_body(&self, created: u64) -> String {
-        let data: Vec<_> = self
-            .served
-            .iter()
-            .map(|m| {
-                json!({
-                    "id": m.name,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "bbr-wasm",
-                    "root": m.base,
-                    "parent": if m.is_adapter { Some(m.base.as_str()) } else { None },
-                })
-            })
-            .collect();
-        json!({"object": "list", "data": data}).to_string()
+        RoutingView::from_static(self).model_list_body(created)
     }
 }
