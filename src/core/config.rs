@@ -49,6 +49,10 @@ pub const MAX_ABSENT_POLLS_BEFORE_REMOVAL: u32 = 1000;
 /// Default for `poolHeader`: names the cluster of a discovered model; the shipped Envoy
 /// route reads it with `cluster_header`.
 pub const DEFAULT_POOL_HEADER: &str = "x-gateway-destination-pool";
+/// The request header the filter sets on its own 503 (model discovery pending) before answering,
+/// so that Envoy's `local_reply_config` can tell that reply from Envoy's own 503s and leave its
+/// body alone (see envoy/envoy.yaml). Client copies are removed like the routing headers.
+pub const LOCAL_REPLY_HEADER: &str = "x-bbr-local-reply";
 /// Most bytes in a cluster name or an authority.
 pub const MAX_CLUSTER_NAME_BYTES: usize = 255;
 
@@ -427,7 +431,10 @@ fn compile_pools(raw: &[RawPool]) -> Result<Vec<Pool>, ConfigError> {
         if let Some(j) = pools.iter().position(|q| q.cluster == p.cluster) {
             return Err(invalid(
                 field,
-                format!("duplicate cluster {:?}, already at pools[{j}].cluster", p.cluster),
+                format!(
+                    "duplicate cluster {:?}, already at pools[{j}].cluster",
+                    p.cluster
+                ),
             ));
         }
         check_path(&format!("pools[{i}].path"), &p.path)?;
@@ -496,7 +503,11 @@ fn check_range(field: &str, value: u64, max: u64) -> Result<(), ConfigError> {
 }
 
 /// A model name must be something a client can send and a header can carry.
-pub(crate) fn check_model_name(field: &str, name: &str, max_bytes: usize) -> Result<(), ConfigError> {
+pub(crate) fn check_model_name(
+    field: &str,
+    name: &str,
+    max_bytes: usize,
+) -> Result<(), ConfigError> {
     if name.is_empty() {
         return Err(invalid(field, "must not be empty"));
     }

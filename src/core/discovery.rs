@@ -69,7 +69,9 @@ impl fmt::Display for PollFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             PollFailure::Unreachable(why) => write!(f, "no response ({why})"),
-            PollFailure::Status(504) => f.write_str("HTTP 504 (Envoy's answer when timeoutMs passes)"),
+            PollFailure::Status(504) => {
+                f.write_str("HTTP 504 (Envoy's answer when timeoutMs passes)")
+            }
             PollFailure::Status(503) => f.write_str("HTTP 503 (no replica of the pool is up)"),
             PollFailure::Status(code) => write!(f, "HTTP {code}"),
             PollFailure::TooLarge { size } => write!(
@@ -413,7 +415,8 @@ impl RoutingView {
             return;
         }
         owner.insert(route.model.name.clone(), source.to_string());
-        self.index.insert(route.model.name.clone(), self.routes.len());
+        self.index
+            .insert(route.model.name.clone(), self.routes.len());
         self.routes.push(route);
     }
 
@@ -493,5 +496,10 @@ pub fn next_random(state: &mut u64) -> u64 {
 /// `random`, so workers and gateways started together do not poll in step.
 pub fn next_poll_delay_ms(interval_ms: u64, random: u64) -> u64 {
     let spread = interval_ms / 10;
-    interval_ms + if spread == 0 { 0 } else { random % (spread + 1) }
+    interval_ms
+        + if spread == 0 {
+            0
+        } else {
+            random % (spread + 1)
+        }
 }

@@ -26,7 +26,10 @@ pub enum Rejection {
     UnsupportedMediaType(String),
     /// No source lists the model yet, and some pool has not answered its first poll: the
     /// model may well exist, so 503 with `Retry-After` rather than 404.
-    DiscoveryPending { model: String, retry_after_secs: u64 },
+    DiscoveryPending {
+        model: String,
+        retry_after_secs: u64,
+    },
 }
 
 impl Rejection {
@@ -94,12 +97,7 @@ impl Rejection {
 
     /// The JSON body of the answer.
     pub fn body(&self) -> String {
-        error_body(
-            &self.to_string(),
-            self.kind(),
-            self.param(),
-            self.code(),
-        )
+        error_body(&self.to_string(), self.kind(), self.param(), self.code())
     }
 }
 

@@ -1,10 +1,10 @@
 //! What to do with a request, decided from its headers and then from its body.
 
 use super::config::{Router, ServedModel, UnknownModel};
+use super::discovery::RoutingView;
 use super::errors::Rejection;
 use super::multipart::{boundary_of, MultipartScanner};
 use super::scanner::{ModelScanner, Step};
-use super::discovery::RoutingView;
 
 /// The request headers the decision needs. Names are looked up by the adapter.
 #[derive(Debug, Clone, Copy, Default)]
