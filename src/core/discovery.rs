@@ -503,3 +503,28 @@ pub fn next_poll_delay_ms(interval_ms: u64, random: u64) -> u64 {
             random % (spread + 1)
         }
 }
+
+/// FNV-1a, 64 bits: a short stable fingerprint (of the configuration, of a model list) for
+/// the keys and values the adapter keeps in the host's shared data. Not cryptographic.
+pub fn fingerprint(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+impl PoolState {
+    /// A fingerprint of what the pool is known to serve (names and parents).
+    pub fn models_fingerprint(&self) -> u64 {
+        let mut text = String::new();
+        for (name, parent) in self.models() {
+            text.push_str(name);
+            text.push('\t');
+            text.push_str(parent.unwrap_or(""));
+            text.push('\n');
+        }
+        fingerprint(text.as_bytes())
+    }
+}

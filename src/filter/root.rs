@@ -10,14 +10,14 @@
 use super::http::{BbrHttp, Phase};
 use super::{now_millis, now_nanos, Metrics};
 use crate::core::discovery::{
-    next_poll_delay_ms, next_random, parse_models, Health, Listed, PollFailure, PollOutcome,
-    MAX_MODELS_BODY_BYTES,
+    fingerprint, next_poll_delay_ms, next_random, parse_models, Health, Listed, PollFailure,
+    PollOutcome, MAX_MODELS_BODY_BYTES,
 };
 use crate::core::{PoolState, Router, RoutingView};
 use log::{debug, error, info, warn};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{BufferType, ContextType, MapType};
+use proxy_wasm::types::{BufferType, ContextType, MapType, Status};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -54,6 +54,8 @@ pub(super) struct BbrRoot {
     pools: Vec<PoolRun>,
     /// Jitter source, seeded per root context.
     random: u64,
+    /// Fingerprint of the configuration: the namespace of this plugin's shared-data keys.
+    config_fingerprint: u64,
     log_level_read_ms: u64,
 }
 
@@ -67,6 +69,7 @@ impl BbrRoot {
             configured_at: 0,
             pools: Vec::new(),
             random: 0,
+            config_fingerprint: 0,
             log_level_read_ms: 0,
         }
     }
@@ -120,11 +123,13 @@ impl BbrRoot {
                 Duration::from_millis(pool.timeout_ms),
             ) {
                 Ok(token) => run.in_flight = Some((token, now)),
+                // Envoy refuses a call to an unknown cluster (BadArgument), and one that fails
+                // at once (InternalFailure: no healthy replica, connection refused).
                 Err(status) => self.apply(
                     i,
                     Err(PollFailure::Unreachable(format!(
-                        "the host refused the call: {status:?}; is {:?} a cluster in Envoy's \
-                         configuration?",
+                        "the call failed at once: {status:?} (no healthy replica, or no cluster \
+                         {:?} in Envoy's configuration)",
                         pool.cluster
                     ))),
                 ),
@@ -190,6 +195,7 @@ impl BbrRoot {
             return;
         };
         let id = self.context_id;
+        let fp = self.config_fingerprint;
         let cluster = &pool.cluster;
         let mut rebuild = false;
         match result {
@@ -203,20 +209,25 @@ impl BbrRoot {
                 if let Some(was) = applied.health_was {
                     // The first answer ends the pool's 503 window: a new table either way.
                     rebuild = true;
-                    match was {
-                        Health::Failing(outcome) => info!(
-                            "[{id}] bbr-wasm: pool {cluster:?}: polls answer again (were {}), \
-                             {n} models",
-                            outcome.label()
-                        ),
-                        Health::Pending | Health::Ok => {}
+                    if claim_log(fp, &format!("health.{cluster}"), PollOutcome::Ok.label()) {
+                        match was {
+                            Health::Failing(outcome) if answered_before => info!(
+                                "[{id}] bbr-wasm: pool {cluster:?}: polls answer again (were {}), \
+                                 {n} models",
+                                outcome.label()
+                            ),
+                            _ => {
+                                info!("[{id}] bbr-wasm: pool {cluster:?}: first answer, {n} models")
+                            }
+                        }
                     }
                 }
-                if !answered_before {
-                    info!("[{id}] bbr-wasm: pool {cluster:?}: first answer, {n} models");
-                }
+                let models = format!("{:016x}", run.state.models_fingerprint());
                 if applied.routes_changed() {
                     rebuild = true;
+                }
+                if applied.routes_changed() && claim_log(fp, &format!("models.{cluster}"), &models)
+                {
                     info!(
                         "[{id}] bbr-wasm: pool {cluster:?}: added [{}], removed [{}], re-parented [{}]",
                         spell(&applied.added),
@@ -227,7 +238,9 @@ impl BbrRoot {
             }
             Err(failure) => {
                 self.metrics.count_poll(i, failure.outcome());
-                if run.state.apply_failure(&failure).is_some() {
+                if run.state.apply_failure(&failure).is_some()
+                    && claim_log(fp, &format!("health.{cluster}"), failure.outcome().label())
+                {
                     let keeps = if run.state.answered() {
                         format!("keeping the last good list of {} models", run.state.len())
                     } else {
@@ -259,6 +272,14 @@ impl BbrRoot {
             .collect();
         let view = RoutingView::merge(router, &pairs);
         for conflict in view.conflicts.difference(&self.view.conflicts) {
+            let winner = format!("{}>{}", conflict.kept, conflict.dropped);
+            if !claim_log(
+                self.config_fingerprint,
+                &format!("conflict.{}", conflict.name),
+                &winner,
+            ) {
+                continue;
+            }
             warn!(
                 "[{}] bbr-wasm: model {:?} is listed by {} and by pool {:?}: routed to {} \
                  (static models come first, then pools in configuration order)",
@@ -269,6 +290,33 @@ impl BbrRoot {
         self.metrics.define_models(&view);
         self.view = Rc::new(view);
     }
+}
+
+/// Whether this root context logs a change to `value` of the state named `what`.
+///
+/// Every worker (and Envoy's main thread, which runs a root context too) polls for
+/// itself, so each sees the same change. The last logged value sits in the host's shared
+/// data, process-wide: the first root to compare-and-swap it logs, the others find it
+/// already there. So a change of state is logged once per Envoy process, not once per
+/// worker. If the shared data is unusable this says yes: a duplicate line is better than
+/// a lost one.
+fn claim_log(config_fingerprint: u64, what: &str, value: &str) -> bool {
+    let key = format!("bbr-wasm.{config_fingerprint:016x}.{what}");
+    for _ in 0..3 {
+        let (current, cas) = match hostcalls::get_shared_data(&key) {
+            Ok(found) => found,
+            Err(_) => return true,
+        };
+        if current.as_deref() == Some(value.as_bytes()) {
+            return false;
+        }
+        match hostcalls::set_shared_data(&key, Some(value.as_bytes()), cas) {
+            Ok(()) => return true,
+            Err(Status::CasMismatch) => continue,
+            Err(_) => return true,
+        }
+    }
+    false
 }
 
 /// Up to NAMES_PER_LOG_LINE names, quoted, then how many more.
@@ -333,6 +381,7 @@ impl RootContext for BbrRoot {
                 return false;
             }
         };
+        self.config_fingerprint = fingerprint(&bytes);
         let router = match Router::from_json(&bytes) {
             Ok(router) => router,
             Err(err) => {
