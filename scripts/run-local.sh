@@ -10,7 +10,9 @@
 # (by pid) on Ctrl-C or exit. Logs: .run/
 #
 # Environment: ENVOY_BIN (see scripts/envoy-bin.sh), CARGO (default cargo),
-#              MOCK_TTFT_MS / MOCK_ITL_MS (default 0 / 20: a visible token stream).
+#              MOCK_TTFT_MS / MOCK_ITL_MS (default 0 / 20: a visible token stream),
+#              DISCOVERY=1: the filter gets no model list, only the two clusters as `pools`,
+#              and learns what they serve from their /v1/models (same ports).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -27,6 +29,10 @@ ADMIN_PORT=9901
 QWEN_PORT=8001
 PHI_PORT=8002
 START_TIMEOUT=30 # seconds per process
+DISCOVERY="${DISCOVERY:-}"
+# DISCOVERY=1: the filter configuration of envoy/envoy.yaml, replaced by pools only.
+DISCOVERY_CONFIG='{"pools":[{"cluster":"qwen-vllm","intervalMs":2000},{"cluster":"phi-vllm","intervalMs":2000}]}'
+
 
 say() { printf 'run-local: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
@@ -127,8 +133,19 @@ wait_for "mock-vllm qwen" "$QWEN_PID" "$RUN/mock-qwen.log" grep -q listening "$R
 wait_for "mock-vllm phi" "$PHI_PID" "$RUN/mock-phi.log" grep -q listening "$RUN/mock-phi.log"
 
 # --- Envoy ---------------------------------------------------------------------------------
+ENVOY_CONFIG=envoy/envoy.yaml
+if [[ -n "$DISCOVERY" && "$DISCOVERY" != 0 ]]; then
+  # The same file with the filter's `configuration` value swapped: it is the only line of the
+  # file that sets `value: '{"models":...`; refuse to guess if that ever changes.
+  pattern="^( *value: )'\{\"models\":.*'\$"
+  [[ "$(grep -cE "$pattern" envoy/envoy.yaml)" == 1 ]] ||
+    die "envoy/envoy.yaml: expected one filter configuration line matching $pattern"
+  ENVOY_CONFIG="$RUN/envoy-discovery.yaml"
+  sed -E "s|$pattern|\\1'$DISCOVERY_CONFIG'|" envoy/envoy.yaml >"$ENVOY_CONFIG"
+  say "discovery mode: filter configuration $DISCOVERY_CONFIG ($ENVOY_CONFIG)"
+fi
 # Started after the backends so its first health check finds them up.
-start "Envoy" "$RUN/envoy.log" "$ENVOY" -c envoy/envoy.yaml --concurrency 2 --use-dynamic-base-id \
+start "Envoy" "$RUN/envoy.log" "$ENVOY" -c "$ENVOY_CONFIG" --concurrency 2 --use-dynamic-base-id \
   --base-id-path "$RUN/envoy.base-id"
 ENVOY_PID="${PIDS[-1]}"
 envoy_ready() {
@@ -165,6 +182,21 @@ Try, in another terminal:
 
   # an error: unknown model -> 404 model_not_found
   curl -s localhost:$LISTEN_PORT/v1/completions -H 'Content-Type: application/json' -d '{"model": "gpt-4o"}'
+$(if [[ "$ENVOY_CONFIG" != envoy/envoy.yaml ]]; then cat <<EOT
+
+Discovery mode: the gateway learns the models from each backend's /v1/models (every 2 s).
+
+  # load a new LoRA adapter into the running Qwen backend (vLLM's run-time endpoint) ...
+  curl -s localhost:$QWEN_PORT/v1/load_lora_adapter -H 'Content-Type: application/json' \\
+    -d '{"lora_name": "my-lora", "lora_path": "/adapters/my-lora"}'
+  # ... and within about 2 s call it through the gateway (no config change)
+  curl -si localhost:$LISTEN_PORT/v1/completions -H 'Content-Type: application/json' \\
+    -d '{"model": "my-lora", "prompt": "Hi", "max_tokens": 5}'
+
+  # the discovery metrics
+  curl -s localhost:$ADMIN_PORT/stats/prometheus | grep bbr_discovery
+EOT
+fi)
 
 Ctrl-C stops everything.
 EOF
