@@ -202,7 +202,7 @@ impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ConfigError::Missing => {
-                f.write_str("no configuration: `models` or `pools` is required")
+                f.write_str("no configuration: `models` is required (or `pools`, to discover them)")
             }
             ConfigError::Syntax(msg) => write!(f, "{msg}"),
             ConfigError::Invalid { field, reason } => write!(f, "{field}: {reason}"),
