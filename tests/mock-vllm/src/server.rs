@@ -484,6 +484,13 @@ pub async fn run(cfg: Config) -> Result<(), String> {
         cfg.max_model_len,
     )?);
 
+    // Before the ready line: a SIGTERM sent as soon as the line is seen must find the handler
+    // (it used to be installed after, and a fast `kill` under load killed the process).
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("cannot install the SIGTERM handler: {e}"))?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| format!("cannot install the SIGINT handler: {e}"))?;
+
     {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(
@@ -499,11 +506,6 @@ pub async fn run(cfg: Config) -> Result<(), String> {
     // proxy that may be about to reuse it (that race shows up as sporadic 503s).
     builder.http1().keep_alive(true).header_read_timeout(None);
     let builder = Arc::new(builder);
-
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| format!("cannot install the SIGTERM handler: {e}"))?;
-    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .map_err(|e| format!("cannot install the SIGINT handler: {e}"))?;
 
     loop {
         tokio::select! {
