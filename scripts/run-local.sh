@@ -20,7 +20,8 @@
 #
 # Environment: BACKEND (mock, the default, or llama), ENVOY_BIN (see scripts/envoy-bin.sh),
 #              CARGO (default cargo), MOCK_TTFT_MS / MOCK_ITL_MS (default 0 / 20: a visible
-#              token stream).
+#              token stream), DISCOVERY=1: the filter gets no model list, only the two clusters
+#              as `pools`, and learns what they serve from their /v1/models (same ports).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -41,6 +42,10 @@ SMOL="HuggingFaceTB/SmolLM2-135M-Instruct"
 BACKEND="${BACKEND:-mock}"
 ENVOY_CONFIG=envoy/envoy.yaml
 START_TIMEOUT=30 # seconds per process
+DISCOVERY="${DISCOVERY:-}"
+# DISCOVERY=1: the filter configuration of envoy/envoy.yaml, replaced by pools only.
+DISCOVERY_CONFIG='{"pools":[{"cluster":"qwen-vllm","intervalMs":2000},{"cluster":"phi-vllm","intervalMs":2000}]}'
+
 
 say() { printf 'run-local: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
@@ -87,6 +92,9 @@ case "$BACKEND" in
   llama) ports=($LISTEN_PORT $ADMIN_PORT $QWEN_PORT $PHI_PORT "${LLAMA_PORTS[@]}") ;;
   *) die "BACKEND=$BACKEND: choose mock (the default) or llama" ;;
 esac
+if [[ "$BACKEND" == llama && -n "$DISCOVERY" && "$DISCOVERY" != 0 ]]; then
+  die "BACKEND=llama and DISCOVERY=1 are separate modes; choose one"
+fi
 for port in "${ports[@]}"; do
   port_busy "$port" && die "127.0.0.1:$port is already in use (another 'make run'?)"
 done
@@ -169,6 +177,16 @@ if [[ "$BACKEND" == llama ]]; then
 fi
 
 # --- Envoy ---------------------------------------------------------------------------------
+if [[ -n "$DISCOVERY" && "$DISCOVERY" != 0 ]]; then
+  # The same file with the filter's `configuration` value swapped: it is the only line of the
+  # file that sets `value: '{"models":...`; refuse to guess if that ever changes.
+  pattern="^( *value: )'\{\"models\":.*'\$"
+  [[ "$(grep -cE "$pattern" envoy/envoy.yaml)" == 1 ]] ||
+    die "envoy/envoy.yaml: expected one filter configuration line matching $pattern"
+  ENVOY_CONFIG="$RUN/envoy-discovery.yaml"
+  sed -E "s|$pattern|\\1'$DISCOVERY_CONFIG'|" envoy/envoy.yaml >"$ENVOY_CONFIG"
+  say "discovery mode: filter configuration $DISCOVERY_CONFIG ($ENVOY_CONFIG)"
+fi
 # Started after the backends so its first health check finds them up.
 start "Envoy" "$RUN/envoy.log" "$ENVOY" -c "$ENVOY_CONFIG" --concurrency 2 --use-dynamic-base-id \
   --base-id-path "$RUN/envoy.base-id"
@@ -207,6 +225,21 @@ Try, in another terminal:
 
   # an error: unknown model -> 404 model_not_found
   curl -s localhost:$LISTEN_PORT/v1/completions -H 'Content-Type: application/json' -d '{"model": "gpt-4o"}'
+$(if [[ -n "$DISCOVERY" && "$DISCOVERY" != 0 ]]; then cat <<EOT
+
+Discovery mode: the gateway learns the models from each backend's /v1/models (every 2 s).
+
+  # load a new LoRA adapter into the running Qwen backend (vLLM's run-time endpoint) ...
+  curl -s localhost:$QWEN_PORT/v1/load_lora_adapter -H 'Content-Type: application/json' \\
+    -d '{"lora_name": "my-lora", "lora_path": "/adapters/my-lora"}'
+  # ... and within about 2 s call it through the gateway (no config change)
+  curl -si localhost:$LISTEN_PORT/v1/completions -H 'Content-Type: application/json' \\
+    -d '{"model": "my-lora", "prompt": "Hi", "max_tokens": 5}'
+
+  # the discovery metrics
+  curl -s localhost:$ADMIN_PORT/stats/prometheus | grep bbr_discovery
+EOT
+fi)
 
 Ctrl-C stops everything.
 EOF

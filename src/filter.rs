@@ -4,532 +4,29 @@
 //! SDK's convenience methods (`self.get_http_request_header(..)` and friends) `unwrap()` host
 //! results, so a host error would panic and trap the VM, taking every request on this worker
 //! down with it; they are not used.
+//!
+//! [`root`] holds the configuration and, with `pools`, polls each pool's `/v1/models` on the
+//! timer; [`http`] handles each request against the routing table the root last built.
 
-use crate::core::headers;
+mod http;
+mod root;
+
+use crate::core::discovery::PollOutcome;
 use crate::core::metrics as names;
-use crate::core::{
-    BodyScanner, CaptureState, HeadAction, ModelScanner, Outcome, PromptCapture, Rejection,
-    RequestHead, Router, Step, Verdict,
-};
-use log::{debug, error, info, warn};
+use crate::core::{Outcome, Router, RoutingView};
+use log::warn;
 use proxy_wasm::hostcalls;
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
-use std::cell::Cell;
+use proxy_wasm::types::{LogLevel, MetricType};
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::ptr::null_mut;
-use std::rc::Rc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
 proxy_wasm::main! {{
     // Installs the `log` backend and a panic hook that logs the panic at critical level, so
     // a panic (none should be reachable) is at least visible in Envoy's log.
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|context_id| Box::new(BbrRoot::new(context_id)));
+    proxy_wasm::set_root_context(|context_id| Box::new(root::BbrRoot::new(context_id)));
 }}
-
-/// Envoy's foreign function that makes the router re-resolve the route after we changed
-/// request headers. Since Envoy 1.33 a header change from wasm does not always clear the
-/// cached route, so without it a filter that resolved the route earlier (Lua, ext_authz, ...)
-/// would leave the request on the route chosen before our header existed.
-const CLEAR_ROUTE_CACHE: &str = "clear_route_cache";
-
-/// Most body bytes copied into the VM at once.
-const READ_WINDOW_BYTES: usize = 64 * 1024;
-
-/// How often each worker's root context asks the host for the log level.
-const LOG_LEVEL_REFRESH: Duration = Duration::from_secs(1);
-
-// The raw ABI call behind the SDK's `get_map_bytes`, which panics on a non-Ok status (a trap
-// that takes the VM down) and unwraps each header name as UTF-8. Declared here to handle both.
-// The same import as the SDK's declaration (module "env"), with the enum arguments as u32.
-extern "C" {
-    fn proxy_get_header_map_pairs(
-        map_type: u32,
-        return_map_data: *mut *mut u8,
-        return_map_size: *mut usize,
-    ) -> u32;
-}
-
-thread_local! {
-    /// Set once the host said it has no `clear_route_cache`, so we warn once, not per request.
-    static NO_CLEAR_ROUTE_CACHE: Cell<bool> = const { Cell::new(false) };
-}
-
-/// The plugin's root context: holds the validated configuration.
-struct BbrRoot {
-    context_id: u32,
-    router: Option<Rc<Router>>,
-    metrics: Rc<Metrics>,
-    /// Unix time of the accepted configuration, the `created` of the model list.
-    configured_at: u64,
-}
-
-impl BbrRoot {
-    fn new(context_id: u32) -> Self {
-        BbrRoot {
-            context_id,
-            router: None,
-            metrics: Rc::new(Metrics::default()),
-            configured_at: 0,
-        }
-    }
-}
-
-impl Context for BbrRoot {}
-
-fn refresh_log_level() {
-    if let Ok(level) = hostcalls::get_log_level() {
-        proxy_wasm::set_log_level(level);
-    }
-}
-
-impl RootContext for BbrRoot {
-    fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
-        let id = self.context_id;
-        refresh_log_level();
-        // The SDK filters log lines inside the VM by a level it only learns when told. A timer
-        // asks the host now and then, so `POST /logging?wasm=debug` on Envoy's admin takes
-        // effect on a running gateway, at no cost per request (asking once per stream was a
-        // host call on every request).
-        if let Err(status) = hostcalls::set_tick_period(LOG_LEVEL_REFRESH) {
-            warn!("[{id}] bbr-wasm: no timer ({status:?}); the log level is read once, now");
-        }
-        let bytes = match hostcalls::get_buffer(
-            BufferType::PluginConfiguration,
-            0,
-            plugin_configuration_size,
-        ) {
-            Ok(bytes) => bytes.unwrap_or_default(),
-            Err(status) => {
-                error!("[{id}] bbr-wasm: cannot read the plugin configuration: {status:?}");
-                return false;
-            }
-        };
-        match Router::from_json(&bytes) {
-            Ok(router) => {
-                let adapters = router.served.iter().filter(|m| m.is_adapter).count();
-                info!(
-                    "[{id}] bbr-wasm: configuration accepted: {} base models, {adapters} adapters, \
-                     routing header {:?}",
-                    router.served.len() - adapters,
-                    router.base_model_header
-                );
-                self.configured_at = hostcalls::get_current_time()
-                    .ok()
-                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                    .map_or(0, |d| d.as_secs());
-                self.metrics = Rc::new(Metrics::define(id, &router));
-                self.router = Some(Rc::new(router));
-                true
-            }
-            Err(err) => {
-                // Refusing makes Envoy reject the filter config: at start-up Envoy does not
-                // start; on an update the previous configuration keeps serving.
-                error!("[{id}] bbr-wasm: configuration refused: {err}");
-                false
-            }
-        }
-    }
-
-    fn on_tick(&mut self) {
-        refresh_log_level();
-    }
-
-    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        // The SDK panics on `None`, so a context is always returned; without a router it
-        // fails closed (see `BbrHttp::on_http_request_headers`).
-        Some(Box::new(BbrHttp {
-            id: context_id,
-            router: self.router.clone(),
-            metrics: Rc::clone(&self.metrics),
-            configured_at: self.configured_at,
-            phase: Phase::Headers,
-            scanner: None,
-            capture: None,
-            consumed: 0,
-            scan_nanos: 0,
-            held: false,
-        }))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
-    }
-}
-
-/// Where a request stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    /// Headers not seen yet.
-    Headers,
-    /// Headers held; reading the body.
-    Scanning,
-    /// Decided and let through; later callbacks pass.
-    Passed,
-    /// Answered locally; later callbacks must not let anything through.
-    Replied,
-}
-
-/// One HTTP stream.
-struct BbrHttp {
-    id: u32,
-    router: Option<Rc<Router>>,
-    metrics: Rc<Metrics>,
-    configured_at: u64,
-    phase: Phase,
-    scanner: Option<Box<BodyScanner>>,
-    /// The prompt's start, for the prefix key (prefix affinity on, JSON body); fed until it
-    /// is settled, usually a few KiB into the body.
-    capture: Option<Box<PromptCapture>>,
-    /// Body bytes already given to the scanner.
-    consumed: usize,
-    /// Time spent in the scanner for this request.
-    scan_nanos: u64,
-    /// Counted in the `bbr_bodies_in_progress` gauge (reading the body, not decided yet).
-    held: bool,
-}
-
-impl Context for BbrHttp {}
-
-/// The SDK drops the context when Envoy destroys the stream (proxy_on_delete), whatever ended
-/// it: a reply, the end of the response, or a reset by the client or by Envoy's overload
-/// manager in the middle of the body. The scanner and the buffers go with it; the gauge is the
-/// one thing outside the context, so it is settled here.
-impl Drop for BbrHttp {
-    fn drop(&mut self) {
-        self.release_hold();
-    }
-}
-
-impl HttpContext for BbrHttp {
-    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        let Some(router) = self.router.clone() else {
-            error!(
-                "[{}] bbr-wasm has no valid configuration; refusing the request",
-                self.id
-            );
-            return self.reply_error(500, "The gateway's model router is not configured.");
-        };
-
-        // Every header this callback reads, in one host call (see `core::headers`).
-        let map = match request_header_map() {
-            Ok(map) => map,
-            Err(status) => {
-                error!(
-                    "[{}] cannot read the request headers: status {status}",
-                    self.id
-                );
-                return self.reply_error(500, "The gateway could not read the request headers.");
-            }
-        };
-        let pairs = match headers::parse_pairs(&map) {
-            Ok(pairs) => pairs,
-            Err(err) => {
-                error!("[{}] {err}", self.id);
-                return self.reply_error(500, "The gateway could not read the request headers.");
-            }
-        };
-
-        // Anti-spoofing comes first, for every request, inspected or not: a client must never
-        // choose a pool by sending the routing header itself. The value is never decoded: a
-        // forged header may hold any bytes.
-        let mut removed = false;
-        for name in [
-            &router.base_model_header,
-            &router.model_header,
-            &router.prefix_header,
-        ] {
-            if headers::first(&pairs, name).is_none() {
-                continue;
-            }
-            // Removes every copy of the header.
-            if let Err(status) = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name) {
-                error!(
-                    "[{}] cannot remove client header {name:?}: {status:?}",
-                    self.id
-                );
-                return self.reply_error(500, "The gateway could not sanitize the request.");
-            }
-            removed = true;
-        }
-        if removed {
-            self.metrics.increment(self.metrics.spoofed_header_removed);
-            debug!("[{}] removed client-supplied routing headers", self.id);
-            // The route may already have been resolved with the forged value.
-            self.clear_route_cache();
-        }
-
-        // Read as bytes, decoded here: invalid UTF-8 (bytes 0x80-0xFF, which Envoy accepts in
-        // values) becomes U+FFFD, which matches no content type, encoding or path we accept.
-        // The SDK's string getters unwrap the conversion instead, so one such header would
-        // panic and trap the VM.
-        let text = |name: &str| headers::first(&pairs, name).map(String::from_utf8_lossy);
-        let method = text(":method");
-        let path = text(":path");
-        let content_type = text("content-type");
-        let content_encoding = text("content-encoding");
-        let content_length = text("content-length");
-        let head = RequestHead {
-            method: method.as_deref().unwrap_or(""),
-            path: path.as_deref().unwrap_or(""),
-            content_type: content_type.as_deref(),
-            content_encoding: content_encoding.as_deref(),
-            content_length: content_length.as_deref(),
-        };
-
-        match router.classify(&head) {
-            HeadAction::Pass => {
-                self.metrics.count(Outcome::Passthrough);
-                self.phase = Phase::Passed;
-                Action::Continue
-            }
-            HeadAction::ServeModelList => {
-                self.metrics.count(Outcome::ModelList);
-                let body = router.model_list_body(self.configured_at);
-                self.reply(200, &body)
-            }
-            HeadAction::Reject(rejection) => self.reject(&rejection),
-            HeadAction::Inspect(mut scanner) => {
-                if end_of_stream {
-                    // A POST without a body: the scanner calls it what it is.
-                    let step = scanner.finish();
-                    return self.act_on(&router, step);
-                }
-                self.capture = router.prompt_capture(&scanner).map(Box::new);
-                self.scanner = Some(scanner);
-                self.phase = Phase::Scanning;
-                self.held = true;
-                self.metrics.add_gauge(self.metrics.bodies_in_progress, 1);
-                // Needs `allow_on_headers_stop_iteration: true` on Envoy >= 1.35; otherwise
-                // this Pause becomes StopAllIteration and the body callback never comes.
-                Action::Pause
-            }
-        }
-    }
-
-    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        match self.phase {
-            Phase::Scanning => {}
-            Phase::Replied => return Action::Pause,
-            Phase::Headers | Phase::Passed => return Action::Continue,
-        }
-        let Some(router) = self.router.clone() else {
-            return self.reply_error(500, "The gateway's model router is not configured.");
-        };
-        if body_size as u64 > router.max_body_bytes {
-            return self.reject(&Rejection::TooLarge {
-                limit: router.max_body_bytes,
-            });
-        }
-        // `body_size` is everything buffered so far (we return Pause, so Envoy keeps
-        // buffering). Only the bytes after `consumed` are new: reading from there keeps the
-        // work linear in the body size however many chunks arrive. They are copied into the VM
-        // a window at a time, so the VM's memory stays bounded however much Envoy delivers in
-        // one callback.
-        while body_size > self.consumed {
-            let len = (body_size - self.consumed).min(READ_WINDOW_BYTES);
-            let bytes = match hostcalls::get_buffer(BufferType::HttpRequestBody, self.consumed, len)
-            {
-                Ok(Some(bytes)) if !bytes.is_empty() => bytes,
-                Ok(_) => {
-                    error!(
-                        "[{}] the host returned no body bytes ({len} expected)",
-                        self.id
-                    );
-                    return self.reply_error(500, "The gateway could not read the request body.");
-                }
-                Err(status) => {
-                    error!("[{}] cannot read the request body: {status:?}", self.id);
-                    return self.reply_error(500, "The gateway could not read the request body.");
-                }
-            };
-            self.consumed += bytes.len();
-            if let Some(scanner) = self.scanner.as_mut() {
-                let started = now_nanos();
-                let step = scanner.feed(&bytes);
-                if let Some(capture) = self.capture.as_mut() {
-                    if capture.state() == CaptureState::Reading {
-                        capture.feed(&bytes);
-                    }
-                }
-                self.scan_nanos += now_nanos().saturating_sub(started);
-                if step != Step::NeedMore {
-                    return self.act_on(&router, step);
-                }
-                if router.route_before_body_ends {
-                    if let Some(step) = scanner.early_model() {
-                        // The rest of the body streams on unscanned.
-                        return self.act_on(&router, step);
-                    }
-                }
-            }
-        }
-        if end_of_stream {
-            return self.finish(&router);
-        }
-        Action::Pause
-    }
-
-    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
-        // With trailers (gRPC-style HTTP/2 streams) the last body callback does not carry
-        // end_of_stream; the trailers end the body.
-        match self.phase {
-            Phase::Scanning => match self.router.clone() {
-                Some(router) => self.finish(&router),
-                None => self.reply_error(500, "The gateway's model router is not configured."),
-            },
-            Phase::Replied => Action::Pause,
-            Phase::Headers | Phase::Passed => Action::Continue,
-        }
-    }
-}
-
-impl BbrHttp {
-    fn finish(&mut self, router: &Router) -> Action {
-        if let Some(capture) = self.capture.as_mut() {
-            capture.finish();
-        }
-        let step = match self.scanner.as_mut() {
-            Some(scanner) => scanner.finish(),
-            None => ModelScanner::new(router.max_model_name_bytes).finish(),
-        };
-        self.act_on(router, step)
-    }
-
-    /// The request is no longer waiting for its body (decided, answered or gone).
-    fn release_hold(&mut self) {
-        if self.held {
-            self.held = false;
-            self.metrics.add_gauge(self.metrics.bodies_in_progress, -1);
-        }
-    }
-
-    /// Carries out the scanner's verdict.
-    fn act_on(&mut self, router: &Router, step: Step) -> Action {
-        self.scanner = None;
-        let capture = self.capture.take();
-        self.release_hold();
-        self.metrics
-            .record_scan(self.consumed as u64, self.scan_nanos);
-        match router.decide(step) {
-            None => Action::Pause,
-            Some(Verdict::Route(served)) => {
-                let set = self
-                    .set_request_header(&router.base_model_header, &served.base)
-                    .and_then(|()| self.set_request_header(&router.model_header, &served.name));
-                if let Err(status) = set {
-                    error!("[{}] cannot set the routing headers: {status:?}", self.id);
-                    return self.reply_error(500, "The gateway could not route the request.");
-                }
-                // With routeBeforeBodyEnds the capture may not be settled yet: no key then,
-                // rather than a key over part of the prompt that the next request would not share.
-                if let Some(key) = capture.and_then(|c| router.prefix_key(&c, &served.name)) {
-                    if let Some(affinity) = &router.prefix_affinity {
-                        if let Err(status) = self.set_request_header(&affinity.header, &key) {
-                            error!("[{}] cannot set the prefix key: {status:?}", self.id);
-                            return self
-                                .reply_error(500, "The gateway could not route the request.");
-                        }
-                        self.metrics.increment(self.metrics.prefix_keyed);
-                    }
-                }
-                self.clear_route_cache();
-                self.metrics.count(Outcome::Routed);
-                if let Some(&id) = self.metrics.per_model.get(&served.base) {
-                    self.metrics.increment(Some(id));
-                }
-                debug!("[{}] routed to base model {:?}", self.id, served.base);
-                self.phase = Phase::Passed;
-                Action::Continue
-            }
-            Some(Verdict::Pass) => {
-                self.metrics.count(Outcome::UnknownModel);
-                self.metrics.count(Outcome::Passthrough);
-                debug!(
-                    "[{}] unknown model passed through without routing headers",
-                    self.id
-                );
-                self.phase = Phase::Passed;
-                Action::Continue
-            }
-            Some(Verdict::Reject(rejection)) => self.reject(&rejection),
-        }
-    }
-
-    fn reject(&mut self, rejection: &Rejection) -> Action {
-        self.metrics.count(rejection.outcome());
-        // The code only: the message may carry client text, and logs never carry request content.
-        debug!(
-            "[{}] rejected: {} {}",
-            self.id,
-            rejection.status(),
-            rejection.code()
-        );
-        self.reply(rejection.status(), &rejection.body())
-    }
-
-    fn reply_error(&mut self, status: u32, message: &str) -> Action {
-        self.metrics.count(Outcome::InternalError);
-        let body = crate::core::errors::error_body(message, "server_error", None, "internal_error");
-        self.reply(status, &body)
-    }
-
-    /// Sends a local JSON reply and stops the request.
-    fn reply(&mut self, status: u32, body: &str) -> Action {
-        self.phase = Phase::Replied;
-        self.scanner = None;
-        self.capture = None;
-        self.release_hold();
-        let headers = vec![("content-type", "application/json")];
-        if let Err(status_err) =
-            hostcalls::send_http_response(status, headers, Some(body.as_bytes()))
-        {
-            warn!("[{}] cannot send the local reply: {status_err:?}", self.id);
-        }
-        Action::Pause
-    }
-
-    fn set_request_header(&self, name: &str, value: &str) -> Result<(), Status> {
-        hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value))
-    }
-
-    fn clear_route_cache(&self) {
-        if NO_CLEAR_ROUTE_CACHE.with(Cell::get) {
-            return;
-        }
-        if let Err(status) = hostcalls::call_foreign_function(CLEAR_ROUTE_CACHE, None) {
-            // Before Envoy 1.33 there is no such function, and header changes cleared the
-            // route cache by themselves.
-            NO_CLEAR_ROUTE_CACHE.with(|flag| flag.set(true));
-            warn!(
-                "[{}] host has no {CLEAR_ROUTE_CACHE} ({status:?}); relying on header mutation",
-                self.id
-            );
-        }
-    }
-}
-
-/// The request header map, serialized as the ABI hands it over (see `core::headers`), or the
-/// host's status code.
-fn request_header_map() -> Result<Vec<u8>, u32> {
-    let mut data: *mut u8 = null_mut();
-    let mut size: usize = 0;
-    // SAFETY: the host writes a pointer and a size into the two locals, nothing else.
-    let status = unsafe {
-        proxy_get_header_map_pairs(MapType::HttpRequestHeaders as u32, &mut data, &mut size)
-    };
-    if status != Status::Ok as u32 {
-        return Err(status);
-    }
-    if data.is_null() {
-        return Ok(Vec::new());
-    }
-    // SAFETY: the host allocated the `size` bytes through the SDK's `proxy_on_memory_allocate`,
-    // which hands out the buffer of a `Vec<u8>` of exactly that capacity and forgets it; taking
-    // it back as that Vec frees it on drop (the SDK's own `get_map_bytes` does the same).
-    Ok(unsafe { Vec::from_raw_parts(data, size, size) })
-}
 
 /// Wall-clock nanoseconds from the host (0 if it cannot tell, which only loses a timing).
 fn now_nanos() -> u64 {
@@ -539,10 +36,23 @@ fn now_nanos() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
+/// Wall-clock milliseconds from the host (0 if it cannot tell).
+fn now_millis() -> u64 {
+    now_nanos() / 1_000_000
+}
+
+/// The metrics of one pool.
+struct PoolMetrics {
+    /// By `PollOutcome::ALL` index.
+    polls: [Option<u32>; PollOutcome::ALL.len()],
+    models: Option<u32>,
+}
+
 /// The filter's metrics, defined once per configuration. A metric the host refused to define
 /// is `None` and simply not recorded: metrics never fail a request.
 #[derive(Default)]
 struct Metrics {
+    context_id: u32,
     outcomes: [Option<u32>; Outcome::ALL.len()],
     spoofed_header_removed: Option<u32>,
     prefix_keyed: Option<u32>,
@@ -555,19 +65,47 @@ struct Metrics {
     /// The linear memory size last written to the gauge: it is only written when it changed,
     /// which is rarely (it stays flat), saving a host call per request.
     memory_recorded: Cell<u64>,
-    per_model: HashMap<String, u32>,
+    /// Per base model. Discovery adds base models at run time (from the root context, between
+    /// requests), hence the RefCell.
+    per_model: RefCell<HashMap<String, u32>>,
+    /// Per pool, in configuration order.
+    pools: Vec<PoolMetrics>,
+    discovery_conflicts: Option<u32>,
 }
 
 impl Metrics {
-    fn define(context_id: u32, router: &Router) -> Metrics {
-        let define = |kind: MetricType, name: &str| match hostcalls::define_metric(kind, name) {
+    fn define_one(context_id: u32, kind: MetricType, name: &str) -> Option<u32> {
+        match hostcalls::define_metric(kind, name) {
             Ok(id) => Some(id),
             Err(status) => {
                 warn!("[{context_id}] cannot define metric {name:?}: {status:?}");
                 None
             }
+        }
+    }
+
+    fn define(context_id: u32, router: &Router) -> Metrics {
+        let define = |kind: MetricType, name: &str| Metrics::define_one(context_id, kind, name);
+        let pools = router
+            .pools
+            .iter()
+            .map(|p| PoolMetrics {
+                polls: PollOutcome::ALL.map(|o| {
+                    define(
+                        MetricType::Counter,
+                        &names::discovery_polls(&p.cluster, o.label()),
+                    )
+                }),
+                models: define(MetricType::Gauge, &names::discovery_models(&p.cluster)),
+            })
+            .collect();
+        let discovery_conflicts = if router.pools.is_empty() {
+            None
+        } else {
+            define(MetricType::Counter, names::DISCOVERY_CONFLICTS)
         };
-        let mut metrics = Metrics {
+        let metrics = Metrics {
+            context_id,
             outcomes: Outcome::ALL.map(|o| define(MetricType::Counter, o.counter())),
             spoofed_header_removed: define(MetricType::Counter, names::SPOOFED_HEADER_REMOVED),
             prefix_keyed: define(MetricType::Counter, names::PREFIX_KEYED),
@@ -578,20 +116,63 @@ impl Metrics {
             memory_bytes: define(MetricType::Gauge, names::MEMORY_BYTES),
             bodies_in_progress: define(MetricType::Gauge, names::BODIES_IN_PROGRESS),
             memory_recorded: Cell::new(0),
-            per_model: HashMap::new(),
+            per_model: RefCell::new(HashMap::new()),
+            pools,
+            discovery_conflicts,
         };
-        for served in router.served.iter().filter(|m| !m.is_adapter) {
-            if let Some(id) = define(MetricType::Counter, &names::model_requests(&served.base)) {
-                metrics.per_model.insert(served.base.clone(), id);
-            }
-        }
+        metrics.define_models(&RoutingView::from_static(router));
         metrics.record_memory();
         metrics
+    }
+
+    /// Defines the per-model counter of every base model in the view that has none yet.
+    fn define_models(&self, view: &RoutingView) {
+        let Ok(mut per_model) = self.per_model.try_borrow_mut() else {
+            return;
+        };
+        for route in view.routes() {
+            let base = &route.model.base;
+            if per_model.contains_key(base) {
+                continue;
+            }
+            if let Some(id) = Metrics::define_one(
+                self.context_id,
+                MetricType::Counter,
+                &names::model_requests(base),
+            ) {
+                per_model.insert(base.clone(), id);
+            }
+        }
+    }
+
+    /// One more request for this base model.
+    fn count_model(&self, base: &str) {
+        let id = self
+            .per_model
+            .try_borrow()
+            .ok()
+            .and_then(|m| m.get(base).copied());
+        self.increment(id);
     }
 
     fn count(&self, outcome: Outcome) {
         let index = Outcome::ALL.iter().position(|&o| o == outcome);
         self.increment(index.and_then(|i| self.outcomes[i]));
+    }
+
+    fn count_poll(&self, pool: usize, outcome: PollOutcome) {
+        let index = PollOutcome::ALL.iter().position(|&o| o == outcome);
+        let id = self
+            .pools
+            .get(pool)
+            .and_then(|p| index.and_then(|i| p.polls[i]));
+        self.increment(id);
+    }
+
+    fn record_pool_models(&self, pool: usize, models: usize) {
+        if let Some(p) = self.pools.get(pool) {
+            self.record(p.models, models as u64);
+        }
     }
 
     fn increment(&self, id: Option<u32>) {

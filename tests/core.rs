@@ -911,7 +911,7 @@ both! {
             ("{\"models\": [", "EOF while parsing"),
             ("[]", "must be a JSON object"),
             (r#"[[{"name":"a"}]]"#, "must be a JSON object"),
-            (r#"{}"#, "missing field `models`"),
+            (r#"{}"#, "models: must list at least one model (or configure pools"),
             (r#"{"models":[]}"#, "models: must list at least one model"),
             (r#"{"models":[{"name":"a"}],"typo":1}"#, "unknown field `typo`"),
             (r#"{"models":[{"name":"a","adapter":["x"]}]}"#, "unknown field `adapter`"),

@@ -4,6 +4,7 @@
 //! (which istiod turns into the same StringValue). Unknown keys are refused so that a typo
 //! never silently falls back to a default.
 
+use super::discovery::Pool;
 use super::prefix::{
     DEFAULT_BLOCK_BYTES, DEFAULT_PREFIX_BLOCKS, DEFAULT_PREFIX_HEADER, MAX_CAPTURE_BYTES,
 };
@@ -31,12 +32,45 @@ pub const DEFAULT_MODEL_LIST_PATH: &str = "/v1/models";
 pub const MAX_MAX_BODY_BYTES: u64 = 1024 * 1024 * 1024;
 /// Largest accepted `maxModelNameBytes`.
 pub const MAX_MAX_MODEL_NAME_BYTES: usize = 64 * 1024;
+/// Default for `pools[].path`: what vLLM answers the served models on.
+pub const DEFAULT_POOL_PATH: &str = "/v1/models";
+/// Default for `pools[].intervalMs`: 10 s (plus up to 10 % jitter).
+pub const DEFAULT_POOL_INTERVAL_MS: u64 = 10_000;
+/// Default for `pools[].timeoutMs`.
+pub const DEFAULT_POOL_TIMEOUT_MS: u64 = 2_000;
+/// Smallest accepted `pools[].intervalMs`: the timer ticks at a tenth of the shortest
+/// interval, and below this the polls cost more than they tell.
+pub const MIN_POOL_INTERVAL_MS: u64 = 100;
+/// Largest accepted `pools[].intervalMs` (one hour).
+pub const MAX_POOL_INTERVAL_MS: u64 = 3_600_000;
+/// Largest accepted `pools[].timeoutMs` (one minute).
+pub const MAX_POOL_TIMEOUT_MS: u64 = 60_000;
+/// Default for `absentPollsBeforeRemoval`.
+pub const DEFAULT_ABSENT_POLLS_BEFORE_REMOVAL: u32 = 3;
+/// Largest accepted `absentPollsBeforeRemoval`.
+pub const MAX_ABSENT_POLLS_BEFORE_REMOVAL: u32 = 1000;
+/// Default for `poolHeader`: names the cluster of a discovered model; the shipped Envoy
+/// route reads it with `cluster_header`.
+pub const DEFAULT_POOL_HEADER: &str = "x-gateway-destination-pool";
+/// The request header the filter sets on its own 503 (model discovery pending) before answering,
+/// so that Envoy's `local_reply_config` can tell that reply from Envoy's own 503s and leave its
+/// body alone (see envoy/envoy.yaml). Client copies are removed like the routing headers.
+pub const LOCAL_REPLY_HEADER: &str = "x-bbr-local-reply";
+/// Most bytes in a cluster name or an authority.
+pub const MAX_CLUSTER_NAME_BYTES: usize = 255;
 
 /// The configuration exactly as written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RawConfig {
+    #[serde(default)]
     pub models: Vec<RawModel>,
+    #[serde(default)]
+    pub pools: Vec<RawPool>,
+    #[serde(default = "default_absent_polls_before_removal")]
+    pub absent_polls_before_removal: u32,
+    #[serde(default = "default_pool_header")]
+    pub pool_header: String,
     #[serde(default = "default_path_prefixes")]
     pub path_prefixes: Vec<String>,
     #[serde(default = "default_multipart_paths")]
@@ -111,6 +145,22 @@ pub struct RawModel {
     pub adapters: Vec<String>,
 }
 
+/// A pool whose served models are discovered by polling its `/v1/models`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawPool {
+    pub cluster: String,
+    #[serde(default = "default_pool_path")]
+    pub path: String,
+    #[serde(default = "default_pool_interval_ms")]
+    pub interval_ms: u64,
+    #[serde(default = "default_pool_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Default: the cluster name.
+    #[serde(default)]
+    pub authority: Option<String>,
+}
+
 /// What to do with a model that no base model or adapter knows.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -177,6 +227,21 @@ fn default_block_bytes() -> usize {
 fn default_prefix_blocks() -> usize {
     DEFAULT_PREFIX_BLOCKS
 }
+fn default_absent_polls_before_removal() -> u32 {
+    DEFAULT_ABSENT_POLLS_BEFORE_REMOVAL
+}
+fn default_pool_header() -> String {
+    DEFAULT_POOL_HEADER.to_string()
+}
+fn default_pool_path() -> String {
+    DEFAULT_POOL_PATH.to_string()
+}
+fn default_pool_interval_ms() -> u64 {
+    DEFAULT_POOL_INTERVAL_MS
+}
+fn default_pool_timeout_ms() -> u64 {
+    DEFAULT_POOL_TIMEOUT_MS
+}
 
 /// Why a configuration was refused. `field` names the offending field as a JSON path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,7 +257,9 @@ pub enum ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ConfigError::Missing => f.write_str("no configuration: `models` is required"),
+            ConfigError::Missing => {
+                f.write_str("no configuration: `models` is required (or `pools`, to discover them)")
+            }
             ConfigError::Syntax(msg) => write!(f, "{msg}"),
             ConfigError::Invalid { field, reason } => write!(f, "{field}: {reason}"),
         }
@@ -241,6 +308,12 @@ pub struct Router {
     /// `prefixAffinity.header`, lower case: removed from every client request, enabled or not,
     /// since a route may hash on it.
     pub prefix_header: String,
+    /// Pools to discover models from, in configuration order (their precedence).
+    pub pools: Vec<Pool>,
+    /// Consecutive successful polls a model must be missing from before it is removed.
+    pub absent_polls_before_removal: u32,
+    /// Lower-case name of the header naming a discovered model's cluster.
+    pub pool_header: String,
 }
 
 impl Router {
@@ -271,8 +344,11 @@ impl Router {
             MAX_MAX_MODEL_NAME_BYTES as u64,
         )?;
 
-        if raw.models.is_empty() {
-            return Err(invalid("models", "must list at least one model"));
+        if raw.models.is_empty() && raw.pools.is_empty() {
+            return Err(invalid(
+                "models",
+                "must list at least one model (or configure pools to discover them)",
+            ));
         }
         let mut served = Vec::new();
         let mut index: HashMap<String, usize> = HashMap::new();
@@ -340,12 +416,28 @@ impl Router {
             return Err(invalid("modelHeader", "must differ from baseModelHeader"));
         }
 
+        let pool_header = check_header_name("poolHeader", &raw.pool_header)?;
+        if pool_header == base_model_header || pool_header == model_header {
+            return Err(invalid(
+                "poolHeader",
+                "must differ from baseModelHeader and modelHeader",
+            ));
+        }
+        let pools = compile_pools(&raw.pools)?;
+        check_range(
+            "absentPollsBeforeRemoval",
+            u64::from(raw.absent_polls_before_removal),
+            u64::from(MAX_ABSENT_POLLS_BEFORE_REMOVAL),
+        )?;
         let prefix = &raw.prefix_affinity;
         let prefix_header = check_header_name("prefixAffinity.header", &prefix.header)?;
-        if prefix_header == base_model_header || prefix_header == model_header {
+        if prefix_header == base_model_header
+            || prefix_header == model_header
+            || prefix_header == pool_header
+        {
             return Err(invalid(
                 "prefixAffinity.header",
-                "must differ from baseModelHeader and modelHeader",
+                "must differ from baseModelHeader, modelHeader and poolHeader",
             ));
         }
         if prefix.block_bytes < 16 || prefix.block_bytes > MAX_CAPTURE_BYTES {
@@ -396,6 +488,9 @@ impl Router {
             route_before_body_ends: raw.route_before_body_ends,
             prefix_affinity,
             prefix_header,
+            pools,
+            absent_polls_before_removal: raw.absent_polls_before_removal,
+            pool_header,
         })
     }
 
@@ -428,6 +523,75 @@ fn add_served(
     Ok(())
 }
 
+fn compile_pools(raw: &[RawPool]) -> Result<Vec<Pool>, ConfigError> {
+    let mut pools: Vec<Pool> = Vec::with_capacity(raw.len());
+    for (i, p) in raw.iter().enumerate() {
+        let field = format!("pools[{i}].cluster");
+        check_token(&field, &p.cluster)?;
+        if let Some(j) = pools.iter().position(|q| q.cluster == p.cluster) {
+            return Err(invalid(
+                field,
+                format!(
+                    "duplicate cluster {:?}, already at pools[{j}].cluster",
+                    p.cluster
+                ),
+            ));
+        }
+        check_path(&format!("pools[{i}].path"), &p.path)?;
+        let interval = format!("pools[{i}].intervalMs");
+        if !(MIN_POOL_INTERVAL_MS..=MAX_POOL_INTERVAL_MS).contains(&p.interval_ms) {
+            return Err(invalid(
+                interval,
+                format!(
+                    "must be between {MIN_POOL_INTERVAL_MS} and {MAX_POOL_INTERVAL_MS}, got {}",
+                    p.interval_ms
+                ),
+            ));
+        }
+        check_range(
+            &format!("pools[{i}].timeoutMs"),
+            p.timeout_ms,
+            MAX_POOL_TIMEOUT_MS,
+        )?;
+        let authority = match &p.authority {
+            Some(a) => {
+                check_token(&format!("pools[{i}].authority"), a)?;
+                a.clone()
+            }
+            None => p.cluster.clone(),
+        };
+        pools.push(Pool {
+            cluster: p.cluster.clone(),
+            path: p.path.clone(),
+            interval_ms: p.interval_ms,
+            timeout_ms: p.timeout_ms,
+            authority,
+        });
+    }
+    Ok(pools)
+}
+
+/// A cluster name or an authority: it travels in a header value, so printable ASCII without
+/// spaces (Envoy cluster names in practice: `qwen-vllm`, `outbound|8000||svc.ns.svc...`).
+fn check_token(field: &str, value: &str) -> Result<(), ConfigError> {
+    if value.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    if value.len() > MAX_CLUSTER_NAME_BYTES {
+        return Err(invalid(
+            field,
+            format!("is longer than {MAX_CLUSTER_NAME_BYTES} bytes"),
+        ));
+    }
+    if !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            field,
+            format!("must be printable ASCII without spaces, got {value:?}"),
+        ));
+    }
+    Ok(())
+}
+
 fn check_range(field: &str, value: u64, max: u64) -> Result<(), ConfigError> {
     if value == 0 || value > max {
         return Err(invalid(
@@ -439,7 +603,11 @@ fn check_range(field: &str, value: u64, max: u64) -> Result<(), ConfigError> {
 }
 
 /// A model name must be something a client can send and a header can carry.
-fn check_model_name(field: &str, name: &str, max_bytes: usize) -> Result<(), ConfigError> {
+pub(crate) fn check_model_name(
+    field: &str,
+    name: &str,
+    max_bytes: usize,
+) -> Result<(), ConfigError> {
     if name.is_empty() {
         return Err(invalid(field, "must not be empty"));
     }

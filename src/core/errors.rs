@@ -24,6 +24,12 @@ pub enum Rejection {
     TooLarge { limit: u64 },
     /// The body is not something we can read (content type or encoding).
     UnsupportedMediaType(String),
+    /// No source lists the model yet, and some pool has not answered its first poll: the
+    /// model may well exist, so 503 with `Retry-After` rather than 404.
+    DiscoveryPending {
+        model: String,
+        retry_after_secs: u64,
+    },
 }
 
 impl Rejection {
@@ -37,6 +43,7 @@ impl Rejection {
             Rejection::ModelNotFound(_) => 404,
             Rejection::TooLarge { .. } => 413,
             Rejection::UnsupportedMediaType(_) => 415,
+            Rejection::DiscoveryPending { .. } => 503,
         }
     }
 
@@ -51,6 +58,25 @@ impl Rejection {
             Rejection::ModelNotFound(_) => "model_not_found",
             Rejection::TooLarge { .. } => "request_too_large",
             Rejection::UnsupportedMediaType(_) => "unsupported_media_type",
+            Rejection::DiscoveryPending { .. } => "model_discovery_pending",
+        }
+    }
+
+    /// The `error.type`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Rejection::DiscoveryPending { .. } => "service_unavailable_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    /// The `Retry-After` header's seconds, for answers that ask the client to come back.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Rejection::DiscoveryPending {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            _ => None,
         }
     }
 
@@ -60,7 +86,8 @@ impl Rejection {
             Rejection::MissingModel
             | Rejection::InvalidModel(_)
             | Rejection::DuplicateModel
-            | Rejection::ModelNotFound(_) => Some("model"),
+            | Rejection::ModelNotFound(_)
+            | Rejection::DiscoveryPending { .. } => Some("model"),
             Rejection::InvalidJson(_)
             | Rejection::InvalidMultipart(_)
             | Rejection::TooLarge { .. }
@@ -70,12 +97,7 @@ impl Rejection {
 
     /// The JSON body of the answer.
     pub fn body(&self) -> String {
-        error_body(
-            &self.to_string(),
-            "invalid_request_error",
-            self.param(),
-            self.code(),
-        )
+        error_body(&self.to_string(), self.kind(), self.param(), self.code())
     }
 }
 
@@ -108,6 +130,14 @@ impl fmt::Display for Rejection {
                 "The request body is larger than this gateway accepts ({limit} bytes)."
             ),
             Rejection::UnsupportedMediaType(detail) => write!(f, "{detail}"),
+            Rejection::DiscoveryPending {
+                model,
+                retry_after_secs,
+            } => write!(
+                f,
+                "The gateway is still discovering the models its pools serve and does not know \
+                 `{model}` yet. Retry in {retry_after_secs} s."
+            ),
         }
     }
 }

@@ -35,10 +35,12 @@ pub enum Outcome {
     ModelList,
     /// A host call failed; the request got a 500.
     InternalError,
+    /// An unknown model while some pool had not answered yet: 503 with `Retry-After`.
+    DiscoveryPending,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 8] = [
+    pub const ALL: [Outcome; 9] = [
         Outcome::Routed,
         Outcome::UnknownModel,
         Outcome::InvalidBody,
@@ -47,6 +49,7 @@ impl Outcome {
         Outcome::Passthrough,
         Outcome::ModelList,
         Outcome::InternalError,
+        Outcome::DiscoveryPending,
     ];
 
     /// The counter's name.
@@ -60,6 +63,7 @@ impl Outcome {
             Outcome::Passthrough => "bbr_passthrough_total",
             Outcome::ModelList => "bbr_model_list_total",
             Outcome::InternalError => "bbr_internal_error_total",
+            Outcome::DiscoveryPending => "bbr_discovery_pending_total",
         }
     }
 }
@@ -87,6 +91,22 @@ pub const MEMORY_BYTES: &str = "bbr_wasm_memory_bytes";
 /// so no per-request state was left behind.
 pub const BODIES_IN_PROGRESS: &str = "bbr_bodies_in_progress";
 
+/// Counter: names dropped from the routing table because an earlier source has them (a static
+/// model also discovered, or one name in two pools); each conflict is counted once, when it
+/// appears.
+pub const DISCOVERY_CONFLICTS: &str = "bbr_discovery_conflicts_total";
+
+/// Counter: polls of one pool that ended with `outcome` (`ok`, `unreachable`, `http_error`,
+/// `too_large`, `malformed`), with the pool and the outcome as Istio-style tags.
+pub fn discovery_polls(cluster: &str, outcome: &str) -> String {
+    format!("pool=.={cluster};.;outcome=.={outcome};.;bbr_discovery_polls_total")
+}
+
+/// Gauge: models (bases and adapters) one pool is known to serve.
+pub fn discovery_models(cluster: &str) -> String {
+    format!("pool=.={cluster};.;bbr_discovery_models")
+}
+
 /// The per-base-model request counter's name, with the model as an Istio-style tag.
 ///
 /// Envoy's stat names use `.` as a separator, but the tag regex takes everything up to `;.;`,
@@ -107,6 +127,7 @@ impl Rejection {
             Rejection::MissingModel => Outcome::MissingModel,
             Rejection::ModelNotFound(_) => Outcome::UnknownModel,
             Rejection::TooLarge { .. } => Outcome::BodyTooLarge,
+            Rejection::DiscoveryPending { .. } => Outcome::DiscoveryPending,
         }
     }
 }

@@ -1,8 +1,9 @@
 //! The host-independent core: configuration, request classification, the model scanner,
-//! the routing decision and the error bodies. Nothing here knows about proxy-wasm, so all of
+//! the routing decision, model discovery and the error bodies. Nothing here knows about proxy-wasm, so all of
 //! it is tested natively and under wasm-bindgen-test.
 
 pub mod config;
+pub mod discovery;
 pub mod errors;
 pub mod headers;
 pub mod metrics;
@@ -15,6 +16,7 @@ pub mod skip;
 pub mod vector;
 
 pub use config::{ConfigError, PrefixAffinity, Router, ServedModel, UnknownModel};
+pub use discovery::{Pool, PoolState, Route, RoutingView, ViewVerdict};
 pub use errors::Rejection;
 pub use metrics::Outcome;
 pub use multipart::MultipartScanner;

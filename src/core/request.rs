@@ -1,11 +1,11 @@
 //! What to do with a request, decided from its headers and then from its body.
 
 use super::config::{Router, ServedModel, UnknownModel};
+use super::discovery::RoutingView;
 use super::errors::Rejection;
 use super::multipart::{boundary_of, MultipartScanner};
 use super::prefix::{key_header_value, prefix_key, CaptureState, PromptCapture};
 use super::scanner::{ModelScanner, Step};
-use serde_json::json;
 
 /// The request headers the decision needs. Names are looked up by the adapter.
 #[derive(Debug, Clone, Copy, Default)]
@@ -198,22 +198,9 @@ impl Router {
             .map(key_header_value)
     }
 
-    /// The `GET /v1/models` body, in OpenAI's list format. `created` is a Unix time.
+    /// The `GET /v1/models` body of the static models, in OpenAI's list format. `created` is
+    /// a Unix time. (The filter answers from its [`RoutingView`], which adds discovered ones.)
     pub fn model_list_body(&self, created: u64) -> String {
-        let data: Vec<_> = self
-            .served
-            .iter()
-            .map(|m| {
-                json!({
-                    "id": m.name,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "bbr-wasm",
-                    "root": m.base,
-                    "parent": if m.is_adapter { Some(m.base.as_str()) } else { None },
-                })
-            })
-            .collect();
-        json!({"object": "list", "data": data}).to_string()
+        RoutingView::from_static(self).model_list_body(created)
     }
 }

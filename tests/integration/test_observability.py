@@ -25,7 +25,7 @@ def obs_envoy(envoy_factory, backends):
     env = envoy_factory(backend_ports(backends), mutate=mutate, name="observability")
     # The filter's own log lines at their most verbose, to prove even those carry no content.
     httpx.post(f"{env.admin_url}/logging?wasm=trace", timeout=10).raise_for_status()
-    # The filter asks the host for its log level on a 1 s timer (src/filter.rs); wait a tick.
+    # The filter asks the host for its log level on a 1 s timer (src/filter/root.rs); wait a tick.
     time.sleep(1.5)
     return env
 

@@ -46,6 +46,8 @@ ENDPOINTS:
     POST /v1/completions, POST /v1/chat/completions   (stream: true -> SSE)
     POST /reset_prefix_cache
     GET  /v1/models, GET /health, GET /metrics
+    POST /v1/load_lora_adapter {lora_name, lora_path}, POST /v1/unload_lora_adapter
+         {lora_name}   (vLLM's run-time LoRA endpoints, same shapes and status codes)
     GET  /mock/stats, POST /mock/stats/reset
 ";
 

@@ -120,8 +120,8 @@ fn error_offset(body: &[u8], line: usize, column: usize) -> usize {
     body.len()
 }
 
-/// Parses and validates an inference body (the model is checked by the caller).
-pub fn parse_request(ep: Endpoint, body: &[u8]) -> Result<InferenceRequest, ApiError> {
+/// The body as a JSON object, or the validation error vLLM's FastAPI layer answers.
+fn parse_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, ApiError> {
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(validation_error(
             "body",
@@ -145,15 +145,72 @@ pub fn parse_request(ep: Endpoint, body: &[u8]) -> Result<InferenceRequest, ApiE
             ));
         }
     };
-    let Some(obj) = v.as_object() else {
-        return Err(validation_error(
+    match v {
+        Value::Object(obj) => Ok(obj),
+        other => Err(validation_error(
             "body",
             format!(
                 "{{'type': 'model_attributes_type', 'loc': ('body',), 'msg': 'Input should be a valid dictionary or object to extract fields from', 'input': {}}}",
-                short_repr(&v)
+                short_repr(&other)
             ),
-        ));
+        )),
+    }
+}
+
+/// `POST /v1/load_lora_adapter` / `unload_lora_adapter` bodies (vLLM's
+/// `LoadLoRAAdapterRequest {lora_name, lora_path, load_inplace=False}` and
+/// `UnloadLoRAAdapterRequest {lora_name, lora_int_id=None}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdapterRequest {
+    pub lora_name: String,
+    /// Empty for an unload.
+    pub lora_path: String,
+    pub load_inplace: bool,
+}
+
+/// Parses a load (`load = true`: `lora_path` required) or unload body.
+pub fn parse_adapter_request(body: &[u8], load: bool) -> Result<AdapterRequest, ApiError> {
+    let obj = parse_object(body)?;
+    let string = |field: &str, required: bool| -> Result<String, ApiError> {
+        match obj.get(field) {
+            Some(Value::String(s)) => Ok(s.clone()),
+            None if !required => Ok(String::new()),
+            None => Err(validation_error(
+                &format!("body.{field}"),
+                format!(
+                    "{{'type': 'missing', 'loc': ('body', '{field}'), 'msg': 'Field required', 'input': {}}}",
+                    short_repr(&Value::Object(obj.clone()))
+                ),
+            )),
+            Some(other) => Err(type_error(field, "string_type", "string", other)),
+        }
     };
+    let lora_name = string("lora_name", true)?;
+    let lora_path = if load {
+        string("lora_path", true)?
+    } else {
+        String::new()
+    };
+    let load_inplace = match obj.get("load_inplace") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => return Err(type_error("load_inplace", "bool_type", "boolean", other)),
+    };
+    Ok(AdapterRequest {
+        lora_name,
+        lora_path,
+        load_inplace,
+    })
+}
+
+/// An error of the adapter endpoints, as vLLM's `create_error_response` renders it.
+pub fn adapter_error(status: u16, kind: &str, message: &str) -> ApiError {
+    api_error(status, message, kind, None)
+}
+
+/// Parses and validates an inference body (the model is checked by the caller).
+pub fn parse_request(ep: Endpoint, body: &[u8]) -> Result<InferenceRequest, ApiError> {
+    let obj = parse_object(body)?;
 
     let model = match obj.get("model") {
         None | Some(Value::Null) => None,
@@ -176,7 +233,7 @@ pub fn parse_request(ep: Endpoint, body: &[u8]) -> Result<InferenceRequest, ApiE
                     "stream_options",
                     format!(
                         "{{'type': 'value_error', 'loc': ('body',), 'msg': 'Value error, Stream options can only be defined when `stream=True`.', 'input': {}}}",
-                        short_repr(&v)
+                        short_repr(&Value::Object(obj.clone()))
                     ),
                 ));
             }
@@ -453,14 +510,16 @@ pub fn usage_chunk(ep: Endpoint, m: &Meta, n: u64) -> String {
 pub const DONE: &str = "data: [DONE]\n\n";
 
 /// `GET /v1/models` as vLLM's `OpenAIServingModels.show_available_models`.
+/// `models` is (id, root) of each served model, the base first.
 pub fn models_list(
-    models: &[String],
+    models: &[(&str, &str)],
     max_model_len: u64,
     created: u64,
     ids: &mut dyn FnMut() -> String,
 ) -> Value {
     let mut data = Vec::with_capacity(models.len());
-    for (i, name) in models.iter().enumerate() {
+    let base = models.first().map_or("", |m| m.0);
+    for (i, &(name, root)) in models.iter().enumerate() {
         let permission = json!([{
             "id": format!("modelperm-{}", ids()),
             "object": "model_permission",
@@ -478,15 +537,15 @@ pub fn models_list(
         let card = if i == 0 {
             json!({
                 "id": name, "object": "model", "created": created, "owned_by": "vllm",
-                "root": name, "parent": null, "max_model_len": max_model_len,
+                "root": root, "parent": null, "max_model_len": max_model_len,
                 "permission": permission,
             })
         } else {
-            // vLLM: root = the adapter path (the mock has none: its name), parent = base,
-            // max_model_len unset.
+            // vLLM: root = the adapter path (a start-up --lora has none: its name),
+            // parent = base, max_model_len unset.
             json!({
                 "id": name, "object": "model", "created": created, "owned_by": "vllm",
-                "root": name, "parent": models[0], "max_model_len": null,
+                "root": root, "parent": base, "max_model_len": null,
                 "permission": permission,
             })
         };
@@ -716,7 +775,12 @@ mod tests {
             n += 1;
             n.to_string()
         };
-        let v = models_list(&["base".into(), "sql".into()], 8192, 7, &mut ids);
+        let v = models_list(
+            &[("base", "base"), ("sql", "/adapters/sql")],
+            8192,
+            7,
+            &mut ids,
+        );
         assert_eq!(v["object"], "list");
         let base = &v["data"][0];
         assert_eq!(base["id"], "base");
@@ -728,7 +792,7 @@ mod tests {
         assert_eq!(base["permission"][0]["object"], "model_permission");
         let lora = &v["data"][1];
         assert_eq!(lora["id"], "sql");
-        assert_eq!(lora["root"], "sql");
+        assert_eq!(lora["root"], "/adapters/sql");
         assert_eq!(lora["parent"], "base");
         assert_eq!(lora["max_model_len"], Value::Null);
     }

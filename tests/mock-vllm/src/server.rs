@@ -38,6 +38,8 @@ static X_BASE_IN: HeaderName = HeaderName::from_static("x-gateway-base-model-nam
 static X_MODEL_IN: HeaderName = HeaderName::from_static("x-gateway-model-name");
 static X_BASE_ECHO: HeaderName = HeaderName::from_static("x-echo-base-model-name");
 static X_MODEL_ECHO: HeaderName = HeaderName::from_static("x-echo-model-name");
+static X_POOL_IN: HeaderName = HeaderName::from_static("x-gateway-destination-pool");
+static X_POOL_ECHO: HeaderName = HeaderName::from_static("x-echo-destination-pool");
 static X_BODY_BYTES: HeaderName = HeaderName::from_static("x-echo-request-body-bytes");
 static X_PREFIX_IN: HeaderName = HeaderName::from_static("x-gateway-prefix-hash");
 static X_PREFIX_ECHO: HeaderName = HeaderName::from_static("x-echo-prefix-hash");
@@ -261,8 +263,12 @@ fn simple_error(status: StatusCode, message: &str, typ: &str) -> Response<RespBo
 /// The routes: path -> allowed methods.
 fn allowed(path: &str) -> Option<&'static str> {
     match path {
-        "/v1/completions" | "/v1/chat/completions" | "/mock/stats/reset" => Some("POST"),
-        "/reset_prefix_cache" => Some("POST"),
+        "/v1/completions"
+        | "/v1/chat/completions"
+        | "/v1/load_lora_adapter"
+        | "/v1/unload_lora_adapter"
+        | "/mock/stats/reset"
+        | "/reset_prefix_cache" => Some("POST"),
         "/v1/models" | "/health" | "/metrics" | "/mock/stats" => Some("GET, HEAD"),
         _ => None,
     }
@@ -277,6 +283,7 @@ pub async fn handle(
     let echo_base = parts.headers.get(&X_BASE_IN).cloned();
     let echo_model = parts.headers.get(&X_MODEL_IN).cloned();
     let echo_prefix = parts.headers.get(&X_PREFIX_IN).cloned();
+    let echo_pool = parts.headers.get(&X_POOL_IN).cloned();
 
     let (mut resp, body_len) = match Limited::new(body, MAX_BODY_BYTES).collect().await {
         Ok(collected) => {
@@ -319,6 +326,9 @@ pub async fn handle(
     if let Some(v) = echo_prefix {
         h.insert(X_PREFIX_ECHO.clone(), v);
     }
+    if let Some(v) = echo_pool {
+        h.insert(X_POOL_ECHO.clone(), v);
+    }
     h.insert(X_BODY_BYTES.clone(), HeaderValue::from(body_len));
     Ok(resp)
 }
@@ -348,8 +358,33 @@ async fn route(state: &Arc<State>, method: &Method, path: &str, body: Bytes) -> 
         "/v1/chat/completions" => inference(state, Endpoint::Chat, &body).await,
         "/v1/models" => {
             let mut ids = || state.next_request_id();
-            let v = openai::models_list(&state.models, state.max_model_len, now_secs(), &mut ids);
+            let slots = state.slots();
+            let models: Vec<(&str, &str)> = slots
+                .iter()
+                .map(|s| (s.name.as_str(), s.root.as_str()))
+                .collect();
+            let v = openai::models_list(&models, state.max_model_len, now_secs(), &mut ids);
             json_response(StatusCode::OK, &v)
+        }
+        "/v1/load_lora_adapter" | "/v1/unload_lora_adapter" => {
+            let load = path == "/v1/load_lora_adapter";
+            let req = match openai::parse_adapter_request(&body, load) {
+                Ok(r) => r,
+                Err(e) => return api_error_response(e),
+            };
+            let done = if load {
+                state.load_adapter(&req.lora_name, &req.lora_path, req.load_inplace)
+            } else {
+                state.unload_adapter(&req.lora_name)
+            };
+            match done {
+                Ok(text) => {
+                    log(&format!("mock-vllm {}: {text}", state.id));
+                    // vLLM: `Response(status_code=200, content=...)`, plain text, no media type.
+                    response(StatusCode::OK, None, RespBody::bytes(text))
+                }
+                Err(e) => api_error_response(openai::adapter_error(e.status, e.kind, &e.message)),
+            }
         }
         "/health" => response(StatusCode::OK, None, RespBody::empty()),
         "/metrics" => response(
@@ -377,10 +412,13 @@ async fn inference(state: &Arc<State>, ep: Endpoint, body: &[u8]) -> Response<Re
         Ok(r) => r,
         Err(e) => return api_error_response(e),
     };
-    let model_idx = match &req.model {
-        None => 0,
-        Some(m) => match state.model_index(m) {
-            Some(i) => i,
+    let slot = match &req.model {
+        None => match state.lookup(state.base()) {
+            Some(s) => s,
+            None => return api_error_response(openai::model_not_found(state.base())),
+        },
+        Some(m) => match state.lookup(m) {
+            Some(s) => s,
             None => return api_error_response(openai::model_not_found(m)),
         },
     };
@@ -391,17 +429,14 @@ async fn inference(state: &Arc<State>, ep: Endpoint, body: &[u8]) -> Response<Re
     let meta = Meta {
         id: format!("{}{}", openai::id_prefix(ep), state.next_request_id()),
         created: now_secs(),
-        model: state.models[model_idx].clone(),
+        model: slot.name.clone(),
         prompt_tokens: req.prompt_tokens,
     };
-    let inflight = state.start_inflight(model_idx);
+    let inflight = state.start_inflight(&slot);
     // Queueing and prefill (the timing model), and the prefix cache; the response (and, when
     // streaming, its headers) starts after it, as vLLM's first chunk does.
     let prompt = cache::capture_prompt(ep, body);
-    let admitted = state
-        .engine
-        .admit(&state.models[model_idx], prompt.as_deref())
-        .await;
+    let admitted = state.engine.admit(&slot.name, prompt.as_deref()).await;
     let hit_tokens = HeaderValue::from(admitted.hit_tokens);
     let start = Instant::now();
     let first_token_at = start + state.ttft;
@@ -410,7 +445,7 @@ async fn inference(state: &Arc<State>, ep: Endpoint, body: &[u8]) -> Response<Re
         HeaderValue::from_str(&format!("{ttft_ms:.3}")).unwrap_or(HeaderValue::from_static("0"));
 
     if req.stream {
-        state.count_served(model_idx);
+        state.count_served(&slot);
         let sse = SseBody {
             state: Arc::clone(state),
             _inflight: inflight,
@@ -447,7 +482,7 @@ async fn inference(state: &Arc<State>, ep: Endpoint, body: &[u8]) -> Response<Re
         tokio::time::sleep_until(start + total).await;
     }
     let v = openai::full_response(ep, &meta, tokens, finish);
-    state.count_served(model_idx);
+    state.count_served(&slot);
     state.count_finished(finish);
     drop(admitted);
     drop(inflight);
@@ -488,9 +523,8 @@ pub async fn run(cfg: Config) -> Result<(), String> {
         .with_engine(Engine::new(cfg.engine)),
     );
 
-    // The handlers exist before the ready line: a SIGTERM sent as soon as that line appears
-    // (tests do) must reach them, not the default action, which kills the process with the
-    // signal (seen on a loaded machine: exit status "signal 15" instead of 0).
+    // Before the ready line: a SIGTERM sent as soon as the line is seen must find the handler
+    // (it used to be installed after, and a fast `kill` under load killed the process).
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| format!("cannot install the SIGTERM handler: {e}"))?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())

@@ -1,9 +1,9 @@
-//! Shared server state: immutable configuration plus lock-free counters.
+//! Shared server state: configuration, the served models (adapters load and unload at run
+//! time), and lock-free counters.
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hyper::header::HeaderValue;
@@ -34,20 +34,47 @@ impl Finish {
     }
 }
 
+/// One served model (the base, or a LoRA adapter) and its counters. Held in an `Arc`, so a
+/// request in flight keeps its adapter's counters even if the adapter is unloaded meanwhile.
+pub struct Slot {
+    pub name: String,
+    /// vLLM's `root` in /v1/models: the base model's name, an adapter's path.
+    pub root: String,
+    /// Inference requests answered 200 (reset by /mock/stats/reset).
+    served: AtomicU64,
+    /// In-flight inference requests.
+    running: AtomicI64,
+}
+
+impl Slot {
+    fn new(name: String, root: String) -> Arc<Slot> {
+        Arc::new(Slot {
+            name,
+            root,
+            served: AtomicU64::new(0),
+            running: AtomicI64::new(0),
+        })
+    }
+}
+
+/// Why `load_adapter` / `unload_adapter` refused, with vLLM's status, type and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdapterError {
+    pub status: u16,
+    pub kind: &'static str,
+    pub message: String,
+}
+
 pub struct State {
     pub id: String,
     pub id_header: HeaderValue,
-    /// Served model names; index 0 is the base model, the rest are LoRA adapters.
-    pub models: Vec<String>,
-    index: HashMap<String, usize>,
+    base: Arc<Slot>,
+    /// LoRA adapters in load order (vLLM lists them so); loaded and unloaded at run time.
+    adapters: RwLock<Vec<Arc<Slot>>>,
     pub ttft: Duration,
     pub itl: Duration,
     pub max_model_len: u64,
-    /// Inference requests answered 200, per model index (reset by /mock/stats/reset).
-    served: Vec<AtomicU64>,
     total: AtomicU64,
-    /// In-flight inference requests per model index.
-    running: Vec<AtomicI64>,
     /// Finished requests by `Finish` (never reset, like a Prometheus counter).
     success: [AtomicU64; 3],
     seq: AtomicU64,
@@ -57,6 +84,7 @@ pub struct State {
 }
 
 impl State {
+    /// `models[0]` is the base model, the rest are adapters served from the start.
     pub fn new(
         id: String,
         models: Vec<String>,
@@ -66,12 +94,10 @@ impl State {
     ) -> Result<State, String> {
         let id_header = HeaderValue::from_str(&id)
             .map_err(|_| format!("id '{id}' is not a valid header value"))?;
-        let index = models
-            .iter()
-            .enumerate()
-            .map(|(i, m)| (m.clone(), i))
-            .collect();
-        let n = models.len();
+        let mut names = models.into_iter();
+        let base = names.next().ok_or("no base model")?;
+        // The mock has no adapter files: a start-up adapter's root is its own name.
+        let adapters = names.map(|n| Slot::new(n.clone(), n)).collect();
         let boot = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -79,17 +105,15 @@ impl State {
         Ok(State {
             id,
             id_header,
-            index,
+            base: Slot::new(base.clone(), base),
+            adapters: RwLock::new(adapters),
             ttft,
             itl,
             max_model_len,
-            served: (0..n).map(|_| AtomicU64::new(0)).collect(),
             total: AtomicU64::new(0),
-            running: (0..n).map(|_| AtomicI64::new(0)).collect(),
             success: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
             seq: AtomicU64::new(0),
             boot,
-            models,
             engine: Engine::new(Default::default()),
         })
     }
@@ -101,11 +125,93 @@ impl State {
     }
 
     pub fn base(&self) -> &str {
-        &self.models[0]
+        &self.base.name
     }
 
-    pub fn model_index(&self, name: &str) -> Option<usize> {
-        self.index.get(name).copied()
+    fn adapters(&self) -> Vec<Arc<Slot>> {
+        match self.adapters.read() {
+            Ok(a) => a.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Every served model, base first, then adapters in load order.
+    pub fn slots(&self) -> Vec<Arc<Slot>> {
+        let mut all = vec![Arc::clone(&self.base)];
+        all.extend(self.adapters());
+        all
+    }
+
+    pub fn lookup(&self, name: &str) -> Option<Arc<Slot>> {
+        self.slots().into_iter().find(|s| s.name == name)
+    }
+
+    /// vLLM's `POST /v1/load_lora_adapter` (OpenAIServingModels.load_lora_adapter). The mock
+    /// has no engine, so any non-empty path loads.
+    pub fn load_adapter(
+        &self,
+        name: &str,
+        path: &str,
+        load_inplace: bool,
+    ) -> Result<String, AdapterError> {
+        if name.is_empty() || path.is_empty() {
+            return Err(AdapterError {
+                status: 400,
+                kind: "InvalidUserInput",
+                message: "Both 'lora_name' and 'lora_path' must be provided.".into(),
+            });
+        }
+        let mut adapters = match self.adapters.write() {
+            Ok(a) => a,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let existing = adapters.iter().position(|s| s.name == name);
+        // vLLM does not check the base model's name; the mock must, since it looks models
+        // up by name (vLLM would serve the base under that name, so it is "loaded" already).
+        if (existing.is_some() && !load_inplace) || name == self.base.name {
+            return Err(AdapterError {
+                status: 400,
+                kind: "InvalidUserInput",
+                message: format!(
+                    "The lora adapter '{name}' has already been loaded. If you want to load the \
+                     adapter in place, set 'load_inplace' to True."
+                ),
+            });
+        }
+        let slot = Slot::new(name.to_string(), path.to_string());
+        match existing {
+            Some(i) => adapters[i] = slot,
+            None => adapters.push(slot),
+        }
+        Ok(format!(
+            "Success: LoRA adapter '{name}' added successfully."
+        ))
+    }
+
+    /// vLLM's `POST /v1/unload_lora_adapter`.
+    pub fn unload_adapter(&self, name: &str) -> Result<String, AdapterError> {
+        if name.is_empty() {
+            return Err(AdapterError {
+                status: 400,
+                kind: "InvalidUserInput",
+                message: "'lora_name' needs to be provided to unload a LoRA adapter.".into(),
+            });
+        }
+        let mut adapters = match self.adapters.write() {
+            Ok(a) => a,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let Some(i) = adapters.iter().position(|s| s.name == name) else {
+            return Err(AdapterError {
+                status: 404,
+                kind: "NotFoundError",
+                message: format!("The lora adapter '{name}' cannot be found."),
+            });
+        };
+        adapters.remove(i);
+        Ok(format!(
+            "Success: LoRA adapter '{name}' removed successfully."
+        ))
     }
 
     /// A request id unique within this process (and very likely across processes).
@@ -115,8 +221,8 @@ impl State {
     }
 
     /// Counts an inference request answered 200 (called when the response starts).
-    pub fn count_served(&self, model: usize) {
-        self.served[model].fetch_add(1, Ordering::Relaxed);
+    pub fn count_served(&self, model: &Slot) {
+        model.served.fetch_add(1, Ordering::Relaxed);
         self.total.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -125,17 +231,16 @@ impl State {
     }
 
     /// Marks one request of `model` in flight until the guard is dropped.
-    pub fn start_inflight(self: &Arc<Self>, model: usize) -> InflightGuard {
-        self.running[model].fetch_add(1, Ordering::Relaxed);
+    pub fn start_inflight(&self, model: &Arc<Slot>) -> InflightGuard {
+        model.running.fetch_add(1, Ordering::Relaxed);
         InflightGuard {
-            state: Arc::clone(self),
-            model,
+            slot: Arc::clone(model),
         }
     }
 
     pub fn reset_stats(&self) {
-        for c in &self.served {
-            c.store(0, Ordering::Relaxed);
+        for s in self.slots() {
+            s.served.store(0, Ordering::Relaxed);
         }
         self.total.store(0, Ordering::Relaxed);
     }
@@ -143,8 +248,8 @@ impl State {
     /// `{"id": ID, "total": N, "by_model": {"<model>": N}}`; every served model is listed.
     pub fn stats_json(&self) -> Value {
         let mut by_model = Map::new();
-        for (m, c) in self.models.iter().zip(&self.served) {
-            by_model.insert(m.clone(), json!(c.load(Ordering::Relaxed)));
+        for s in self.slots() {
+            by_model.insert(s.name.clone(), json!(s.served.load(Ordering::Relaxed)));
         }
         json!({
             "id": self.id,
@@ -154,9 +259,9 @@ impl State {
     }
 
     fn inflight_total(&self) -> i64 {
-        self.running
+        self.slots()
             .iter()
-            .map(|c| c.load(Ordering::Relaxed).max(0))
+            .map(|s| s.running.load(Ordering::Relaxed).max(0))
             .sum()
     }
 
@@ -204,13 +309,13 @@ impl State {
                 float(self.success[f as usize].load(Ordering::Relaxed) as f64)
             );
         }
-        if self.models.len() > 1 {
+        let adapters = self.adapters();
+        if !adapters.is_empty() {
             // vLLM exports this only when LoRA is enabled; the value is a timestamp.
-            let running: Vec<&str> = self.models[1..]
+            let running: Vec<&str> = adapters
                 .iter()
-                .zip(&self.running[1..])
-                .filter(|(_, c)| c.load(Ordering::Relaxed) > 0)
-                .map(|(m, _)| m.as_str())
+                .filter(|s| s.running.load(Ordering::Relaxed) > 0)
+                .map(|s| s.name.as_str())
                 .collect();
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -221,7 +326,7 @@ impl State {
                 "# HELP vllm:lora_requests_info Running stats on lora requests.\n\
                  # TYPE vllm:lora_requests_info gauge\n\
                  vllm:lora_requests_info{{max_lora=\"{}\",waiting_lora_adapters=\"\",running_lora_adapters=\"{}\"}} {}",
-                self.models.len() - 1,
+                adapters.len(),
                 escape_label(&running.join(",")),
                 float(now)
             );
@@ -233,13 +338,12 @@ impl State {
 
 /// Decrements the in-flight gauge of one model when dropped.
 pub struct InflightGuard {
-    state: Arc<State>,
-    model: usize,
+    slot: Arc<Slot>,
 }
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        self.state.running[self.model].fetch_sub(1, Ordering::Relaxed);
+        self.slot.running.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -290,9 +394,9 @@ mod tests {
             s.stats_json(),
             json!({"id": "b1", "total": 0, "by_model": {"base": 0, "sql": 0, "chat": 0}})
         );
-        s.count_served(0);
-        s.count_served(1);
-        s.count_served(1);
+        s.count_served(&s.lookup("base").unwrap());
+        s.count_served(&s.lookup("sql").unwrap());
+        s.count_served(&s.lookup("sql").unwrap());
         assert_eq!(
             s.stats_json(),
             json!({"id": "b1", "total": 3, "by_model": {"base": 1, "sql": 2, "chat": 0}})
@@ -305,8 +409,8 @@ mod tests {
     #[test]
     fn metrics_text_shape() {
         let s = state();
-        let g1 = s.start_inflight(0);
-        let g2 = s.start_inflight(1);
+        let g1 = s.start_inflight(&s.lookup("base").unwrap());
+        let g2 = s.start_inflight(&s.lookup("sql").unwrap());
         s.count_finished(Finish::Length);
         let m = s.metrics_text();
         assert!(
@@ -352,7 +456,9 @@ mod tests {
     #[test]
     fn waiting_past_max_num_seqs() {
         let s = state();
-        let guards: Vec<_> = (0..MAX_NUM_SEQS + 3).map(|_| s.start_inflight(0)).collect();
+        let guards: Vec<_> = (0..MAX_NUM_SEQS + 3)
+            .map(|_| s.start_inflight(&s.lookup("base").unwrap()))
+            .collect();
         let m = s.metrics_text();
         assert!(
             m.contains("vllm:num_requests_running{model_name=\"base\",engine=\"0\"} 256.0\n"),
@@ -367,6 +473,52 @@ mod tests {
             "{m}"
         );
         drop(guards);
+    }
+
+    #[test]
+    fn adapters_load_and_unload_like_vllm() {
+        let s = state();
+        let names = |s: &State| s.slots().iter().map(|x| x.name.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            s.load_adapter("new", "/adapters/new", false),
+            Ok("Success: LoRA adapter 'new' added successfully.".to_string())
+        );
+        assert_eq!(names(&s), ["base", "sql", "chat", "new"]);
+        assert_eq!(s.lookup("new").unwrap().root, "/adapters/new");
+        let cases: &[(&str, &str, u16, &str, &str)] = &[
+            ("", "/p", 400, "InvalidUserInput", "Both 'lora_name' and 'lora_path' must be provided."),
+            ("x", "", 400, "InvalidUserInput", "Both 'lora_name' and 'lora_path' must be provided."),
+            ("new", "/p", 400, "InvalidUserInput", "The lora adapter 'new' has already been loaded. If you want to load the adapter in place, set 'load_inplace' to True."),
+            ("base", "/p", 400, "InvalidUserInput", "The lora adapter 'base' has already been loaded. If you want to load the adapter in place, set 'load_inplace' to True."),
+        ];
+        for (name, path, status, kind, message) in cases {
+            let e = s.load_adapter(name, path, false).unwrap_err();
+            assert_eq!(
+                (e.status, e.kind, e.message.as_str()),
+                (*status, *kind, *message)
+            );
+        }
+        // In place: same position, new path.
+        assert!(s.load_adapter("new", "/v2", true).is_ok());
+        assert_eq!(s.lookup("new").unwrap().root, "/v2");
+        assert_eq!(
+            s.unload_adapter("sql"),
+            Ok("Success: LoRA adapter 'sql' removed successfully.".to_string())
+        );
+        assert_eq!(names(&s), ["base", "chat", "new"]);
+        let e = s.unload_adapter("sql").unwrap_err();
+        assert_eq!(
+            (e.status, e.kind, e.message.as_str()),
+            (
+                404,
+                "NotFoundError",
+                "The lora adapter 'sql' cannot be found."
+            )
+        );
+        let e = s.unload_adapter("").unwrap_err();
+        assert_eq!((e.status, e.kind), (400, "InvalidUserInput"));
+        let e = s.unload_adapter("base").unwrap_err();
+        assert_eq!(e.status, 404);
     }
 
     #[test]

@@ -708,3 +708,95 @@ fn cli_help_and_errors() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot listen"));
 }
+
+/// vLLM's run-time LoRA endpoints: shapes, status codes and messages of
+/// `OpenAIServingModels.load_lora_adapter` / `unload_lora_adapter`, and /v1/models reflects
+/// each change at once.
+#[test]
+fn lora_adapters_load_and_unload_at_run_time() {
+    let srv = Server::start(&["--model", "base", "--lora", "a"]);
+    let a = srv.addr.as_str();
+    let listed = |a: &str| -> Vec<(String, Value, Value)> {
+        let v = request(a, "GET", "/v1/models", &[], b"").json();
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["id"].as_str().unwrap().to_string(),
+                    m["parent"].clone(),
+                    m["root"].clone(),
+                )
+            })
+            .collect()
+    };
+
+    let r = post_json(
+        a,
+        "/v1/load_lora_adapter",
+        &json!({"lora_name": "b", "lora_path": "/adapters/b"}),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        String::from_utf8_lossy(&r.body),
+        "Success: LoRA adapter 'b' added successfully."
+    );
+    assert_eq!(
+        listed(a),
+        [
+            ("base".to_string(), Value::Null, json!("base")),
+            ("a".to_string(), json!("base"), json!("a")),
+            ("b".to_string(), json!("base"), json!("/adapters/b")),
+        ]
+    );
+    // The new adapter serves at once.
+    let r = post_json(
+        a,
+        "/v1/completions",
+        &json!({"model": "b", "prompt": "x", "max_tokens": 1}),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["model"], "b");
+
+    // (path, body, status, error type, message); vLLM's error body is
+    // {"error": {"message", "type", "param": null, "code": <status>}}.
+    let cases: &[(&str, Value, u16, &str, &str)] = &[
+        ("/v1/load_lora_adapter", json!({"lora_name": "b", "lora_path": "/p"}), 400, "InvalidUserInput",
+         "The lora adapter 'b' has already been loaded. If you want to load the adapter in place, set 'load_inplace' to True."),
+        ("/v1/load_lora_adapter", json!({"lora_name": "", "lora_path": "/p"}), 400, "InvalidUserInput",
+         "Both 'lora_name' and 'lora_path' must be provided."),
+        ("/v1/unload_lora_adapter", json!({"lora_name": "nope"}), 404, "NotFoundError",
+         "The lora adapter 'nope' cannot be found."),
+        ("/v1/unload_lora_adapter", json!({"lora_name": ""}), 400, "InvalidUserInput",
+         "'lora_name' needs to be provided to unload a LoRA adapter."),
+    ];
+    for (path, body, status, kind, message) in cases {
+        let r = post_json(a, path, body);
+        assert_eq!(r.status, *status, "{path} {body}");
+        let v = r.json();
+        assert_eq!(v["error"]["type"], *kind, "{path} {body}");
+        assert_eq!(v["error"]["message"], *message, "{path} {body}");
+        assert_eq!(v["error"]["code"], *status, "{path} {body}");
+    }
+    // A missing field is FastAPI's validation error.
+    let r = post_json(a, "/v1/load_lora_adapter", &json!({"lora_name": "c"}));
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("'lora_path'"));
+
+    let r = post_json(a, "/v1/unload_lora_adapter", &json!({"lora_name": "a"}));
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        String::from_utf8_lossy(&r.body),
+        "Success: LoRA adapter 'a' removed successfully."
+    );
+    let ids: Vec<String> = listed(a).into_iter().map(|m| m.0).collect();
+    assert_eq!(ids, ["base", "b"]);
+    let r = post_json(a, "/v1/completions", &json!({"model": "a", "prompt": "x"}));
+    assert_eq!(r.status, 404);
+    let r = request(a, "GET", "/v1/load_lora_adapter", &[], b"");
+    assert_eq!(r.status, 405);
+}

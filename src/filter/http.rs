@@ -1,0 +1,447 @@
+//! One HTTP stream: anti-spoofing, the body scan, and the routing headers.
+
+use super::{now_nanos, Metrics};
+use crate::core::config::LOCAL_REPLY_HEADER;
+use crate::core::headers;
+use crate::core::{
+    BodyScanner, CaptureState, HeadAction, ModelScanner, Outcome, PromptCapture, Rejection,
+    RequestHead, Router, RoutingView, Step, ViewVerdict,
+};
+use log::{debug, error, warn};
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::{Action, BufferType, MapType, Status};
+use std::cell::Cell;
+use std::ptr::null_mut;
+use std::rc::Rc;
+
+/// Envoy's foreign function that makes the router re-resolve the route after we changed
+/// request headers. Since Envoy 1.33 a header change from wasm does not always clear the
+/// cached route, so without it a filter that resolved the route earlier (Lua, ext_authz, ...)
+/// would leave the request on the route chosen before our header existed.
+const CLEAR_ROUTE_CACHE: &str = "clear_route_cache";
+
+/// Most body bytes copied into the VM at once.
+const READ_WINDOW_BYTES: usize = 64 * 1024;
+
+// The raw ABI call behind the SDK's `get_map_bytes`, which panics on a non-Ok status (a trap
+// that takes the VM down) and unwraps each header name as UTF-8. Declared here to handle both.
+// The same import as the SDK's declaration (module "env"), with the enum arguments as u32.
+extern "C" {
+    fn proxy_get_header_map_pairs(
+        map_type: u32,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> u32;
+}
+
+thread_local! {
+    /// Set once the host said it has no `clear_route_cache`, so we warn once, not per request.
+    static NO_CLEAR_ROUTE_CACHE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Where a request stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// Headers not seen yet.
+    Headers,
+    /// Headers held; reading the body.
+    Scanning,
+    /// Decided and let through; later callbacks pass.
+    Passed,
+    /// Answered locally; later callbacks must not let anything through.
+    Replied,
+}
+
+/// One HTTP stream.
+pub(super) struct BbrHttp {
+    pub(super) id: u32,
+    pub(super) router: Option<Rc<Router>>,
+    /// The routing table when the request started: static and discovered models. A poll
+    /// answering meanwhile builds a new table for later requests; nothing waits on it.
+    pub(super) view: Rc<RoutingView>,
+    pub(super) metrics: Rc<Metrics>,
+    pub(super) configured_at: u64,
+    pub(super) phase: Phase,
+    pub(super) scanner: Option<Box<BodyScanner>>,
+    /// The prompt's start, for the prefix key (prefix affinity on, JSON body); fed until it
+    /// is settled, usually a few KiB into the body.
+    pub(super) capture: Option<Box<PromptCapture>>,
+    /// Counted in the `bbr_bodies_in_progress` gauge (reading the body, not decided yet).
+    pub(super) held: bool,
+    /// Body bytes already given to the scanner.
+    pub(super) consumed: usize,
+    /// Time spent in the scanner for this request.
+    pub(super) scan_nanos: u64,
+}
+
+impl Context for BbrHttp {}
+
+/// The SDK drops the context when Envoy destroys the stream (proxy_on_delete), whatever ended
+/// it: a reply, the end of the response, or a reset by the client or by Envoy's overload
+/// manager in the middle of the body. The scanner and the buffers go with it; the gauge is the
+/// one thing outside the context, so it is settled here.
+impl Drop for BbrHttp {
+    fn drop(&mut self) {
+        self.release_hold();
+    }
+}
+
+impl HttpContext for BbrHttp {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let Some(router) = self.router.clone() else {
+            error!(
+                "[{}] bbr-wasm has no valid configuration; refusing the request",
+                self.id
+            );
+            return self.reply_error(500, "The gateway's model router is not configured.");
+        };
+
+        // Every header this callback reads, in one host call (see `core::headers`).
+        let map = match request_header_map() {
+            Ok(map) => map,
+            Err(status) => {
+                error!(
+                    "[{}] cannot read the request headers: status {status}",
+                    self.id
+                );
+                return self.reply_error(500, "The gateway could not read the request headers.");
+            }
+        };
+        let pairs = match headers::parse_pairs(&map) {
+            Ok(pairs) => pairs,
+            Err(err) => {
+                error!("[{}] {err}", self.id);
+                return self.reply_error(500, "The gateway could not read the request headers.");
+            }
+        };
+
+        // Anti-spoofing comes first, for every request, inspected or not: a client must never
+        // choose a pool by sending the routing header itself, and above all never a cluster
+        // through the pool header (the shipped route hands its value to `cluster_header`, which
+        // would reach any cluster in Envoy's config). The local-reply marker goes too, so a
+        // client cannot change how Envoy rewrites error bodies. The value is never decoded: a
+        // forged header may hold any bytes.
+        let mut removed = false;
+        for name in [
+            router.base_model_header.as_str(),
+            router.model_header.as_str(),
+            router.pool_header.as_str(),
+            router.prefix_header.as_str(),
+            LOCAL_REPLY_HEADER,
+        ] {
+            if headers::first(&pairs, name).is_none() {
+                continue;
+            }
+            // Removes every copy of the header.
+            if let Err(status) = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name) {
+                error!(
+                    "[{}] cannot remove client header {name:?}: {status:?}",
+                    self.id
+                );
+                return self.reply_error(500, "The gateway could not sanitize the request.");
+            }
+            removed = true;
+        }
+        if removed {
+            self.metrics.increment(self.metrics.spoofed_header_removed);
+            debug!("[{}] removed client-supplied routing headers", self.id);
+            // The route may already have been resolved with the forged value.
+            self.clear_route_cache();
+        }
+
+        // Read as bytes, decoded here: invalid UTF-8 (bytes 0x80-0xFF, which Envoy accepts in
+        // values) becomes U+FFFD, which matches no content type, encoding or path we accept.
+        // The SDK's string getters unwrap the conversion instead, so one such header would
+        // panic and trap the VM.
+        let text = |name: &str| headers::first(&pairs, name).map(String::from_utf8_lossy);
+        let method = text(":method");
+        let path = text(":path");
+        let content_type = text("content-type");
+        let content_encoding = text("content-encoding");
+        let content_length = text("content-length");
+        let head = RequestHead {
+            method: method.as_deref().unwrap_or(""),
+            path: path.as_deref().unwrap_or(""),
+            content_type: content_type.as_deref(),
+            content_encoding: content_encoding.as_deref(),
+            content_length: content_length.as_deref(),
+        };
+
+        match router.classify(&head) {
+            HeadAction::Pass => {
+                self.metrics.count(Outcome::Passthrough);
+                self.phase = Phase::Passed;
+                Action::Continue
+            }
+            HeadAction::ServeModelList => {
+                self.metrics.count(Outcome::ModelList);
+                let body = self.view.model_list_body(self.configured_at);
+                self.reply(200, &body, &[])
+            }
+            HeadAction::Reject(rejection) => self.reject(&rejection),
+            HeadAction::Inspect(mut scanner) => {
+                if end_of_stream {
+                    // A POST without a body: the scanner calls it what it is.
+                    let step = scanner.finish();
+                    return self.act_on(&router, step);
+                }
+                self.capture = router.prompt_capture(&scanner).map(Box::new);
+                self.scanner = Some(scanner);
+                self.phase = Phase::Scanning;
+                self.held = true;
+                self.metrics.add_gauge(self.metrics.bodies_in_progress, 1);
+                // Needs `allow_on_headers_stop_iteration: true` on Envoy >= 1.35; otherwise
+                // this Pause becomes StopAllIteration and the body callback never comes.
+                Action::Pause
+            }
+        }
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        match self.phase {
+            Phase::Scanning => {}
+            Phase::Replied => return Action::Pause,
+            Phase::Headers | Phase::Passed => return Action::Continue,
+        }
+        let Some(router) = self.router.clone() else {
+            return self.reply_error(500, "The gateway's model router is not configured.");
+        };
+        if body_size as u64 > router.max_body_bytes {
+            return self.reject(&Rejection::TooLarge {
+                limit: router.max_body_bytes,
+            });
+        }
+        // `body_size` is everything buffered so far (we return Pause, so Envoy keeps
+        // buffering). Only the bytes after `consumed` are new: reading from there keeps the
+        // work linear in the body size however many chunks arrive. They are copied into the VM
+        // a window at a time, so the VM's memory stays bounded however much Envoy delivers in
+        // one callback.
+        while body_size > self.consumed {
+            let len = (body_size - self.consumed).min(READ_WINDOW_BYTES);
+            let bytes = match hostcalls::get_buffer(BufferType::HttpRequestBody, self.consumed, len)
+            {
+                Ok(Some(bytes)) if !bytes.is_empty() => bytes,
+                Ok(_) => {
+                    error!(
+                        "[{}] the host returned no body bytes ({len} expected)",
+                        self.id
+                    );
+                    return self.reply_error(500, "The gateway could not read the request body.");
+                }
+                Err(status) => {
+                    error!("[{}] cannot read the request body: {status:?}", self.id);
+                    return self.reply_error(500, "The gateway could not read the request body.");
+                }
+            };
+            self.consumed += bytes.len();
+            if let Some(scanner) = self.scanner.as_mut() {
+                let started = now_nanos();
+                let step = scanner.feed(&bytes);
+                if let Some(capture) = self.capture.as_mut() {
+                    if capture.state() == CaptureState::Reading {
+                        capture.feed(&bytes);
+                    }
+                }
+                self.scan_nanos += now_nanos().saturating_sub(started);
+                if step != Step::NeedMore {
+                    return self.act_on(&router, step);
+                }
+                if router.route_before_body_ends {
+                    if let Some(step) = scanner.early_model() {
+                        // The rest of the body streams on unscanned.
+                        return self.act_on(&router, step);
+                    }
+                }
+            }
+        }
+        if end_of_stream {
+            return self.finish(&router);
+        }
+        Action::Pause
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        // With trailers (gRPC-style HTTP/2 streams) the last body callback does not carry
+        // end_of_stream; the trailers end the body.
+        match self.phase {
+            Phase::Scanning => match self.router.clone() {
+                Some(router) => self.finish(&router),
+                None => self.reply_error(500, "The gateway's model router is not configured."),
+            },
+            Phase::Replied => Action::Pause,
+            Phase::Headers | Phase::Passed => Action::Continue,
+        }
+    }
+}
+
+impl BbrHttp {
+    fn finish(&mut self, router: &Router) -> Action {
+        if let Some(capture) = self.capture.as_mut() {
+            capture.finish();
+        }
+        let step = match self.scanner.as_mut() {
+            Some(scanner) => scanner.finish(),
+            None => ModelScanner::new(router.max_model_name_bytes).finish(),
+        };
+        self.act_on(router, step)
+    }
+
+    /// Carries out the scanner's verdict.
+    /// The request is no longer waiting for its body (decided, answered or gone).
+    fn release_hold(&mut self) {
+        if self.held {
+            self.held = false;
+            self.metrics.add_gauge(self.metrics.bodies_in_progress, -1);
+        }
+    }
+
+    fn act_on(&mut self, router: &Router, step: Step) -> Action {
+        self.scanner = None;
+        let capture = self.capture.take();
+        self.release_hold();
+        self.metrics
+            .record_scan(self.consumed as u64, self.scan_nanos);
+        let view = Rc::clone(&self.view);
+        match view.decide(step) {
+            None => Action::Pause,
+            Some(ViewVerdict::Route(route)) => {
+                let served = &route.model;
+                let set = self
+                    .set_request_header(&router.base_model_header, &served.base)
+                    .and_then(|()| self.set_request_header(&router.model_header, &served.name))
+                    .and_then(|()| match &route.pool {
+                        Some(cluster) => self.set_request_header(&router.pool_header, cluster),
+                        None => Ok(()),
+                    });
+                if let Err(status) = set {
+                    error!("[{}] cannot set the routing headers: {status:?}", self.id);
+                    return self.reply_error(500, "The gateway could not route the request.");
+                }
+                // With routeBeforeBodyEnds the capture may not be settled yet: no key then,
+                // rather than a key over part of the prompt that the next request would not share.
+                if let Some(key) = capture.and_then(|c| router.prefix_key(&c, &served.name)) {
+                    if let Some(affinity) = &router.prefix_affinity {
+                        if let Err(status) = self.set_request_header(&affinity.header, &key) {
+                            error!("[{}] cannot set the prefix key: {status:?}", self.id);
+                            return self
+                                .reply_error(500, "The gateway could not route the request.");
+                        }
+                        self.metrics.increment(self.metrics.prefix_keyed);
+                    }
+                }
+                self.clear_route_cache();
+                self.metrics.count(Outcome::Routed);
+                self.metrics.count_model(&served.base);
+                debug!("[{}] routed to base model {:?}", self.id, served.base);
+                self.phase = Phase::Passed;
+                Action::Continue
+            }
+            Some(ViewVerdict::Pass) => {
+                self.metrics.count(Outcome::UnknownModel);
+                self.metrics.count(Outcome::Passthrough);
+                debug!(
+                    "[{}] unknown model passed through without routing headers",
+                    self.id
+                );
+                self.phase = Phase::Passed;
+                Action::Continue
+            }
+            Some(ViewVerdict::Reject(rejection)) => self.reject(&rejection),
+        }
+    }
+
+    fn reject(&mut self, rejection: &Rejection) -> Action {
+        self.metrics.count(rejection.outcome());
+        // The code only: the message may carry client text, and logs never carry request content.
+        debug!(
+            "[{}] rejected: {} {}",
+            self.id,
+            rejection.status(),
+            rejection.code()
+        );
+        match rejection.retry_after() {
+            Some(secs) => {
+                // Marks the reply as the filter's own, so Envoy's local_reply_config keeps its
+                // body (the 503 mapper there rewrites every other 503). The request goes no
+                // further, so no upstream ever sees the marker.
+                if let Err(status) = hostcalls::set_map_value(
+                    MapType::HttpRequestHeaders,
+                    LOCAL_REPLY_HEADER,
+                    Some("1"),
+                ) {
+                    debug!("[{}] cannot mark the local reply: {status:?}", self.id);
+                }
+                let secs = secs.to_string();
+                self.reply(
+                    rejection.status(),
+                    &rejection.body(),
+                    &[("retry-after", secs.as_str())],
+                )
+            }
+            None => self.reply(rejection.status(), &rejection.body(), &[]),
+        }
+    }
+
+    fn reply_error(&mut self, status: u32, message: &str) -> Action {
+        self.metrics.count(Outcome::InternalError);
+        let body = crate::core::errors::error_body(message, "server_error", None, "internal_error");
+        self.reply(status, &body, &[])
+    }
+
+    /// Sends a local JSON reply and stops the request.
+    fn reply(&mut self, status: u32, body: &str, extra: &[(&str, &str)]) -> Action {
+        self.phase = Phase::Replied;
+        self.scanner = None;
+        self.capture = None;
+        self.release_hold();
+        let mut headers = vec![("content-type", "application/json")];
+        headers.extend_from_slice(extra);
+        if let Err(status_err) =
+            hostcalls::send_http_response(status, headers, Some(body.as_bytes()))
+        {
+            warn!("[{}] cannot send the local reply: {status_err:?}", self.id);
+        }
+        Action::Pause
+    }
+
+    fn set_request_header(&self, name: &str, value: &str) -> Result<(), Status> {
+        hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value))
+    }
+
+    fn clear_route_cache(&self) {
+        if NO_CLEAR_ROUTE_CACHE.with(Cell::get) {
+            return;
+        }
+        if let Err(status) = hostcalls::call_foreign_function(CLEAR_ROUTE_CACHE, None) {
+            // Before Envoy 1.33 there is no such function, and header changes cleared the
+            // route cache by themselves.
+            NO_CLEAR_ROUTE_CACHE.with(|flag| flag.set(true));
+            warn!(
+                "[{}] host has no {CLEAR_ROUTE_CACHE} ({status:?}); relying on header mutation",
+                self.id
+            );
+        }
+    }
+}
+
+/// The request header map, serialized as the ABI hands it over (see `core::headers`), or the
+/// host's status code.
+pub(super) fn request_header_map() -> Result<Vec<u8>, u32> {
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the host writes a pointer and a size into the two locals, nothing else.
+    let status = unsafe {
+        proxy_get_header_map_pairs(MapType::HttpRequestHeaders as u32, &mut data, &mut size)
+    };
+    if status != Status::Ok as u32 {
+        return Err(status);
+    }
+    if data.is_null() {
+        return Ok(Vec::new());
+    }
+    // SAFETY: the host allocated the `size` bytes through the SDK's `proxy_on_memory_allocate`,
+    // which hands out the buffer of a `Vec<u8>` of exactly that capacity and forgets it; taking
+    // it back as that Vec frees it on drop (the SDK's own `get_map_bytes` does the same).
+    Ok(unsafe { Vec::from_raw_parts(data, size, size) })
+}
