@@ -62,6 +62,7 @@ struct Metrics {
     scan_nanoseconds: Option<u32>,
     memory_bytes: Option<u32>,
     bodies_in_progress: Option<u32>,
+    held_body_bytes: Option<u32>,
     /// The linear memory size last written to the gauge: it is only written when it changed,
     /// which is rarely (it stays flat), saving a host call per request.
     memory_recorded: Cell<u64>,
@@ -115,6 +116,7 @@ impl Metrics {
             scan_nanoseconds: define(MetricType::Counter, names::SCAN_NANOSECONDS),
             memory_bytes: define(MetricType::Gauge, names::MEMORY_BYTES),
             bodies_in_progress: define(MetricType::Gauge, names::BODIES_IN_PROGRESS),
+            held_body_bytes: define(MetricType::Gauge, names::HELD_BODY_BYTES),
             memory_recorded: Cell::new(0),
             per_model: RefCell::new(HashMap::new()),
             pools,

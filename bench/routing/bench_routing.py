@@ -88,7 +88,7 @@ UTILISATION = 0.6               # offered load / the pool's prefill capacity wit
 KEY_BLOCK_BYTES = 256
 DEFAULT_PREFIX_BLOCKS = 8
 DEFAULT_LB = "MAGLEV"
-DEFAULT_HBF = 150               # hash_balance_factor, percent: 1.5x the mean in-flight load
+DEFAULT_HBF = 125               # hash_balance_factor, percent: 1.25x the mean in-flight load (envoy.yaml)
 
 CAPACITIES = (0.25, 0.5, 1.0, 2.0)
 TARGET_CAPACITY = 0.5
@@ -127,7 +127,7 @@ MAIN = (
 def variants() -> tuple[Strategy, ...]:
     """Affinity with one setting changed at a time: bounded load, the hash table, the key."""
     out = [Strategy(f"affinity_hbf_{h or 'none'}", DEFAULT_LB, h, DEFAULT_PREFIX_BLOCKS)
-           for h in (None, 125, 200) if h != DEFAULT_HBF]
+           for h in (None, 125, 150, 200) if h != DEFAULT_HBF]
     out.append(Strategy("affinity_ring_hash", "RING_HASH", DEFAULT_HBF, DEFAULT_PREFIX_BLOCKS))
     out += [Strategy(f"affinity_blocks_{n}", DEFAULT_LB, DEFAULT_HBF, n)
             for n in (2, 4, 16, 32) if n != DEFAULT_PREFIX_BLOCKS]
@@ -390,7 +390,9 @@ def gateway_config(strategies: list[Strategy], ports: dict[str, int], mock_ports
         hcm["stat_prefix"] = s.name
         hcm.pop("access_log", None)        # one line per request would cost CPU and disk
         hcm["route_config"]["name"] = f"{s.name}_routes"
-        route = copy.deepcopy(hcm["route_config"]["virtual_hosts"][0]["routes"][0])
+        # A model's route (a fixed cluster), not the discovery route (cluster_header).
+        route = copy.deepcopy(next(r for r in hcm["route_config"]["virtual_hosts"][0]["routes"]
+                                   if "cluster" in r["route"]))
         route["name"] = s.name
         route["match"]["headers"][0]["string_match"] = {"exact": MODEL}
         route["route"]["cluster"] = s.name

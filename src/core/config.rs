@@ -5,6 +5,7 @@
 //! never silently falls back to a default.
 
 use super::discovery::Pool;
+use super::overload::{BodyBudget, DEFAULT_MAX_HELD_BODY_BYTES, DEFAULT_SHED_BODIES_OVER_BYTES};
 use super::prefix::{
     DEFAULT_BLOCK_BYTES, DEFAULT_PREFIX_BLOCKS, DEFAULT_PREFIX_HEADER, MAX_CAPTURE_BYTES,
 };
@@ -30,6 +31,8 @@ pub const DEFAULT_MODEL_LIST_PATH: &str = "/v1/models";
 /// Largest accepted `maxBodyBytes`: the body is buffered in Envoy, so a limit past this is a
 /// mistake rather than a wish.
 pub const MAX_MAX_BODY_BYTES: u64 = 1024 * 1024 * 1024;
+/// Largest accepted `maxHeldBodyBytes` (per worker).
+pub const MAX_MAX_HELD_BODY_BYTES: u64 = 64 * 1024 * 1024 * 1024;
 /// Largest accepted `maxModelNameBytes`.
 pub const MAX_MAX_MODEL_NAME_BYTES: usize = 64 * 1024;
 /// Default for `pools[].path`: what vLLM answers the served models on.
@@ -91,6 +94,10 @@ pub struct RawConfig {
     pub route_before_body_ends: bool,
     #[serde(default)]
     pub prefix_affinity: RawPrefixAffinity,
+    #[serde(default = "default_max_held_body_bytes")]
+    pub max_held_body_bytes: u64,
+    #[serde(default = "default_shed_bodies_over_bytes")]
+    pub shed_bodies_over_bytes: u64,
 }
 
 /// `prefixAffinity`: a header carrying the prompt's prefix key, for a consistent-hash load
@@ -218,6 +225,12 @@ fn default_model_list_path() -> String {
 fn default_true() -> bool {
     true
 }
+fn default_max_held_body_bytes() -> u64 {
+    DEFAULT_MAX_HELD_BODY_BYTES
+}
+fn default_shed_bodies_over_bytes() -> u64 {
+    DEFAULT_SHED_BODIES_OVER_BYTES
+}
 fn default_prefix_header() -> String {
     DEFAULT_PREFIX_HEADER.to_string()
 }
@@ -303,6 +316,8 @@ pub struct Router {
     pub model_list_path: Option<String>,
     /// Release the request as soon as `model` is read, without the whole-body checks.
     pub route_before_body_ends: bool,
+    /// `maxHeldBodyBytes` / `shedBodiesOverBytes`.
+    pub body_budget: BodyBudget,
     /// `Some` when `prefixAffinity.enabled`.
     pub prefix_affinity: Option<PrefixAffinity>,
     /// `prefixAffinity.header`, lower case: removed from every client request, enabled or not,
@@ -429,6 +444,33 @@ impl Router {
             u64::from(raw.absent_polls_before_removal),
             u64::from(MAX_ABSENT_POLLS_BEFORE_REMOVAL),
         )?;
+        check_range(
+            "maxHeldBodyBytes",
+            raw.max_held_body_bytes,
+            MAX_MAX_HELD_BODY_BYTES,
+        )?;
+        if raw.max_held_body_bytes < raw.max_body_bytes {
+            return Err(invalid(
+                "maxHeldBodyBytes",
+                format!(
+                    "must be at least maxBodyBytes ({}): one body of the largest size must fit",
+                    raw.max_body_bytes
+                ),
+            ));
+        }
+        if raw.shed_bodies_over_bytes >= raw.max_held_body_bytes {
+            return Err(invalid(
+                "shedBodiesOverBytes",
+                format!(
+                    "must be below maxHeldBodyBytes ({}), got {}",
+                    raw.max_held_body_bytes, raw.shed_bodies_over_bytes
+                ),
+            ));
+        }
+        let body_budget = BodyBudget {
+            max_held_bytes: raw.max_held_body_bytes,
+            shed_over_bytes: raw.shed_bodies_over_bytes,
+        };
         let prefix = &raw.prefix_affinity;
         let prefix_header = check_header_name("prefixAffinity.header", &prefix.header)?;
         if prefix_header == base_model_header
@@ -486,6 +528,7 @@ impl Router {
             max_model_name_bytes: raw.max_model_name_bytes,
             model_list_path,
             route_before_body_ends: raw.route_before_body_ends,
+            body_budget,
             prefix_affinity,
             prefix_header,
             pools,

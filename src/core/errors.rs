@@ -30,7 +30,13 @@ pub enum Rejection {
         model: String,
         retry_after_secs: u64,
     },
+    /// This worker holds more body bytes than `maxHeldBodyBytes`, and this request's body is
+    /// one of the large ones (over `shedBodiesOverBytes`): 503 with `Retry-After`.
+    Overloaded,
 }
+
+/// `Retry-After` of an [`Rejection::Overloaded`] answer: held bodies drain in seconds.
+pub const OVERLOADED_RETRY_AFTER_SECS: u64 = 1;
 
 impl Rejection {
     pub fn status(&self) -> u32 {
@@ -43,7 +49,7 @@ impl Rejection {
             Rejection::ModelNotFound(_) => 404,
             Rejection::TooLarge { .. } => 413,
             Rejection::UnsupportedMediaType(_) => 415,
-            Rejection::DiscoveryPending { .. } => 503,
+            Rejection::DiscoveryPending { .. } | Rejection::Overloaded => 503,
         }
     }
 
@@ -59,13 +65,17 @@ impl Rejection {
             Rejection::TooLarge { .. } => "request_too_large",
             Rejection::UnsupportedMediaType(_) => "unsupported_media_type",
             Rejection::DiscoveryPending { .. } => "model_discovery_pending",
+            // The same code as Envoy's own overload answer (envoy.yaml's local_reply_config).
+            Rejection::Overloaded => "gateway_overloaded",
         }
     }
 
     /// The `error.type`.
     pub fn kind(&self) -> &'static str {
         match self {
-            Rejection::DiscoveryPending { .. } => "service_unavailable_error",
+            Rejection::DiscoveryPending { .. } | Rejection::Overloaded => {
+                "service_unavailable_error"
+            }
             _ => "invalid_request_error",
         }
     }
@@ -76,6 +86,7 @@ impl Rejection {
             Rejection::DiscoveryPending {
                 retry_after_secs, ..
             } => Some(*retry_after_secs),
+            Rejection::Overloaded => Some(OVERLOADED_RETRY_AFTER_SECS),
             _ => None,
         }
     }
@@ -91,6 +102,7 @@ impl Rejection {
             Rejection::InvalidJson(_)
             | Rejection::InvalidMultipart(_)
             | Rejection::TooLarge { .. }
+            | Rejection::Overloaded
             | Rejection::UnsupportedMediaType(_) => None,
         }
     }
@@ -137,6 +149,11 @@ impl fmt::Display for Rejection {
                 f,
                 "The gateway is still discovering the models its pools serve and does not know \
                  `{model}` yet. Retry in {retry_after_secs} s."
+            ),
+            Rejection::Overloaded => write!(
+                f,
+                "The gateway is holding too many large request bodies right now. Retry in \
+                 {OVERLOADED_RETRY_AFTER_SECS} s."
             ),
         }
     }

@@ -37,10 +37,12 @@ pub enum Outcome {
     InternalError,
     /// An unknown model while some pool had not answered yet: 503 with `Retry-After`.
     DiscoveryPending,
+    /// A large body refused because the worker held more than `maxHeldBodyBytes`: 503.
+    Overloaded,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 9] = [
+    pub const ALL: [Outcome; 10] = [
         Outcome::Routed,
         Outcome::UnknownModel,
         Outcome::InvalidBody,
@@ -50,6 +52,7 @@ impl Outcome {
         Outcome::ModelList,
         Outcome::InternalError,
         Outcome::DiscoveryPending,
+        Outcome::Overloaded,
     ];
 
     /// The counter's name.
@@ -64,6 +67,7 @@ impl Outcome {
             Outcome::ModelList => "bbr_model_list_total",
             Outcome::InternalError => "bbr_internal_error_total",
             Outcome::DiscoveryPending => "bbr_discovery_pending_total",
+            Outcome::Overloaded => "bbr_overloaded_total",
         }
     }
 }
@@ -90,6 +94,9 @@ pub const MEMORY_BYTES: &str = "bbr_wasm_memory_bytes";
 /// client or by Envoy's overload manager: after a flood of cut-off uploads it is back at 0,
 /// so no per-request state was left behind.
 pub const BODIES_IN_PROGRESS: &str = "bbr_bodies_in_progress";
+/// Gauge: the body bytes those requests hold, together (this worker's share of what
+/// `maxHeldBodyBytes` bounds; the gauge sums the workers).
+pub const HELD_BODY_BYTES: &str = "bbr_held_body_bytes";
 
 /// Counter: names dropped from the routing table because an earlier source has them (a static
 /// model also discovered, or one name in two pools); each conflict is counted once, when it
@@ -128,6 +135,7 @@ impl Rejection {
             Rejection::ModelNotFound(_) => Outcome::UnknownModel,
             Rejection::TooLarge { .. } => Outcome::BodyTooLarge,
             Rejection::DiscoveryPending { .. } => Outcome::DiscoveryPending,
+            Rejection::Overloaded => Outcome::Overloaded,
         }
     }
 }

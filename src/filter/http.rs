@@ -3,6 +3,7 @@
 use super::{now_nanos, Metrics};
 use crate::core::config::LOCAL_REPLY_HEADER;
 use crate::core::headers;
+use crate::core::overload::HeldBodies;
 use crate::core::{
     BodyScanner, CaptureState, HeadAction, ModelScanner, Outcome, PromptCapture, Rejection,
     RequestHead, Router, RoutingView, Step, ViewVerdict,
@@ -38,6 +39,9 @@ extern "C" {
 thread_local! {
     /// Set once the host said it has no `clear_route_cache`, so we warn once, not per request.
     static NO_CLEAR_ROUTE_CACHE: Cell<bool> = const { Cell::new(false) };
+    /// The body bytes this VM's requests hold together. One VM per worker thread, and a VM
+    /// runs one callback at a time, so this is the worker's total (see `core::overload`).
+    static HELD_BODIES: Cell<HeldBodies> = const { Cell::new(HeldBodies::new()) };
 }
 
 /// Where a request stands.
@@ -69,6 +73,9 @@ pub(super) struct BbrHttp {
     pub(super) capture: Option<Box<PromptCapture>>,
     /// Counted in the `bbr_bodies_in_progress` gauge (reading the body, not decided yet).
     pub(super) held: bool,
+    /// The body bytes Envoy buffers for this request while it is held, counted in the
+    /// worker's `HELD_BODIES`.
+    pub(super) held_bytes: u64,
     /// Body bytes already given to the scanner.
     pub(super) consumed: usize,
     /// Time spent in the scanner for this request.
@@ -212,6 +219,19 @@ impl HttpContext for BbrHttp {
                 limit: router.max_body_bytes,
             });
         }
+        // The worker's held bodies together: past maxHeldBodyBytes, a large body that is still
+        // growing is refused (503, retryable), so a flood of slow uploads cannot hold more than
+        // the budget while small requests go on. Envoy's overload manager cannot make that
+        // choice over HTTP/1.1 (it does not account buffered memory per stream there).
+        let total = self.hold_body(body_size as u64);
+        if router.body_budget.must_shed(total, self.held_bytes) {
+            // Per request at debug level: a flood sheds hundreds; bbr_overloaded_total counts them.
+            debug!(
+                "[{}] shedding a {} byte body: this worker holds {total} body bytes (maxHeldBodyBytes {})",
+                self.id, self.held_bytes, router.body_budget.max_held_bytes
+            );
+            return self.reject(&Rejection::Overloaded);
+        }
         // `body_size` is everything buffered so far (we return Pause, so Envoy keeps
         // buffering). Only the bytes after `consumed` are new: reading from there keeps the
         // work linear in the body size however many chunks arrive. They are copied into the VM
@@ -294,6 +314,31 @@ impl BbrHttp {
             self.held = false;
             self.metrics.add_gauge(self.metrics.bodies_in_progress, -1);
         }
+        if self.held_bytes > 0 {
+            let released = i64::try_from(self.held_bytes).unwrap_or(i64::MAX);
+            HELD_BODIES.with(|cell| {
+                let mut held = cell.get();
+                held.release(&mut self.held_bytes);
+                cell.set(held);
+            });
+            self.metrics
+                .add_gauge(self.metrics.held_body_bytes, -released);
+        }
+    }
+
+    /// This request now holds `now` body bytes; returns the worker's total.
+    fn hold_body(&mut self, now: u64) -> u64 {
+        let before = self.held_bytes;
+        let total = HELD_BODIES.with(|cell| {
+            let mut held = cell.get();
+            let total = held.hold(&mut self.held_bytes, now);
+            cell.set(held);
+            total
+        });
+        let delta =
+            i64::try_from(now).unwrap_or(i64::MAX) - i64::try_from(before).unwrap_or(i64::MAX);
+        self.metrics.add_gauge(self.metrics.held_body_bytes, delta);
+        total
     }
 
     fn act_on(&mut self, router: &Router, step: Step) -> Action {

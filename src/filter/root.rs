@@ -463,6 +463,7 @@ impl RootContext for BbrRoot {
             scanner: None,
             capture: None,
             held: false,
+            held_bytes: 0,
             consumed: 0,
             scan_nanos: 0,
         }))
