@@ -267,8 +267,10 @@ free_port = procs.free_port
 
 
 class Proc:
-    def __init__(self, name: str, argv: list[str], log: Path, cpus: Optional[set[int]] = None):
-        """cpus: the CPUs the process (all its threads) may run on; None: any."""
+    def __init__(self, name: str, argv: list[str], log: Path, cpus: Optional[set[int]] = None,
+                 env: Optional[dict[str, str]] = None):
+        """cpus: the CPUs the process (all its threads) may run on; None: any. env: added to
+        the bench's environment."""
         self.name, self.argv, self.log = name, argv, log
         self._log = open(log, "ab", buffering=0)
 
@@ -278,7 +280,8 @@ class Proc:
                 os.sched_setaffinity(0, cpus)
 
         self.popen = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self._log,
-                                      stderr=subprocess.STDOUT, preexec_fn=preexec)
+                                      stderr=subprocess.STDOUT, preexec_fn=preexec,
+                                      env=dict(os.environ, **env) if env else None)
 
     @property
     def pid(self) -> int:
@@ -361,6 +364,12 @@ class Envoy:
 EXTPROC_PEER = ROOT / "target" / "extproc-peer" / "release" / "bbr-extproc-peer"
 # Envoy names its worker threads "wrk:worker_<n>" (/proc/<pid>/task/<tid>/comm).
 ENVOY_WORKER_COMM = "wrk:worker_0"
+# glibc malloc hands blocks of 128 KiB and more straight back to the kernel (mmap/munmap), so
+# every large body the peer receives would be fresh pages, faulted in one by one: on this VM
+# that is 5.2 ms of a 4 MiB body's 5.4 ms protobuf decode (measured with --time). Envoy
+# (tcmalloc), V8's linear memory and Go's heap all keep their memory; so does the peer, with
+# these two glibc tunables: no mmap below 64 MiB, no trim below 256 MiB.
+EXTPROC_PEER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 * MiB), "MALLOC_TRIM_THRESHOLD_": str(256 * MiB)}
 
 
 def worker_cpus() -> set[int]:
@@ -398,7 +407,7 @@ def start_extproc_peer(socket_path: Path, cpus: set[int], work: Path) -> Proc:
         raise SystemExit(f"bench: {EXTPROC_PEER.relative_to(ROOT)} is missing; run `make bench` (it builds it)")
     proc = Proc("extproc-peer", [str(EXTPROC_PEER), "--listen", f"unix:{socket_path}",
                                  "--base-model", MODEL, "--base-model", OTHER_MODEL],
-                work / "extproc-peer.log", cpus=cpus)
+                work / "extproc-peer.log", cpus=cpus, env=EXTPROC_PEER_ENV)
     deadline = time.monotonic() + START_TIMEOUT
     while "ready " not in proc.log.read_text(errors="replace"):
         if not proc.alive() or time.monotonic() > deadline:
@@ -406,6 +415,22 @@ def start_extproc_peer(socket_path: Path, cpus: set[int], work: Path) -> Proc:
             raise SystemExit(f"bench: the ext_proc peer did not start:\n{proc.tail()}")
         time.sleep(0.05)
     return proc
+
+
+def time_extproc_steps(bodies: dict[tuple[str, int], Path], cpus: set[int]) -> dict[str, dict]:
+    """The peer's two steps that can be timed alone, per body: the protobuf decode of the gRPC
+    message carrying it and the full JSON parse (bbr-extproc-peer --time), on the same CPU
+    and with the same allocator settings as the serving peer. Keyed "<position>/<size>"."""
+    out: dict[str, dict] = {}
+    for (pos, size), path in sorted(bodies.items()):
+        iterations = max(10, (64 * MiB) // size)
+        p = subprocess.run([str(EXTPROC_PEER), "--time", str(path), str(iterations)], capture_output=True,
+                           text=True, timeout=300, env=dict(os.environ, **EXTPROC_PEER_ENV), check=False,
+                           preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+        if p.returncode != 0:
+            raise SystemExit(f"bench: bbr-extproc-peer --time failed: {p.stderr.strip()}")
+        out[f"{pos}/{size}"] = json.loads(p.stdout)
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -979,6 +1004,19 @@ def markdown(meta: dict, cells: dict, scan_rows, scan_overall, results: list[dic
     return "\n".join(L)
 
 
+def add_extproc_steps(cells: dict, steps: dict[str, dict], positions, sizes, concs) -> None:
+    """Puts the peer's steps timed alone (time_extproc_steps) into the extproc cells, in µs."""
+    for pos in positions:
+        for size in sizes:
+            st = steps.get(f"{pos}/{size}")
+            if not st:
+                continue
+            for conns in concs:
+                c = cells[f"{pos}/{size}/{conns}"]["configs"]["extproc"]
+                c["peer_decode_us"] = st["decode_ns"] / 1000
+                c["peer_parse_us"] = st["parse_ns"] / 1000
+
+
 def extproc_cpu_rows(L: list[str], cells: dict, pos: str, sizes, concs) -> None:
     """Where the ext_proc configuration's CPU goes, against the floor (a wasm filter that holds
     the body and copies it once) and bbr-wasm, per request."""
@@ -991,8 +1029,13 @@ def extproc_cpu_rows(L: list[str], cells: dict, pos: str, sizes, concs) -> None:
     L.append("")
     L.append(head)
     L.append("| --- | --- | " + " | ".join("---" for _ in sizes) + " |")
+    nan = float("nan")
     rows = [("ext_proc: Envoy", lambda c: c["configs"]["extproc"]["envoy_cpu_us_per_req"]),
-            ("ext_proc: peer", lambda c: c["configs"]["extproc"].get("peer_cpu_us_per_req", float("nan"))),
+            ("ext_proc: peer", lambda c: c["configs"]["extproc"].get("peer_cpu_us_per_req", nan)),
+            ("… of it, protobuf decode (timed alone)", lambda c: c["configs"]["extproc"].get("peer_decode_us", nan)),
+            ("… of it, JSON parse (timed alone)", lambda c: c["configs"]["extproc"].get("peer_parse_us", nan)),
+            ("… the rest: HTTP/2, runtime, socket", lambda c: c["configs"]["extproc"].get("peer_cpu_us_per_req", nan)
+             - c["configs"]["extproc"].get("peer_decode_us", nan) - c["configs"]["extproc"].get("peer_parse_us", nan)),
             ("ext_proc: total", lambda c: c["configs"]["extproc"]["gateway_cpu_us_per_req"]),
             ("bbr-wasm (Envoy)", lambda c: c["configs"]["bbr"]["gateway_cpu_us_per_req"])]
     if "wasm_route" in CONFIGS:
@@ -1001,7 +1044,7 @@ def extproc_cpu_rows(L: list[str], cells: dict, pos: str, sizes, concs) -> None:
     for label, get in rows:
         for conns in concs:
             L.append(f"| {label} | {conns} | " + " | ".join(
-                f"{get(cells[f'{pos}/{s}/{conns}']):.0f}" for s in sizes) + " |")
+                f"{get(cells[f'{pos}/{s}/{conns}']):.1f}" for s in sizes) + " |")
     L.append("")
 
 
@@ -1198,6 +1241,7 @@ def main() -> int:
         runs = sweep(gw, up, wrk, bodies, positions, sizes, concs, rounds, duration, warmup,
                      max_duration, waves, work, peer)
         mem_final = wasm_stats(gw).get("wasm_memory_bytes")
+        steps = time_extproc_steps(bodies, cpus) if peer is not None else {}
     finally:
         for e in reversed(procs):
             e.proc.stop()
@@ -1207,6 +1251,7 @@ def main() -> int:
     load_after = os.getloadavg()
 
     cells = summarize(runs, positions, sizes, concs)
+    add_extproc_steps(cells, steps, positions, sizes, concs)
     scan_rows, scan_overall = scan_table(cells, positions, sizes, concs)
     results = checks(cells, scan_rows, scan_overall, positions, sizes, concs)
     try:
@@ -1248,6 +1293,7 @@ def main() -> int:
         "load": f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after "
                 "(other work on the machine shares its cores)",
         "final_wasm_memory_bytes": mem_final,
+        "extproc_steps": steps,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps({
