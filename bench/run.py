@@ -1045,6 +1045,12 @@ def extproc_cpu_rows(L: list[str], cells: dict, pos: str, sizes, concs) -> None:
         for conns in concs:
             L.append(f"| {label} | {conns} | " + " | ".join(
                 f"{get(cells[f'{pos}/{s}/{conns}']):.1f}" for s in sizes) + " |")
+    # The CPU ratio: what the throughput ratio would be if the one CPU they share were the
+    # only bottleneck; steadier than requests per second on a shared machine.
+    for conns in concs:
+        L.append(f"| **ext_proc total / bbr-wasm** | {conns} | " + " | ".join(
+            fmt_ratio(cells[f'{pos}/{s}/{conns}']["configs"]["extproc"]["gateway_cpu_us_per_req"]
+                      / cells[f'{pos}/{s}/{conns}']["configs"]["bbr"]["gateway_cpu_us_per_req"]) for s in sizes) + " |")
     L.append("")
 
 
