@@ -391,3 +391,118 @@ fn main() -> std::process::ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn adapters() -> Adapters {
+        let mut a = Adapters::default();
+        a.base_models.insert("base-a".to_owned());
+        a.adapter_to_base
+            .insert("lora-1".to_owned(), "base-a".to_owned());
+        a
+    }
+
+    /// The headers a body response sets, or the immediate response's status.
+    type Outcome = Result<Vec<(String, String)>, i32>;
+    /// name, body, the request's headers, the outcome wanted.
+    type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], Outcome);
+
+    fn outcome(body: &str, incoming: &[(&str, &str)]) -> Outcome {
+        let headers = incoming
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        match handle_body(&adapters(), &headers, body.as_bytes()).response {
+            Some(processing_response::Response::RequestBody(BodyResponse {
+                response: Some(common),
+            })) => {
+                assert!(common.clear_route_cache, "BBR clears the route cache");
+                Ok(common
+                    .header_mutation
+                    .map(|m| m.set_headers)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|o| o.header)
+                    .map(|h| (h.key, String::from_utf8_lossy(&h.raw_value).into_owned()))
+                    .collect())
+            }
+            Some(processing_response::Response::ImmediateResponse(r)) => {
+                Err(r.status.map(|s| s.code).unwrap_or(0))
+            }
+            other => Err(-i32::from(other.is_some())),
+        }
+    }
+
+    fn set(model: &str, base: &str) -> Vec<(String, String)> {
+        vec![
+            (MODEL_HEADER.to_owned(), model.to_owned()),
+            (BASE_MODEL_HEADER.to_owned(), base.to_owned()),
+        ]
+    }
+
+    #[test]
+    fn answers_as_bbr_does() {
+        let cases: &[Case] = &[
+            (
+                "base model",
+                r#"{"model":"base-a","messages":[]}"#,
+                &[],
+                Ok(set("base-a", "base-a")),
+            ),
+            (
+                "adapter",
+                r#"{"messages":[],"model":"lora-1"}"#,
+                &[],
+                Ok(set("lora-1", "base-a")),
+            ),
+            (
+                "unknown model: empty base",
+                r#"{"model":"other"}"#,
+                &[],
+                Ok(set("other", "")),
+            ),
+            (
+                "trimmed for the lookup",
+                r#"{"model":" base-a "}"#,
+                &[],
+                Ok(set(" base-a ", "base-a")),
+            ),
+            (
+                "number formatted as Go's %v",
+                r#"{"model":7}"#,
+                &[],
+                Ok(set("7", "")),
+            ),
+            ("no model: no header", r#"{"messages":[]}"#, &[], Ok(vec![])),
+            (
+                "unchanged header not set again",
+                r#"{"model":"base-a"}"#,
+                &[("x-gateway-model-name", "base-a")],
+                Ok(vec![(BASE_MODEL_HEADER.to_owned(), "base-a".to_owned())]),
+            ),
+            (
+                "not JSON: 400",
+                "not json",
+                &[],
+                Err(StatusCode::BadRequest as i32),
+            ),
+            (
+                "not an object: 400",
+                "[1,2]",
+                &[],
+                Err(StatusCode::BadRequest as i32),
+            ),
+            (
+                "truncated: 400",
+                r#"{"model":"base-a""#,
+                &[],
+                Err(StatusCode::BadRequest as i32),
+            ),
+        ];
+        for (name, body, incoming, want) in cases {
+            assert_eq!(&outcome(body, incoming), want, "{name}");
+        }
+    }
+}
