@@ -128,11 +128,20 @@ fuzz: cargo-fuzz ## Fuzz the JSON and multipart scanners and the config parser, 
 fuzz-smoke: cargo-fuzz ## A bounded fuzz run for make test: 10 s per target
 	$(call fuzz-run,10)
 
-.PHONY: bench bench-core bench-scan
-bench: targets ## Benchmark in Envoy: no-inspection baseline vs native json_to_metadata vs bbr-wasm (~8 min; bench/results/)
+.PHONY: bench bench-core bench-scan test-extproc-peer
+# The ext_proc peer (bench/extproc-peer) is its own Cargo workspace: tonic and envoy-types
+# take minutes to compile, and only make bench needs them (not make test or make lint).
+bench: targets ## Benchmark in Envoy: baseline, native json_to_metadata, the wasm floor, an ext_proc peer of the Go BBR, bbr-wasm (~13 min; bench/results/)
 	$(CARGO) build --release --target $(WASM_TARGET) -p bbr-wasm -p bbr-floor
+	cd bench/extproc-peer && CARGO_TARGET_DIR=$(abspath target/extproc-peer) $(CARGO) build --release --locked
 	@bash scripts/bench-deps.sh
 	$(VENV)/bin/python bench/run.py
+
+# Release profile throughout: the dependencies make bench compiled are reused.
+test-extproc-peer: ## make bench's ext_proc peer: rustfmt, clippy -D warnings, its unit tests (own workspace, not in make test: minutes to compile)
+	cd bench/extproc-peer && $(CARGO) fmt -- --check
+	cd bench/extproc-peer && CARGO_TARGET_DIR=$(abspath target/extproc-peer) $(CARGO) clippy --release --locked --all-targets -- -D warnings
+	cd bench/extproc-peer && CARGO_TARGET_DIR=$(abspath target/extproc-peer) $(CARGO) test --release --locked
 
 bench-scan: targets venv ## The JSON scanner alone inside V8 (Node's WASI) on make bench's bodies: GB/s, under a minute
 	$(CARGO) build --release --target $(WASM_TARGET) -p bbr-scan-bench

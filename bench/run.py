@@ -1,12 +1,19 @@
 #!/usr/bin/env python3
-"""`make bench`: bbr-wasm against the no-inspection baseline and Envoy's native C++ filter.
+"""`make bench`: bbr-wasm against the no-inspection baseline, Envoy's native C++ filter, the
+wasm floor and the seeds' ext_proc architecture.
 
-One gateway Envoy (--concurrency 1: one worker) holds three configurations side by side, one
+One gateway Envoy (--concurrency 1: one worker) holds the configurations side by side, one
 listener each (bench/envoy/gateway.yaml):
 
   baseline  the client sends x-gateway-base-model-name itself; no body inspection;
   native    envoy.filters.http.json_to_metadata + RouteMatch.dynamic_metadata;
   bbr       bbr-wasm, the filter block of envoy/envoy.yaml with the built .wasm;
+  extproc   Envoy's ext_proc filter and bench/extproc-peer, a Rust peer of the Inference
+            Extension's Go Body Based Router (the seeds' router): the body goes over gRPC to
+            a separate process that parses it whole and answers with the routing headers.
+            The bench starts and stops the peer; Envoy's worker thread and the peer are
+            pinned to the same CPU, so neither borrows the machine's other core; the peer's
+            own CPU is added to the gateway's CPU per request (docs/performance.md);
 
 and, by default, one floor for reference:
 
@@ -30,7 +37,8 @@ over delta of bbr_scan_nanoseconds_total, per size) and its memory gauge
 (bbr_wasm_memory_bytes) across sizes.
 
 Writes bench/results/results.md, results.png and results.json; prints the tables and a
-PASS/FAIL line per target of issue 5. Exits 0 unless BENCH_STRICT=1 and a target is missed
+met / not met line per target of issue 16 (against the wasm_route floor, native, the
+ext_proc peer; the scan speed and the wasm memory; none against the baseline). Exits 0 unless BENCH_STRICT=1 and a target is missed
 (the machine is shared and noisy; a person reads the numbers).
 
 Environment (all optional):
@@ -45,7 +53,7 @@ Environment (all optional):
                      one "wave" of responses can take a second or more
   BENCH_WARMUP       seconds of unrecorded warm-up per configuration and cell, default 1
   BENCH_POSITIONS    where "model" sits in the body: "last" (default), "first", or "last,first"
-  BENCH_CONFIGS      default "baseline,native,bbr,wasm_route"; more diagnostics: "buffer",
+  BENCH_CONFIGS      default "baseline,native,bbr,wasm_route,extproc"; more diagnostics: "buffer",
                      "bbr_early" (bench/envoy/gateway.yaml says what they are), "wasm_pass",
                      "wasm_buffer" and "wasm_read" (bench/floor-filter/src/lib.rs), and "bbr_alt"
   BENCH_ALT_WASM     a second build of the filter (a .wasm path), run as the "bbr_alt"
@@ -54,6 +62,8 @@ Environment (all optional):
                      "bbr_alt" to BENCH_CONFIGS when it is set. Both VMs write the same
                      metric names: the scan figures are still bbr-wasm's (deltas around its
                      own runs), but the memory gauge holds whichever VM wrote it last
+  BENCH_WORKER_CPU   the CPU for Envoy's worker thread and the ext_proc peer, default the
+                     highest CPU the bench may use
   BENCH_STRICT       1: exit 1 when a target is missed
   BENCH_OUT          output directory, default bench/results
   ENVOY_BIN, WRK_BIN the binaries (default: scripts/envoy-bin.sh, wrk on PATH)
@@ -91,11 +101,12 @@ SHIPPED_ENVOY_YAML = ROOT / "envoy" / "envoy.yaml"
 WRK_SCRIPT = BENCH / "wrk" / "post.lua"
 
 MODEL = "Qwen/Qwen2.5-3B-Instruct"
+OTHER_MODEL = "microsoft/Phi-3-mini-4k-instruct"  # the second pool's base model
 PATH = "/v1/chat/completions"
 # The floor filter (bench/floor-filter): a proxy-wasm filter with no routing logic, three modes.
 FLOOR_WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "bbr_floor.wasm"
 FLOOR_MODES = ("pass", "buffer", "read", "route")
-ALL_CONFIGS = ("baseline", "native", "bbr", "buffer", "bbr_early", "bbr_alt") + tuple(
+ALL_CONFIGS = ("baseline", "native", "bbr", "buffer", "bbr_early", "bbr_alt", "extproc") + tuple(
     f"wasm_{m}" for m in FLOOR_MODES)
 CONFIGS: tuple[str, ...] = ("baseline", "native", "bbr")  # BENCH_CONFIGS may add "buffer"
 LABELS = {
@@ -105,6 +116,7 @@ LABELS = {
     "buffer": "diagnostic: client header + C++ buffer filter",
     "bbr_early": "diagnostic: bbr-wasm with routeBeforeBodyEnds",
     "bbr_alt": "diagnostic: bbr-wasm, the BENCH_ALT_WASM build",
+    "extproc": "ext_proc peer of the Go BBR (gRPC)",
     "wasm_pass": "diagnostic: empty wasm filter (Continue at the headers)",
     "wasm_buffer": "diagnostic: wasm filter holding the body, reading nothing",
     "wasm_read": "diagnostic: wasm filter copying every body byte into the VM",
@@ -113,7 +125,7 @@ LABELS = {
 # Legends of the chart.
 SHORT = {"baseline": "baseline", "native": "native json_to_metadata", "bbr": "bbr-wasm",
          "buffer": "buffer filter (diag.)", "bbr_early": "bbr routeBeforeBodyEnds (diag.)",
-         "bbr_alt": "bbr-wasm, BENCH_ALT_WASM build (diag.)",
+         "bbr_alt": "bbr-wasm, BENCH_ALT_WASM build (diag.)", "extproc": "ext_proc peer (gRPC)",
          "wasm_pass": "wasm pass (diag.)", "wasm_buffer": "wasm buffer (diag.)", "wasm_read": "wasm read (diag.)",
          "wasm_route": "wasm read+set headers (diag.)"}
 # The client sends the routing header itself to these (no body inspection).
@@ -121,12 +133,19 @@ HEADER_ROUTED = ("baseline", "buffer", "wasm_pass", "wasm_buffer", "wasm_read", 
 KiB = 1024
 MiB = 1024 * 1024
 
-# Issue 5's targets.
-VS_BASELINE_1K = 0.95
-VS_BASELINE_REST = 0.90
-VS_NATIVE_LARGE = 8.0  # at >= 1 MiB
-VS_NATIVE_1K = 1.0
-SCAN_MS_PER_MIB = 0.25  # = 4.19 GB/s, which also meets "at least 4 GB/s"
+# Issue 16's targets. Issue 5's targets against the no-inspection baseline (0.95x at 1 KiB,
+# 0.90x elsewhere) are retired: its wasm_route floor showed that no wasm filter that holds and
+# reads the body reaches them in this Envoy. The baseline column stays in the tables, without
+# a target: it says what inspection costs.
+VS_FLOOR_SMALL = 0.95  # bbr-wasm / the wasm_route floor, bodies <= 16 KiB
+VS_FLOOR_LARGE = 0.85  # bodies of 256 KiB and more (to 4 MiB)
+VS_NATIVE_LARGE = 8.0  # bbr-wasm / native json_to_metadata, at >= 1 MiB
+VS_NATIVE_1K = 1.0  # ... at 1 KiB
+SCAN_GB_S = 5.0  # the scanner inside the filter (V8), bytes per nanosecond
+# Against the seeds' architecture, the ext_proc peer (section 1 of issue 16).
+VS_EXTPROC_1K_C64 = 3.0  # bbr-wasm / extproc throughput at 1 KiB, c=64
+VS_EXTPROC = 2.0  # ... in every other cell
+P50_VS_EXTPROC_1K = 1 / 3  # bbr-wasm's p50 / the peer's p50, at 1 KiB
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0
@@ -248,11 +267,21 @@ free_port = procs.free_port
 
 
 class Proc:
-    def __init__(self, name: str, argv: list[str], log: Path):
+    def __init__(self, name: str, argv: list[str], log: Path, cpus: Optional[set[int]] = None,
+                 env: Optional[dict[str, str]] = None):
+        """cpus: the CPUs the process (all its threads) may run on; None: any. env: added to
+        the bench's environment."""
         self.name, self.argv, self.log = name, argv, log
         self._log = open(log, "ab", buffering=0)
+
+        def preexec() -> None:  # pragma: no cover - runs in the child before exec
+            procs.die_with_parent()
+            if cpus is not None:
+                os.sched_setaffinity(0, cpus)
+
         self.popen = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self._log,
-                                      stderr=subprocess.STDOUT, preexec_fn=procs.die_with_parent)
+                                      stderr=subprocess.STDOUT, preexec_fn=preexec,
+                                      env=dict(os.environ, **env) if env else None)
 
     @property
     def pid(self) -> int:
@@ -326,6 +355,82 @@ class Envoy:
         if status != 200:
             raise RuntimeError(f"{self.name} admin /stats: {status}")
         return {s["name"]: s["value"] for s in json.loads(text).get("stats", []) if "value" in s}
+
+
+# --------------------------------------------------------------------------------------
+# The ext_proc peer (issue 16): the seeds' architecture beside bbr-wasm
+# --------------------------------------------------------------------------------------
+
+EXTPROC_PEER = ROOT / "target" / "extproc-peer" / "release" / "bbr-extproc-peer"
+# Envoy names its worker threads "wrk:worker_<n>" (/proc/<pid>/task/<tid>/comm).
+ENVOY_WORKER_COMM = "wrk:worker_0"
+# glibc malloc hands blocks of 128 KiB and more straight back to the kernel (mmap/munmap), so
+# every large body the peer receives would be fresh pages, faulted in one by one: on this VM
+# that is 5.2 ms of a 4 MiB body's 5.4 ms protobuf decode (measured with --time). Envoy
+# (tcmalloc), V8's linear memory and Go's heap all keep their memory; so does the peer, with
+# these two glibc tunables: no mmap below 64 MiB, no trim below 256 MiB.
+EXTPROC_PEER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 * MiB), "MALLOC_TRIM_THRESHOLD_": str(256 * MiB)}
+
+
+def worker_cpus() -> set[int]:
+    """The CPU for Envoy's one worker and the ext_proc peer: BENCH_WORKER_CPU, default the
+    highest CPU this process may use."""
+    allowed = os.sched_getaffinity(0)
+    want = os.environ.get("BENCH_WORKER_CPU")
+    cpu = int(want) if want else max(allowed)
+    if cpu not in allowed:
+        raise SystemExit(f"bench: BENCH_WORKER_CPU={cpu} is not among the allowed CPUs {sorted(allowed)}")
+    return {cpu}
+
+
+def pin_envoy_worker(gw: Envoy, cpus: set[int]) -> int:
+    """Pins the gateway's worker thread to `cpus`; returns its thread id. Every listener is
+    served by this one thread, so the pin is the same for all configurations; the peer runs
+    on the same CPUs, so the ext_proc configuration cannot borrow the machine's other core
+    for its parse while bbr-wasm does all its work on the worker."""
+    for task in Path(f"/proc/{gw.proc.pid}/task").iterdir():
+        try:
+            comm = (task / "comm").read_text().strip()
+        except OSError:
+            continue
+        if comm == ENVOY_WORKER_COMM:
+            tid = int(task.name)
+            os.sched_setaffinity(tid, cpus)
+            return tid
+    raise SystemExit(f"bench: no {ENVOY_WORKER_COMM} thread in the gateway Envoy (pid {gw.proc.pid})")
+
+
+def start_extproc_peer(socket_path: Path, cpus: set[int], work: Path) -> Proc:
+    """Starts bench/extproc-peer on a Unix socket, pinned to `cpus`; waits until it listens.
+    It knows both pools' base models, as BBR's AdaptersStore would from its ConfigMaps."""
+    if not EXTPROC_PEER.is_file():
+        raise SystemExit(f"bench: {EXTPROC_PEER.relative_to(ROOT)} is missing; run `make bench` (it builds it)")
+    proc = Proc("extproc-peer", [str(EXTPROC_PEER), "--listen", f"unix:{socket_path}",
+                                 "--base-model", MODEL, "--base-model", OTHER_MODEL],
+                work / "extproc-peer.log", cpus=cpus, env=EXTPROC_PEER_ENV)
+    deadline = time.monotonic() + START_TIMEOUT
+    while "ready " not in proc.log.read_text(errors="replace"):
+        if not proc.alive() or time.monotonic() > deadline:
+            proc.stop()
+            raise SystemExit(f"bench: the ext_proc peer did not start:\n{proc.tail()}")
+        time.sleep(0.05)
+    return proc
+
+
+def time_extproc_steps(bodies: dict[tuple[str, int], Path], cpus: set[int]) -> dict[str, dict]:
+    """The peer's two steps that can be timed alone, per body: the protobuf decode of the gRPC
+    message carrying it and the full JSON parse (bbr-extproc-peer --time), on the same CPU
+    and with the same allocator settings as the serving peer. Keyed "<position>/<size>"."""
+    out: dict[str, dict] = {}
+    for (pos, size), path in sorted(bodies.items()):
+        iterations = max(10, (64 * MiB) // size)
+        p = subprocess.run([str(EXTPROC_PEER), "--time", str(path), str(iterations)], capture_output=True,
+                           text=True, timeout=300, env=dict(os.environ, **EXTPROC_PEER_ENV), check=False,
+                           preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+        if p.returncode != 0:
+            raise SystemExit(f"bench: bbr-extproc-peer --time failed: {p.stderr.strip()}")
+        out[f"{pos}/{size}"] = json.loads(p.stdout)
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -509,7 +614,8 @@ def cell_seconds(runs: list[dict], warm: dict[str, dict], pos: str, size: int, c
 
 def sweep(gw: Envoy, up: Envoy, wrk: str, bodies: dict[tuple[str, int], Path], positions: list[str],
           sizes: list[int], concs: list[int], rounds: int, duration: float, warmup: float,
-          max_duration: float, waves: float, work: Path) -> list[dict]:
+          max_duration: float, waves: float, work: Path, peer: Optional[Proc] = None) -> list[dict]:
+    """peer: the ext_proc peer's process, whose CPU the extproc runs add to the gateway's."""
     runs: list[dict] = []
     total = len(positions) * len(sizes) * len(concs)
     cell = 0
@@ -534,11 +640,14 @@ def sweep(gw: Envoy, up: Envoy, wrk: str, bodies: dict[tuple[str, int], Path], p
                     for cfg in order:
                         w0 = wasm_stats(gw) if cfg == "bbr" else None
                         g0, u0 = gw.proc.cpu_seconds(), up.proc.cpu_seconds()
+                        p0 = peer.cpu_seconds() if peer is not None and cfg == "extproc" else None
                         rx0 = sum(up.stats(UPSTREAM_RX).values())
                         res = run_wrk(wrk, gw.ports[cfg], body, conns, secs,
                                       MODEL if cfg in HEADER_ROUTED else None, work)
                         res["gateway_cpu_s"] = gw.proc.cpu_seconds() - g0
                         res["upstream_cpu_s"] = up.proc.cpu_seconds() - u0
+                        if p0 is not None:
+                            res["peer_cpu_s"] = peer.cpu_seconds() - p0
                         # Body bytes the upstream read per answered request (about the body size,
                         # plus headers; requests cut off at the end of the run blur it a little).
                         rx = sum(up.stats(UPSTREAM_RX).values()) - rx0
@@ -560,6 +669,8 @@ def sweep(gw: Envoy, up: Envoy, wrk: str, bodies: dict[tuple[str, int], Path], p
                             f"  p99 {res['latency_us']['percentiles']['99'] / 1000:8.2f} ms{flag}")
                     if not gw.proc.alive() or not up.proc.alive():
                         raise SystemExit(f"bench: an Envoy died:\n{gw.proc.tail()}\n{up.proc.tail()}")
+                    if peer is not None and not peer.alive():
+                        raise SystemExit(f"bench: the ext_proc peer died:\n{peer.tail()}")
     return runs
 
 
@@ -587,7 +698,10 @@ def summarize(runs: list[dict], positions, sizes, concs) -> dict:
                         "p50_ms": median([r["latency_us"]["percentiles"]["50"] / 1000 for r in done]),
                         "p99_ms": median([r["latency_us"]["percentiles"]["99"] / 1000 for r in done]),
                         "errors": sum(r["errors_total"] for r in rs),
-                        "gateway_cpu_us_per_req": 1e6 * sum(r["gateway_cpu_s"] for r in rs) / reqs,
+                        # Envoy's CPU, plus for extproc the peer's own (what that architecture costs).
+                        "gateway_cpu_us_per_req": 1e6 * sum(r["gateway_cpu_s"] + r.get("peer_cpu_s", 0.0)
+                                                            for r in rs) / reqs,
+                        "envoy_cpu_us_per_req": 1e6 * sum(r["gateway_cpu_s"] for r in rs) / reqs,
                         "upstream_cpu_us_per_req": 1e6 * sum(r["upstream_cpu_s"] for r in rs) / reqs,
                         "wrk_cpu_us_per_req": 1e6 * sum(r["wrk_cpu_s"] for r in rs) / reqs,
                         "upstream_rx_bytes_per_request": median([r["upstream_rx_bytes_per_request"]
@@ -608,6 +722,11 @@ def summarize(runs: list[dict], positions, sizes, concs) -> dict:
                     c["ratio"]["bbr_vs_buffer"] = paired("bbr", "buffer")
                 if "bbr_early" in by:
                     c["ratio"]["bbr_early_vs_baseline"] = paired("bbr_early", "baseline")
+                if "extproc" in by:
+                    c["ratio"]["extproc_vs_baseline"] = paired("extproc", "baseline")
+                    c["ratio"]["bbr_vs_extproc"] = paired("bbr", "extproc")
+                    c["configs"]["extproc"]["peer_cpu_us_per_req"] = 1e6 * sum(
+                        r.get("peer_cpu_s", 0.0) for r in by["extproc"]) / (sum(r["requests"] for r in by["extproc"]) or 1)
                 if "bbr_alt" in by:
                     c["ratio"]["bbr_alt_vs_baseline"] = paired("bbr_alt", "baseline")
                     c["ratio"]["bbr_alt_vs_bbr"] = paired("bbr_alt", "bbr")
@@ -653,6 +772,8 @@ def floor_config() -> Optional[str]:
 
 
 def checks(cells: dict, scan_rows: list[dict], scan_overall: dict, positions, sizes, concs) -> list[dict]:
+    """Issue 16's targets: against the wasm_route floor, native json_to_metadata, the ext_proc
+    peer (extproc_checks), the scan speed and the wasm memory. None against the baseline."""
     out = []
 
     def add(name: str, value: float, ok: bool, target: str) -> None:
@@ -660,14 +781,12 @@ def checks(cells: dict, scan_rows: list[dict], scan_overall: dict, positions, si
 
     for pos in positions:
         for conns in concs:
-            for size in sizes:
-                c = cells[f"{pos}/{size}/{conns}"]
-                rb = c["ratio"]["bbr_vs_baseline"]
-                want = VS_BASELINE_1K if size <= KiB else VS_BASELINE_REST
-                add(f"bbr/baseline, model {pos}, {size_label(size)}, c={conns}", rb, rb >= want, f">= {want:.2f}x")
-                floor = floor_config()
-                if floor:
-                    out[-1]["floor"] = c["ratio"][f"{floor}_vs_baseline"]
+            if "wasm_route" in CONFIGS:
+                for size in sizes:
+                    r = cells[f"{pos}/{size}/{conns}"]["ratio"]["bbr_vs_wasm_route"]
+                    want = VS_FLOOR_SMALL if size < 256 * KiB else VS_FLOOR_LARGE
+                    add(f"bbr/wasm_route floor, model {pos}, {size_label(size)}, c={conns}", r, r >= want,
+                        f">= {want:.2f}x")
             for size in sizes:
                 c = cells[f"{pos}/{size}/{conns}"]
                 rn = c["ratio"]["bbr_vs_native"]
@@ -677,12 +796,14 @@ def checks(cells: dict, scan_rows: list[dict], scan_overall: dict, positions, si
                 elif size <= KiB:
                     add(f"bbr/native, model {pos}, {size_label(size)}, c={conns}", rn, rn >= VS_NATIVE_1K,
                         f">= {VS_NATIVE_1K:.1f}x")
-    add("scan speed in V8, all sizes", scan_overall["ms_per_mib"], scan_overall["ms_per_mib"] <= SCAN_MS_PER_MIB,
-        f"<= {SCAN_MS_PER_MIB} ms/MiB")
+    if "extproc" in CONFIGS:
+        out += extproc_checks(cells, positions, sizes, concs)
+    add("scan speed in V8, all sizes (GB/s)", scan_overall["gb_s"], scan_overall["gb_s"] >= SCAN_GB_S,
+        f">= {SCAN_GB_S:.1f} GB/s")
     for r in scan_rows:
         if r["size"] >= 256 * KiB:  # smaller bodies: the two clock reads per window weigh in
-            add(f"scan speed in V8, {size_label(r['size'])}", r["ms_per_mib"], r["ms_per_mib"] <= SCAN_MS_PER_MIB,
-                f"<= {SCAN_MS_PER_MIB} ms/MiB")
+            add(f"scan speed in V8, {size_label(r['size'])} (GB/s)", r["gb_s"], r["gb_s"] >= SCAN_GB_S,
+                f">= {SCAN_GB_S:.1f} GB/s")
     # Linear memory only grows, in 64 KiB pages. A filter that kept bodies would grow by
     # megabytes between the smallest and the largest body; one page is allocator noise
     # (e.g. 64 large requests in flight at once, each with its small scanner state).
@@ -692,6 +813,27 @@ def checks(cells: dict, scan_rows: list[dict], scan_overall: dict, positions, si
         add(f"wasm memory flat: growth from {size_label(scan_rows[0]['size'])} to "
             f"{size_label(scan_rows[-1]['size'])} bodies (bytes)", grew, grew <= 65536,
             "<= 65536 (one wasm page)")
+    return out
+
+
+def extproc_checks(cells: dict, positions, sizes, concs) -> list[dict]:
+    """bbr-wasm against the ext_proc peer, one run, side by side (issue 16, section 1)."""
+    out = []
+    for pos in positions:
+        for conns in concs:
+            for size in sizes:
+                c = cells[f"{pos}/{size}/{conns}"]
+                r = c["ratio"]["bbr_vs_extproc"]
+                want = VS_EXTPROC_1K_C64 if (size <= KiB and conns == 64) else VS_EXTPROC
+                out.append({"target": f"bbr/extproc throughput, model {pos}, {size_label(size)}, c={conns}",
+                            "value": r, "pass": bool(r >= want), "want": f">= {want:.0f}x"})
+            for size in sizes:
+                if size > KiB:
+                    continue
+                c = cells[f"{pos}/{size}/{conns}"]
+                p = c["configs"]["bbr"]["p50_ms"] / c["configs"]["extproc"]["p50_ms"]
+                out.append({"target": f"bbr p50 / extproc p50, model {pos}, {size_label(size)}, c={conns}",
+                            "value": p, "pass": bool(p <= P50_VS_EXTPROC_1K), "want": "<= 0.333 (1/3)"})
     return out
 
 
@@ -739,6 +881,9 @@ def markdown(meta: dict, cells: dict, scan_rows, scan_overall, results: list[dic
         floor = floor_config()
         if floor:
             ratio_rows(f"**bbr-wasm vs the {floor} floor**", f"bbr_vs_{floor}")
+        if "extproc" in CONFIGS:
+            ratio_rows(LABELS["extproc"], "extproc_vs_baseline")
+            ratio_rows("**bbr-wasm vs the ext_proc peer**", "bbr_vs_extproc")
         if "bbr_early" in CONFIGS:
             ratio_rows("diagnostic: bbr-wasm routeBeforeBodyEnds", "bbr_early_vs_baseline")
         if "bbr_alt" in CONFIGS:
@@ -799,6 +944,10 @@ def markdown(meta: dict, cells: dict, scan_rows, scan_overall, results: list[dic
         L.append("")
         L.append(f"### Gateway CPU per request in µs (worker + main thread, from /proc), model {pos}")
         L.append("")
+        if "extproc" in CONFIGS:
+            L.append("For the ext_proc peer: Envoy's CPU plus the peer process's own (a gRPC server "
+                     "that the architecture needs); the split follows.")
+            L.append("")
         L.append(head)
         L.append(sep)
         for cfg in CONFIGS:
@@ -806,6 +955,8 @@ def markdown(meta: dict, cells: dict, scan_rows, scan_overall, results: list[dic
                 L.append(f"| {LABELS[cfg]} | {conns} | " + " | ".join(
                     f"{cells[f'{pos}/{s}/{conns}']['configs'][cfg]['gateway_cpu_us_per_req']:.0f}" for s in sizes) + " |")
         L.append("")
+        if "extproc" in CONFIGS:
+            extproc_cpu_rows(L, cells, pos, sizes, concs)
     L.append("## Scan speed inside V8 and wasm memory (bbr-wasm's own counters)")
     L.append("")
     L.append("Delta of `bbr_scanned_bytes_total` over delta of `bbr_scan_nanoseconds_total` across the bbr-wasm "
@@ -823,25 +974,23 @@ def markdown(meta: dict, cells: dict, scan_rows, scan_overall, results: list[dic
     L.append(f"| **all** | | {scan_overall['bytes']} | {scan_overall['ns'] / 1e6:.1f} ms | "
              f"**{scan_overall['gb_s']:.2f}** | **{scan_overall['ms_per_mib']:.3f}** | | " + " | ".join("" for _ in concs) + " |")
     L.append("")
-    L.append("## Targets (issue 5)")
+    L.append("## Targets (issue 16)")
     L.append("")
-    floor = floor_config()
-    floors = floor is not None
-    if floors:
-        L.append(f"*floor*: the same ratio for `{floor}` ({LABELS[floor].removeprefix('diagnostic: ')}, no "
-                 "logic), measured in the same rounds. Where it is below the target, no wasm filter doing "
-                 "that reaches the target in this Envoy on this machine.")
-        L.append("")
-    L.append("| target | measured | wanted | |" + (" floor |" if floors else ""))
-    L.append("| --- | --- | --- | --- |" + (" --- |" if floors else ""))
+    L.append("Throughput ratios are medians of the per-round ratios; none is against the baseline (issue 5's "
+             "baseline targets are retired: no wasm filter that holds and reads the body reaches them here).")
+    L.append("")
+    L.append("| target | measured | wanted | |")
+    L.append("| --- | --- | --- | --- |")
     for c in results:
         v = c["value"]
         shown = f"{v:.3f}" if isinstance(v, float) else str(v)
-        floor = (f" {c['floor']:.3f} |" if "floor" in c else " |") if floors else ""
-        L.append(f"| {c['target']} | {shown} | {c['want']} | {'PASS' if c['pass'] else '**FAIL**'} |{floor}")
+        L.append(f"| {c['target']} | {shown} | {c['want']} | {'met' if c['pass'] else '**not met**'} |")
     n_fail = sum(not c["pass"] for c in results)
     L.append("")
     L.append(f"{len(results) - n_fail} of {len(results)} targets met.")
+    if "extproc" in CONFIGS:
+        L.append("")
+        L.append("docs/performance.md says how the ext_proc peer follows the Go BBR and what it was spared.")
     L.append("")
     L.append("## Setup")
     L.append("")
@@ -855,6 +1004,56 @@ def markdown(meta: dict, cells: dict, scan_rows, scan_overall, results: list[dic
     return "\n".join(L)
 
 
+def add_extproc_steps(cells: dict, steps: dict[str, dict], positions, sizes, concs) -> None:
+    """Puts the peer's steps timed alone (time_extproc_steps) into the extproc cells, in µs."""
+    for pos in positions:
+        for size in sizes:
+            st = steps.get(f"{pos}/{size}")
+            if not st:
+                continue
+            for conns in concs:
+                c = cells[f"{pos}/{size}/{conns}"]["configs"]["extproc"]
+                c["peer_decode_us"] = st["decode_ns"] / 1000
+                c["peer_parse_us"] = st["parse_ns"] / 1000
+
+
+def extproc_cpu_rows(L: list[str], cells: dict, pos: str, sizes, concs) -> None:
+    """Where the ext_proc configuration's CPU goes, against the floor (a wasm filter that holds
+    the body and copies it once) and bbr-wasm, per request."""
+    head = "| µs per request | c | " + " | ".join(size_label(s) for s in sizes) + " |"
+    L.append(f"### The ext_proc peer's CPU per request, split (µs), model {pos}")
+    L.append("")
+    L.append("Envoy: the gateway process while serving the extproc listener (HTTP, buffering, the "
+             "gRPC client: framing the body into a protobuf message, HTTP/2 to the peer, the reply). "
+             "Peer: the peer process (HTTP/2 and gRPC decoding, the JSON parse, the answer).")
+    L.append("")
+    L.append(head)
+    L.append("| --- | --- | " + " | ".join("---" for _ in sizes) + " |")
+    nan = float("nan")
+    rows = [("ext_proc: Envoy", lambda c: c["configs"]["extproc"]["envoy_cpu_us_per_req"]),
+            ("ext_proc: peer", lambda c: c["configs"]["extproc"].get("peer_cpu_us_per_req", nan)),
+            ("… of it, protobuf decode (timed alone)", lambda c: c["configs"]["extproc"].get("peer_decode_us", nan)),
+            ("… of it, JSON parse (timed alone)", lambda c: c["configs"]["extproc"].get("peer_parse_us", nan)),
+            ("… the rest: HTTP/2, runtime, socket", lambda c: c["configs"]["extproc"].get("peer_cpu_us_per_req", nan)
+             - c["configs"]["extproc"].get("peer_decode_us", nan) - c["configs"]["extproc"].get("peer_parse_us", nan)),
+            ("ext_proc: total", lambda c: c["configs"]["extproc"]["gateway_cpu_us_per_req"]),
+            ("bbr-wasm (Envoy)", lambda c: c["configs"]["bbr"]["gateway_cpu_us_per_req"])]
+    if "wasm_route" in CONFIGS:
+        rows.append(("wasm_route floor (Envoy)", lambda c: c["configs"]["wasm_route"]["gateway_cpu_us_per_req"]))
+    rows.append(("baseline (Envoy)", lambda c: c["configs"]["baseline"]["gateway_cpu_us_per_req"]))
+    for label, get in rows:
+        for conns in concs:
+            L.append(f"| {label} | {conns} | " + " | ".join(
+                f"{get(cells[f'{pos}/{s}/{conns}']):.1f}" for s in sizes) + " |")
+    # The CPU ratio: what the throughput ratio would be if the one CPU they share were the
+    # only bottleneck; steadier than requests per second on a shared machine.
+    for conns in concs:
+        L.append(f"| **ext_proc total / bbr-wasm** | {conns} | " + " | ".join(
+            fmt_ratio(cells[f'{pos}/{s}/{conns}']["configs"]["extproc"]["gateway_cpu_us_per_req"]
+                      / cells[f'{pos}/{s}/{conns}']["configs"]["bbr"]["gateway_cpu_us_per_req"]) for s in sizes) + " |")
+    L.append("")
+
+
 def chart(path: Path, meta: dict, cells: dict, positions, sizes, concs) -> Optional[str]:
     try:
         import matplotlib
@@ -866,7 +1065,7 @@ def chart(path: Path, meta: dict, cells: dict, positions, sizes, concs) -> Optio
     pos = positions[0]
     colors = {"baseline": "#555555", "native": "#d62728", "bbr": "#1f77b4", "buffer": "#9467bd",
               "bbr_early": "#17becf", "bbr_alt": "#ff7f0e", "wasm_pass": "#bcbd22", "wasm_buffer": "#8c564b",
-              "wasm_read": "#e377c2", "wasm_route": "#7f7f7f"}
+              "wasm_read": "#e377c2", "wasm_route": "#7f7f7f", "extproc": "#2ca02c"}
     fig, axes = plt.subplots(2, len(concs), figsize=(6.2 * len(concs), 9.5), squeeze=False)
     xs = list(range(len(sizes)))
     xl = [size_label(s) for s in sizes]
@@ -880,6 +1079,8 @@ def chart(path: Path, meta: dict, cells: dict, positions, sizes, concs) -> Optio
         if "bbr_alt" in CONFIGS:
             ratios.append(("bbr_alt", "bbr_alt_vs_baseline"))
         ratios += [(f"wasm_{m}", f"wasm_{m}_vs_baseline") for m in FLOOR_MODES if f"wasm_{m}" in CONFIGS]
+        if "extproc" in CONFIGS:
+            ratios.append(("extproc", "extproc_vs_baseline"))
         series = {cfg: [cells[f"{pos}/{s}/{conns}"]["ratio"][key] for s in sizes] for cfg, key in ratios}
         for cfg, ys in series.items():
             ax.plot(xs, ys, marker="o", color=colors[cfg], label=SHORT[cfg])
@@ -889,8 +1090,6 @@ def chart(path: Path, meta: dict, cells: dict, positions, sizes, concs) -> Optio
                 ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(0, 7 if top else -13),
                             ha="center", fontsize=8, color=colors[cfg])
         ax.axhline(1.0, color=colors["baseline"], lw=1, label=SHORT["baseline"])
-        ax.hlines(VS_BASELINE_1K, -0.3, 0.3, colors="green", linestyles="dashed", label="target")
-        ax.hlines(VS_BASELINE_REST, 0.7, len(sizes) - 0.7, colors="green", linestyles="dashed")
         ax.set_xticks(xs, xl)
         ax.set_ylim(0, 1.4 if len(series) <= 2 else 1.6)
         ax.set_title(f"Throughput vs baseline, concurrency {conns}")
@@ -912,7 +1111,8 @@ def chart(path: Path, meta: dict, cells: dict, positions, sizes, concs) -> Optio
     # One legend for both latency panels, under them, where it hides no line.
     handles, labels = axes[1][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(2 * len(CONFIGS), 8), fontsize=8, frameon=False)
-    fig.suptitle(f"bbr-wasm vs no-inspection baseline and native json_to_metadata\n"
+    fig.suptitle(f"bbr-wasm vs the no-inspection baseline, native json_to_metadata"
+                 + (", the ext_proc peer" if "extproc" in CONFIGS else "") + "\n"
                  f"Envoy {meta['envoy_version']}, 1 worker; {meta['date']}, {meta['machine']}", fontsize=11)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=110)
@@ -953,7 +1153,7 @@ def main() -> int:
     max_duration = float(os.environ.get("BENCH_MAX_DURATION", "15"))
     waves = float(os.environ.get("BENCH_WAVES", "8"))
     global CONFIGS
-    CONFIGS = tuple(env_list("BENCH_CONFIGS", "baseline,native,bbr,wasm_route"))
+    CONFIGS = tuple(env_list("BENCH_CONFIGS", "baseline,native,bbr,wasm_route,extproc"))
     for c in ("baseline", "native", "bbr"):
         if c not in CONFIGS:
             raise SystemExit(f"bench: BENCH_CONFIGS must include {c} (the targets compare it)")
@@ -975,6 +1175,8 @@ def main() -> int:
 
     if not WASM.is_file():
         raise SystemExit(f"bench: {WASM.relative_to(ROOT)} is missing; run `make build`")
+    if "extproc" in CONFIGS and not EXTPROC_PEER.is_file():
+        raise SystemExit(f"bench: {EXTPROC_PEER.relative_to(ROOT)} is missing; run `make bench` (it builds it)")
     if any(c.startswith("wasm_") for c in CONFIGS) and not FLOOR_WASM.is_file():
         raise SystemExit(f"bench: {FLOOR_WASM.relative_to(ROOT)} is missing; run `make bench` (it builds it)")
     wrk = os.environ.get("WRK_BIN") or shutil.which("wrk")
@@ -1001,9 +1203,11 @@ def main() -> int:
             p.write_bytes(chat_body(size, pos))
             bodies[(pos, size)] = p
 
+    extproc_socket = work / "extproc.sock"
+    cpus = worker_cpus()
     up_ports = {"admin": free_port(), "qwen": free_port(), "phi": free_port()}
     gw_ports = {"admin": free_port(), "baseline": free_port(), "native": free_port(), "bbr": free_port(),
-                "buffer": free_port(), "bbr_early": free_port(), "bbr_alt": free_port(),
+                "buffer": free_port(), "bbr_early": free_port(), "bbr_alt": free_port(), "extproc": free_port(),
                 **{f"wasm_{m}": free_port() for m in FLOOR_MODES}}
     up_cfg = fill(BENCH / "envoy" / "upstream.yaml",
                   {"PORT_ADMIN": up_ports["admin"], "PORT_QWEN": up_ports["qwen"], "PORT_PHI": up_ports["phi"]})
@@ -1011,9 +1215,11 @@ def main() -> int:
                              "PORT_NATIVE": gw_ports["native"], "PORT_BBR": gw_ports["bbr"],
                              "PORT_BUFFER": gw_ports["buffer"], "PORT_BBR_EARLY": gw_ports["bbr_early"], "PORT_BBR_ALT": gw_ports["bbr_alt"],
                              "UPSTREAM_QWEN": up_ports["qwen"], "UPSTREAM_PHI": up_ports["phi"],
+                             "PORT_EXTPROC": gw_ports["extproc"], "EXTPROC_SOCKET": extproc_socket,
                              **{f"PORT_WASM_{m.upper()}": gw_ports[f"wasm_{m}"] for m in FLOOR_MODES}})
 
     procs: list[Envoy] = []
+    peer: Optional[Proc] = None
 
     def on_signal(signum, _frame):
         raise KeyboardInterrupt(f"signal {signum}")
@@ -1025,8 +1231,13 @@ def main() -> int:
     try:
         up = Envoy("upstream", envoy_bin, up_cfg, up_ports, work)
         procs.append(up)
+        if "extproc" in CONFIGS:
+            peer = start_extproc_peer(extproc_socket, cpus, work)
         gw = Envoy("gateway", envoy_bin, gw_cfg, gw_ports, work)
         procs.append(gw)
+        worker_tid = pin_envoy_worker(gw, cpus)
+        say(f"gateway worker thread {worker_tid} pinned to CPU {sorted(cpus)}"
+            + (f", ext_proc peer pid {peer.pid} on the same" if peer else ""))
         say(f"gateway pid {gw.proc.pid} (listeners baseline :{gw_ports['baseline']}, native "
             f":{gw_ports['native']}, bbr :{gw_ports['bbr']}), upstream pid {up.proc.pid}")
         for (pos, size), p in sorted(bodies.items(), key=lambda kv: kv[0][1]):
@@ -1034,15 +1245,19 @@ def main() -> int:
                 sanity_check(gw, up, p.read_bytes())
         say("sanity check passed: each configuration routes to the qwen pool and the upstream reads whole bodies")
         runs = sweep(gw, up, wrk, bodies, positions, sizes, concs, rounds, duration, warmup,
-                     max_duration, waves, work)
+                     max_duration, waves, work, peer)
         mem_final = wasm_stats(gw).get("wasm_memory_bytes")
+        steps = time_extproc_steps(bodies, cpus) if peer is not None else {}
     finally:
         for e in reversed(procs):
             e.proc.stop()
+        if peer is not None:
+            peer.stop()
     elapsed = time.monotonic() - started
     load_after = os.getloadavg()
 
     cells = summarize(runs, positions, sizes, concs)
+    add_extproc_steps(cells, steps, positions, sizes, concs)
     scan_rows, scan_overall = scan_table(cells, positions, sizes, concs)
     results = checks(cells, scan_rows, scan_overall, positions, sizes, concs)
     try:
@@ -1064,7 +1279,10 @@ def main() -> int:
         "wrk": f"{wrk_version}, -t1, --timeout 30s, one prepared body per run (bench/wrk/post.lua)",
         "gateway": f"one Envoy, --concurrency 1, one listener per configuration ({', '.join(CONFIGS)}; "
                    "bench/envoy/gateway.yaml and the floor listeners bench/run.py derives from it); "
-                   "per_connection_buffer_limit_bytes 8454144 on every listener and cluster; no access log"
+                   "per_connection_buffer_limit_bytes 8454144 on every listener and cluster; no access log; "
+                   f"its worker thread pinned to CPU {sorted(cpus)}"
+                   + ("; the ext_proc peer (bench/extproc-peer, one thread) pinned to the same CPU, on a Unix "
+                      "socket" if "extproc" in CONFIGS else "")
                    + (f"; bbr_alt runs {os.environ['BENCH_ALT_WASM']}" if "bbr_alt" in CONFIGS else ""),
         "upstream": "a second Envoy, --concurrency 1, direct_response 200 after the buffer filter has read "
                     "the whole body (bench/envoy/upstream.yaml)",
@@ -1081,6 +1299,7 @@ def main() -> int:
         "load": f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after "
                 "(other work on the machine shares its cores)",
         "final_wasm_memory_bytes": mem_final,
+        "extproc_steps": steps,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps({
@@ -1096,8 +1315,9 @@ def main() -> int:
     n_fail = sum(not c["pass"] for c in results)
     for c in results:
         v = c["value"]
-        print(f"{'PASS' if c['pass'] else 'FAIL'}  {c['target']}: {v:.3f} (want {c['want']})"
-              if isinstance(v, float) else f"{'PASS' if c['pass'] else 'FAIL'}  {c['target']}: {v} (want {c['want']})")
+        verdict = "met    " if c["pass"] else "NOT MET"
+        print(f"{verdict}  {c['target']}: {v:.3f} (want {c['want']})"
+              if isinstance(v, float) else f"{verdict}  {c['target']}: {v} (want {c['want']})")
     print(f"bench: {len(results) - n_fail} of {len(results)} targets met; results in "
           f"{out_dir.relative_to(ROOT) if out_dir.is_relative_to(ROOT) else out_dir}/results.{{md,png,json}}")
     shutil.rmtree(work, ignore_errors=True)
