@@ -122,13 +122,23 @@ fuzz: cargo-fuzz ## Fuzz the JSON and multipart scanners and the config parser, 
 fuzz-smoke: cargo-fuzz ## A bounded fuzz run for make test: 10 s per target
 	$(call fuzz-run,10)
 
-.PHONY: bench bench-core bench-scan
+.PHONY: bench bench-core bench-scan corpus
+# The body-class corpus (bench/corpus.py): 1 MiB chat bodies per class (English, French,
+# German, Spanish, Russian, Chinese, Japanese, Arabic, emoji, tool use, code, a base64 image,
+# a long conversation, \u-escaped Russian) and a 4 KiB seed per class, built from pinned
+# sources (the Django wheel by version and sha256, the seeds, the Python standard library)
+# into target/corpus; rebuilt when the script changes. Not committed: 14 MiB of generated bodies.
+CORPUS := target/corpus
+$(CORPUS)/manifest.json: bench/corpus.py | venv
+	$(VENV)/bin/python bench/corpus.py $(CORPUS)
+
+corpus: $(CORPUS)/manifest.json ## Build the body-class corpus (target/corpus) from pinned sources
 bench: targets ## Benchmark in Envoy: no-inspection baseline vs native json_to_metadata vs bbr-wasm (~8 min; bench/results/)
 	$(CARGO) build --release --target $(WASM_TARGET) -p bbr-wasm -p bbr-floor
 	@bash scripts/bench-deps.sh
 	$(VENV)/bin/python bench/run.py
 
-bench-scan: targets venv ## The JSON scanner alone inside V8 (Node's WASI) on make bench's bodies: GB/s, under a minute
+bench-scan: targets venv corpus ## The JSON scanner alone inside V8 (Node's WASI): GB/s per body class, targets met / not met
 	$(CARGO) build --release --target $(WASM_TARGET) -p bbr-scan-bench
 	$(VENV)/bin/python bench/scan.py
 
