@@ -107,7 +107,7 @@ pub fn utf8_lead(b: u8) -> Option<(u8, u8, u8)> {
 /// Length of the complete, valid UTF-8 character at the start of `bytes` (whose first byte is
 /// 0x80 or above), or `None` if it is invalid or not complete in `bytes`.
 #[inline]
-fn utf8_char_len(bytes: &[u8]) -> Option<usize> {
+pub(crate) fn utf8_char_len(bytes: &[u8]) -> Option<usize> {
     let (continuations, lo, hi) = utf8_lead(*bytes.first()?)?;
     let second = *bytes.get(1)?;
     if second < lo || second > hi {

@@ -237,6 +237,212 @@ fn incomplete_tail(bytes: &[u8]) -> usize {
     0
 }
 
+/// Odd bit positions of a 64-bit mask (simdjson's escape arithmetic).
+const ODD_BITS: u64 = 0xAAAA_AAAA_AAAA_AAAA;
+
+/// What follows a backslash in a JSON string: 1 for a complete two-byte escape, 2 for `u`
+/// (four hex digits follow), 0 for anything else (an invalid escape).
+const ESCAPE_KIND: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let simple = *b"\"\\/bfnrt";
+    let mut k = 0;
+    while k < simple.len() {
+        t[simple[k] as usize] = 1;
+        k += 1;
+    }
+    t[b'u' as usize] = 2;
+    t
+};
+
+/// Bit k set when lane k of the four vectors (64 bytes) has its high bit set.
+#[inline(always)]
+fn mask64(a: V, b: V, c: V, d: V) -> u64 {
+    u64::from(bitmask(a))
+        | (u64::from(bitmask(b)) << 16)
+        | (u64::from(bitmask(c)) << 32)
+        | (u64::from(bitmask(d)) << 48)
+}
+
+/// The escaped bytes of a block, from its backslash mask and whether its first byte is escaped
+/// by a backslash run that ended the block before (simdjson's `json_escape_scanner`): returns
+/// the mask of escaped bytes (the byte after each escaping backslash) and whether the first
+/// byte of the next block is escaped. No loop over backslash runs: a run's parity comes out of
+/// one subtraction.
+#[inline(always)]
+pub fn escaped_bytes(backslash: u64, first_escaped: bool) -> (u64, bool) {
+    let carry = u64::from(first_escaped);
+    if backslash == 0 {
+        return (carry, false);
+    }
+    let potential = backslash & !carry;
+    let maybe_escaped = potential << 1;
+    let escape_and_terminal = ((maybe_escaped | ODD_BITS).wrapping_sub(potential)) ^ ODD_BITS;
+    let escaped = escape_and_terminal ^ (backslash | carry);
+    let escape = escape_and_terminal & backslash;
+    (escaped, escape >> 63 != 0)
+}
+
+/// Whether the non-ASCII bytes of the block at `i` (bit k of `high` for byte `i + k`) are
+/// whole, valid characters that end inside the block: checked one character at a time, which
+/// for a few accented letters costs less than the vector check. `false` sends the block to the
+/// vector check (which also judges a character that runs into the next block).
+#[inline(always)]
+fn sparse_chars_valid(bytes: &[u8], i: usize, mut high: u64) -> bool {
+    while high != 0 {
+        let k = high.trailing_zeros() as usize;
+        let Some(n) = crate::core::skip::utf8_char_len(&bytes[i + k..]) else {
+            return false;
+        };
+        if k + n > 64 {
+            return false;
+        }
+        high &= !(((1u64 << n) - 1) << k);
+    }
+    true
+}
+
+/// Runs of whole 64-byte blocks of printable ASCII from `i` (a clean boundary): the new `i`.
+/// Out of line so that the vector constants of the block judgment (UTF-8 tables, splats) are
+/// not hoisted into this loop, where they would be spilled: the reason `utf8_valid` is.
+#[inline(never)]
+fn ascii_blocks(bytes: &[u8], mut i: usize) -> usize {
+    while let Some(block) = bytes.get(i..i + 64) {
+        let stop = or(
+            or(stops(load(&block[..16])), stops(load(&block[16..32]))),
+            or(stops(load(&block[32..48])), stops(load(&block[48..]))),
+        );
+        if any(stop) {
+            break;
+        }
+        i += 64;
+    }
+    i
+}
+
+/// Bytes of a string's content, from the start, that the scanner may skip: whole 64-byte
+/// blocks judged at once, whatever they hold. Stops at the string's closing quote (which it
+/// does not consume), or at a character boundary outside any escape before the first block it
+/// cannot judge: one with a control byte, an invalid escape or invalid UTF-8 before the
+/// closing quote (for the state machine to report at its exact byte), or the last bytes of
+/// `bytes` when fewer than 64 are left (a split escape or character is the state machine's to
+/// carry over). `bytes` must start inside a string, at a character boundary, outside an
+/// escape.
+///
+/// Per block: four 16-byte loads; a block of printable ASCII costs a compare per load and one
+/// branch. Any other block gets bitmasks of its quotes, backslashes, control bytes and
+/// non-ASCII bytes; escapes are found by carry arithmetic on the backslash mask
+/// ([`escaped_bytes`]) and each escaped byte checked with a table (and the four hex digits of a
+/// `\u`), non-ASCII text is validated with the Keiser-Lemire check on each 16-byte part that
+/// holds any, carrying the previous part across blocks. So a block with ten escapes or sixty
+/// accented letters costs about what a block with one does: the cost no longer follows how often
+/// the old byte-wise path had to stop.
+#[inline]
+pub fn string_blocks(bytes: &[u8]) -> usize {
+    let mut i = 0;
+    // The last block start at a character boundary outside any escape.
+    let mut clean = 0;
+    let mut first_escaped = false;
+    // The previous 16 bytes, for the UTF-8 check across parts and blocks, and whether it had
+    // non-ASCII bytes (then the next part is checked too: it may finish a character).
+    let mut prev = splat(0);
+    let mut prev_high = false;
+    while let Some(block) = bytes.get(i..i + 64) {
+        let v0 = load(&block[..16]);
+        let v1 = load(&block[16..32]);
+        let v2 = load(&block[32..48]);
+        let v3 = load(&block[48..]);
+        if !first_escaped
+            && !prev_high
+            && !any(or(or(stops(v0), stops(v1)), or(stops(v2), stops(v3))))
+        {
+            // Printable ASCII after a clean boundary: nothing to judge, and the blocks of
+            // ASCII after it are skipped out of line.
+            i = ascii_blocks(bytes, i + 64);
+            clean = i;
+            prev = splat(0);
+            continue;
+        }
+        let (q, b) = (splat(b'"'), splat(b'\\'));
+        let quotes = mask64(eq(v0, q), eq(v1, q), eq(v2, q), eq(v3, q));
+        let backslashes = mask64(eq(v0, b), eq(v1, b), eq(v2, b), eq(v3, b));
+        let (escaped, next_escaped) = escaped_bytes(backslashes, first_escaped);
+        let closing = quotes & !escaped;
+        // Lanes before the closing quote, and up to it (the UTF-8 check at the quote's lane
+        // tells whether the last character before it is complete).
+        let (before, through) = if closing == 0 {
+            (u64::MAX, u64::MAX)
+        } else {
+            let end = closing.trailing_zeros();
+            let before = (1u64 << end) - 1;
+            (before, before | (1u64 << end))
+        };
+        let c = splat(0x20);
+        let controls = lt(v0, c);
+        if any(or(or(controls, lt(v1, c)), or(lt(v2, c), lt(v3, c))))
+            && mask64(controls, lt(v1, c), lt(v2, c), lt(v3, c)) & before != 0
+        {
+            return clean;
+        }
+        // Every escape before the closing quote: a valid escape character, and four hex
+        // digits after `u` (read ahead; if they are past the data, the block is not judged).
+        let mut to_check = escaped & before;
+        let mut hex_spill = false;
+        while to_check != 0 {
+            let k = i + to_check.trailing_zeros() as usize;
+            to_check &= to_check - 1;
+            match ESCAPE_KIND[usize::from(bytes[k])] {
+                1 => {}
+                2 => match bytes.get(k + 1..k + 5) {
+                    Some(h) if h.iter().all(u8::is_ascii_hexdigit) => {
+                        hex_spill |= k + 5 > i + 64;
+                    }
+                    _ => return clean,
+                },
+                _ => return clean,
+            }
+        }
+        // UTF-8, on each part with non-ASCII bytes and the part after one.
+        let high = mask64(v0, v1, v2, v3);
+        let sparse = !prev_high && high != 0 && high.count_ones() <= 8;
+        if sparse && sparse_chars_valid(bytes, i, high & through) {
+            // A few characters (accented letters in Latin text), each checked in place.
+            prev = v3;
+        } else if high != 0 || prev_high {
+            let mut errors = 0u64;
+            for (k, v) in [(0, v0), (16, v1), (32, v2), (48, v3)] {
+                let part_high = (high >> k) & 0xFFFF != 0;
+                if part_high || prev_high {
+                    let e = utf8_errors(prev, v);
+                    if any(e) {
+                        errors |= u64::from(bitmask(gt(e, splat(0)))) << k;
+                    }
+                }
+                prev = v;
+                prev_high = part_high;
+            }
+            if errors & through != 0 {
+                return clean;
+            }
+        } else {
+            prev = v3;
+        }
+        if closing != 0 {
+            return i + closing.trailing_zeros() as usize;
+        }
+        i += 64;
+        first_escaped = next_escaped;
+        // The next block starts clean unless an escape or a character runs into it.
+        if !next_escaped && !hex_spill && incomplete_tail(&block[61..]) == 0 {
+            clean = i;
+        }
+    }
+    if clean == i {
+        i
+    } else {
+        clean
+    }
+}
+
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 mod simd128 {
     pub use core::arch::wasm32::v128 as V;
