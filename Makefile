@@ -8,6 +8,7 @@ WASM        := target/$(WASM_TARGET)/release/bbr_wasm.wasm
 MOCK        := target/release/mock-vllm
 VENV        := .venv
 TOOLS       := .tools
+CORPUS      := target/corpus
 # The runner must match the wasm-bindgen version in Cargo.lock.
 WASM_BINDGEN_VERSION := $(shell awk '/^name = "wasm-bindgen"$$/{getline; gsub(/[^0-9.]/,""); print; exit}' Cargo.lock)
 WBG_RUNNER  := $(TOOLS)/bin/wasm-bindgen-test-runner
@@ -36,8 +37,8 @@ run: ## Start a local gateway: two mock vLLM backends behind Envoy on 127.0.0.1:
 
 test: lint test-native test-wasm test-integration test-soak test-istio fuzz-smoke ## Run every test (lint, core natively and as wasm, Envoy integration, soak, Istio, a short fuzz run)
 
-test-native: ## Core and mock tests, natively
-	$(CARGO) test --workspace
+test-native: corpus ## Core and mock tests, natively (the differential tests read the body-class corpus)
+	BBR_CORPUS=$(abspath $(CORPUS)) $(CARGO) test --workspace
 
 # No --locked: the crate's lockfile pins a webpki-roots release the registry here does not
 # serve; the exact wasm-bindgen version is what must match.
@@ -83,7 +84,8 @@ clean: ## Remove build output, the venv, local tools and run logs
 
 # Fuzzing: cargo-fuzz (libFuzzer) targets in fuzz/, its own workspace. cargo-fuzz passes
 # nightly -Z flags; RUSTC_BOOTSTRAP=1 lets the stable toolchain take them. A run reads the
-# committed seeds (fuzz/corpus/<target>) and writes what it finds to a scratch corpus
+# committed seeds (fuzz/corpus/<target>; json_scanner also the body-class seeds of `make corpus`,
+# target/corpus/seeds, 4 KiB of real text per class) and writes what it finds to a scratch corpus
 # (target/fuzz-corpus/<target>), so it never changes the repository. A crash, a panic, a
 # 10 s input or an out-of-memory fails the run, and cargo-fuzz prints the input's path
 # (fuzz/artifacts/<target>/, git-ignored) with the command that replays it. Built with
@@ -100,7 +102,8 @@ define fuzz-run
 	@set -o pipefail; for t in $(FUZZ_TARGETS); do \
 	  mkdir -p target/fuzz-corpus/$$t; \
 	  echo "== fuzz $$t for $(1) s"; \
-	  $(FUZZ_CARGO) run $(FUZZ_BUILD) $$t target/fuzz-corpus/$$t fuzz/corpus/$$t -- \
+	  $(FUZZ_CARGO) run $(FUZZ_BUILD) $$t target/fuzz-corpus/$$t fuzz/corpus/$$t \
+	    $$([ $$t = json_scanner ] && echo $(CORPUS)/seeds) -- \
 	    -max_total_time=$(1) -timeout=10 -dict=fuzz/dict/$$t.dict -print_final_stats=1 2>&1 \
 	    | grep -v -E '# Uses: |ecommended dictionary|^#[0-9]+[[:space:]]+(NEW|REDUCE|pulse) |NEW_FUNC|find function "__sanitizer' \
 	    || exit 1; \
@@ -116,10 +119,10 @@ cargo-fuzz:
 	fi
 	$(FUZZ_CARGO) build $(FUZZ_BUILD)
 
-fuzz: cargo-fuzz ## Fuzz the JSON and multipart scanners and the config parser, FUZZ_SECONDS (60) each
+fuzz: cargo-fuzz corpus ## Fuzz the JSON and multipart scanners and the config parser, FUZZ_SECONDS (60) each
 	$(call fuzz-run,$(FUZZ_SECONDS))
 
-fuzz-smoke: cargo-fuzz ## A bounded fuzz run for make test: 10 s per target
+fuzz-smoke: cargo-fuzz corpus ## A bounded fuzz run for make test: 10 s per target
 	$(call fuzz-run,10)
 
 .PHONY: bench bench-core bench-scan corpus
@@ -128,7 +131,6 @@ fuzz-smoke: cargo-fuzz ## A bounded fuzz run for make test: 10 s per target
 # a long conversation, \u-escaped Russian) and a 4 KiB seed per class, built from pinned
 # sources (the Django wheel by version and sha256, the seeds, the Python standard library)
 # into target/corpus; rebuilt when the script changes. Not committed: 14 MiB of generated bodies.
-CORPUS := target/corpus
 $(CORPUS)/manifest.json: bench/corpus.py | venv
 	$(VENV)/bin/python bench/corpus.py $(CORPUS)
 
