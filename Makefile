@@ -144,8 +144,8 @@ bench-scan: targets venv corpus ## The JSON scanner alone inside V8 (Node's WASI
 	$(CARGO) build --release --target $(WASM_TARGET) -p bbr-scan-bench
 	$(VENV)/bin/python bench/scan.py
 
-bench-core: ## Criterion micro-benchmarks of the core scanners, natively (short; `cargo bench --bench scanner` for the full run)
-	$(CARGO) bench --bench scanner -- --warm-up-time 1 --measurement-time 2
+bench-core: corpus ## Criterion micro-benchmarks of the core scanners, natively, body classes included (short; `cargo bench --bench scanner` for the full run)
+	BBR_CORPUS=$(abspath $(CORPUS)) $(CARGO) bench --bench scanner -- --warm-up-time 1 --measurement-time 2
 
 .PHONY: bench-llm
 bench-llm: ## GuideLLM through the gateway to mock backends: the seeds' tables (own ~6 GB venv, not in test)
