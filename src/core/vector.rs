@@ -301,6 +301,54 @@ fn sparse_chars_valid(bytes: &[u8], i: usize, mut high: u64) -> bool {
     true
 }
 
+/// Up to this many stops (quotes, backslashes, control and non-ASCII bytes) in a block that
+/// starts clean are handled one by one from the block's stop mask ([`few_stops`]); more go to
+/// the mask arithmetic. English prose has about one stop per 130 bytes, where one by one is
+/// cheaper; text in other languages, tool results and code have many.
+const FEW_STOPS: u32 = 3;
+
+enum FewStops {
+    /// The closing quote is at this lane, and everything before it is valid.
+    Closing(usize),
+    /// The whole block is valid content and ends at a clean boundary.
+    Valid,
+    /// Anything else (an escape or character running into the next block, an error): the
+    /// block goes to the full judgment.
+    Judge,
+}
+
+/// Judges a block that starts clean and has few stops, one stop at a time from its mask.
+#[inline(always)]
+fn few_stops(block: &[u8], mut stops: u64) -> FewStops {
+    while stops != 0 {
+        let k = stops.trailing_zeros() as usize;
+        let b = block[k];
+        let len = if b == b'"' {
+            return FewStops::Closing(k);
+        } else if b == b'\\' {
+            match block.get(k + 1).map(|&e| ESCAPE_KIND[usize::from(e)]) {
+                Some(1) => 2,
+                Some(2) => match block.get(k + 2..k + 6) {
+                    Some(h) if h.iter().all(u8::is_ascii_hexdigit) => 6,
+                    _ => return FewStops::Judge,
+                },
+                _ => return FewStops::Judge,
+            }
+        } else if b >= 0x80 {
+            match crate::core::skip::utf8_char_len(&block[k..]) {
+                Some(n) => n,
+                None => return FewStops::Judge,
+            }
+        } else {
+            return FewStops::Judge;
+        };
+        // The stops inside the escape or character (an escaped quote or backslash, the
+        // continuation bytes) are part of it.
+        stops &= u64::MAX.checked_shl((k + len) as u32).unwrap_or(0);
+    }
+    FewStops::Valid
+}
+
 /// Runs of whole 64-byte blocks of printable ASCII from `i` (a clean boundary): the new `i`.
 /// Out of line so that the vector constants of the block judgment (UTF-8 tables, splats) are
 /// not hoisted into this loop, where they would be spilled: the reason `utf8_valid` is.
@@ -346,21 +394,50 @@ pub fn string_blocks(bytes: &[u8]) -> usize {
     // non-ASCII bytes (then the next part is checked too: it may finish a character).
     let mut prev = splat(0);
     let mut prev_high = false;
+    // The block before was printable ASCII.
+    let mut ascii_run = false;
+    // A short string (a key, a role, a name): its closing quote in the first 16 bytes, with
+    // nothing to judge before it, costs one compare.
+    if let Some(head) = bytes.get(..16) {
+        let m = bitmask(stops(load(head)));
+        if m != 0 && head[m.trailing_zeros() as usize] == b'"' {
+            return m.trailing_zeros() as usize;
+        }
+    }
     while let Some(block) = bytes.get(i..i + 64) {
         let v0 = load(&block[..16]);
         let v1 = load(&block[16..32]);
         let v2 = load(&block[32..48]);
         let v3 = load(&block[48..]);
-        if !first_escaped
-            && !prev_high
-            && !any(or(or(stops(v0), stops(v1)), or(stops(v2), stops(v3))))
-        {
-            // Printable ASCII after a clean boundary: nothing to judge, and the blocks of
-            // ASCII after it are skipped out of line.
-            i = ascii_blocks(bytes, i + 64);
-            clean = i;
-            prev = splat(0);
-            continue;
+        if !first_escaped && !prev_high {
+            let (s0, s1, s2, s3) = (stops(v0), stops(v1), stops(v2), stops(v3));
+            if !any(or(or(s0, s1), or(s2, s3))) {
+                // Printable ASCII after a clean boundary: nothing to judge. A second block of
+                // it in a row starts a run, skipped out of line.
+                i = if ascii_run {
+                    ascii_blocks(bytes, i + 64)
+                } else {
+                    i + 64
+                };
+                ascii_run = true;
+                clean = i;
+                prev = splat(0);
+                continue;
+            }
+            ascii_run = false;
+            let stop_mask = mask64(s0, s1, s2, s3);
+            if stop_mask.count_ones() <= FEW_STOPS {
+                match few_stops(block, stop_mask) {
+                    FewStops::Closing(at) => return i + at,
+                    FewStops::Valid => {
+                        i += 64;
+                        clean = i;
+                        prev = splat(0);
+                        continue;
+                    }
+                    FewStops::Judge => {}
+                }
+            }
         }
         let (q, b) = (splat(b'"'), splat(b'\\'));
         let quotes = mask64(eq(v0, q), eq(v1, q), eq(v2, q), eq(v3, q));
