@@ -301,6 +301,86 @@ fn sparse_chars_valid(bytes: &[u8], i: usize, mut high: u64) -> bool {
     true
 }
 
+/// Above this many escapes in a block, their characters are checked by classifying the whole
+/// block in vector registers ([`escape_classes`]) rather than one by one.
+const FEW_ESCAPES: u32 = 3;
+
+// Byte classes for escapes, one bit each, from two nibble lookups whose AND is the class:
+// `"` and `/`; `\`; `b` `f` `n`; `r` `t`; `u`; the digits; `A`-`F` and `a`-`f`.
+const ESC_QUOTE_SLASH: u8 = 1 << 0;
+const ESC_BACKSLASH: u8 = 1 << 1;
+const ESC_BFN: u8 = 1 << 2;
+const ESC_RT: u8 = 1 << 3;
+const ESC_U: u8 = 1 << 4;
+const HEX_DIGIT: u8 = 1 << 5;
+const HEX_LETTER: u8 = 1 << 6;
+const ESCAPE_CHAR: u8 = ESC_QUOTE_SLASH | ESC_BACKSLASH | ESC_BFN | ESC_RT | ESC_U;
+const HEX: u8 = HEX_DIGIT | HEX_LETTER;
+
+/// By high nibble: 0x2_ `"` `/`, 0x3_ digits, 0x4_ `A`-`F`, 0x5_ `\`, 0x6_ `b` `f` `n` and
+/// `a`-`f`, 0x7_ `r` `t` `u`.
+const ESC_HIGH: [u8; 16] = [
+    0,
+    0,
+    ESC_QUOTE_SLASH,
+    HEX_DIGIT,
+    HEX_LETTER,
+    ESC_BACKSLASH,
+    ESC_BFN | HEX_LETTER,
+    ESC_RT | ESC_U,
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+];
+
+/// By low nibble.
+const ESC_LOW: [u8; 16] = [
+    HEX_DIGIT,                                                   // 0
+    HEX_DIGIT | HEX_LETTER,                                      // 1 A a
+    ESC_QUOTE_SLASH | ESC_BFN | ESC_RT | HEX_DIGIT | HEX_LETTER, // 2 " b r B
+    HEX_DIGIT | HEX_LETTER,                                      // 3
+    ESC_RT | HEX_DIGIT | HEX_LETTER,                             // 4 t D d
+    ESC_U | HEX_DIGIT | HEX_LETTER,                              // 5 u E e
+    ESC_BFN | HEX_DIGIT | HEX_LETTER,                            // 6 f F
+    HEX_DIGIT,                                                   // 7
+    HEX_DIGIT,                                                   // 8
+    HEX_DIGIT,                                                   // 9
+    0,                                                           // A
+    0,                                                           // B
+    ESC_BACKSLASH,                                               // C
+    0,                                                           // D
+    ESC_BFN,                                                     // E n
+    ESC_QUOTE_SLASH,                                             // F /
+];
+
+/// Masks of a 64-byte block: the bytes that may follow a backslash, the `u`s, the hex digits.
+#[inline(always)]
+fn escape_classes(v0: V, v1: V, v2: V, v3: V) -> (u64, u64, u64) {
+    let class = |v: V| {
+        and(
+            lookup(ESC_HIGH, shr4(v)),
+            lookup(ESC_LOW, and(v, splat(0x0F))),
+        )
+    };
+    let (c0, c1, c2, c3) = (class(v0), class(v1), class(v2), class(v3));
+    let has = |bits: u8| {
+        let b = splat(bits);
+        let zero = splat(0);
+        mask64(
+            gt(and(c0, b), zero),
+            gt(and(c1, b), zero),
+            gt(and(c2, b), zero),
+            gt(and(c3, b), zero),
+        )
+    };
+    (has(ESCAPE_CHAR), has(ESC_U), has(HEX))
+}
+
 /// Up to this many stops (quotes, backslashes, control and non-ASCII bytes) in a block that
 /// starts clean are handled one by one from the block's stop mask ([`few_stops`]); more go to
 /// the mask arithmetic. English prose has about one stop per 130 bytes, where one by one is
@@ -464,6 +544,20 @@ pub fn string_blocks(bytes: &[u8]) -> usize {
         // digits after `u` (read ahead; if they are past the data, the block is not judged).
         let mut to_check = escaped & before;
         let mut hex_spill = false;
+        if to_check.count_ones() > FEW_ESCAPES {
+            // Many escapes (JSON inside a string, \u-escaped text): classify every byte of
+            // the block at once; only a `\u` whose digits run into the next block is left to
+            // the loop below.
+            let (valid, u, hex) = escape_classes(v0, v1, v2, v3);
+            if to_check & !valid != 0 {
+                return clean;
+            }
+            let us = to_check & u;
+            if ((us << 1) | (us << 2) | (us << 3) | (us << 4)) & !hex != 0 {
+                return clean;
+            }
+            to_check = us & (0xF << 60);
+        }
         while to_check != 0 {
             let k = i + to_check.trailing_zeros() as usize;
             to_check &= to_check - 1;
@@ -711,6 +805,20 @@ mod tests {
     //! The contract of `plain_blocks` is tested in tests/core.rs, natively and under wasm (where
     //! the SIMD128 implementation runs).
     use super::*;
+
+    /// The nibble tables of `escape_classes` classify every byte as `ESCAPE_KIND` and
+    /// `is_ascii_hexdigit` do.
+    #[test]
+    fn escape_classes_agree_with_the_tables() {
+        for b in 0..=255u8 {
+            let v = load(&[b; 16]);
+            let (valid, u, hex) = escape_classes(v, v, v, v);
+            let all = |yes: bool| if yes { u64::MAX } else { 0 };
+            assert_eq!(valid, all(ESCAPE_KIND[usize::from(b)] != 0), "{b:#x}");
+            assert_eq!(u, all(b == b'u'), "{b:#x}");
+            assert_eq!(hex, all(b.is_ascii_hexdigit()), "{b:#x}");
+        }
+    }
 
     #[test]
     fn incomplete_tail_lengths() {
