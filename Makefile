@@ -135,7 +135,7 @@ $(CORPUS)/manifest.json: bench/corpus.py | venv
 	$(VENV)/bin/python bench/corpus.py $(CORPUS)
 
 corpus: $(CORPUS)/manifest.json ## Build the body-class corpus (target/corpus) from pinned sources
-bench: targets ## Benchmark in Envoy: no-inspection baseline vs native json_to_metadata vs bbr-wasm (~8 min; bench/results/)
+bench: targets corpus ## Benchmark in Envoy: no-inspection baseline vs native json_to_metadata vs bbr-wasm (~8 min; bench/results/)
 	$(CARGO) build --release --target $(WASM_TARGET) -p bbr-wasm -p bbr-floor
 	@bash scripts/bench-deps.sh
 	$(VENV)/bin/python bench/run.py
