@@ -57,7 +57,8 @@ Environment (all optional):
   BENCH_CLASSES      body classes of the corpus (`make corpus`, target/corpus) to run at 1 MiB,
                      c as in BENCH_CONCURRENCY, after the size sweep: "all", or names such as
                      "en,zh,emoji,tool-use"; default none. Each class is a cell like a size
-                     (every configuration, BENCH_ROUNDS rounds); "all" adds about 25 min.
+                     (every configuration, BENCH_ROUNDS rounds); "all" adds about half an
+                     hour (an estimate).
                      The results gain a body-class table with issue 13's target (bbr-wasm
                      >= 0.80x the wasm_route floor on every class), met or not
   BENCH_STRICT       1: exit 1 when a target is missed
