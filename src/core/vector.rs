@@ -450,22 +450,37 @@ fn ascii_blocks(bytes: &[u8], mut i: usize) -> usize {
 /// Bytes of a string's content, from the start, that the scanner may skip: whole 64-byte
 /// blocks judged at once, whatever they hold. Stops at the string's closing quote (which it
 /// does not consume), or at a character boundary outside any escape before the first block it
-/// cannot judge: one with a control byte, an invalid escape or invalid UTF-8 before the
-/// closing quote (for the state machine to report at its exact byte), or the last bytes of
-/// `bytes` when fewer than 64 are left (a split escape or character is the state machine's to
-/// carry over). `bytes` must start inside a string, at a character boundary, outside an
-/// escape.
+/// cannot judge: one with a control byte or an invalid escape before the closing quote (for
+/// the state machine to report at its exact byte), or the last bytes of `bytes` when fewer
+/// than 64 are left (a split escape or character is the state machine's to carry over). UTF-8
+/// errors are gathered over the blocks it reads (past the closing quote in its block too) and
+/// looked at once at the end: if there is any, it skips nothing, and the byte-wise path finds
+/// the error. `bytes` must start inside a string, at a character boundary, outside an escape.
 ///
 /// Per block: four 16-byte loads; a block of printable ASCII costs a compare per load and one
 /// branch. Any other block gets bitmasks of its quotes, backslashes, control bytes and
 /// non-ASCII bytes; escapes are found by carry arithmetic on the backslash mask
 /// ([`escaped_bytes`]) and each escaped byte checked with a table (and the four hex digits of a
-/// `\u`), non-ASCII text is validated with the Keiser-Lemire check on each 16-byte part that
-/// holds any, carrying the previous part across blocks. So a block with ten escapes or sixty
+/// `\u`), non-ASCII text is validated with the Keiser-Lemire check on all four parts of a
+/// block that holds any (or follows one that did), without a branch per part: in mixed text
+/// which parts hold non-ASCII is random, and the mispredictions cost more than the checks. So a block with ten escapes or sixty
 /// accented letters costs about what a block with one does: the cost no longer follows how often
 /// the old byte-wise path had to stop.
 #[inline]
 pub fn string_blocks(bytes: &[u8]) -> usize {
+    // UTF-8 errors of the non-ASCII blocks, gathered without a branch and looked at once at
+    // the end: on any, nothing is skipped and the byte-wise path finds and reports the error.
+    let mut utf8_err = splat(0);
+    let at = string_blocks_with(bytes, &mut utf8_err);
+    if any(utf8_err) {
+        0
+    } else {
+        at
+    }
+}
+
+#[inline(always)]
+fn string_blocks_with(bytes: &[u8], utf8_err: &mut V) -> usize {
     let mut i = 0;
     // The last block start at a character boundary outside any escape.
     let mut clean = 0;
@@ -573,27 +588,20 @@ pub fn string_blocks(bytes: &[u8]) -> usize {
             }
         }
         // UTF-8, on each part with non-ASCII bytes and the part after one.
-        let high = mask64(v0, v1, v2, v3);
+        // Non-ASCII bytes up to the closing quote (what follows it is not this string's).
+        let high = mask64(v0, v1, v2, v3) & through;
         let sparse = !prev_high && high != 0 && high.count_ones() <= 8;
-        if sparse && sparse_chars_valid(bytes, i, high & through) {
+        if sparse && sparse_chars_valid(bytes, i, high) {
             // A few characters (accented letters in Latin text), each checked in place.
             prev = v3;
         } else if high != 0 || prev_high {
-            let mut errors = 0u64;
-            for (k, v) in [(0, v0), (16, v1), (32, v2), (48, v3)] {
-                let part_high = (high >> k) & 0xFFFF != 0;
-                if part_high || prev_high {
-                    let e = utf8_errors(prev, v);
-                    if any(e) {
-                        errors |= u64::from(bitmask(gt(e, splat(0)))) << k;
-                    }
-                }
+            // All four parts, no branch per part (which parts of mixed text hold non-ASCII is
+            // a coin toss), errors gathered for the end.
+            for v in [v0, v1, v2, v3] {
+                *utf8_err = or(*utf8_err, utf8_errors(prev, v));
                 prev = v;
-                prev_high = part_high;
             }
-            if errors & through != 0 {
-                return clean;
-            }
+            prev_high = high >> 48 != 0;
         } else {
             prev = v3;
         }
