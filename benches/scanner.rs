@@ -12,6 +12,8 @@
 //!   ASCII prose with some escapes and non-ASCII, like `make bench` sends;
 //! - `chat-plain/<size>`: the same with printable ASCII only, nothing escaped: the distance
 //!   to `chat/` is what escapes and non-ASCII characters cost the scanner;
+//! - `class/<name>`: the body classes of `make corpus` (real text in eight languages, emoji,
+//!   tool use, code, a base64 image, a long conversation, \u-escaped Russian), 1 MiB each;
 //! - `cjk/<size>`: the same shape with Chinese and Japanese text (3-byte UTF-8 throughout);
 //! - `embeddings/<size>`: an embeddings-style request with a long array of numbers;
 //! - `multipart/<size>/model-first|model-last`: an audio upload with a binary file part;
@@ -335,6 +337,28 @@ mod native {
         g.finish();
     }
 
+    /// The body classes of `make corpus` (bench/corpus.py): 1 MiB of real text per class.
+    /// `class/<name>`; the folder is BBR_CORPUS or target/corpus (`make bench-core` builds it).
+    fn bench_classes(c: &mut Criterion) {
+        let dir = std::env::var_os("BBR_CORPUS").map_or_else(
+            || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/corpus"),
+            std::path::PathBuf::from,
+        );
+        let manifest = std::fs::read_to_string(dir.join("manifest.json"))
+            .unwrap_or_else(|e| panic!("{}: {e}; run `make corpus`", dir.display()));
+        let manifest: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+        let mut g = c.benchmark_group("class");
+        for class in manifest["classes"].as_object().unwrap().keys() {
+            let body = std::fs::read(dir.join(format!("{class}.json"))).unwrap();
+            found(scan_json(&body));
+            g.throughput(Throughput::Bytes(body.len() as u64));
+            g.bench_with_input(BenchmarkId::from_parameter(class), &body, |b, body| {
+                b.iter(|| scan_json(black_box(body)))
+            });
+        }
+        g.finish();
+    }
+
     fn bench_embeddings(c: &mut Criterion) {
         let mut g = c.benchmark_group("embeddings");
         for size in [16 * KIB, MIB] {
@@ -420,6 +444,7 @@ mod native {
         bench_chat,
         bench_plain,
         bench_cjk,
+        bench_classes,
         bench_embeddings,
         bench_multipart,
         bench_skip,

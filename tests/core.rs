@@ -965,3 +965,223 @@ fn scanner_agrees_with_serde_json() {
         assert_eq!(v["model"].as_str(), Some(*model), "{name}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The 64-byte string judge (`vector::string_blocks`) against a byte-at-a-time reading of string
+// content. Under wasm this runs the SIMD128 code that ships.
+
+/// What a byte-at-a-time reader makes of string content: the clean boundaries (character
+/// boundaries outside any escape) up to the first byte that is not valid content or the
+/// closing quote, and where it stopped (`stop`) and whether that byte is the closing quote.
+fn string_reference(bytes: &[u8]) -> (Vec<usize>, usize, bool) {
+    let mut clean = vec![0];
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        let n = match b {
+            b'"' => return (clean, i, true),
+            0x00..=0x1F => break,
+            b'\\' => match bytes.get(i + 1) {
+                Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => 2,
+                Some(b'u')
+                    if bytes
+                        .get(i + 2..i + 6)
+                        .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) =>
+                {
+                    6
+                }
+                _ => break,
+            },
+            0x20..=0x7F => 1,
+            _ => {
+                let len = match b {
+                    0xC0..=0xDF => 2,
+                    0xE0..=0xEF => 3,
+                    _ => 4,
+                };
+                match bytes.get(i..i + len).map(std::str::from_utf8) {
+                    Some(Ok(_)) => len,
+                    _ => break,
+                }
+            }
+        };
+        i += n;
+        clean.push(i);
+    }
+    (clean, i, false)
+}
+
+/// The contract of `string_blocks`: it stops at a clean boundary of valid content (never past
+/// the closing quote or a bad byte), and it is not lazy: when the closing quote lies in a whole
+/// 64-byte block and everything before it is valid, it stops right at the quote.
+fn check_string_blocks(bytes: &[u8], what: &str) {
+    let got = vector::string_blocks(bytes);
+    let (clean, stop, quote) = string_reference(bytes);
+    assert!(
+        clean.binary_search(&got).is_ok(),
+        "{what}: stopped at {got}, not a clean boundary of valid content (stop {stop}): {bytes:?}"
+    );
+    // UTF-8 errors are gathered over whole blocks and looked at once at the end: invalid
+    // UTF-8 anywhere in the blocks it read (after the closing quote too) sends the whole
+    // string to the byte-wise path. A character cut at the end of what it read is no error.
+    let utf8_ok = |end: usize| match std::str::from_utf8(&bytes[..end.min(bytes.len())]) {
+        Ok(_) => true,
+        Err(e) => e.error_len().is_none(),
+    };
+    if quote && stop < bytes.len() / 64 * 64 && utf8_ok((stop / 64 + 1) * 64) {
+        assert_eq!(
+            got, stop,
+            "{what}: did not reach the closing quote: {bytes:?}"
+        );
+    }
+    if bytes.len() >= 64
+        && stop >= 64
+        && string_reference(&bytes[..64]).1 == 64
+        && utf8_ok(bytes.len() / 64 * 64)
+    {
+        // A whole valid first block that ends cleanly is always passed.
+        let first_clean = clean.binary_search(&64).is_ok();
+        assert!(
+            !first_clean || got >= 64,
+            "{what}: stopped at {got} in a valid block"
+        );
+    }
+}
+
+/// A small deterministic generator, the same natively and under wasm.
+struct Xorshift(u64);
+
+impl Xorshift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Pieces of string content, valid and not: escapes of every kind (split, invalid, `\u` with
+/// too few or bad digits, backslash runs of both parities), characters of every length, cut
+/// and invalid UTF-8, control bytes, quotes.
+const STRING_PIECES: &[&[u8]] = &[
+    b"a",
+    b"a",
+    b"a",
+    b"text ",
+    b"        ",
+    b"\"",
+    b"\\\"",
+    b"\\\\",
+    b"\\\\\\",
+    b"\\n",
+    b"\\/",
+    b"\\u00e9",
+    b"\\uD83D\\uDE00",
+    b"\\uABCD",
+    b"\\u12",
+    b"\\u12g4",
+    b"\\x",
+    b"\\",
+    b"\n",
+    b"\x1f",
+    b"\x7f",
+    "é".as_bytes(),
+    "中".as_bytes(),
+    "😀".as_bytes(),
+    "ß€".as_bytes(),
+    b"\xC3",
+    b"\xE4\xB8",
+    b"\xF0\x9F\x98",
+    b"\xFF",
+    b"\xC0\xAF",
+    b"\xED\xA0\x80",
+    b"\xF4\x90\x80\x80",
+    b"\x80",
+];
+
+fn string_case(rng: &mut Xorshift, pieces: usize, plain: usize) -> Vec<u8> {
+    let mut v = Vec::new();
+    for _ in 0..pieces {
+        // Mostly plain text, so that the long runs and the block edges are reached too.
+        if rng.below(plain) != 0 {
+            v.extend_from_slice(STRING_PIECES[rng.below(4)]);
+        } else {
+            v.extend_from_slice(STRING_PIECES[rng.below(STRING_PIECES.len())]);
+        }
+    }
+    v
+}
+
+both! {
+    fn escaped_bytes_match_a_scan_of_backslash_runs() {
+        // Every backslash mask from a generator, chained across blocks with the carry.
+        let mut rng = Xorshift(0x9E37_79B9_7F4A_7C15);
+        for _ in 0..20_000 {
+            let blocks: Vec<u64> = (0..3)
+                .map(|_| match rng.below(3) {
+                    0 => rng.next(),
+                    1 => rng.next() & rng.next() & rng.next(),
+                    _ => u64::MAX << rng.below(64),
+                })
+                .collect();
+            // Reference: walk the bits; a backslash not itself escaped escapes the next byte.
+            let mut escaped_ref = vec![0u64; blocks.len()];
+            let mut pending = false;
+            for (n, &bs) in blocks.iter().enumerate() {
+                for k in 0..64 {
+                    if pending {
+                        escaped_ref[n] |= 1 << k;
+                        pending = false;
+                    } else if bs >> k & 1 == 1 {
+                        pending = true;
+                    }
+                }
+            }
+            let mut carry = false;
+            for (n, &bs) in blocks.iter().enumerate() {
+                let (escaped, next) = vector::escaped_bytes(bs, carry);
+                assert_eq!(escaped, escaped_ref[n], "block {n} of {blocks:x?}");
+                carry = next;
+            }
+            assert_eq!(carry, pending, "{blocks:x?}");
+        }
+    }
+
+    fn string_blocks_keeps_its_contract() {
+        let mut rng = Xorshift(0x2545_F491_4F6C_DD1D);
+        let cases = if cfg!(target_arch = "wasm32") { 6_000 } else { 30_000 };
+        for n in 0..cases {
+            let pieces = 1 + rng.below(120);
+            let v = string_case(&mut rng, pieces, [2, 8, 40, 400][n % 4]);
+            check_string_blocks(&v, &format!("case {n}"));
+            // Every start offset of the first block edges, by dropping leading plain bytes.
+            let lead = rng.below(64);
+            let mut shifted = vec![b'x'; lead];
+            shifted.extend_from_slice(&v);
+            check_string_blocks(&shifted, &format!("case {n} shifted by {lead}"));
+        }
+    }
+
+    fn string_blocks_judges_each_piece_at_every_offset() {
+        // Each piece at every offset around the first block edges, in plain text, then a
+        // closing quote: the judge must stop at the quote exactly when the piece is valid.
+        for piece in STRING_PIECES {
+            for at in 0..140 {
+                let mut v = vec![b'x'; at];
+                v.extend_from_slice(piece);
+                v.extend(std::iter::repeat_n(b'y', 150 - at));
+                v.push(b'"');
+                v.extend_from_slice(&[b'z'; 64]);
+                check_string_blocks(&v, &format!("{piece:?} at {at}"));
+                // Cut at every length around the piece: a split escape or character at the
+                // end of the data is left to the caller.
+                for cut in at.saturating_sub(2)..(at + piece.len() + 66).min(v.len()) {
+                    check_string_blocks(&v[..cut], &format!("{piece:?} at {at} cut {cut}"));
+                }
+            }
+        }
+    }
+}

@@ -787,3 +787,104 @@ fn oracle_reads_what_it_claims() {
     ));
     assert!(matches!(read(b"\xef\xbb\xbf{}"), Ok(Reading::Invalid(_))));
 }
+
+// ---------------------------------------------------------------------------------------------
+// The body-class corpus (bench/corpus.py, `make corpus`): real text in eight languages, emoji,
+// tool use, code, a base64 image, a long conversation, \u-escaped Russian. Each 1 MiB body is
+// read whole and in random chunks and agrees with serde_json; then with single bytes changed
+// (to quotes, backslashes, control bytes, invalid UTF-8, escape letters) at random places,
+// where the new string judge (vector::string_blocks) must refuse exactly what serde_json
+// refuses, at the exact byte. The 4 KiB seeds of each class are also fed byte by byte.
+
+/// The corpus folder: BBR_CORPUS, or target/corpus. `make test-native` builds it first.
+fn corpus_dir() -> std::path::PathBuf {
+    let dir = std::env::var_os("BBR_CORPUS").map_or_else(
+        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/corpus"),
+        std::path::PathBuf::from,
+    );
+    assert!(
+        dir.join("manifest.json").is_file(),
+        "no body-class corpus in {}: run `make corpus` (make test-native does)",
+        dir.display()
+    );
+    dir
+}
+
+fn corpus_files(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| unreachable!("{}: {e}", dir.display()))
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json") && !p.ends_with("manifest.json"))
+        .map(|p| {
+            let body = std::fs::read(&p).unwrap_or_else(|e| unreachable!("{}: {e}", p.display()));
+            (p.display().to_string(), body)
+        })
+        .collect();
+    files.sort();
+    assert!(
+        files.len() >= 13,
+        "{}: only {} bodies",
+        dir.display(),
+        files.len()
+    );
+    files
+}
+
+#[test]
+fn corpus_bodies_agree_with_serde_json() {
+    let dir = corpus_dir();
+    let mut rng = 0x5DEE_CE66_D1CE_4E5Bu64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng as usize
+    };
+    for (name, body) in corpus_files(&dir) {
+        let whole = oracle::scan(&body, 256, &[]);
+        assert_eq!(
+            whole,
+            Step::Found("Qwen/Qwen2.5-3B-Instruct".into()),
+            "{name}"
+        );
+        oracle::check(&body, 256, &whole).unwrap_or_else(|e| unreachable!("{name}: {e}"));
+        let cuts: Vec<usize> = (0..64).map(|_| next() % body.len()).collect();
+        assert_eq!(
+            oracle::scan(&body, 256, &cuts),
+            whole,
+            "{name} cut at {cuts:?}"
+        );
+    }
+    // The seeds (4 KiB of each class): byte by byte, then with bytes changed.
+    for (name, body) in corpus_files(&dir.join("seeds")) {
+        let whole = oracle::scan(&body, 256, &[]);
+        let bytewise =
+            oracle::scan_bytewise_early(&body, 256).unwrap_or_else(|e| unreachable!("{name}: {e}"));
+        assert_eq!(whole, bytewise, "{name}: byte by byte");
+        oracle::check(&body, 256, &whole).unwrap_or_else(|e| unreachable!("{name}: {e}"));
+        for _ in 0..300 {
+            let mut bad = body.clone();
+            let mut edits = Vec::new();
+            for _ in 0..1 + next() % 3 {
+                let at = next() % bad.len();
+                let byte = [
+                    b'"', b'\\', 0x00, 0x1F, 0x80, 0xC3, 0xE4, 0xF0, 0xFF, b'u', b'x', b'n',
+                ][next() % 12];
+                bad[at] = byte;
+                edits.push((at, byte));
+            }
+            let got = oracle::scan(&bad, 256, &[]);
+            let cuts: Vec<usize> = (0..8).map(|_| next() % bad.len()).collect();
+            assert_eq!(
+                oracle::scan(&bad, 256, &cuts),
+                got,
+                "{name}: {edits:x?}, cut"
+            );
+            oracle::check(&bad, 256, &got)
+                .unwrap_or_else(|e| unreachable!("{name}: {edits:x?}: {e}"));
+            oracle::check_offset(&bad, 256, &got)
+                .unwrap_or_else(|e| unreachable!("{name}: {edits:x?}: {e}"));
+        }
+    }
+}

@@ -13,6 +13,7 @@
 //! decoded into a few bytes, and only the `model` value is kept, up to the configured limit.
 
 use super::skip::{digit_run, plain_string_prefix, utf8_lead};
+use super::vector::string_blocks;
 use std::fmt;
 
 /// Deepest nesting accepted. Deeper documents are refused as invalid JSON: no backend parser
@@ -378,7 +379,17 @@ impl ModelScanner {
             // Fast paths for the runs that make up most of a body. Each stops before any
             // byte the state machine must see, so the machine stays the only judge.
             let skipped = match self.state {
-                State::Str if self.role == StrRole::Skip => plain_string_prefix(&chunk[i..]),
+                // The content of a string we only validate (prompt text, tool results, code):
+                // whole 64-byte blocks first, then the byte-wise fast path for what is left
+                // near the end of the chunk or in front of a byte the state machine must see.
+                // This is where string content is consumed: `rest[..skipped]` here, and the
+                // bytes `string_byte`, `escape` and the Utf8 state take one at a time. A
+                // consumer of prompt text (a prefix hash) would see both places.
+                State::Str if self.role == StrRole::Skip => {
+                    let rest = &chunk[i..];
+                    let blocks = string_blocks(rest);
+                    blocks + plain_string_prefix(&rest[blocks..])
+                }
                 State::Number(NumberPart::Int | NumberPart::Frac | NumberPart::ExpDigits) => {
                     digit_run(&chunk[i..])
                 }

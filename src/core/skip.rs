@@ -1,5 +1,9 @@
 //! Fast skipping of the bytes the scanner only validates.
 //!
+//! Since issue 13 the scanner first hands string content to `vector::string_blocks`, which
+//! judges 64 bytes at a time whatever they hold; the byte-wise path below takes what that
+//! leaves: the last bytes of a chunk, and the bytes before an error.
+//!
 //! Most of an LLM request is text inside JSON strings. Inside a string only a few kinds of byte
 //! need more than a glance: `"` (the end), `\` (an escape), control bytes below 0x20 (invalid
 //! unescaped) and bytes from 0x80 up (UTF-8 to validate). [`find_string_stop`] finds the first
@@ -107,7 +111,7 @@ pub fn utf8_lead(b: u8) -> Option<(u8, u8, u8)> {
 /// Length of the complete, valid UTF-8 character at the start of `bytes` (whose first byte is
 /// 0x80 or above), or `None` if it is invalid or not complete in `bytes`.
 #[inline]
-fn utf8_char_len(bytes: &[u8]) -> Option<usize> {
+pub(crate) fn utf8_char_len(bytes: &[u8]) -> Option<usize> {
     let (continuations, lo, hi) = utf8_lead(*bytes.first()?)?;
     let second = *bytes.get(1)?;
     if second < lo || second > hi {

@@ -258,6 +258,391 @@ fn incomplete_tail(bytes: &[u8]) -> usize {
     0
 }
 
+/// Odd bit positions of a 64-bit mask (simdjson's escape arithmetic).
+const ODD_BITS: u64 = 0xAAAA_AAAA_AAAA_AAAA;
+
+/// What follows a backslash in a JSON string: 1 for a complete two-byte escape, 2 for `u`
+/// (four hex digits follow), 0 for anything else (an invalid escape).
+const ESCAPE_KIND: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let simple = *b"\"\\/bfnrt";
+    let mut k = 0;
+    while k < simple.len() {
+        t[simple[k] as usize] = 1;
+        k += 1;
+    }
+    t[b'u' as usize] = 2;
+    t
+};
+
+/// Bit k set when lane k of the four vectors (64 bytes) has its high bit set.
+#[inline(always)]
+fn mask64(a: V, b: V, c: V, d: V) -> u64 {
+    u64::from(bitmask(a))
+        | (u64::from(bitmask(b)) << 16)
+        | (u64::from(bitmask(c)) << 32)
+        | (u64::from(bitmask(d)) << 48)
+}
+
+/// The escaped bytes of a block, from its backslash mask and whether its first byte is escaped
+/// by a backslash run that ended the block before (simdjson's `json_escape_scanner`): returns
+/// the mask of escaped bytes (the byte after each escaping backslash) and whether the first
+/// byte of the next block is escaped. No loop over backslash runs: a run's parity comes out of
+/// one subtraction.
+#[inline(always)]
+pub fn escaped_bytes(backslash: u64, first_escaped: bool) -> (u64, bool) {
+    let carry = u64::from(first_escaped);
+    if backslash == 0 {
+        return (carry, false);
+    }
+    let potential = backslash & !carry;
+    let maybe_escaped = potential << 1;
+    let escape_and_terminal = ((maybe_escaped | ODD_BITS).wrapping_sub(potential)) ^ ODD_BITS;
+    let escaped = escape_and_terminal ^ (backslash | carry);
+    let escape = escape_and_terminal & backslash;
+    (escaped, escape >> 63 != 0)
+}
+
+/// Whether the non-ASCII bytes of the block at `i` (bit k of `high` for byte `i + k`) are
+/// whole, valid characters that end inside the block: checked one character at a time, which
+/// for a few accented letters costs less than the vector check. `false` sends the block to the
+/// vector check (which also judges a character that runs into the next block).
+#[inline(always)]
+fn sparse_chars_valid(bytes: &[u8], i: usize, mut high: u64) -> bool {
+    while high != 0 {
+        let k = high.trailing_zeros() as usize;
+        let Some(n) = crate::core::skip::utf8_char_len(&bytes[i + k..]) else {
+            return false;
+        };
+        if k + n > 64 {
+            return false;
+        }
+        high &= !(((1u64 << n) - 1) << k);
+    }
+    true
+}
+
+/// Above this many escapes in a block, their characters are checked by classifying the whole
+/// block in vector registers ([`escape_classes`]) rather than one by one.
+const FEW_ESCAPES: u32 = 3;
+
+// Byte classes for escapes, one bit each, from two nibble lookups whose AND is the class:
+// `"` and `/`; `\`; `b` `f` `n`; `r` `t`; `u`; the digits; `A`-`F` and `a`-`f`.
+const ESC_QUOTE_SLASH: u8 = 1 << 0;
+const ESC_BACKSLASH: u8 = 1 << 1;
+const ESC_BFN: u8 = 1 << 2;
+const ESC_RT: u8 = 1 << 3;
+const ESC_U: u8 = 1 << 4;
+const HEX_DIGIT: u8 = 1 << 5;
+const HEX_LETTER: u8 = 1 << 6;
+const ESCAPE_CHAR: u8 = ESC_QUOTE_SLASH | ESC_BACKSLASH | ESC_BFN | ESC_RT | ESC_U;
+const HEX: u8 = HEX_DIGIT | HEX_LETTER;
+
+/// By high nibble: 0x2_ `"` `/`, 0x3_ digits, 0x4_ `A`-`F`, 0x5_ `\`, 0x6_ `b` `f` `n` and
+/// `a`-`f`, 0x7_ `r` `t` `u`.
+const ESC_HIGH: [u8; 16] = [
+    0,
+    0,
+    ESC_QUOTE_SLASH,
+    HEX_DIGIT,
+    HEX_LETTER,
+    ESC_BACKSLASH,
+    ESC_BFN | HEX_LETTER,
+    ESC_RT | ESC_U,
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+];
+
+/// By low nibble.
+const ESC_LOW: [u8; 16] = [
+    HEX_DIGIT,                                                   // 0
+    HEX_DIGIT | HEX_LETTER,                                      // 1 A a
+    ESC_QUOTE_SLASH | ESC_BFN | ESC_RT | HEX_DIGIT | HEX_LETTER, // 2 " b r B
+    HEX_DIGIT | HEX_LETTER,                                      // 3
+    ESC_RT | HEX_DIGIT | HEX_LETTER,                             // 4 t D d
+    ESC_U | HEX_DIGIT | HEX_LETTER,                              // 5 u E e
+    ESC_BFN | HEX_DIGIT | HEX_LETTER,                            // 6 f F
+    HEX_DIGIT,                                                   // 7
+    HEX_DIGIT,                                                   // 8
+    HEX_DIGIT,                                                   // 9
+    0,                                                           // A
+    0,                                                           // B
+    ESC_BACKSLASH,                                               // C
+    0,                                                           // D
+    ESC_BFN,                                                     // E n
+    ESC_QUOTE_SLASH,                                             // F /
+];
+
+/// Masks of a 64-byte block: the bytes that may follow a backslash, the `u`s, the hex digits.
+#[inline(always)]
+fn escape_classes(v0: V, v1: V, v2: V, v3: V) -> (u64, u64, u64) {
+    let class = |v: V| {
+        and(
+            lookup(ESC_HIGH, shr4(v)),
+            lookup(ESC_LOW, and(v, splat(0x0F))),
+        )
+    };
+    let (c0, c1, c2, c3) = (class(v0), class(v1), class(v2), class(v3));
+    let has = |bits: u8| {
+        let b = splat(bits);
+        let zero = splat(0);
+        mask64(
+            gt(and(c0, b), zero),
+            gt(and(c1, b), zero),
+            gt(and(c2, b), zero),
+            gt(and(c3, b), zero),
+        )
+    };
+    (has(ESCAPE_CHAR), has(ESC_U), has(HEX))
+}
+
+/// Up to this many stops (quotes, backslashes, control and non-ASCII bytes) in a block that
+/// starts clean are handled one by one from the block's stop mask ([`few_stops`]); more go to
+/// the mask arithmetic. English prose has about one stop per 130 bytes, where one by one is
+/// cheaper; text in other languages, tool results and code have many.
+const FEW_STOPS: u32 = 3;
+
+enum FewStops {
+    /// The closing quote is at this lane, and everything before it is valid.
+    Closing(usize),
+    /// The whole block is valid content and ends at a clean boundary.
+    Valid,
+    /// Anything else (an escape or character running into the next block, an error): the
+    /// block goes to the full judgment.
+    Judge,
+}
+
+/// Judges a block that starts clean and has few stops, one stop at a time from its mask.
+#[inline(always)]
+fn few_stops(block: &[u8], mut stops: u64) -> FewStops {
+    while stops != 0 {
+        let k = stops.trailing_zeros() as usize;
+        let b = block[k];
+        let len = if b == b'"' {
+            return FewStops::Closing(k);
+        } else if b == b'\\' {
+            match block.get(k + 1).map(|&e| ESCAPE_KIND[usize::from(e)]) {
+                Some(1) => 2,
+                Some(2) => match block.get(k + 2..k + 6) {
+                    Some(h) if h.iter().all(u8::is_ascii_hexdigit) => 6,
+                    _ => return FewStops::Judge,
+                },
+                _ => return FewStops::Judge,
+            }
+        } else if b >= 0x80 {
+            match crate::core::skip::utf8_char_len(&block[k..]) {
+                Some(n) => n,
+                None => return FewStops::Judge,
+            }
+        } else {
+            return FewStops::Judge;
+        };
+        // The stops inside the escape or character (an escaped quote or backslash, the
+        // continuation bytes) are part of it.
+        stops &= u64::MAX.checked_shl((k + len) as u32).unwrap_or(0);
+    }
+    FewStops::Valid
+}
+
+/// Runs of whole 64-byte blocks of printable ASCII from `i` (a clean boundary): the new `i`.
+/// Out of line so that the vector constants of the block judgment (UTF-8 tables, splats) are
+/// not hoisted into this loop, where they would be spilled: the reason `utf8_valid` is.
+#[inline(never)]
+fn ascii_blocks(bytes: &[u8], mut i: usize) -> usize {
+    while let Some(block) = bytes.get(i..i + 64) {
+        let stop = or(
+            or(stops(load(&block[..16])), stops(load(&block[16..32]))),
+            or(stops(load(&block[32..48])), stops(load(&block[48..]))),
+        );
+        if any(stop) {
+            break;
+        }
+        i += 64;
+    }
+    i
+}
+
+/// Bytes of a string's content, from the start, that the scanner may skip: whole 64-byte
+/// blocks judged at once, whatever they hold. Stops at the string's closing quote (which it
+/// does not consume), or at a character boundary outside any escape before the first block it
+/// cannot judge: one with a control byte or an invalid escape before the closing quote (for
+/// the state machine to report at its exact byte), or the last bytes of `bytes` when fewer
+/// than 64 are left (a split escape or character is the state machine's to carry over). UTF-8
+/// errors are gathered over the blocks it reads (past the closing quote in its block too) and
+/// looked at once at the end: if there is any, it skips nothing, and the byte-wise path finds
+/// the error. `bytes` must start inside a string, at a character boundary, outside an escape.
+///
+/// Per block: four 16-byte loads; a block of printable ASCII costs a compare per load and one
+/// branch. Any other block gets bitmasks of its quotes, backslashes, control bytes and
+/// non-ASCII bytes; escapes are found by carry arithmetic on the backslash mask
+/// ([`escaped_bytes`]) and each escaped byte checked with a table (and the four hex digits of a
+/// `\u`), non-ASCII text is validated with the Keiser-Lemire check on all four parts of a
+/// block that holds any (or follows one that did), without a branch per part: in mixed text
+/// which parts hold non-ASCII is random, and the mispredictions cost more than the checks. So a block with ten escapes or sixty
+/// accented letters costs about what a block with one does: the cost no longer follows how often
+/// the old byte-wise path had to stop.
+#[inline]
+pub fn string_blocks(bytes: &[u8]) -> usize {
+    // UTF-8 errors of the non-ASCII blocks, gathered without a branch and looked at once at
+    // the end: on any, nothing is skipped and the byte-wise path finds and reports the error.
+    let mut utf8_err = splat(0);
+    let at = string_blocks_with(bytes, &mut utf8_err);
+    if any(utf8_err) {
+        0
+    } else {
+        at
+    }
+}
+
+#[inline(always)]
+fn string_blocks_with(bytes: &[u8], utf8_err: &mut V) -> usize {
+    let mut i = 0;
+    // The last block start at a character boundary outside any escape.
+    let mut clean = 0;
+    let mut first_escaped = false;
+    // The previous 16 bytes, for the UTF-8 check across parts and blocks, and whether it had
+    // non-ASCII bytes (then the next part is checked too: it may finish a character).
+    let mut prev = splat(0);
+    let mut prev_high = false;
+    // The block before was printable ASCII.
+    let mut ascii_run = false;
+    // A short string (a key, a role, a name): its closing quote in the first 16 bytes, with
+    // nothing to judge before it, costs one compare.
+    if let Some(head) = bytes.get(..16) {
+        let m = bitmask(stops(load(head)));
+        if m != 0 && head[m.trailing_zeros() as usize] == b'"' {
+            return m.trailing_zeros() as usize;
+        }
+    }
+    while let Some(block) = bytes.get(i..i + 64) {
+        let v0 = load(&block[..16]);
+        let v1 = load(&block[16..32]);
+        let v2 = load(&block[32..48]);
+        let v3 = load(&block[48..]);
+        if !first_escaped && !prev_high {
+            let (s0, s1, s2, s3) = (stops(v0), stops(v1), stops(v2), stops(v3));
+            if !any(or(or(s0, s1), or(s2, s3))) {
+                // Printable ASCII after a clean boundary: nothing to judge. A second block of
+                // it in a row starts a run, skipped out of line.
+                i = if ascii_run {
+                    ascii_blocks(bytes, i + 64)
+                } else {
+                    i + 64
+                };
+                ascii_run = true;
+                clean = i;
+                prev = splat(0);
+                continue;
+            }
+            ascii_run = false;
+            let stop_mask = mask64(s0, s1, s2, s3);
+            if stop_mask.count_ones() <= FEW_STOPS {
+                match few_stops(block, stop_mask) {
+                    FewStops::Closing(at) => return i + at,
+                    FewStops::Valid => {
+                        i += 64;
+                        clean = i;
+                        prev = splat(0);
+                        continue;
+                    }
+                    FewStops::Judge => {}
+                }
+            }
+        }
+        let (q, b) = (splat(b'"'), splat(b'\\'));
+        let quotes = mask64(eq(v0, q), eq(v1, q), eq(v2, q), eq(v3, q));
+        let backslashes = mask64(eq(v0, b), eq(v1, b), eq(v2, b), eq(v3, b));
+        let (escaped, next_escaped) = escaped_bytes(backslashes, first_escaped);
+        let closing = quotes & !escaped;
+        // Lanes before the closing quote, and up to it (the UTF-8 check at the quote's lane
+        // tells whether the last character before it is complete).
+        let (before, through) = if closing == 0 {
+            (u64::MAX, u64::MAX)
+        } else {
+            let end = closing.trailing_zeros();
+            let before = (1u64 << end) - 1;
+            (before, before | (1u64 << end))
+        };
+        let c = splat(0x20);
+        let controls = lt(v0, c);
+        if any(or(or(controls, lt(v1, c)), or(lt(v2, c), lt(v3, c))))
+            && mask64(controls, lt(v1, c), lt(v2, c), lt(v3, c)) & before != 0
+        {
+            return clean;
+        }
+        // Every escape before the closing quote: a valid escape character, and four hex
+        // digits after `u` (read ahead; if they are past the data, the block is not judged).
+        let mut to_check = escaped & before;
+        let mut hex_spill = false;
+        if to_check.count_ones() > FEW_ESCAPES {
+            // Many escapes (JSON inside a string, \u-escaped text): classify every byte of
+            // the block at once; only a `\u` whose digits run into the next block is left to
+            // the loop below.
+            let (valid, u, hex) = escape_classes(v0, v1, v2, v3);
+            if to_check & !valid != 0 {
+                return clean;
+            }
+            let us = to_check & u;
+            if ((us << 1) | (us << 2) | (us << 3) | (us << 4)) & !hex != 0 {
+                return clean;
+            }
+            to_check = us & (0xF << 60);
+        }
+        while to_check != 0 {
+            let k = i + to_check.trailing_zeros() as usize;
+            to_check &= to_check - 1;
+            match ESCAPE_KIND[usize::from(bytes[k])] {
+                1 => {}
+                2 => match bytes.get(k + 1..k + 5) {
+                    Some(h) if h.iter().all(u8::is_ascii_hexdigit) => {
+                        hex_spill |= k + 5 > i + 64;
+                    }
+                    _ => return clean,
+                },
+                _ => return clean,
+            }
+        }
+        // UTF-8, on each part with non-ASCII bytes and the part after one.
+        // Non-ASCII bytes up to the closing quote (what follows it is not this string's).
+        let high = mask64(v0, v1, v2, v3) & through;
+        let sparse = !prev_high && high != 0 && high.count_ones() <= 8;
+        if sparse && sparse_chars_valid(bytes, i, high) {
+            // A few characters (accented letters in Latin text), each checked in place.
+            prev = v3;
+        } else if high != 0 || prev_high {
+            // All four parts, no branch per part (which parts of mixed text hold non-ASCII is
+            // a coin toss), errors gathered for the end.
+            for v in [v0, v1, v2, v3] {
+                *utf8_err = or(*utf8_err, utf8_errors(prev, v));
+                prev = v;
+            }
+            prev_high = high >> 48 != 0;
+        } else {
+            prev = v3;
+        }
+        if closing != 0 {
+            return i + closing.trailing_zeros() as usize;
+        }
+        i += 64;
+        first_escaped = next_escaped;
+        // The next block starts clean unless an escape or a character runs into it.
+        if !next_escaped && !hex_spill && incomplete_tail(&block[61..]) == 0 {
+            clean = i;
+        }
+    }
+    if clean == i {
+        i
+    } else {
+        clean
+    }
+}
+
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 mod simd128 {
     pub use core::arch::wasm32::v128 as V;
@@ -449,6 +834,20 @@ mod tests {
     //! The contract of `plain_blocks` is tested in tests/core.rs, natively and under wasm (where
     //! the SIMD128 implementation runs).
     use super::*;
+
+    /// The nibble tables of `escape_classes` classify every byte as `ESCAPE_KIND` and
+    /// `is_ascii_hexdigit` do.
+    #[test]
+    fn escape_classes_agree_with_the_tables() {
+        for b in 0..=255u8 {
+            let v = load(&[b; 16]);
+            let (valid, u, hex) = escape_classes(v, v, v, v);
+            let all = |yes: bool| if yes { u64::MAX } else { 0 };
+            assert_eq!(valid, all(ESCAPE_KIND[usize::from(b)] != 0), "{b:#x}");
+            assert_eq!(u, all(b == b'u'), "{b:#x}");
+            assert_eq!(hex, all(b.is_ascii_hexdigit()), "{b:#x}");
+        }
+    }
 
     #[test]
     fn incomplete_tail_lengths() {
