@@ -15,7 +15,7 @@ chat requests on fresh connections (tests/flood.py). Checked:
   no request any more afterwards (bbr_bodies_in_progress back to 0);
 - the heap in use comes back down after the flood (the RSS is printed, not asserted).
 
-The figures are printed (pytest -s shows them) and are the README's "Reliability" figures.
+The figures are printed (pytest -s shows them) and are docs/reliability.md's flood figures.
 """
 
 from __future__ import annotations
