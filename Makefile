@@ -163,9 +163,13 @@ bench-core: corpus ## Criterion micro-benchmarks of the core scanners, natively,
 	BBR_CORPUS=$(abspath $(CORPUS)) $(CARGO) bench --bench scanner -- --warm-up-time 1 --measurement-time 2
 
 .PHONY: bench-routing
-bench-routing: build venv ## Replica choice: round robin vs least request vs prefix affinity over 4 caching mock replicas (~10 min; bench/results/routing/)
+bench-routing: build venv ## Replica choice: round robin vs least request vs prefix affinity over 4 caching mock replicas (~10 min; BACKEND=llama: 2 real llama-server replicas, ~3 min; bench/results/routing/)
 	@bash scripts/bench-deps.sh --python-only
-	$(VENV)/bin/python bench/routing/bench_routing.py $(BENCH_ROUTING_ARGS)
+	@if [ "$(BACKEND)" = llama ]; then \
+	  $(VENV)/bin/python bench/routing/llama_routing.py; \
+	else \
+	  $(VENV)/bin/python bench/routing/bench_routing.py $(BENCH_ROUTING_ARGS); \
+	fi
 
 .PHONY: bench-llm
 bench-llm: ## GuideLLM through the gateway: the seeds' tables (BACKEND=llama: the real model; own ~6 GB venv, not in test)

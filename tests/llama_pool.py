@@ -133,6 +133,19 @@ def add_pool(cfg: dict, ports: list[int], template_cluster: str = "phi-vllm") ->
             }
         ],
     }
+    # llama-server (cpp-httplib) closes the connection after every streamed response while it
+    # advertises keep-alive (`Keep-Alive: timeout=5, max=100`, no `Connection: close`; seen here
+    # with a plain HTTP client: the request after a stream on the same connection fails). Envoy
+    # would put that connection back in its pool and send the next request into the closing
+    # socket: a 503 (UC) for a client that did nothing wrong. One request per connection avoids
+    # the race; a new loopback or LAN connection costs nothing next to an inference.
+    cluster["typed_extension_protocol_options"] = {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "common_http_protocol_options": {"max_requests_per_connection": 1},
+            "explicit_http_config": {"http_protocol_options": {}},
+        }
+    }
     clusters[:] = [c for c in clusters if c["name"] != CLUSTER] + [cluster]
 
 
