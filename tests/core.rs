@@ -18,16 +18,8 @@ use bbr_wasm::core::{
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test;
 
-/// Declares tests that run under both `#[test]` and `#[wasm_bindgen_test]`.
-macro_rules! both {
-    ($(fn $name:ident() $body:block)*) => {
-        $(
-            #[cfg_attr(not(target_arch = "wasm32"), test)]
-            #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test)]
-            fn $name() $body
-        )*
-    };
-}
+#[macro_use]
+mod common; // the `both!` test macro
 
 const CONFIG: &str = r#"{"models": [
     {"name": "Qwen/Qwen2.5-3B-Instruct", "adapters": ["qwen-sql-lora"]},

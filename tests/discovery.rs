@@ -11,15 +11,8 @@ use bbr_wasm::core::{PoolState, Router, RoutingView, Step, ViewVerdict};
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test;
 
-macro_rules! both {
-    ($(fn $name:ident() $body:block)*) => {
-        $(
-            #[cfg_attr(not(target_arch = "wasm32"), test)]
-            #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test)]
-            fn $name() $body
-        )*
-    };
-}
+#[macro_use]
+mod common; // the `both!` test macro
 
 fn router(json: &str) -> Router {
     match Router::from_json(json.as_bytes()) {

@@ -8,15 +8,8 @@ use bbr_wasm::core::{Rejection, Router};
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test;
 
-macro_rules! both {
-    ($(fn $name:ident() $body:block)*) => {
-        $(
-            #[cfg_attr(not(target_arch = "wasm32"), test)]
-            #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test)]
-            fn $name() $body
-        )*
-    };
-}
+#[macro_use]
+mod common; // the `both!` test macro
 
 const MIB: u64 = 1024 * 1024;
 
