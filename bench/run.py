@@ -53,7 +53,8 @@ Environment (all optional):
                      one "wave" of responses can take a second or more
   BENCH_WARMUP       seconds of unrecorded warm-up per configuration and cell, default 1
   BENCH_POSITIONS    where "model" sits in the body: "last" (default), "first", or "last,first"
-  BENCH_CONFIGS      default "baseline,native,bbr,wasm_route,extproc"; more diagnostics: "buffer",
+  BENCH_CONFIGS      default "baseline,native,bbr,bbr_noprefix,wasm_route,extproc" (bbr_noprefix:
+                     the shipped filter with prefixAffinity off); more diagnostics: "buffer",
                      "bbr_early" (bench/envoy/gateway.yaml says what they are), "wasm_pass",
                      "wasm_buffer" and "wasm_read" (bench/floor-filter/src/lib.rs), and "bbr_alt"
   BENCH_ALT_WASM     a second build of the filter (a .wasm path), run as the "bbr_alt"
@@ -113,7 +114,7 @@ PATH = "/v1/chat/completions"
 # The floor filter (bench/floor-filter): a proxy-wasm filter with no routing logic, three modes.
 FLOOR_WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "bbr_floor.wasm"
 FLOOR_MODES = ("pass", "buffer", "read", "route")
-ALL_CONFIGS = ("baseline", "native", "bbr", "buffer", "bbr_early", "bbr_alt", "extproc") + tuple(
+ALL_CONFIGS = ("baseline", "native", "bbr", "buffer", "bbr_early", "bbr_alt", "bbr_noprefix", "extproc") + tuple(
     f"wasm_{m}" for m in FLOOR_MODES)
 CONFIGS: tuple[str, ...] = ("baseline", "native", "bbr")  # BENCH_CONFIGS may add "buffer"
 LABELS = {
@@ -123,6 +124,7 @@ LABELS = {
     "buffer": "diagnostic: client header + C++ buffer filter",
     "bbr_early": "diagnostic: bbr-wasm with routeBeforeBodyEnds",
     "bbr_alt": "diagnostic: bbr-wasm, the BENCH_ALT_WASM build",
+    "bbr_noprefix": "bbr-wasm without prefix affinity",
     "extproc": "ext_proc peer of the Go BBR (gRPC)",
     "wasm_pass": "diagnostic: empty wasm filter (Continue at the headers)",
     "wasm_buffer": "diagnostic: wasm filter holding the body, reading nothing",
@@ -133,6 +135,7 @@ LABELS = {
 SHORT = {"baseline": "baseline", "native": "native json_to_metadata", "bbr": "bbr-wasm",
          "buffer": "buffer filter (diag.)", "bbr_early": "bbr routeBeforeBodyEnds (diag.)",
          "bbr_alt": "bbr-wasm, BENCH_ALT_WASM build (diag.)", "extproc": "ext_proc peer (gRPC)",
+         "bbr_noprefix": "bbr-wasm, no prefix affinity",
          "wasm_pass": "wasm pass (diag.)", "wasm_buffer": "wasm buffer (diag.)", "wasm_read": "wasm read (diag.)",
          "wasm_route": "wasm read+set headers (diag.)"}
 # The client sends the routing header itself to these (no body inspection).
@@ -503,6 +506,16 @@ def gateway_config(ports: dict[str, int]) -> dict:
         config["vm_config"]["vm_id"] = config["vm_config"].get("vm_id", "bbr") + "_alt"
         config["vm_config"]["code"]["local"]["filename"] = str(Path(alt).resolve())
         add_listener_copy(cfg, "bbr", "bbr_alt", ports, entry)
+    # The shipped filter with prefixAffinity off, in its own VM: what the prompt capture and the
+    # key cost the gateway (issue 15), against `bbr`, which runs the shipped configuration.
+    entry = shipped_wasm_filter()
+    config = entry["typed_config"]["config"]
+    plugin = json.loads(config["configuration"]["value"])
+    plugin["prefixAffinity"] = {"enabled": False}
+    config["configuration"]["value"] = json.dumps(plugin)
+    config["name"] = config["name"] + "_noprefix"
+    config["vm_config"]["vm_id"] = config["vm_config"].get("vm_id", "bbr") + "_noprefix"
+    add_listener_copy(cfg, "bbr", "bbr_noprefix", ports, entry)
     return cfg
 
 
@@ -734,6 +747,8 @@ def summarize(runs: list[dict], positions, sizes, concs) -> dict:
                     c["ratio"]["bbr_vs_extproc"] = paired("bbr", "extproc")
                     c["configs"]["extproc"]["peer_cpu_us_per_req"] = 1e6 * sum(
                         r.get("peer_cpu_s", 0.0) for r in by["extproc"]) / (sum(r["requests"] for r in by["extproc"]) or 1)
+                if "bbr_noprefix" in by:
+                    c["ratio"]["bbr_vs_bbr_noprefix"] = paired("bbr", "bbr_noprefix")
                 if "bbr_alt" in by:
                     c["ratio"]["bbr_alt_vs_baseline"] = paired("bbr_alt", "baseline")
                     c["ratio"]["bbr_alt_vs_bbr"] = paired("bbr_alt", "bbr")
@@ -893,6 +908,8 @@ def markdown(meta: dict, cells: dict, scan_rows, scan_overall, results: list[dic
             ratio_rows("**bbr-wasm vs the ext_proc peer**", "bbr_vs_extproc")
         if "bbr_early" in CONFIGS:
             ratio_rows("diagnostic: bbr-wasm routeBeforeBodyEnds", "bbr_early_vs_baseline")
+        if "bbr_noprefix" in CONFIGS:
+            ratio_rows("**bbr-wasm (prefix affinity on, as shipped) vs off**", "bbr_vs_bbr_noprefix")
         if "bbr_alt" in CONFIGS:
             ratio_rows("diagnostic: BENCH_ALT_WASM build", "bbr_alt_vs_baseline")
             ratio_rows("**BENCH_ALT_WASM build vs bbr-wasm**", "bbr_alt_vs_bbr")
@@ -1072,7 +1089,7 @@ def chart(path: Path, meta: dict, cells: dict, positions, sizes, concs) -> Optio
     pos = positions[0]
     colors = {"baseline": "#555555", "native": "#d62728", "bbr": "#1f77b4", "buffer": "#9467bd",
               "bbr_early": "#17becf", "bbr_alt": "#ff7f0e", "wasm_pass": "#bcbd22", "wasm_buffer": "#8c564b",
-              "wasm_read": "#e377c2", "wasm_route": "#7f7f7f", "extproc": "#2ca02c"}
+              "wasm_read": "#e377c2", "wasm_route": "#7f7f7f", "extproc": "#2ca02c", "bbr_noprefix": "#aec7e8"}
     fig, axes = plt.subplots(2, len(concs), figsize=(6.2 * len(concs), 9.5), squeeze=False)
     xs = list(range(len(sizes)))
     xl = [size_label(s) for s in sizes]
@@ -1232,7 +1249,7 @@ def main() -> int:
     max_duration = float(os.environ.get("BENCH_MAX_DURATION", "15"))
     waves = float(os.environ.get("BENCH_WAVES", "8"))
     global CONFIGS
-    CONFIGS = tuple(env_list("BENCH_CONFIGS", "baseline,native,bbr,wasm_route,extproc"))
+    CONFIGS = tuple(env_list("BENCH_CONFIGS", "baseline,native,bbr,bbr_noprefix,wasm_route,extproc"))
     for c in ("baseline", "native", "bbr"):
         if c not in CONFIGS:
             raise SystemExit(f"bench: BENCH_CONFIGS must include {c} (the targets compare it)")
@@ -1292,12 +1309,14 @@ def main() -> int:
     up_ports = {"admin": free_port(), "qwen": free_port(), "phi": free_port()}
     gw_ports = {"admin": free_port(), "baseline": free_port(), "native": free_port(), "bbr": free_port(),
                 "buffer": free_port(), "bbr_early": free_port(), "bbr_alt": free_port(), "extproc": free_port(),
+                "bbr_noprefix": free_port(),
                 **{f"wasm_{m}": free_port() for m in FLOOR_MODES}}
     up_cfg = fill(BENCH / "envoy" / "upstream.yaml",
                   {"PORT_ADMIN": up_ports["admin"], "PORT_QWEN": up_ports["qwen"], "PORT_PHI": up_ports["phi"]})
     gw_cfg = gateway_config({"PORT_ADMIN": gw_ports["admin"], "PORT_BASELINE": gw_ports["baseline"],
                              "PORT_NATIVE": gw_ports["native"], "PORT_BBR": gw_ports["bbr"],
                              "PORT_BUFFER": gw_ports["buffer"], "PORT_BBR_EARLY": gw_ports["bbr_early"], "PORT_BBR_ALT": gw_ports["bbr_alt"],
+                             "PORT_BBR_NOPREFIX": gw_ports["bbr_noprefix"],
                              "UPSTREAM_QWEN": up_ports["qwen"], "UPSTREAM_PHI": up_ports["phi"],
                              "PORT_EXTPROC": gw_ports["extproc"], "EXTPROC_SOCKET": extproc_socket,
                              **{f"PORT_WASM_{m.upper()}": gw_ports[f"wasm_{m}"] for m in FLOOR_MODES}})
