@@ -143,7 +143,7 @@ $(CORPUS)/manifest.json: bench/corpus.py | venv
 corpus: $(CORPUS)/manifest.json ## Build the body-class corpus (target/corpus) from pinned sources
 # The ext_proc peer (bench/extproc-peer) is its own Cargo workspace: tonic and envoy-types
 # take minutes to compile, and only make bench needs them (not make test or make lint).
-bench: targets corpus ## Benchmark in Envoy: baseline, native json_to_metadata, the wasm floor, an ext_proc peer of the Go BBR, bbr-wasm (~13 min; bench/results/)
+bench: targets corpus ## Benchmark in Envoy: baseline, native json_to_metadata, the wasm floor, an ext_proc peer of the Go BBR, bbr-wasm with and without prefix affinity (~15 min; bench/results/)
 	$(CARGO) build --release --target $(WASM_TARGET) -p bbr-wasm -p bbr-floor
 	cd bench/extproc-peer && CARGO_TARGET_DIR=$(abspath target/extproc-peer) $(CARGO) build --release --locked
 	@bash scripts/bench-deps.sh
