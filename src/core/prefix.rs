@@ -24,6 +24,7 @@
 //! JSON. Anything the capture does not understand makes it give up: no key, the request is
 //! routed as usual and spread over the pool.
 
+use super::scanner::{escaped_byte, hex_digit, surrogate_pair};
 use super::vector::find_quote_or_backslash as string_stop;
 use xxhash_rust::xxh64::Xxh64;
 
@@ -293,16 +294,9 @@ impl PromptCapture {
             },
             Lex::Escape => {
                 self.lex = Lex::Str;
-                let decoded = match b {
-                    b'"' => b'"',
-                    b'\\' => b'\\',
-                    b'/' => b'/',
-                    b'b' => 0x08,
-                    b'f' => 0x0C,
-                    b'n' => b'\n',
-                    b'r' => b'\r',
-                    b't' => b'\t',
-                    b'u' => {
+                let decoded = match (b, escaped_byte(b)) {
+                    (_, Some(decoded)) => decoded,
+                    (b'u', None) => {
                         self.lex = Lex::Unicode {
                             digits: 0,
                             value: 0,
@@ -315,11 +309,8 @@ impl PromptCapture {
                 self.put(decoded);
             }
             Lex::Unicode { digits, value } => {
-                let nibble = match b {
-                    b'0'..=b'9' => b - b'0',
-                    b'a'..=b'f' => b - b'a' + 10,
-                    b'A'..=b'F' => b - b'A' + 10,
-                    _ => return self.give_up(),
+                let Some(nibble) = hex_digit(b) else {
+                    return self.give_up();
                 };
                 let value = (value << 4) | u16::from(nibble);
                 if digits < 3 {
@@ -338,10 +329,7 @@ impl PromptCapture {
     /// A decoded `\uXXXX`: pairs surrogates, writes the character as UTF-8.
     fn code_unit(&mut self, unit: u16) {
         let ch = match (self.high_surrogate.take(), unit) {
-            (Some(high), 0xDC00..=0xDFFF) => {
-                let c = 0x10000 + ((u32::from(high) - 0xD800) << 10) + (u32::from(unit) - 0xDC00);
-                char::from_u32(c)
-            }
+            (Some(high), 0xDC00..=0xDFFF) => char::from_u32(surrogate_pair(high, unit)),
             (high, 0xD800..=0xDBFF) => {
                 if high.is_some() {
                     self.put_char(char::REPLACEMENT_CHARACTER);

@@ -44,6 +44,38 @@ impl From<Result<String, ScanError>> for Step {
     }
 }
 
+/// The byte a one-character JSON escape (`\n`, `\"`, ...) stands for; `None` for `u`, which
+/// starts a `\uXXXX`, and for anything RFC 8259 does not allow after a backslash. Shared with
+/// the prefix capture (`core::prefix`), which decodes the same strings.
+pub(crate) fn escaped_byte(b: u8) -> Option<u8> {
+    Some(match b {
+        b'"' => b'"',
+        b'\\' => b'\\',
+        b'/' => b'/',
+        b'b' => 0x08,
+        b'f' => 0x0C,
+        b'n' => b'\n',
+        b'r' => b'\r',
+        b't' => b'\t',
+        _ => return None,
+    })
+}
+
+/// The value of one hex digit of a `\uXXXX` escape.
+pub(crate) fn hex_digit(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// The code point of a UTF-16 surrogate pair (`high` in D800-DBFF, `low` in DC00-DFFF).
+pub(crate) fn surrogate_pair(high: u16, low: u16) -> u32 {
+    0x10000 + ((u32::from(high) - 0xD800) << 10) + (u32::from(low) - 0xDC00)
+}
+
 /// Records an error step in `failed`, so that every later call returns it again.
 pub(crate) fn remember(failed: &mut Option<ScanError>, step: Step) -> Step {
     if let Step::Error(err) = &step {
@@ -706,16 +738,9 @@ impl ModelScanner {
     }
 
     fn escape(&mut self, b: u8) -> ByteResult {
-        let decoded = match b {
-            b'"' => b'"',
-            b'\\' => b'\\',
-            b'/' => b'/',
-            b'b' => 0x08,
-            b'f' => 0x0C,
-            b'n' => b'\n',
-            b'r' => b'\r',
-            b't' => b'\t',
-            b'u' => {
+        let decoded = match (b, escaped_byte(b)) {
+            (_, Some(decoded)) => decoded,
+            (b'u', None) => {
                 self.state = State::Unicode {
                     digits: 0,
                     value: 0,
@@ -731,11 +756,8 @@ impl ModelScanner {
     }
 
     fn unicode_digit(&mut self, b: u8, digits: u8, value: u16) -> ByteResult {
-        let d = match b {
-            b'0'..=b'9' => b - b'0',
-            b'a'..=b'f' => b - b'a' + 10,
-            b'A'..=b'F' => b - b'A' + 10,
-            _ => return Err(self.invalid("invalid \\u escape")),
+        let Some(d) = hex_digit(b) else {
+            return Err(self.invalid("invalid \\u escape"));
         };
         let value = (value << 4) | u16::from(d);
         if digits < 3 {
@@ -759,11 +781,7 @@ impl ModelScanner {
                 Ok(())
             }
             0xDC00..=0xDFFF => match self.high_surrogate.take() {
-                Some(high) => {
-                    let c =
-                        0x10000 + ((u32::from(high) - 0xD800) << 10) + (u32::from(unit) - 0xDC00);
-                    self.store_char(c)
-                }
+                Some(high) => self.store_char(surrogate_pair(high, unit)),
                 None => self.lone_surrogate(),
             },
             _ => {
