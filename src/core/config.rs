@@ -426,18 +426,20 @@ impl Router {
         }
 
         let base_model_header = check_header_name("baseModelHeader", &raw.base_model_header)?;
-        let model_header = check_header_name("modelHeader", &raw.model_header)?;
-        if base_model_header == model_header {
-            return Err(invalid("modelHeader", "must differ from baseModelHeader"));
-        }
+        let model_header = distinct_header(
+            "modelHeader",
+            &raw.model_header,
+            &[("baseModelHeader", &base_model_header)],
+        )?;
 
-        let pool_header = check_header_name("poolHeader", &raw.pool_header)?;
-        if pool_header == base_model_header || pool_header == model_header {
-            return Err(invalid(
-                "poolHeader",
-                "must differ from baseModelHeader and modelHeader",
-            ));
-        }
+        let pool_header = distinct_header(
+            "poolHeader",
+            &raw.pool_header,
+            &[
+                ("baseModelHeader", &base_model_header),
+                ("modelHeader", &model_header),
+            ],
+        )?;
         let pools = compile_pools(&raw.pools)?;
         check_range(
             "absentPollsBeforeRemoval",
@@ -472,16 +474,15 @@ impl Router {
             shed_over_bytes: raw.shed_bodies_over_bytes,
         };
         let prefix = &raw.prefix_affinity;
-        let prefix_header = check_header_name("prefixAffinity.header", &prefix.header)?;
-        if prefix_header == base_model_header
-            || prefix_header == model_header
-            || prefix_header == pool_header
-        {
-            return Err(invalid(
-                "prefixAffinity.header",
-                "must differ from baseModelHeader, modelHeader and poolHeader",
-            ));
-        }
+        let prefix_header = distinct_header(
+            "prefixAffinity.header",
+            &prefix.header,
+            &[
+                ("baseModelHeader", &base_model_header),
+                ("modelHeader", &model_header),
+                ("poolHeader", &pool_header),
+            ],
+        )?;
         if prefix.block_bytes < 16 || prefix.block_bytes > MAX_CAPTURE_BYTES {
             return Err(invalid(
                 "prefixAffinity.blockBytes",
@@ -680,6 +681,26 @@ fn check_path(field: &str, path: &str) -> Result<(), ConfigError> {
         ));
     }
     Ok(())
+}
+
+/// A header name (see [`check_header_name`]) that must differ from the headers named before it
+/// (`(field, lower-case name)`): the filter sets each of them, so two fields naming one header
+/// would overwrite each other.
+fn distinct_header(
+    field: &str,
+    name: &str,
+    earlier: &[(&str, &str)],
+) -> Result<String, ConfigError> {
+    let name = check_header_name(field, name)?;
+    if earlier.iter().any(|(_, other)| *other == name) {
+        let fields: Vec<&str> = earlier.iter().map(|(f, _)| *f).collect();
+        let listed = match fields.split_last() {
+            Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
+            _ => fields.join(""),
+        };
+        return Err(invalid(field, format!("must differ from {listed}")));
+    }
+    Ok(name)
 }
 
 /// Header names are RFC 9110 tokens; Envoy stores them lower case.
