@@ -27,6 +27,7 @@ import copy
 import json
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Optional
 
@@ -85,6 +86,16 @@ def server_argv(
         "--no-webui",
         *extra,
     ]
+
+
+def healthy(port: int, timeout: float = 2.0) -> bool:
+    """Whether the replica on 127.0.0.1:port can serve: llama-server's /health answers 503
+    while the model loads and 200 once it is ready (stdlib only: every venv can call it)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=timeout) as r:
+            return r.status == 200
+    except OSError:  # refused, reset, timed out, or an HTTP error status (urllib raises those)
+        return False
 
 
 def _hcm(cfg: dict) -> dict:

@@ -225,13 +225,7 @@ def start_llama(server: str, i: int) -> tuple[Proc, int]:
     port = free_port()
     proc = Proc(f"llama-server {i}", llama_pool.server_argv(server, port), RUN_DIR / f"llama-{i}.log")
 
-    def healthy() -> bool:
-        try:
-            return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
-        except OSError:
-            return False
-
-    wait_until(proc, "/health 200", healthy)
+    wait_until(proc, "/health 200", lambda: llama_pool.healthy(port))
     say(f"started {proc.name} (pid {proc.pid}) on 127.0.0.1:{port}")
     return proc, port
 

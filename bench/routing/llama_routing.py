@@ -53,8 +53,6 @@ SLOTS = 2
 SYSTEM_BYTES = 1600
 MAX_TOKENS = 4
 STRATEGIES = {"round_robin": "smollm-rr", "affinity": llama_pool.CLUSTER}
-if os.environ.get("LLAMA_ROUTING_ONLY"):
-    STRATEGIES = {k: v for k, v in STRATEGIES.items() if k == os.environ["LLAMA_ROUTING_ONLY"]}
 QUESTIONS_TEXT = [
     "What should I do first?", "Summarise the key point in one sentence.", "Which step is the riskiest?",
     "What is required before starting?", "How do I verify it worked?", "What is the most common mistake?",
@@ -102,11 +100,8 @@ class Replica:
         while True:
             if self.popen.poll() is not None:
                 raise SystemExit(f"llama-server {i} exited; see {RUN}/llama-{i}.log")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+            if llama_pool.healthy(port):
+                break
             if time.monotonic() > deadline:
                 raise SystemExit(f"llama-server {i} not healthy in 60 s")
             time.sleep(0.2)

@@ -89,11 +89,8 @@ def start_replica(server: str, tmp_dir: Path, name: str, port: int = 0, **kwargs
     while True:
         if not proc.alive():
             proc.fail(f"exited with status {proc.popen.returncode} during start-up")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2.0).status_code == 200:
-                return Replica(proc=proc, port=port)
-        except httpx.HTTPError:
-            pass
+        if llama_pool.healthy(port):
+            return Replica(proc=proc, port=port)
         if time.monotonic() > deadline:
             proc.fail(f"/health not 200 within {LLAMA_START_TIMEOUT:.0f}s")
         time.sleep(0.2)
