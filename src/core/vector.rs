@@ -137,12 +137,12 @@ fn utf8_errors(prev: V, cur: V) -> V {
     xor(must_continue, special)
 }
 
-/// Lanes holding `"`, `\`, a byte below 0x20 or a byte from 0x80 up. `v - 0x20` (wrapping)
-/// is above 0x5F exactly for the bytes below 0x20 and from 0x80 up: one compare for both.
+/// Lanes holding `"`, `\`, a byte below 0x20 or a byte from 0x80 up. Read as signed, the
+/// bytes from 0x80 up are negative: one signed compare (`pcmpgtb` on x86) finds both them and
+/// the control bytes, where an unsigned one costs V8 three instructions.
 #[inline(always)]
 fn stops(v: V) -> V {
-    let outside = gt(sub(v, splat(0x20)), splat(0x5F));
-    or(or(eq(v, splat(b'"')), eq(v, splat(b'\\'))), outside)
+    or(or(eq(v, splat(b'"')), eq(v, splat(b'\\'))), lt_signed(v, splat(0x20)))
 }
 
 /// Index of the first `needle` in `bytes`, or `bytes.len()`: 16 bytes per vector compare.
@@ -261,20 +261,6 @@ fn incomplete_tail(bytes: &[u8]) -> usize {
 /// Odd bit positions of a 64-bit mask (simdjson's escape arithmetic).
 const ODD_BITS: u64 = 0xAAAA_AAAA_AAAA_AAAA;
 
-/// What follows a backslash in a JSON string: 1 for a complete two-byte escape, 2 for `u`
-/// (four hex digits follow), 0 for anything else (an invalid escape).
-const ESCAPE_KIND: [u8; 256] = {
-    let mut t = [0u8; 256];
-    let simple = *b"\"\\/bfnrt";
-    let mut k = 0;
-    while k < simple.len() {
-        t[simple[k] as usize] = 1;
-        k += 1;
-    }
-    t[b'u' as usize] = 2;
-    t
-};
-
 /// Bit k set when lane k of the four vectors (64 bytes) has its high bit set.
 #[inline(always)]
 fn mask64(a: V, b: V, c: V, d: V) -> u64 {
@@ -302,29 +288,6 @@ pub fn escaped_bytes(backslash: u64, first_escaped: bool) -> (u64, bool) {
     let escape = escape_and_terminal & backslash;
     (escaped, escape >> 63 != 0)
 }
-
-/// Whether the non-ASCII bytes of the block at `i` (bit k of `high` for byte `i + k`) are
-/// whole, valid characters that end inside the block: checked one character at a time, which
-/// for a few accented letters costs less than the vector check. `false` sends the block to the
-/// vector check (which also judges a character that runs into the next block).
-#[inline(always)]
-fn sparse_chars_valid(bytes: &[u8], i: usize, mut high: u64) -> bool {
-    while high != 0 {
-        let k = high.trailing_zeros() as usize;
-        let Some(n) = crate::core::skip::utf8_char_len(&bytes[i + k..]) else {
-            return false;
-        };
-        if k + n > 64 {
-            return false;
-        }
-        high &= !(((1u64 << n) - 1) << k);
-    }
-    true
-}
-
-/// Above this many escapes in a block, their characters are checked by classifying the whole
-/// block in vector registers ([`escape_classes`]) rather than one by one.
-const FEW_ESCAPES: u32 = 3;
 
 // Byte classes for escapes, one bit each, from two nibble lookups whose AND is the class:
 // `"` and `/`; `\`; `b` `f` `n`; `r` `t`; `u`; the digits; `A`-`F` and `a`-`f`.
@@ -379,7 +342,10 @@ const ESC_LOW: [u8; 16] = [
     ESC_QUOTE_SLASH,                                             // F /
 ];
 
-/// Masks of a 64-byte block: the bytes that may follow a backslash, the `u`s, the hex digits.
+/// Masks of a 64-byte block: the bytes that may NOT follow a backslash, the `u`s, the bytes
+/// that are NOT hex digits. Negative masks because "no class bit set" is one `eq` with zero per
+/// lane, where "some bit set" would be an unsigned compare, which V8 emulates with three
+/// instructions.
 #[inline(always)]
 fn escape_classes(v0: V, v1: V, v2: V, v3: V) -> (u64, u64, u64) {
     let class = |v: V| {
@@ -389,65 +355,22 @@ fn escape_classes(v0: V, v1: V, v2: V, v3: V) -> (u64, u64, u64) {
         )
     };
     let (c0, c1, c2, c3) = (class(v0), class(v1), class(v2), class(v3));
-    let has = |bits: u8| {
+    let zero = splat(0);
+    let none_of = |bits: u8| {
         let b = splat(bits);
-        let zero = splat(0);
         mask64(
-            gt(and(c0, b), zero),
-            gt(and(c1, b), zero),
-            gt(and(c2, b), zero),
-            gt(and(c3, b), zero),
+            eq(and(c0, b), zero),
+            eq(and(c1, b), zero),
+            eq(and(c2, b), zero),
+            eq(and(c3, b), zero),
         )
     };
-    (has(ESCAPE_CHAR), has(ESC_U), has(HEX))
-}
-
-/// Up to this many stops (quotes, backslashes, control and non-ASCII bytes) in a block that
-/// starts clean are handled one by one from the block's stop mask ([`few_stops`]); more go to
-/// the mask arithmetic. English prose has about one stop per 130 bytes, where one by one is
-/// cheaper; text in other languages, tool results and code have many.
-const FEW_STOPS: u32 = 3;
-
-enum FewStops {
-    /// The closing quote is at this lane, and everything before it is valid.
-    Closing(usize),
-    /// The whole block is valid content and ends at a clean boundary.
-    Valid,
-    /// Anything else (an escape or character running into the next block, an error): the
-    /// block goes to the full judgment.
-    Judge,
-}
-
-/// Judges a block that starts clean and has few stops, one stop at a time from its mask.
-#[inline(always)]
-fn few_stops(block: &[u8], mut stops: u64) -> FewStops {
-    while stops != 0 {
-        let k = stops.trailing_zeros() as usize;
-        let b = block[k];
-        let len = if b == b'"' {
-            return FewStops::Closing(k);
-        } else if b == b'\\' {
-            match block.get(k + 1).map(|&e| ESCAPE_KIND[usize::from(e)]) {
-                Some(1) => 2,
-                Some(2) => match block.get(k + 2..k + 6) {
-                    Some(h) if h.iter().all(u8::is_ascii_hexdigit) => 6,
-                    _ => return FewStops::Judge,
-                },
-                _ => return FewStops::Judge,
-            }
-        } else if b >= 0x80 {
-            match crate::core::skip::utf8_char_len(&block[k..]) {
-                Some(n) => n,
-                None => return FewStops::Judge,
-            }
-        } else {
-            return FewStops::Judge;
-        };
-        // The stops inside the escape or character (an escaped quote or backslash, the
-        // continuation bytes) are part of it.
-        stops &= u64::MAX.checked_shl((k + len) as u32).unwrap_or(0);
-    }
-    FewStops::Valid
+    let u = splat(b'u');
+    (
+        none_of(ESCAPE_CHAR),
+        mask64(eq(v0, u), eq(v1, u), eq(v2, u), eq(v3, u)),
+        none_of(HEX),
+    )
 }
 
 /// Runs of whole 64-byte blocks of printable ASCII from `i` (a clean boundary): the new `i`.
@@ -468,10 +391,18 @@ fn ascii_blocks(bytes: &[u8], mut i: usize) -> usize {
     i
 }
 
+/// The positions of the next block that must be hex digits, from the `u`s of `\u` escapes in
+/// the last four lanes of this one (bit 0 of `tail` is lane 60): a `u` at lane 60 + j needs
+/// lanes 0..=j of the next block.
+#[inline(always)]
+fn hex_spill(tail: u64) -> u64 {
+    tail | (tail >> 1) | (tail >> 2) | (tail >> 3)
+}
+
 /// Bytes of a string's content, from the start, that the scanner may skip: whole 64-byte
 /// blocks judged at once, whatever they hold. Stops at the string's closing quote (which it
 /// does not consume), or at a character boundary outside any escape before the first block it
-/// cannot judge: one with a control byte or an invalid escape before the closing quote (for
+/// cannot accept: one with a control byte or an invalid escape before the closing quote (for
 /// the state machine to report at its exact byte), or the last bytes of `bytes` when fewer
 /// than 64 are left (a split escape or character is the state machine's to carry over). UTF-8
 /// errors are gathered over the blocks it reads (past the closing quote in its block too) and
@@ -479,14 +410,16 @@ fn ascii_blocks(bytes: &[u8], mut i: usize) -> usize {
 /// the error. `bytes` must start inside a string, at a character boundary, outside an escape.
 ///
 /// Per block: four 16-byte loads; a block of printable ASCII costs a compare per load and one
-/// branch. Any other block gets bitmasks of its quotes, backslashes, control bytes and
-/// non-ASCII bytes; escapes are found by carry arithmetic on the backslash mask
-/// ([`escaped_bytes`]) and each escaped byte checked with a table (and the four hex digits of a
-/// `\u`), non-ASCII text is validated with the Keiser-Lemire check on all four parts of a
-/// block that holds any (or follows one that did), without a branch per part: in mixed text
-/// which parts hold non-ASCII is random, and the mispredictions cost more than the checks. So a block with ten escapes or sixty
-/// accented letters costs about what a block with one does: the cost no longer follows how often
-/// the old byte-wise path had to stop.
+/// branch. Any other block is judged from bitmasks, with the same instructions whatever it
+/// holds: quotes, backslashes, control and non-ASCII bytes; the escaped bytes by carry
+/// arithmetic on the backslash mask ([`escaped_bytes`]); every byte classified as escape
+/// character, `u` and hex digit ([`escape_classes`]), so that the escapes are checked with a
+/// few mask operations, `\u` digits that run into the next block included; and the
+/// Keiser-Lemire UTF-8 check on all four parts of a block that holds non-ASCII (or follows one
+/// that did). The branches left are taken rarely (the closing quote, an error) or follow long
+/// runs (ASCII or not): real text in other languages, tool results and code put a stop every
+/// few bytes, and a branch on what each stop is, or on how many there are, was mispredicted so
+/// often that it cost more than the work it saved (make bench-scan, issue 13).
 #[inline]
 pub fn string_blocks(bytes: &[u8]) -> usize {
     // UTF-8 errors of the non-ASCII blocks, gathered without a branch and looked at once at
@@ -505,7 +438,10 @@ fn string_blocks_with(bytes: &[u8], utf8_err: &mut V) -> usize {
     let mut i = 0;
     // The last block start at a character boundary outside any escape.
     let mut clean = 0;
+    // Carried from the block before: whether its last backslash escapes this block's first
+    // byte; the lanes of this block that must be hex digits (a `\u` whose digits run over).
     let mut first_escaped = false;
+    let mut hex_carry = 0u64;
     // The previous 16 bytes, for the UTF-8 check across parts and blocks, and whether it had
     // non-ASCII bytes (then the next part is checked too: it may finish a character).
     let mut prev = splat(0);
@@ -525,9 +461,9 @@ fn string_blocks_with(bytes: &[u8], utf8_err: &mut V) -> usize {
         let v1 = load(&block[16..32]);
         let v2 = load(&block[32..48]);
         let v3 = load(&block[48..]);
-        if !first_escaped && !prev_high {
-            let (s0, s1, s2, s3) = (stops(v0), stops(v1), stops(v2), stops(v3));
-            if !any(or(or(s0, s1), or(s2, s3))) {
+        if !first_escaped && !prev_high && hex_carry == 0 {
+            let any_stop = or(or(stops(v0), stops(v1)), or(stops(v2), stops(v3)));
+            if !any(any_stop) {
                 // Printable ASCII after a clean boundary: nothing to judge. A second block of
                 // it in a row starts a run, skipped out of line.
                 i = if ascii_run {
@@ -541,81 +477,51 @@ fn string_blocks_with(bytes: &[u8], utf8_err: &mut V) -> usize {
                 continue;
             }
             ascii_run = false;
-            let stop_mask = mask64(s0, s1, s2, s3);
-            if stop_mask.count_ones() <= FEW_STOPS {
-                match few_stops(block, stop_mask) {
-                    FewStops::Closing(at) => return i + at,
-                    FewStops::Valid => {
-                        i += 64;
-                        clean = i;
-                        prev = splat(0);
-                        continue;
-                    }
-                    FewStops::Judge => {}
-                }
-            }
         }
         let (q, b) = (splat(b'"'), splat(b'\\'));
         let quotes = mask64(eq(v0, q), eq(v1, q), eq(v2, q), eq(v3, q));
         let backslashes = mask64(eq(v0, b), eq(v1, b), eq(v2, b), eq(v3, b));
         let (escaped, next_escaped) = escaped_bytes(backslashes, first_escaped);
         let closing = quotes & !escaped;
-        // Lanes before the closing quote, and up to it (the UTF-8 check at the quote's lane
-        // tells whether the last character before it is complete).
-        let (before, through) = if closing == 0 {
-            (u64::MAX, u64::MAX)
-        } else {
+        let high = mask64(v0, v1, v2, v3);
+        let c = splat(0x20);
+        // Below 0x20 as signed bytes: the control bytes and the non-ASCII ones.
+        let controls = mask64(
+            lt_signed(v0, c),
+            lt_signed(v1, c),
+            lt_signed(v2, c),
+            lt_signed(v3, c),
+        ) & !high;
+        let (mut bad, mut bad_hex, mut us) = (controls, 0, 0);
+        if escaped | hex_carry != 0 {
+            let (not_escape_char, u, not_hex) = escape_classes(v0, v1, v2, v3);
+            us = escaped & u;
+            let need_hex = hex_carry | (us << 1) | (us << 2) | (us << 3) | (us << 4);
+            bad |= escaped & not_escape_char;
+            bad_hex = need_hex & not_hex;
+        }
+        if closing != 0 {
+            // The string ends here: judge the bytes before the closing quote (the quote itself
+            // for `\u` digits: `"\u12"` is cut short), and UTF-8 through the quote (the check
+            // at its lane tells whether the character before it is complete).
             let end = closing.trailing_zeros();
             let before = (1u64 << end) - 1;
-            (before, before | (1u64 << end))
-        };
-        let c = splat(0x20);
-        let controls = lt(v0, c);
-        if any(or(or(controls, lt(v1, c)), or(lt(v2, c), lt(v3, c))))
-            && mask64(controls, lt(v1, c), lt(v2, c), lt(v3, c)) & before != 0
-        {
+            let through = before | (1u64 << end);
+            if bad & before != 0 || bad_hex & through != 0 {
+                return clean;
+            }
+            if high & through != 0 || prev_high {
+                for v in [v0, v1, v2, v3] {
+                    *utf8_err = or(*utf8_err, utf8_errors(prev, v));
+                    prev = v;
+                }
+            }
+            return i + end as usize;
+        }
+        if bad | bad_hex != 0 {
             return clean;
         }
-        // Every escape before the closing quote: a valid escape character, and four hex
-        // digits after `u` (read ahead; if they are past the data, the block is not judged).
-        let mut to_check = escaped & before;
-        let mut hex_spill = false;
-        if to_check.count_ones() > FEW_ESCAPES {
-            // Many escapes (JSON inside a string, \u-escaped text): classify every byte of
-            // the block at once; only a `\u` whose digits run into the next block is left to
-            // the loop below.
-            let (valid, u, hex) = escape_classes(v0, v1, v2, v3);
-            if to_check & !valid != 0 {
-                return clean;
-            }
-            let us = to_check & u;
-            if ((us << 1) | (us << 2) | (us << 3) | (us << 4)) & !hex != 0 {
-                return clean;
-            }
-            to_check = us & (0xF << 60);
-        }
-        while to_check != 0 {
-            let k = i + to_check.trailing_zeros() as usize;
-            to_check &= to_check - 1;
-            match ESCAPE_KIND[usize::from(bytes[k])] {
-                1 => {}
-                2 => match bytes.get(k + 1..k + 5) {
-                    Some(h) if h.iter().all(u8::is_ascii_hexdigit) => {
-                        hex_spill |= k + 5 > i + 64;
-                    }
-                    _ => return clean,
-                },
-                _ => return clean,
-            }
-        }
-        // UTF-8, on each part with non-ASCII bytes and the part after one.
-        // Non-ASCII bytes up to the closing quote (what follows it is not this string's).
-        let high = mask64(v0, v1, v2, v3) & through;
-        let sparse = !prev_high && high != 0 && high.count_ones() <= 8;
-        if sparse && sparse_chars_valid(bytes, i, high) {
-            // A few characters (accented letters in Latin text), each checked in place.
-            prev = v3;
-        } else if high != 0 || prev_high {
+        if high != 0 || prev_high {
             // All four parts, no branch per part (which parts of mixed text hold non-ASCII is
             // a coin toss), errors gathered for the end.
             for v in [v0, v1, v2, v3] {
@@ -626,13 +532,14 @@ fn string_blocks_with(bytes: &[u8], utf8_err: &mut V) -> usize {
         } else {
             prev = v3;
         }
-        if closing != 0 {
-            return i + closing.trailing_zeros() as usize;
-        }
         i += 64;
         first_escaped = next_escaped;
-        // The next block starts clean unless an escape or a character runs into it.
-        if !next_escaped && !hex_spill && incomplete_tail(&block[61..]) == 0 {
+        hex_carry = hex_spill(us >> 60);
+        // The next block starts clean unless an escape or a character runs into it: a lead
+        // byte in the last three lanes whose character is longer than the lanes left (without
+        // the branches of `incomplete_tail`; it may also flag a lead that is invalid anyway).
+        let in_char = (block[63] >= 0xC0) | (block[62] >= 0xE0) | (block[61] >= 0xF0);
+        if !next_escaped && hex_carry == 0 && !in_char {
             clean = i;
         }
     }
@@ -647,8 +554,7 @@ fn string_blocks_with(bytes: &[u8], utf8_err: &mut V) -> usize {
 mod simd128 {
     pub use core::arch::wasm32::v128 as V;
     use core::arch::wasm32::{
-        i8x16_shuffle, u8x16, u8x16_bitmask, u8x16_eq, u8x16_gt, u8x16_lt, u8x16_shr, u8x16_splat,
-        u8x16_sub, u8x16_sub_sat, u8x16_swizzle, v128_and, v128_any_true, v128_or, v128_xor,
+        i8x16_lt, i8x16_shuffle, u8x16, u8x16_bitmask, u8x16_eq, u8x16_lt, u8x16_shr, u8x16_splat, u8x16_sub_sat, u8x16_swizzle, v128_and, v128_any_true, v128_or, v128_xor,
     };
 
     #[inline(always)]
@@ -672,13 +578,10 @@ mod simd128 {
     pub fn lt(a: V, b: V) -> V {
         u8x16_lt(a, b)
     }
+    /// Lanes compared as signed bytes.
     #[inline(always)]
-    pub fn gt(a: V, b: V) -> V {
-        u8x16_gt(a, b)
-    }
-    #[inline(always)]
-    pub fn sub(a: V, b: V) -> V {
-        u8x16_sub(a, b)
+    pub fn lt_signed(a: V, b: V) -> V {
+        i8x16_lt(a, b)
     }
     #[inline(always)]
     pub fn and(a: V, b: V) -> V {
@@ -762,13 +665,10 @@ mod portable {
     pub fn lt(a: V, b: V) -> V {
         map2(a, b, |x, y| if x < y { 0xFF } else { 0 })
     }
+    /// Lanes compared as signed bytes.
     #[inline(always)]
-    pub fn gt(a: V, b: V) -> V {
-        map2(a, b, |x, y| if x > y { 0xFF } else { 0 })
-    }
-    #[inline(always)]
-    pub fn sub(a: V, b: V) -> V {
-        map2(a, b, u8::wrapping_sub)
+    pub fn lt_signed(a: V, b: V) -> V {
+        map2(a, b, |x, y| if (x as i8) < (y as i8) { 0xFF } else { 0 })
     }
     #[inline(always)]
     pub fn and(a: V, b: V) -> V {
@@ -835,18 +735,30 @@ mod tests {
     //! the SIMD128 implementation runs).
     use super::*;
 
-    /// The nibble tables of `escape_classes` classify every byte as `ESCAPE_KIND` and
-    /// `is_ascii_hexdigit` do.
+    /// The nibble tables of `escape_classes` classify every byte as the scanner's own escape
+    /// decoder (`scanner::escaped_byte`, plus `u`) and `is_ascii_hexdigit` do.
     #[test]
     fn escape_classes_agree_with_the_tables() {
         for b in 0..=255u8 {
             let v = load(&[b; 16]);
-            let (valid, u, hex) = escape_classes(v, v, v, v);
+            let (not_escape_char, u, not_hex) = escape_classes(v, v, v, v);
             let all = |yes: bool| if yes { u64::MAX } else { 0 };
-            assert_eq!(valid, all(ESCAPE_KIND[usize::from(b)] != 0), "{b:#x}");
+            let escape_char = crate::core::scanner::escaped_byte(b).is_some() || b == b'u';
+            assert_eq!(not_escape_char, all(!escape_char), "{b:#x}");
             assert_eq!(u, all(b == b'u'), "{b:#x}");
-            assert_eq!(hex, all(b.is_ascii_hexdigit()), "{b:#x}");
+            assert_eq!(not_hex, all(!b.is_ascii_hexdigit()), "{b:#x}");
         }
+    }
+
+    /// Lane 60 + j of a `\u` needs lanes 0..=j of the next block.
+    #[test]
+    fn hex_spill_lanes() {
+        assert_eq!(hex_spill(0), 0);
+        assert_eq!(hex_spill(0b0001), 0b0001);
+        assert_eq!(hex_spill(0b0010), 0b0011);
+        assert_eq!(hex_spill(0b0100), 0b0111);
+        assert_eq!(hex_spill(0b1000), 0b1111);
+        assert_eq!(hex_spill(0b1001), 0b1111);
     }
 
     #[test]
