@@ -142,7 +142,10 @@ fn utf8_errors(prev: V, cur: V) -> V {
 /// the control bytes, where an unsigned one costs V8 three instructions.
 #[inline(always)]
 fn stops(v: V) -> V {
-    or(or(eq(v, splat(b'"')), eq(v, splat(b'\\'))), lt_signed(v, splat(0x20)))
+    or(
+        or(eq(v, splat(b'"')), eq(v, splat(b'\\'))),
+        lt_signed(v, splat(0x20)),
+    )
 }
 
 /// Index of the first `needle` in `bytes`, or `bytes.len()`: 16 bytes per vector compare.
@@ -554,7 +557,8 @@ fn string_blocks_with(bytes: &[u8], utf8_err: &mut V) -> usize {
 mod simd128 {
     pub use core::arch::wasm32::v128 as V;
     use core::arch::wasm32::{
-        i8x16_lt, i8x16_shuffle, u8x16, u8x16_bitmask, u8x16_eq, u8x16_lt, u8x16_shr, u8x16_splat, u8x16_sub_sat, u8x16_swizzle, v128_and, v128_any_true, v128_or, v128_xor,
+        i8x16_lt, i8x16_shuffle, u8x16, u8x16_bitmask, u8x16_eq, u8x16_lt, u8x16_shr, u8x16_splat,
+        u8x16_sub_sat, u8x16_swizzle, v128_and, v128_any_true, v128_or, v128_xor,
     };
 
     #[inline(always)]
