@@ -12,7 +12,7 @@
 //! Memory is fixed: the container stack is a bitset of [`MAX_DEPTH`] bits, top-level keys are
 //! decoded into a few bytes, and only the `model` value is kept, up to the configured limit.
 
-use super::skip::{digit_run, plain_string_prefix, utf8_lead};
+use super::skip::{digit_run, plain_string_prefix, utf8_lead, whitespace_run};
 use super::vector::string_blocks;
 use std::fmt;
 
@@ -420,8 +420,23 @@ impl ModelScanner {
                 State::Str if self.role == StrRole::Skip => {
                     let rest = &chunk[i..];
                     let blocks = string_blocks(rest);
-                    blocks + plain_string_prefix(&rest[blocks..])
+                    // Stopped at the closing quote (a key, a role, the end of a message): the
+                    // state machine's, no byte-wise pass needed.
+                    if rest.get(blocks) == Some(&b'"') {
+                        blocks
+                    } else {
+                        blocks + plain_string_prefix(&rest[blocks..])
+                    }
                 }
+                // Whitespace between tokens (`", "`, `": "` in the bodies Python's json.dumps
+                // and many SDKs write): insignificant in these states, skipped without the
+                // state machine.
+                State::AfterValue
+                | State::ObjectKey
+                | State::ObjectFirst
+                | State::Colon
+                | State::Value
+                | State::ArrayFirst => whitespace_run(&chunk[i..]),
                 State::Number(NumberPart::Int | NumberPart::Frac | NumberPart::ExpDigits) => {
                     digit_run(&chunk[i..])
                 }
@@ -443,6 +458,7 @@ impl ModelScanner {
     }
 
     /// Handles one byte.
+    #[inline(always)]
     fn byte(&mut self, b: u8) -> ByteResult {
         match self.state {
             State::DocumentStart => match b {

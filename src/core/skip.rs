@@ -32,6 +32,15 @@ pub fn find_string_stop(bytes: &[u8]) -> usize {
     }
 }
 
+/// Length of the leading run of JSON whitespace (space, tab, line feed, carriage return).
+#[inline]
+pub fn whitespace_run(bytes: &[u8]) -> usize {
+    bytes
+        .iter()
+        .position(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        .unwrap_or(bytes.len())
+}
+
 /// Length of the leading run of ASCII digits.
 #[inline]
 pub fn digit_run(bytes: &[u8]) -> usize {
