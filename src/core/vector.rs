@@ -292,88 +292,76 @@ pub fn escaped_bytes(backslash: u64, first_escaped: bool) -> (u64, bool) {
     (escaped, escape >> 63 != 0)
 }
 
-// Byte classes for escapes, one bit each, from two nibble lookups whose AND is the class:
-// `"` and `/`; `\`; `b` `f` `n`; `r` `t`; `u`; the digits; `A`-`F` and `a`-`f`.
-const ESC_QUOTE_SLASH: u8 = 1 << 0;
-const ESC_BACKSLASH: u8 = 1 << 1;
-const ESC_BFN: u8 = 1 << 2;
-const ESC_RT: u8 = 1 << 3;
-const ESC_U: u8 = 1 << 4;
-const HEX_DIGIT: u8 = 1 << 5;
-const HEX_LETTER: u8 = 1 << 6;
-const ESCAPE_CHAR: u8 = ESC_QUOTE_SLASH | ESC_BACKSLASH | ESC_BFN | ESC_RT | ESC_U;
-const HEX: u8 = HEX_DIGIT | HEX_LETTER;
-
-/// By high nibble: 0x2_ `"` `/`, 0x3_ digits, 0x4_ `A`-`F`, 0x5_ `\`, 0x6_ `b` `f` `n` and
-/// `a`-`f`, 0x7_ `r` `t` `u`.
-const ESC_HIGH: [u8; 16] = [
-    0,
-    0,
-    ESC_QUOTE_SLASH,
-    HEX_DIGIT,
-    HEX_LETTER,
-    ESC_BACKSLASH,
-    ESC_BFN | HEX_LETTER,
-    ESC_RT | ESC_U,
-    0,
-    0,
-    0,
-    0,
-    0,
-    0,
-    0,
-    0,
+/// The escape character (the byte after a backslash) with each low nibble: `"` `t` `u` `f` `\`
+/// `n` `/`; `b` and `r` share the nibble of `"` and are compared apart. 0xFF where none has it:
+/// its own nibble is F, so no byte with one of those nibbles can equal it.
+const ESCAPE_BY_NIBBLE: [u8; 16] = [
+    0xFF, 0xFF, b'"', 0xFF, b't', b'u', b'f', 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, b'\\', 0xFF, b'n', b'/',
 ];
 
-/// By low nibble.
-const ESC_LOW: [u8; 16] = [
-    HEX_DIGIT,                                                   // 0
-    HEX_DIGIT | HEX_LETTER,                                      // 1 A a
-    ESC_QUOTE_SLASH | ESC_BFN | ESC_RT | HEX_DIGIT | HEX_LETTER, // 2 " b r B
-    HEX_DIGIT | HEX_LETTER,                                      // 3
-    ESC_RT | HEX_DIGIT | HEX_LETTER,                             // 4 t D d
-    ESC_U | HEX_DIGIT | HEX_LETTER,                              // 5 u E e
-    ESC_BFN | HEX_DIGIT | HEX_LETTER,                            // 6 f F
-    HEX_DIGIT,                                                   // 7
-    HEX_DIGIT,                                                   // 8
-    HEX_DIGIT,                                                   // 9
-    0,                                                           // A
-    0,                                                           // B
-    ESC_BACKSLASH,                                               // C
-    0,                                                           // D
-    ESC_BFN,                                                     // E n
-    ESC_QUOTE_SLASH,                                             // F /
-];
-
-/// Masks of a 64-byte block: the bytes that may NOT follow a backslash, the `u`s, the bytes
-/// that are NOT hex digits. Negative masks because "no class bit set" is one `eq` with zero per
-/// lane, where "some bit set" would be an unsigned compare, which V8 emulates with three
-/// instructions.
+/// Masks of a 64-byte block: the bytes that may NOT follow a backslash, and the `u`s. One table
+/// lookup and three compares per 16 bytes: a lane is an escape character when it equals the
+/// one its low nibble stands for, or `b` or `r`.
 #[inline(always)]
-fn escape_classes(v0: V, v1: V, v2: V, v3: V) -> (u64, u64, u64) {
-    let class = |v: V| {
-        and(
-            lookup(ESC_HIGH, shr4(v)),
-            lookup(ESC_LOW, and(v, splat(0x0F))),
+fn escape_chars(v0: V, v1: V, v2: V, v3: V) -> (u64, u64) {
+    let (b, r, u, low) = (splat(b'b'), splat(b'r'), splat(b'u'), splat(0x0F));
+    let valid = |v: V| {
+        or(
+            eq(v, lookup(ESCAPE_BY_NIBBLE, and(v, low))),
+            or(eq(v, b), eq(v, r)),
         )
     };
-    let (c0, c1, c2, c3) = (class(v0), class(v1), class(v2), class(v3));
-    let zero = splat(0);
-    let none_of = |bits: u8| {
-        let b = splat(bits);
-        mask64(
-            eq(and(c0, b), zero),
-            eq(and(c1, b), zero),
-            eq(and(c2, b), zero),
-            eq(and(c3, b), zero),
-        )
-    };
-    let u = splat(b'u');
     (
-        none_of(ESCAPE_CHAR),
+        !mask64(valid(v0), valid(v1), valid(v2), valid(v3)),
         mask64(eq(v0, u), eq(v1, u), eq(v2, u), eq(v3, u)),
-        none_of(HEX),
     )
+}
+
+// Hex digits from two nibble lookups whose AND is non-zero: the digits, and `A`-`F` / `a`-`f`.
+const HEX_DIGIT: u8 = 1 << 0;
+const HEX_LETTER: u8 = 1 << 1;
+
+/// By high nibble: 0x3_ digits, 0x4_ and 0x6_ letters.
+const HEX_HIGH: [u8; 16] = [
+    0, 0, 0, HEX_DIGIT, HEX_LETTER, 0, HEX_LETTER, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+];
+
+/// By low nibble: 0-9 digits, 1-6 letters.
+const HEX_LOW: [u8; 16] = [
+    HEX_DIGIT,
+    HEX_DIGIT | HEX_LETTER,
+    HEX_DIGIT | HEX_LETTER,
+    HEX_DIGIT | HEX_LETTER,
+    HEX_DIGIT | HEX_LETTER,
+    HEX_DIGIT | HEX_LETTER,
+    HEX_DIGIT | HEX_LETTER,
+    HEX_DIGIT,
+    HEX_DIGIT,
+    HEX_DIGIT,
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+];
+
+/// The bytes of a 64-byte block that are NOT hex digits. A negative mask because "no class bit
+/// set" is one `eq` with zero per lane, where "some bit set" would be an unsigned compare,
+/// which V8 emulates with three instructions.
+#[inline(always)]
+fn not_hex_digits(v0: V, v1: V, v2: V, v3: V) -> u64 {
+    let zero = splat(0);
+    let none = |v: V| {
+        eq(
+            and(
+                lookup(HEX_HIGH, shr4(v)),
+                lookup(HEX_LOW, and(v, splat(0x0F))),
+            ),
+            zero,
+        )
+    };
+    mask64(none(v0), none(v1), none(v2), none(v3))
 }
 
 /// Runs of whole 64-byte blocks of printable ASCII from `i` (a clean boundary): the new `i`.
@@ -497,11 +485,13 @@ fn string_blocks_with(bytes: &[u8], utf8_err: &mut V) -> usize {
         ) & !high;
         let (mut bad, mut bad_hex, mut us) = (controls, 0, 0);
         if escaped | hex_carry != 0 {
-            let (not_escape_char, u, not_hex) = escape_classes(v0, v1, v2, v3);
+            let (not_escape_char, u) = escape_chars(v0, v1, v2, v3);
             us = escaped & u;
-            let need_hex = hex_carry | (us << 1) | (us << 2) | (us << 3) | (us << 4);
             bad |= escaped & not_escape_char;
-            bad_hex = need_hex & not_hex;
+            let need_hex = hex_carry | (us << 1) | (us << 2) | (us << 3) | (us << 4);
+            if need_hex != 0 {
+                bad_hex = need_hex & not_hex_digits(v0, v1, v2, v3);
+            }
         }
         if closing != 0 {
             // The string ends here: judge the bytes before the closing quote (the quote itself
@@ -739,18 +729,22 @@ mod tests {
     //! the SIMD128 implementation runs).
     use super::*;
 
-    /// The nibble tables of `escape_classes` classify every byte as the scanner's own escape
-    /// decoder (`scanner::escaped_byte`, plus `u`) and `is_ascii_hexdigit` do.
+    /// The tables of `escape_chars` and `not_hex_digits` classify every byte as the scanner's
+    /// own escape decoder (`scanner::escaped_byte`, plus `u`) and `is_ascii_hexdigit` do.
     #[test]
-    fn escape_classes_agree_with_the_tables() {
+    fn escape_tables_agree_with_the_scanner() {
         for b in 0..=255u8 {
             let v = load(&[b; 16]);
-            let (not_escape_char, u, not_hex) = escape_classes(v, v, v, v);
+            let (not_escape_char, u) = escape_chars(v, v, v, v);
             let all = |yes: bool| if yes { u64::MAX } else { 0 };
             let escape_char = crate::core::scanner::escaped_byte(b).is_some() || b == b'u';
             assert_eq!(not_escape_char, all(!escape_char), "{b:#x}");
             assert_eq!(u, all(b == b'u'), "{b:#x}");
-            assert_eq!(not_hex, all(!b.is_ascii_hexdigit()), "{b:#x}");
+            assert_eq!(
+                not_hex_digits(v, v, v, v),
+                all(!b.is_ascii_hexdigit()),
+                "{b:#x}"
+            );
         }
     }
 
