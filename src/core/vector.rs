@@ -400,17 +400,20 @@ fn hex_spill(tail: u64) -> u64 {
 /// looked at once at the end: if there is any, it skips nothing, and the byte-wise path finds
 /// the error. `bytes` must start inside a string, at a character boundary, outside an escape.
 ///
-/// Per block: four 16-byte loads; a block of printable ASCII costs a compare per load and one
-/// branch. Any other block is judged from bitmasks, with the same instructions whatever it
-/// holds: quotes, backslashes, control and non-ASCII bytes; the escaped bytes by carry
-/// arithmetic on the backslash mask ([`escaped_bytes`]); every byte classified as escape
-/// character, `u` and hex digit ([`escape_classes`]), so that the escapes are checked with a
-/// few mask operations, `\u` digits that run into the next block included; and the
-/// Keiser-Lemire UTF-8 check on all four parts of a block that holds non-ASCII (or follows one
-/// that did). The branches left are taken rarely (the closing quote, an error) or follow long
-/// runs (ASCII or not): real text in other languages, tool results and code put a stop every
-/// few bytes, and a branch on what each stop is, or on how many there are, was mispredicted so
-/// often that it cost more than the work it saved (make bench-scan, issue 13).
+/// Per block: four 16-byte loads and bitmasks of quotes, backslashes, control and non-ASCII
+/// bytes; the escaped bytes by carry arithmetic on the backslash mask ([`escaped_bytes`]); in a
+/// block with an escape, every byte classified as escape character or `u` in vector registers
+/// ([`escape_chars`]; hex digits too when a `\u` needs them, [`not_hex_digits`]), so escapes
+/// are checked with a few mask operations, `\u` digits that run into the next block included;
+/// the Keiser-Lemire UTF-8 check on all four parts of a block that holds non-ASCII (or follows
+/// one that did). A block of printable ASCII goes through the same steps: a branch on each
+/// block being plain was mispredicted where plain and mixed blocks alternate, and cost more
+/// than the masks (make bench-scan: fr 1.27x, emoji 1.18x without it). Two plain blocks in a
+/// row start a run, skipped out of line at four compares a block (a base64 image). The other
+/// branches are taken rarely (the closing quote, an error) or follow long runs: real text in
+/// other languages, tool results and code put a stop every few bytes, and a branch on what each
+/// stop is, or on how many there are, was mispredicted so often that it cost more than the work
+/// it saved (issue 13, docs/body-classes.md).
 #[inline]
 pub fn string_blocks(bytes: &[u8]) -> usize {
     // UTF-8 errors of the non-ASCII blocks, gathered without a branch and looked at once at
@@ -452,23 +455,6 @@ fn string_blocks_with(bytes: &[u8], utf8_err: &mut V) -> usize {
         let v1 = load(&block[16..32]);
         let v2 = load(&block[32..48]);
         let v3 = load(&block[48..]);
-        if !first_escaped && !prev_high && hex_carry == 0 {
-            let any_stop = or(or(stops(v0), stops(v1)), or(stops(v2), stops(v3)));
-            if !any(any_stop) {
-                // Printable ASCII after a clean boundary: nothing to judge. A second block of
-                // it in a row starts a run, skipped out of line.
-                i = if ascii_run {
-                    ascii_blocks(bytes, i + 64)
-                } else {
-                    i + 64
-                };
-                ascii_run = true;
-                clean = i;
-                prev = splat(0);
-                continue;
-            }
-            ascii_run = false;
-        }
         let (q, b) = (splat(b'"'), splat(b'\\'));
         let quotes = mask64(eq(v0, q), eq(v1, q), eq(v2, q), eq(v3, q));
         let backslashes = mask64(eq(v0, b), eq(v1, b), eq(v2, b), eq(v3, b));
@@ -477,12 +463,16 @@ fn string_blocks_with(bytes: &[u8], utf8_err: &mut V) -> usize {
         let high = mask64(v0, v1, v2, v3);
         let c = splat(0x20);
         // Below 0x20 as signed bytes: the control bytes and the non-ASCII ones.
-        let controls = mask64(
+        let low = mask64(
             lt_signed(v0, c),
             lt_signed(v1, c),
             lt_signed(v2, c),
             lt_signed(v3, c),
-        ) & !high;
+        );
+        let controls = low & !high;
+        // Printable ASCII from a clean start: nothing in it to judge.
+        let plain =
+            quotes | backslashes | low == 0 && !first_escaped && hex_carry == 0 && !prev_high;
         let (mut bad, mut bad_hex, mut us) = (controls, 0, 0);
         if escaped | hex_carry != 0 {
             let (not_escape_char, u) = escape_chars(v0, v1, v2, v3);
@@ -535,6 +525,15 @@ fn string_blocks_with(bytes: &[u8], utf8_err: &mut V) -> usize {
         if !next_escaped && hex_carry == 0 && !in_char {
             clean = i;
         }
+        // A second printable-ASCII block in a row starts a run (a base64 image, an ASCII
+        // document), skipped out of line. Only then: a branch on each block being plain would
+        // be mispredicted in text where plain and mixed blocks alternate.
+        if plain && ascii_run {
+            i = ascii_blocks(bytes, i);
+            clean = i;
+            prev = splat(0);
+        }
+        ascii_run = plain;
     }
     if clean == i {
         i
@@ -547,8 +546,7 @@ fn string_blocks_with(bytes: &[u8], utf8_err: &mut V) -> usize {
 mod simd128 {
     pub use core::arch::wasm32::v128 as V;
     use core::arch::wasm32::{
-        u16x8_shr,
-        i8x16_lt, i8x16_shuffle, u8x16, u8x16_bitmask, u8x16_eq, u8x16_lt, u8x16_splat,
+        i8x16_lt, i8x16_shuffle, u16x8_shr, u8x16, u8x16_bitmask, u8x16_eq, u8x16_lt, u8x16_splat,
         u8x16_sub_sat, u8x16_swizzle, v128_and, v128_any_true, v128_or, v128_xor,
     };
 
