@@ -403,7 +403,7 @@ fn hex_spill(tail: u64) -> u64 {
 /// Per block: four 16-byte loads and bitmasks of quotes, backslashes, control and non-ASCII
 /// bytes; the escaped bytes by carry arithmetic on the backslash mask ([`escaped_bytes`]); in a
 /// block with an escape, every byte classified as escape character or `u` in vector registers
-/// ([`escape_chars`]; hex digits too when a `\u` needs them, [`not_hex_digits`]), so escapes
+/// (`escape_chars`; hex digits too when a `\u` needs them, `not_hex_digits`), so escapes
 /// are checked with a few mask operations, `\u` digits that run into the next block included;
 /// the Keiser-Lemire UTF-8 check on all four parts of a block that holds non-ASCII (or follows
 /// one that did). A block of printable ASCII goes through the same steps: a branch on each
