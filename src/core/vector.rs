@@ -455,24 +455,43 @@ fn string_blocks_with(bytes: &[u8], utf8_err: &mut V) -> usize {
         let v1 = load(&block[16..32]);
         let v2 = load(&block[32..48]);
         let v3 = load(&block[48..]);
-        let (q, b) = (splat(b'"'), splat(b'\\'));
-        let quotes = mask64(eq(v0, q), eq(v1, q), eq(v2, q), eq(v3, q));
-        let backslashes = mask64(eq(v0, b), eq(v1, b), eq(v2, b), eq(v3, b));
-        let (escaped, next_escaped) = escaped_bytes(backslashes, first_escaped);
-        let closing = quotes & !escaped;
-        let high = mask64(v0, v1, v2, v3);
-        let c = splat(0x20);
+        let (q, b, c) = (splat(b'"'), splat(b'\\'), splat(0x20));
+        let (q0, q1, q2, q3) = (eq(v0, q), eq(v1, q), eq(v2, q), eq(v3, q));
+        let (b0, b1, b2, b3) = (eq(v0, b), eq(v1, b), eq(v2, b), eq(v3, b));
         // Below 0x20 as signed bytes: the control bytes and the non-ASCII ones.
-        let low = mask64(
+        let (l0, l1, l2, l3) = (
             lt_signed(v0, c),
             lt_signed(v1, c),
             lt_signed(v2, c),
             lt_signed(v3, c),
         );
-        let controls = low & !high;
+        let quotes = mask64(q0, q1, q2, q3);
+        let backslashes = mask64(b0, b1, b2, b3);
+        let (escaped, next_escaped) = escaped_bytes(backslashes, first_escaped);
+        let closing = quotes & !escaped;
+        // Whether the block, and its last part, hold non-ASCII bytes: one bitmask each, where
+        // a 64-bit mask of them would cost four and the shifts to join them.
+        let high = bitmask(or(or(v0, v1), or(v2, v3))) != 0;
+        let high_last = bitmask(v3) != 0;
+        // Control bytes: below 0x20 as signed and ASCII. Rare, so only their presence is
+        // computed on every block and their lanes when there are any.
+        let (c0, c1, c2, c3) = (
+            andnot(l0, v0),
+            andnot(l1, v1),
+            andnot(l2, v2),
+            andnot(l3, v3),
+        );
+        let controls = if bitmask(or(or(c0, c1), or(c2, c3))) != 0 {
+            mask64(c0, c1, c2, c3)
+        } else {
+            0
+        };
         // Printable ASCII from a clean start: nothing in it to judge.
-        let plain =
-            quotes | backslashes | low == 0 && !first_escaped && hex_carry == 0 && !prev_high;
+        let plain = quotes | backslashes == 0
+            && bitmask(or(or(l0, l1), or(l2, l3))) == 0
+            && !first_escaped
+            && hex_carry == 0
+            && !prev_high;
         let (mut bad, mut bad_hex, mut us) = (controls, 0, 0);
         if escaped | hex_carry != 0 {
             let (not_escape_char, u) = escape_chars(v0, v1, v2, v3);
@@ -493,7 +512,7 @@ fn string_blocks_with(bytes: &[u8], utf8_err: &mut V) -> usize {
             if bad & before != 0 || bad_hex & through != 0 {
                 return clean;
             }
-            if high & through != 0 || prev_high {
+            if high || prev_high {
                 for v in [v0, v1, v2, v3] {
                     *utf8_err = or(*utf8_err, utf8_errors(prev, v));
                     prev = v;
@@ -504,14 +523,14 @@ fn string_blocks_with(bytes: &[u8], utf8_err: &mut V) -> usize {
         if bad | bad_hex != 0 {
             return clean;
         }
-        if high != 0 || prev_high {
+        if high || prev_high {
             // All four parts, no branch per part (which parts of mixed text hold non-ASCII is
             // a coin toss), errors gathered for the end.
             for v in [v0, v1, v2, v3] {
                 *utf8_err = or(*utf8_err, utf8_errors(prev, v));
                 prev = v;
             }
-            prev_high = high >> 48 != 0;
+            prev_high = high_last;
         } else {
             prev = v3;
         }
@@ -547,7 +566,7 @@ mod simd128 {
     pub use core::arch::wasm32::v128 as V;
     use core::arch::wasm32::{
         i8x16_lt, i8x16_shuffle, u16x8_shr, u8x16, u8x16_bitmask, u8x16_eq, u8x16_lt, u8x16_splat,
-        u8x16_sub_sat, u8x16_swizzle, v128_and, v128_any_true, v128_or, v128_xor,
+        u8x16_sub_sat, u8x16_swizzle, v128_and, v128_andnot, v128_any_true, v128_or, v128_xor,
     };
 
     #[inline(always)]
@@ -587,6 +606,11 @@ mod simd128 {
     #[inline(always)]
     pub fn xor(a: V, b: V) -> V {
         v128_xor(a, b)
+    }
+    /// `a & !b`.
+    #[inline(always)]
+    pub fn andnot(a: V, b: V) -> V {
+        v128_andnot(a, b)
     }
     /// Each byte's high nibble. A 16-bit shift and a mask: V8 has no byte shift on x86 and
     /// emulates `u8x16.shr_u` with five instructions, building its mask every time.
@@ -676,6 +700,11 @@ mod portable {
     #[inline(always)]
     pub fn xor(a: V, b: V) -> V {
         map2(a, b, |x, y| x ^ y)
+    }
+    /// `a & !b`.
+    #[inline(always)]
+    pub fn andnot(a: V, b: V) -> V {
+        map2(a, b, |x, y| x & !y)
     }
     #[inline(always)]
     pub fn shr4(a: V) -> V {
