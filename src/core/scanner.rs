@@ -425,9 +425,10 @@ impl ModelScanner {
                 // The content of a string we only validate (prompt text, tool results, code):
                 // whole 64-byte blocks first, then the byte-wise fast path for what is left
                 // near the end of the chunk or in front of a byte the state machine must see.
-                // This is where string content is consumed: `rest[..skipped]` here, and the
-                // bytes `string_byte`, `escape` and the Utf8 state take one at a time. A
-                // consumer of prompt text (a prefix hash) would see both places.
+                // This is where string content is consumed: `rest[..skipped]` here, the
+                // bytes `string_byte`, `escape` and the Utf8 state take one at a time, and the
+                // short keys and values `structure` takes whole. (The prefix capture,
+                // `core::prefix`, reads the prompt with its own pass for that reason.)
                 State::Str if self.role == StrRole::Skip => {
                     let rest = &chunk[i..];
                     let blocks = string_blocks(rest);
