@@ -118,6 +118,7 @@ class Strategy:
     hbf: Optional[int] = None           # hash_balance_factor (picker: balanceFactor) in percent; None: unbounded
     prefix_blocks: Optional[int] = None  # the key's prefixBlocks (hashing strategies only)
     lru_matched: bool = False           # picker: lruBlocks = the replica's cache, in key blocks
+    load_weight: Optional[int] = None   # picker: loadWeight (None: the filter's default, 2)
 
     @property
     def hashed(self) -> bool:
@@ -149,6 +150,7 @@ def variants() -> tuple[Strategy, ...]:
     out += [Strategy(f"picker_bf_{b or 'none'}", "PICKER", b)
             for b in (None, 110, 150, 200) if b != DEFAULT_PICKER_BALANCE]
     out.append(Strategy("picker_lru_matched", "PICKER", DEFAULT_PICKER_BALANCE, lru_matched=True))
+    out.append(Strategy("picker_load_weight_1", "PICKER", DEFAULT_PICKER_BALANCE, load_weight=1))
     return tuple(out)
 
 
@@ -170,6 +172,8 @@ class KeySource:
             # prompt's blocks, which only the filter reads.
             picker: dict = {"balanceFactor": strategy.hbf,
                             "pools": [{"cluster": strategy.name, "baseModels": [MODEL], "endpoints": endpoints}]}
+            if strategy.load_weight is not None:
+                picker["loadWeight"] = strategy.load_weight
             if strategy.lru_matched:
                 # What the replica can hold, in the picker's 256-byte blocks.
                 picker["lruBlocks"] = max(1, math.ceil(cache_blocks * BLOCK_BYTES / KEY_BLOCK_BYTES))
