@@ -762,6 +762,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer requests, 0.5x capacity only, no variants")
     ap.add_argument("--no-variants", action="store_true")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--only", default="", help="comma-separated strategy names (exploring; the committed "
+                    "results come from a full run)")
+    ap.add_argument("--capacities", default="", help="comma-separated capacities, e.g. 0.5")
     args = ap.parse_args()
     for f in (WASM, MOCK):
         if not f.is_file():
@@ -780,6 +783,16 @@ def main() -> int:
             f"blocks, oracle hit rate {w.oracle_hit_rate:.3f}")
     strategies = list(MAIN) + ([] if (args.quick or args.no_variants) else list(variants()))
     capacities = (TARGET_CAPACITY,) if args.quick else CAPACITIES
+    if args.only:
+        wanted = set(args.only.split(","))
+        everything = list(MAIN) + list(variants())
+        unknown = wanted - {s.name for s in everything}
+        if unknown:
+            raise SystemExit(f"bench-routing: unknown strategies {sorted(unknown)}")
+        # The affinity strategy stays: the filter probe runs on its listener.
+        strategies = [s for s in everything if s.name in wanted or s.name == "affinity"]
+    if args.capacities:
+        capacities = tuple(float(c) for c in args.capacities.split(","))
 
     rows: list[dict] = []
     work = Path(tempfile.mkdtemp(prefix="bench-routing-"))
