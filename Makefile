@@ -163,7 +163,7 @@ bench-core: corpus ## Criterion micro-benchmarks of the core scanners, natively,
 	BBR_CORPUS=$(abspath $(CORPUS)) $(CARGO) bench --bench scanner -- --warm-up-time 1 --measurement-time 2
 
 .PHONY: bench-routing
-bench-routing: build venv ## Replica choice: round robin vs least request vs prefix affinity over 4 caching mock replicas (~10 min; BACKEND=llama: 2 real llama-server replicas, ~3 min; bench/results/routing/)
+bench-routing: build venv ## Replica choice: round robin vs least request vs prefix affinity vs the filter's endpoint picker over 4 caching mock replicas (~11 min; BACKEND=llama: 2 real llama-server replicas, ~3 min; bench/results/routing/)
 	@bash scripts/bench-deps.sh --python-only
 	@if [ "$(BACKEND)" = llama ]; then \
 	  $(VENV)/bin/python bench/routing/llama_routing.py; \
