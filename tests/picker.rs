@@ -70,35 +70,35 @@ both! {
 
     fn the_same_prefix_returns_to_its_endpoint_while_load_allows() {
         let mut p = picker(4, Scoring::default());
-        let first = p.pick(&chain(1, 8));
+        let first = p.pick(&chain(1, 8), 0);
         assert!(first.is_some());
         if let Some(i) = first { p.done(i); }
         // Other prompts land elsewhere (load ties rotate) and do not disturb it.
         for family in 2..6 {
-            let Some(i) = p.pick(&chain(family, 8)) else { unreachable!("4 endpoints") };
+            let Some(i) = p.pick(&chain(family, 8), 0) else { unreachable!("4 endpoints") };
             p.done(i);
         }
         for _ in 0..5 {
-            let again = p.pick(&chain(1, 8));
+            let again = p.pick(&chain(1, 8), 0);
             assert_eq!(again, first);
             if let Some(i) = again { p.done(i); }
         }
         // A longer prompt sharing the first 8 blocks goes there too.
         let mut longer = chain(1, 8);
         longer.extend(chain(9, 4));
-        assert_eq!(p.pick(&longer), first);
+        assert_eq!(p.pick(&longer, 0), first);
     }
 
     fn the_longest_leading_match_wins() {
         let mut p = picker(3, Scoring::default());
         // Endpoint `a` was sent family 1's first 2 blocks; `b` an unrelated prompt.
-        let Some(a) = p.pick(&chain(1, 2)) else { unreachable!("3 endpoints") };
+        let Some(a) = p.pick(&chain(1, 2), 0) else { unreachable!("3 endpoints") };
         p.done(a);
-        let Some(b) = p.pick(&chain(5, 4)) else { unreachable!("3 endpoints") };
+        let Some(b) = p.pick(&chain(5, 4), 0) else { unreachable!("3 endpoints") };
         p.done(b);
         assert_ne!(a, b);
         // A 4-block prompt of family 1 matches 2 of 4 on `a`, none elsewhere: `a`.
-        assert_eq!(p.pick(&chain(1, 4)), Some(a));
+        assert_eq!(p.pick(&chain(1, 4), 0), Some(a));
         // Blocks after a miss do not count (a chain never has them without its first).
         let mut later = chain(9, 1);
         later.extend(chain(5, 4).into_iter().skip(1));
@@ -109,27 +109,27 @@ both! {
     fn prefix_outweighs_a_small_load_difference_but_not_the_bound() {
         // Two endpoints: A holds the prefix and one request; B is idle.
         let mut p = picker(2, Scoring { balance_factor: None, ..Scoring::default() });
-        let Some(a) = p.pick(&chain(1, 4)) else { unreachable!() };
+        let Some(a) = p.pick(&chain(1, 4), 0) else { unreachable!() };
         // score A = 3 x 1 + 2 x 0 = 3, B = 0 + 2 x 1 = 2: A.
-        assert_eq!(p.pick(&chain(1, 4)), Some(a));
+        assert_eq!(p.pick(&chain(1, 4), 0), Some(a));
         assert_eq!(loads(&p)[a], 2);
         // With the load weight above the prefix weight, B.
         let mut q = picker(2, Scoring { prefix_weight: 1, load_weight: 2, balance_factor: None });
-        let Some(a) = q.pick(&chain(1, 4)) else { unreachable!() };
-        assert_ne!(q.pick(&chain(1, 4)), Some(a));
+        let Some(a) = q.pick(&chain(1, 4), 0) else { unreachable!() };
+        assert_ne!(q.pick(&chain(1, 4), 0), Some(a));
         // With the default bound (125 %): after one in flight on A, a second on A would be
         // 2 > ceil(2 x 1.25 / 2) = 2? No: 2 <= 2, allowed; a third is 3 > ceil(3 x 1.25 / 2) = 2.
         let mut r = picker(2, Scoring::default());
-        let Some(a) = r.pick(&chain(1, 4)) else { unreachable!() };
-        assert_eq!(r.pick(&chain(1, 4)), Some(a));
-        assert_ne!(r.pick(&chain(1, 4)), Some(a));
+        let Some(a) = r.pick(&chain(1, 4), 0) else { unreachable!() };
+        assert_eq!(r.pick(&chain(1, 4), 0), Some(a));
+        assert_ne!(r.pick(&chain(1, 4), 0), Some(a));
     }
 
     fn a_burst_on_one_prefix_spreads_within_the_bound() {
         for (n, factor) in [(4usize, 125u32), (4, 150), (3, 100), (8, 125)] {
             let mut p = picker(n, Scoring { balance_factor: Some(factor), ..Scoring::default() });
             for k in 0..(4 * n as u64) {
-                assert!(p.pick(&chain(1, 8)).is_some());
+                assert!(p.pick(&chain(1, 8), 0).is_some());
                 let total = k + 1;
                 let bound = (total * u64::from(factor)).div_ceil(100 * n as u64).max(1);
                 let max = loads(&p).into_iter().max().unwrap_or(0);
@@ -142,7 +142,7 @@ both! {
         // Without a bound the prefix keeps them all on one endpoint.
         let mut p = picker(4, Scoring { balance_factor: None, ..Scoring::default() });
         for _ in 0..8 {
-            p.pick(&chain(1, 8));
+            p.pick(&chain(1, 8), 0);
         }
         assert_eq!(loads(&p).into_iter().max(), Some(8));
     }
@@ -152,24 +152,63 @@ both! {
         // Idle pool: ties rotate through every endpoint.
         let mut seen = Vec::new();
         for family in 0..8 {
-            let Some(i) = p.pick(&chain(100 + family, 4)) else { unreachable!() };
+            let Some(i) = p.pick(&chain(100 + family, 4), 0) else { unreachable!() };
             p.done(i);
             seen.push(i);
         }
         assert_eq!(seen, vec![0, 1, 2, 3, 0, 1, 2, 3]);
         // Loaded pool: the fewest in flight, whatever the rotation.
         let mut q = picker(3, Scoring::default());
-        for _ in 0..3 { q.pick(&[]); }
+        for _ in 0..3 { q.pick(&[], 0); }
         assert_eq!(loads(&q), vec![1, 1, 1]);
         q.done(1);
-        assert_eq!(q.pick(&chain(200, 4)), Some(1));
+        assert_eq!(q.pick(&chain(200, 4), 0), Some(1));
         q.done(0);
         q.done(2);
         // Prompts with no blocks (short, or not settled) are placed by load alone.
         let mut r = picker(2, Scoring::default());
-        assert_eq!(r.pick(&[]), Some(0));
-        assert_eq!(r.pick(&[]), Some(1));
+        assert_eq!(r.pick(&[], 0), Some(0));
+        assert_eq!(r.pick(&[], 0), Some(1));
         assert_eq!(loads(&r), vec![1, 1]);
+    }
+
+    fn an_endpoint_that_failed_a_pick_cools_down() {
+        let mut p = picker(3, Scoring::default());
+        let Some(home) = p.pick(&chain(1, 8), 0) else { unreachable!("3 endpoints") };
+        p.done(home);
+        assert_eq!(p.pick(&chain(1, 8), 1), Some(home));
+        // Envoy served it at `other` (override_host's fallback after `home` failed).
+        let other = (home + 1) % 3;
+        assert_eq!(p.served_elsewhere(home, Some(other), &chain(1, 8), 1_000, 10_000), Some(other));
+        assert_eq!(loads(&p)[home], 0);
+        assert_eq!(loads(&p)[other], 1);
+        // `other` now holds the prefix too; `home` is skipped until 11 000 ms.
+        p.done(other);
+        for now in [1_000, 5_000, 10_999] {
+            let Some(i) = p.pick(&chain(1, 8), now) else { unreachable!("3 endpoints") };
+            assert_ne!(i, home, "at {now}");
+            p.done(i);
+        }
+        let mut seen_home = false;
+        for now in [11_000, 11_001, 11_002] {
+            let Some(i) = p.pick(&[], now) else { unreachable!("3 endpoints") };
+            seen_home |= i == home;
+            p.done(i);
+        }
+        assert!(seen_home, "back after the cooldown");
+        // Served by a host the pool does not list: the request leaves the books.
+        let Some(i) = p.pick(&chain(2, 4), 20_000) else { unreachable!("3 endpoints") };
+        assert_eq!(p.served_elsewhere(i, None, &chain(2, 4), 20_000, 10_000), None);
+        assert_eq!(loads(&p), vec![0, 0, 0]);
+        // All cooling down: still picked (someone must take it), by load.
+        let mut q = picker(2, Scoring::default());
+        let Some(a) = q.pick(&[], 0) else { unreachable!() };
+        q.served_elsewhere(a, None, &[], 0, 10_000);
+        let Some(b) = q.pick(&[], 0) else { unreachable!() };
+        q.served_elsewhere(b, None, &[], 0, 10_000);
+        assert!(q.pick(&[], 5).is_some());
+        assert_eq!(q.index_of("127.0.0.1:8001"), Some(1));
+        assert_eq!(q.index_of("127.0.0.1:9"), None);
     }
 
     fn done_is_safe_on_any_index_and_never_goes_below_zero() {
@@ -178,7 +217,7 @@ both! {
         p.done(99);
         assert_eq!(loads(&p), vec![0, 0]);
         let mut empty = Picker::new(&[], 10, Scoring::default());
-        assert_eq!(empty.pick(&chain(1, 2)), None);
+        assert_eq!(empty.pick(&chain(1, 2), 0), None);
         assert_eq!(empty.address(0), None);
         assert_eq!(p.address(1), Some("127.0.0.1:8001"));
     }
@@ -188,7 +227,7 @@ both! {
         let Some(pc) = r.prefix_affinity.as_ref().and_then(|a| a.picker.as_ref()) else { unreachable!("picker") };
         assert_eq!(pc.header, "x-gateway-destination-endpoint");
         assert_eq!(r.picker_header, "x-gateway-destination-endpoint");
-        assert_eq!((pc.lru_blocks, pc.max_blocks), (8192, 32));
+        assert_eq!((pc.lru_blocks, pc.max_blocks, pc.cooldown_ms), (8192, 32, 10_000));
         assert_eq!(pc.scoring, Scoring::default());
         assert_eq!(pc.pool_for(None, "m"), Some(0));
         assert_eq!(pc.pool_for(None, "other"), None);
@@ -235,6 +274,7 @@ both! {
             (r#"{"maxBlocks":4097,"pools":[{"cluster":"c","endpoints":["127.0.0.1:1"]}]}"#, "prefixAffinity.picker.maxBlocks"),
             (r#"{"prefixWeight":101,"pools":[{"cluster":"c","endpoints":["127.0.0.1:1"]}]}"#, "prefixAffinity.picker.prefixWeight"),
             (r#"{"loadWeight":1000,"pools":[{"cluster":"c","endpoints":["127.0.0.1:1"]}]}"#, "prefixAffinity.picker.loadWeight"),
+            (r#"{"cooldownMs":3600001,"pools":[{"cluster":"c","endpoints":["127.0.0.1:1"]}]}"#, "prefixAffinity.picker.cooldownMs"),
             (r#"{"balanceFactor":99,"pools":[{"cluster":"c","endpoints":["127.0.0.1:1"]}]}"#, "prefixAffinity.picker.balanceFactor"),
             (r#"{"header":"x-gateway-prefix-hash","pools":[{"cluster":"c","endpoints":["127.0.0.1:1"]}]}"#, "prefixAffinity.picker.header"),
             (r#"{"header":"bad header","pools":[{"cluster":"c","endpoints":["127.0.0.1:1"]}]}"#, "prefixAffinity.picker.header"),

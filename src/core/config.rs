@@ -6,7 +6,10 @@
 
 use super::discovery::Pool;
 use super::overload::{BodyBudget, DEFAULT_MAX_HELD_BODY_BYTES, DEFAULT_SHED_BODIES_OVER_BYTES};
-use super::picker::{Scoring, DEFAULT_BALANCE_FACTOR, DEFAULT_LOAD_WEIGHT, DEFAULT_PREFIX_WEIGHT};
+use super::picker::{
+    Scoring, DEFAULT_BALANCE_FACTOR, DEFAULT_COOLDOWN_MS, DEFAULT_LOAD_WEIGHT,
+    DEFAULT_PREFIX_WEIGHT,
+};
 use super::prefix::{
     DEFAULT_BLOCK_BYTES, DEFAULT_PREFIX_BLOCKS, DEFAULT_PREFIX_HEADER, MAX_CAPTURE_BYTES,
 };
@@ -76,6 +79,8 @@ pub const MAX_PICKER_ENDPOINTS: usize = 256;
 pub const MAX_PICKER_WEIGHT: u32 = 100;
 /// Largest accepted `prefixAffinity.picker.balanceFactor` (percent of the mean).
 pub const MAX_PICKER_BALANCE_FACTOR: u32 = 10_000;
+/// Largest accepted `prefixAffinity.picker.cooldownMs` (one hour).
+pub const MAX_PICKER_COOLDOWN_MS: u64 = 3_600_000;
 /// Most bytes in a cluster name or an authority.
 pub const MAX_CLUSTER_NAME_BYTES: usize = 255;
 
@@ -152,6 +157,10 @@ pub struct RawPicker {
     /// Percent of the mean in-flight count; `null`: no bound.
     #[serde(default = "default_balance_factor")]
     pub balance_factor: Option<u32>,
+    /// How long an endpoint that failed a picked request (Envoy served it elsewhere) is not
+    /// picked; 0: picked again at once.
+    #[serde(default = "default_cooldown_ms")]
+    pub cooldown_ms: u64,
     pub pools: Vec<RawPickerPool>,
 }
 
@@ -208,6 +217,7 @@ pub struct PickerConfig {
     pub lru_blocks: usize,
     pub max_blocks: usize,
     pub scoring: Scoring,
+    pub cooldown_ms: u64,
     pub pools: Vec<PickerPool>,
 }
 
@@ -349,6 +359,9 @@ fn default_load_weight() -> u32 {
 }
 fn default_balance_factor() -> Option<u32> {
     Some(DEFAULT_BALANCE_FACTOR)
+}
+fn default_cooldown_ms() -> u64 {
+    DEFAULT_COOLDOWN_MS
 }
 fn default_absent_polls_before_removal() -> u32 {
     DEFAULT_ABSENT_POLLS_BEFORE_REMOVAL
@@ -755,6 +768,15 @@ fn compile_picker(
             ));
         }
     }
+    if raw.cooldown_ms > MAX_PICKER_COOLDOWN_MS {
+        return Err(invalid(
+            "prefixAffinity.picker.cooldownMs",
+            format!(
+                "must be between 0 and {MAX_PICKER_COOLDOWN_MS}, got {}",
+                raw.cooldown_ms
+            ),
+        ));
+    }
     if raw.pools.is_empty() {
         return Err(invalid(
             "prefixAffinity.picker.pools",
@@ -826,6 +848,7 @@ fn compile_picker(
             load_weight: raw.load_weight,
             balance_factor: raw.balance_factor,
         },
+        cooldown_ms: raw.cooldown_ms,
         pools,
     })
 }

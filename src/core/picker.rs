@@ -15,6 +15,12 @@
 //! candidate while another is within it. The chosen endpoint records the prompt's blocks and
 //! counts the request in flight until [`Picker::done`].
 //!
+//! When Envoy served a request elsewhere than picked (override_host's fallback after the picked
+//! host failed, see envoy/picker-lb-policy.yaml), [`Picker::served_elsewhere`] moves the request
+//! to the endpoint that served it and sets the picked one aside for a cooldown: override_host
+//! does not check health, so without this every request picked for a dead replica would pay a
+//! failed connection.
+//!
 //! The picker sees only what it sent: a replica's real cache may have evicted blocks sooner
 //! (size `lru_blocks` to the servers' cache) and other gateways' requests are not counted.
 //! Plain data: one table per Envoy worker (each wasm VM has its own).
@@ -27,6 +33,8 @@ pub const DEFAULT_LOAD_WEIGHT: u32 = 2;
 /// Default bound on an endpoint's in-flight requests, in percent of the mean (after the
 /// request being placed): the same rule and value as the shipped `hash_balance_factor`.
 pub const DEFAULT_BALANCE_FACTOR: u32 = 125;
+/// Default for how long an endpoint that failed a picked request is not picked (ms).
+pub const DEFAULT_COOLDOWN_MS: u64 = 10_000;
 
 /// The scoring settings of a picker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,6 +120,8 @@ pub struct Endpoint {
     pub address: String,
     pub in_flight: u32,
     pub blocks: BlockLru,
+    /// Not picked before this time (ms), after a request picked for it was served elsewhere.
+    pub down_until_ms: u64,
 }
 
 /// The picker of one pool.
@@ -132,6 +142,7 @@ impl Picker {
                     address: a.clone(),
                     in_flight: 0,
                     blocks: BlockLru::new(lru_blocks),
+                    down_until_ms: 0,
                 })
                 .collect(),
             scoring,
@@ -143,37 +154,54 @@ impl Picker {
         &self.endpoints
     }
 
-    /// Chooses an endpoint for a prompt with these chained block hashes (possibly none),
-    /// records the blocks there and counts the request in flight. Returns its index, `None`
-    /// for a pool without endpoints.
-    pub fn pick(&mut self, hashes: &[u64]) -> Option<usize> {
+    /// Chooses an endpoint for a prompt with these chained block hashes (possibly none) at
+    /// `now_ms`, records the blocks there and counts the request in flight. Endpoints cooling
+    /// down are skipped unless all are. Returns its index, `None` for a pool without endpoints.
+    pub fn pick(&mut self, hashes: &[u64], now_ms: u64) -> Option<usize> {
         let n = self.endpoints.len();
         if n == 0 {
             return None;
         }
+        // Candidates: the endpoints not cooling down, or all of them if every one is.
+        let up: Vec<bool> = self
+            .endpoints
+            .iter()
+            .map(|e| e.down_until_ms <= now_ms)
+            .collect();
+        let any_up = up.iter().any(|&u| u);
+        let candidate = |i: usize| !any_up || up.get(i).copied().unwrap_or(false);
         let loads: Vec<u64> = self
             .endpoints
             .iter()
             .map(|e| u64::from(e.in_flight))
             .collect();
-        let min = loads.iter().copied().min().unwrap_or(0);
-        let max = loads.iter().copied().max().unwrap_or(0);
-        let total: u64 = loads.iter().sum();
-        // Envoy's bounded-load rule: a host may take this request if its count after it stays
-        // within ceil((total + 1) x factor / n). The least loaded endpoint always qualifies.
+        let candidate_loads = || {
+            (0..n)
+                .filter(|&i| candidate(i))
+                .filter_map(|i| loads.get(i).copied())
+        };
+        let min = candidate_loads().min().unwrap_or(0);
+        let max = candidate_loads().max().unwrap_or(0);
+        let total: u64 = candidate_loads().sum();
+        let count = candidate_loads().count().max(1) as u64;
+        // Envoy's bounded-load rule over the candidates: one may take this request if its count
+        // after it stays within ceil((total + 1) x factor / count). The least loaded always
+        // qualifies.
         let bound = self.scoring.balance_factor.map(|factor| {
             let scaled = (total + 1) * u64::from(factor);
-            let per_host = 100 * n as u64;
-            scaled.div_ceil(per_host)
+            scaled.div_ceil(100 * count)
         });
         let within = |load: u64| bound.is_none_or(|b| load < b);
-        let any_within = loads.iter().any(|&l| within(l));
+        let any_within = candidate_loads().any(within);
 
         let blocks = hashes.len() as u64;
         let mut best: Option<(u64, u64, usize, usize)> = None; // (score, load, rank, index)
         for offset in 0..n {
             let i = (self.rotor + offset) % n;
             let load = loads.get(i).copied().unwrap_or(0);
+            if !candidate(i) {
+                continue;
+            }
             if any_within && !within(load) {
                 continue;
             }
@@ -205,6 +233,36 @@ impl Picker {
         }
         endpoint.in_flight = endpoint.in_flight.saturating_add(1);
         Some(chosen)
+    }
+
+    /// Envoy served the request picked for `picked` at `served` instead (`None`: a host this
+    /// pool does not list): the picked endpoint failed it, so it is not picked again before
+    /// `now_ms + cooldown_ms`; the request counts in flight at `served` from now on, and its
+    /// blocks are recorded there. Returns where the request now counts.
+    pub fn served_elsewhere(
+        &mut self,
+        picked: usize,
+        served: Option<usize>,
+        hashes: &[u64],
+        now_ms: u64,
+        cooldown_ms: u64,
+    ) -> Option<usize> {
+        self.done(picked);
+        if let Some(e) = self.endpoints.get_mut(picked) {
+            e.down_until_ms = now_ms.saturating_add(cooldown_ms);
+        }
+        let to = served.filter(|&i| i != picked)?;
+        let endpoint = self.endpoints.get_mut(to)?;
+        for &h in hashes {
+            endpoint.blocks.record(h);
+        }
+        endpoint.in_flight = endpoint.in_flight.saturating_add(1);
+        Some(to)
+    }
+
+    /// The index of the endpoint with this address.
+    pub fn index_of(&self, address: &str) -> Option<usize> {
+        self.endpoints.iter().position(|e| e.address == address)
     }
 
     /// The request sent to endpoint `index` has ended (answered, failed or reset).

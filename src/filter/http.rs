@@ -1,6 +1,6 @@
 //! One HTTP stream: anti-spoofing, the body scan, and the routing headers.
 
-use super::{now_nanos, Metrics};
+use super::{now_millis, now_nanos, Metrics};
 use crate::core::config::LOCAL_REPLY_HEADER;
 use crate::core::headers;
 use crate::core::overload::HeldBodies;
@@ -70,6 +70,9 @@ pub(super) struct BbrHttp {
     pub(super) pickers: Rc<RefCell<Vec<Picker>>>,
     /// (picker pool, endpoint) this request was counted in flight at, until the stream ends.
     pub(super) picked: Option<(usize, usize)>,
+    /// The prompt's block hashes the pick recorded, kept to record them where Envoy really
+    /// sent the request if that was elsewhere (at most `picker.maxBlocks`).
+    pub(super) picked_hashes: Vec<u64>,
     pub(super) configured_at: u64,
     pub(super) phase: Phase,
     pub(super) scanner: Option<Box<BodyScanner>>,
@@ -307,6 +310,11 @@ impl HttpContext for BbrHttp {
             Phase::Headers | Phase::Passed => Action::Continue,
         }
     }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        self.check_picked_upstream();
+        Action::Continue
+    }
 }
 
 impl BbrHttp {
@@ -440,6 +448,7 @@ impl BbrHttp {
         let hashes = capture
             .map(|c| router.picker_blocks(c, &route.model.name))
             .unwrap_or_default();
+        let now = now_millis();
         let chosen = {
             let Ok(mut pickers) = self.pickers.try_borrow_mut() else {
                 return Ok(());
@@ -448,21 +457,73 @@ impl BbrHttp {
                 return Ok(());
             };
             picker
-                .pick(&hashes)
+                .pick(&hashes, now)
                 .and_then(|i| picker.address(i).map(|a| (i, a.to_string())))
         };
         let Some((endpoint, address)) = chosen else {
             return Ok(());
         };
         self.picked = Some((pool, endpoint));
+        self.picked_hashes = hashes;
         self.set_request_header(&config.header, &address)?;
         self.metrics.increment(self.metrics.endpoint_picked);
         debug!(
             "[{}] picked endpoint {endpoint} of picker pool {pool} ({} blocks)",
             self.id,
-            hashes.len()
+            self.picked_hashes.len()
         );
         Ok(())
+    }
+
+    /// At the response: did Envoy send the request where the picker said? override_host goes
+    /// elsewhere (its fallback) only after the picked host failed the request (a connect
+    /// failure, retried) or when the cluster does not have it, and it does not check health
+    /// itself (see envoy/picker-lb-policy.yaml). Either way the picked endpoint cools down,
+    /// so the next requests are not sent to fail there too, and the request is counted where
+    /// it really runs. A reply without an upstream (Envoy's own 503) has no address: nothing.
+    fn check_picked_upstream(&mut self) {
+        let Some((pool, endpoint)) = self.picked else {
+            return;
+        };
+        let served = match hostcalls::get_property(vec!["upstream", "address"]) {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return,
+            Err(status) => {
+                debug!("[{}] cannot read upstream.address: {status:?}", self.id);
+                return;
+            }
+        };
+        let Some(cooldown_ms) = self
+            .router
+            .as_ref()
+            .and_then(|r| r.prefix_affinity.as_ref())
+            .and_then(|a| a.picker.as_ref())
+            .map(|p| p.cooldown_ms)
+        else {
+            return;
+        };
+        let Ok(mut pickers) = self.pickers.try_borrow_mut() else {
+            return;
+        };
+        let Some(picker) = pickers.get_mut(pool) else {
+            return;
+        };
+        let served = String::from_utf8_lossy(&served);
+        if picker.address(endpoint) == Some(served.as_ref()) {
+            return;
+        }
+        let to = picker.index_of(&served);
+        let now = now_millis();
+        self.picked = picker
+            .served_elsewhere(endpoint, to, &self.picked_hashes, now, cooldown_ms)
+            .map(|i| (pool, i));
+        self.metrics.increment(self.metrics.endpoint_failed_over);
+        // Addresses are the operator's configuration, not request content.
+        warn!(
+            "[{}] picked endpoint {endpoint} of picker pool {pool} was not used (served by {served}); \
+             not picked for {cooldown_ms} ms",
+            self.id
+        );
     }
 
     fn reject(&mut self, rejection: &Rejection) -> Action {

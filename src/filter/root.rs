@@ -479,6 +479,7 @@ impl RootContext for BbrRoot {
             metrics: Rc::clone(&self.metrics),
             pickers: Rc::clone(&self.pickers),
             picked: None,
+            picked_hashes: Vec::new(),
             configured_at: self.configured_at,
             phase: Phase::Headers,
             scanner: None,

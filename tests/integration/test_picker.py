@@ -194,7 +194,8 @@ def test_a_killed_replica_falls_back_without_errors_beyond_in_flight(pool):
     """Kill the home of some tenants mid-run, under concurrent load. override_host follows the
     header even to a dead host (it does not check health, see envoy/picker-lb-policy.yaml), so
     the connect failure is retried once by the fallback (least request) elsewhere: the only
-    errors are the requests the replica was serving when it died. Other tenants stay home."""
+    errors are the requests the replica was serving when it died. Other tenants stay home, and
+    the picker, seeing its picks served elsewhere, stops picking the dead replica."""
     env, replicas = pool
     workers = 4
     tenants = list(range(200, 212))
@@ -229,3 +230,16 @@ def test_a_killed_replica_falls_back_without_errors_beyond_in_flight(pool):
     assert stayed >= 0.75 * len(others), (stayed, len(others), others)
     # The rest of the pool kept serving: the last round was all answered.
     assert all(code == 200 for i, _, code, _, _ in results if i >= 72 - len(tenants)), results[-12:]
+
+    # The picker saw its picks served elsewhere and set the dead replica aside (cooldownMs,
+    # 10 s): a further round of every tenant, the dead replica's included, needs no retry.
+    assert counter(env, "bbr_endpoint_failed_over_total") >= 1
+    retries = env.stat("cluster.qwen-vllm.upstream_rq_retry")
+    assert retries >= 1
+    with httpx.Client(base_url=env.url, timeout=30.0) as client:
+        for tenant in tenants:
+            r = chat(client, tenant_messages(tenant))
+            assert r.status_code == 200, r.text[:200]
+            assert r.headers[SEEN] != f"127.0.0.1:{victim.port}"
+            assert r.headers["x-mock-backend"] != victim.id
+    assert env.stat("cluster.qwen-vllm.upstream_rq_retry") == retries
