@@ -53,7 +53,7 @@ wasm-bindgen: targets
 
 test-wasm: wasm-bindgen ## The same core tests compiled to wasm32-unknown-unknown, run under Node
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(abspath $(WBG_RUNNER)) \
-	  $(CARGO) test -p bbr-wasm --target wasm32-unknown-unknown --test core --test prefix --test discovery --test overload
+	  $(CARGO) test -p bbr-wasm --target wasm32-unknown-unknown --test core --test prefix --test picker --test discovery --test overload
 
 test-integration: build venv ## Real Envoy + the built .wasm + mock backends on free loopback ports
 	$(VENV)/bin/python -m pytest -q tests/integration
@@ -163,7 +163,7 @@ bench-core: corpus ## Criterion micro-benchmarks of the core scanners, natively,
 	BBR_CORPUS=$(abspath $(CORPUS)) $(CARGO) bench --bench scanner -- --warm-up-time 1 --measurement-time 2
 
 .PHONY: bench-routing
-bench-routing: build venv ## Replica choice: round robin vs least request vs prefix affinity over 4 caching mock replicas (~10 min; BACKEND=llama: 2 real llama-server replicas, ~3 min; bench/results/routing/)
+bench-routing: build venv ## Replica choice: round robin vs least request vs prefix affinity vs the filter's endpoint picker over 4 caching mock replicas (~11 min; BACKEND=llama: 2 real llama-server replicas, ~3 min; bench/results/routing/)
 	@bash scripts/bench-deps.sh --python-only
 	@if [ "$(BACKEND)" = llama ]; then \
 	  $(VENV)/bin/python bench/routing/llama_routing.py; \

@@ -2,7 +2,7 @@
 //! at every boundary, and how the key is chained. Runs natively and under wasm-bindgen-test,
 //! like tests/core.rs.
 
-use bbr_wasm::core::prefix::{key_header_value, prefix_key};
+use bbr_wasm::core::prefix::{block_hashes, key_header_value, prefix_key};
 use bbr_wasm::core::vector::find_quote_or_backslash;
 use bbr_wasm::core::{CaptureState, PromptCapture, Router};
 
@@ -174,6 +174,14 @@ both! {
         assert_ne!(prefix_key("m", &a, block, 3), prefix_key("m", &b, block, 3));
         // Another model, another key.
         assert_ne!(prefix_key("m2", &a, block, 2), Some(h2));
+        // The picker's chain is the same chain, one hash per complete block, bounded.
+        assert_eq!(block_hashes("m", &a[..40], block, 8), vec![h1, h2]);
+        assert_eq!(block_hashes("m", &a, block, 3).len(), 3);
+        assert_eq!(block_hashes("m", &a[..15], block, 8), Vec::<u64>::new());
+        assert_eq!(block_hashes("m", &a, 0, 8), Vec::<u64>::new());
+        for n in 1..=4 {
+            assert_eq!(block_hashes("m", &a, block, n).last().copied(), prefix_key("m", &a, block, n));
+        }
         assert_eq!(key_header_value(0xab), "00000000000000ab");
         assert_eq!(key_header_value(h2).len(), 16);
     }

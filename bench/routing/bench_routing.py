@@ -8,7 +8,12 @@ listener per strategy, each routing to its own cluster over the same 4 replicas:
   least_request    lb_policy LEAST_REQUEST (what envoy/envoy.yaml ships today)
   affinity         lb_policy MAGLEV hashing on x-gateway-prefix-hash, bounded load
                    (common_lb_config.consistent_hashing_lb_config.hash_balance_factor)
+  picker           the filter's endpoint picker (prefixAffinity.picker): per replica, an LRU of
+                   the block hashes it sent there and its in-flight count, scored like llm-d's
+                   EPP (prefix 3, load 2, bounded at balanceFactor); the cluster uses
+                   envoy/picker-lb-policy.yaml (override_host, least-request fallback)
   + variants of affinity (RING_HASH, other hash_balance_factor and prefixBlocks values)
+    and of picker (other balanceFactor values; lruBlocks matched to the replica's cache)
 
 The same request sequence is replayed against each strategy, the replicas' caches emptied
 (POST /reset_prefix_cache) in between. Arrivals are open-loop (Poisson, seeded), paced so that
@@ -68,6 +73,7 @@ import prefix_key  # noqa: E402
 WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "bbr_wasm.wasm"
 MOCK = ROOT / "target" / "release" / "mock-vllm"
 SHIPPED_ENVOY_YAML = ROOT / "envoy" / "envoy.yaml"
+PICKER_POLICY_YAML = ROOT / "envoy" / "picker-lb-policy.yaml"
 OUT = ROOT / "bench" / "results" / "routing"
 MODEL = "Qwen/Qwen2.5-3B-Instruct"
 PATH = "/v1/chat/completions"
@@ -108,20 +114,30 @@ def say(msg: str) -> None:
 @dataclass(frozen=True)
 class Strategy:
     name: str
-    lb: str                             # ROUND_ROBIN, LEAST_REQUEST, MAGLEV, RING_HASH
-    hbf: Optional[int] = None           # hash_balance_factor in percent; None: unbounded
+    lb: str                             # ROUND_ROBIN, LEAST_REQUEST, MAGLEV, RING_HASH, PICKER
+    hbf: Optional[int] = None           # hash_balance_factor (picker: balanceFactor) in percent; None: unbounded
     prefix_blocks: Optional[int] = None  # the key's prefixBlocks (hashing strategies only)
+    lru_matched: bool = False           # picker: lruBlocks = the replica's cache, in key blocks
+    load_weight: Optional[int] = None   # picker: loadWeight (None: the filter's default, 2)
 
     @property
     def hashed(self) -> bool:
         return self.lb in ("MAGLEV", "RING_HASH")
 
+    @property
+    def picker(self) -> bool:
+        return self.lb == "PICKER"
+
+
+DEFAULT_PICKER_BALANCE = 125            # prefixAffinity.picker.balanceFactor's default
 
 MAIN = (
     Strategy("round_robin", "ROUND_ROBIN"),
     Strategy("least_request", "LEAST_REQUEST"),
     Strategy("affinity", DEFAULT_LB, DEFAULT_HBF, DEFAULT_PREFIX_BLOCKS),
+    Strategy("picker", "PICKER", DEFAULT_PICKER_BALANCE),
 )
+HEAD_TO_HEAD = ("affinity", "picker")    # the strategies the issue's targets are checked for
 
 
 def variants() -> tuple[Strategy, ...]:
@@ -131,6 +147,10 @@ def variants() -> tuple[Strategy, ...]:
     out.append(Strategy("affinity_ring_hash", "RING_HASH", DEFAULT_HBF, DEFAULT_PREFIX_BLOCKS))
     out += [Strategy(f"affinity_blocks_{n}", DEFAULT_LB, DEFAULT_HBF, n)
             for n in (2, 4, 16, 32) if n != DEFAULT_PREFIX_BLOCKS]
+    out += [Strategy(f"picker_bf_{b or 'none'}", "PICKER", b)
+            for b in (None, 110, 150, 200) if b != DEFAULT_PICKER_BALANCE]
+    out.append(Strategy("picker_lru_matched", "PICKER", DEFAULT_PICKER_BALANCE, lru_matched=True))
+    out.append(Strategy("picker_load_weight_1", "PICKER", DEFAULT_PICKER_BALANCE, load_weight=1))
     return tuple(out)
 
 
@@ -142,11 +162,22 @@ class KeySource:
         assert mode in ("filter", "client")
         self.mode = mode
 
-    def filter_config(self, strategy: Strategy) -> dict:
+    def filter_config(self, strategy: Strategy, endpoints: list[str], cache_blocks: int) -> dict:
         cfg: dict = {"models": [{"name": MODEL}]}
         if self.mode == "filter" and strategy.hashed:
             cfg["prefixAffinity"] = {"enabled": True, "header": HEADER, "blockBytes": KEY_BLOCK_BYTES,
                                      "prefixBlocks": strategy.prefix_blocks}
+        if strategy.picker:
+            # The filter always chooses here, whatever the key source: the picker needs the
+            # prompt's blocks, which only the filter reads.
+            picker: dict = {"balanceFactor": strategy.hbf,
+                            "pools": [{"cluster": strategy.name, "baseModels": [MODEL], "endpoints": endpoints}]}
+            if strategy.load_weight is not None:
+                picker["loadWeight"] = strategy.load_weight
+            if strategy.lru_matched:
+                # What the replica can hold, in the picker's 256-byte blocks.
+                picker["lruBlocks"] = max(1, math.ceil(cache_blocks * BLOCK_BYTES / KEY_BLOCK_BYTES))
+            cfg["prefixAffinity"] = {"enabled": True, "blockBytes": KEY_BLOCK_BYTES, "picker": picker}
         return cfg
 
     def expected(self, body: dict, strategy: Strategy) -> Optional[str]:
@@ -376,9 +407,11 @@ def shipped() -> dict:
 
 
 def gateway_config(strategies: list[Strategy], ports: dict[str, int], mock_ports: list[int],
-                   keys: KeySource) -> dict:
+                   keys: KeySource, cache_blocks: int) -> dict:
     """envoy/envoy.yaml's listener, filter and cluster settings; one listener + cluster per strategy."""
     base = shipped()
+    picker_example = yaml.safe_load(PICKER_POLICY_YAML.read_text())
+    endpoints = [f"127.0.0.1:{p}" for p in mock_ports]
     listener_t = base["static_resources"]["listeners"][0]
     cluster_t = next(c for c in base["static_resources"]["clusters"] if c["name"] == "qwen-vllm")
     listeners, clusters = [], []
@@ -399,13 +432,16 @@ def gateway_config(strategies: list[Strategy], ports: dict[str, int], mock_ports
         route["route"].pop("hash_policy", None)
         if s.hashed:
             route["route"]["hash_policy"] = [{"header": {"header_name": HEADER}}]
+        if s.picker:
+            route["route"].update(copy.deepcopy(picker_example["route"]))
         hcm["route_config"]["virtual_hosts"][0]["routes"] = [route]
         for f in hcm["http_filters"]:
             if f["name"] == "envoy.filters.http.wasm":
                 conf = f["typed_config"]["config"]
                 conf["name"] = f"bbr_{s.name}"
                 conf["vm_config"]["code"]["local"]["filename"] = str(WASM)
-                conf["configuration"]["value"] = json.dumps(keys.filter_config(s), separators=(",", ":"))
+                conf["configuration"]["value"] = json.dumps(keys.filter_config(s, endpoints, cache_blocks),
+                                                            separators=(",", ":"))
         listeners.append(lst)
 
         c = copy.deepcopy(cluster_t)
@@ -415,6 +451,10 @@ def gateway_config(strategies: list[Strategy], ports: dict[str, int], mock_ports
         if s.hashed and s.hbf is not None:
             c.setdefault("common_lb_config", {})["consistent_hashing_lb_config"] = {
                 "hash_balance_factor": s.hbf}
+        if s.picker:
+            # envoy/picker-lb-policy.yaml in place of lb_policy; health checks, outlier detection kept.
+            c.pop("lb_policy", None)
+            c.update(copy.deepcopy(picker_example["cluster"]))
         c["load_assignment"] = {"cluster_name": s.name, "endpoints": [{"lb_endpoints": [
             {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}}
             for p in mock_ports]}]}
@@ -566,39 +606,43 @@ def find(rows: list[dict], workload: str, strategy: str, capacity: float) -> Opt
 
 
 def targets(rows: list[dict]) -> list[dict]:
+    """The issue's targets, for prefix affinity and for the picker, each side by side with round
+    robin and least request of the same run."""
     out = []
 
     def check(name: str, value: float, limit: float, ok: bool, text: str) -> None:
         out.append({"target": name, "value": value, "limit": limit, "met": bool(ok), "text": text})
 
     c = TARGET_CAPACITY
-    for wl in ("tenants", "conversations"):
-        rr, lr, af = (find(rows, wl, s, c) for s in ("round_robin", "least_request", "affinity"))
-        if not (rr and lr and af):
-            continue
-        check(f"{wl}: affinity hit rate >= 2x round robin's", af["hit_rate"] / max(rr["hit_rate"], 1e-9), 2.0,
-              af["hit_rate"] >= 2 * rr["hit_rate"],
-              f"{af['hit_rate']:.3f} vs {rr['hit_rate']:.3f}")
-        check(f"{wl}: affinity hit rate >= 0.8x the oracle's", af["hit_rate"] / max(af["oracle_hit_rate"], 1e-9),
-              0.8, af["hit_rate"] >= 0.8 * af["oracle_hit_rate"],
-              f"{af['hit_rate']:.3f} vs {af['oracle_hit_rate']:.3f}")
-        check(f"{wl}: affinity TTFT p95 <= 0.6x round robin's", af["ttft_p95_ms"] / rr["ttft_p95_ms"], 0.6,
-              af["ttft_p95_ms"] <= 0.6 * rr["ttft_p95_ms"],
-              f"{af['ttft_p95_ms']:.1f} ms vs {rr['ttft_p95_ms']:.1f} ms")
-        check(f"{wl}: affinity TTFT p95 below least request's", af["ttft_p95_ms"] / lr["ttft_p95_ms"], 1.0,
-              af["ttft_p95_ms"] < lr["ttft_p95_ms"],
-              f"{af['ttft_p95_ms']:.1f} ms vs {lr['ttft_p95_ms']:.1f} ms")
-        check(f"{wl}: affinity max/mean requests per replica <= 1.25", af["max_over_mean"], 1.25,
-              af["max_over_mean"] <= 1.25, f"{af['max_over_mean']:.2f} ({af['per_replica']})")
-    lr, af = find(rows, "control", "least_request", c), find(rows, "control", "affinity", c)
-    if lr and af:
-        check("control: affinity TTFT p95 within 5% of least request's", af["ttft_p95_ms"] / lr["ttft_p95_ms"], 1.05,
-              abs(af["ttft_p95_ms"] / lr["ttft_p95_ms"] - 1) <= 0.05,
-              f"{af['ttft_p95_ms']:.1f} ms vs {lr['ttft_p95_ms']:.1f} ms")
-        check("control: affinity throughput within 5% of least request's",
-              af["throughput_rps"] / lr["throughput_rps"], 1.05,
-              abs(af["throughput_rps"] / lr["throughput_rps"] - 1) <= 0.05,
-              f"{af['throughput_rps']:.1f} vs {lr['throughput_rps']:.1f} req/s")
+    for st in HEAD_TO_HEAD:
+        for wl in ("tenants", "conversations"):
+            rr, lr, af = (find(rows, wl, s, c) for s in ("round_robin", "least_request", st))
+            if not (rr and lr and af):
+                continue
+            check(f"{wl}: {st} hit rate >= 2x round robin's", af["hit_rate"] / max(rr["hit_rate"], 1e-9), 2.0,
+                  af["hit_rate"] >= 2 * rr["hit_rate"],
+                  f"{af['hit_rate']:.3f} vs {rr['hit_rate']:.3f}")
+            check(f"{wl}: {st} hit rate >= 0.8x the oracle's", af["hit_rate"] / max(af["oracle_hit_rate"], 1e-9),
+                  0.8, af["hit_rate"] >= 0.8 * af["oracle_hit_rate"],
+                  f"{af['hit_rate']:.3f} vs {af['oracle_hit_rate']:.3f}")
+            check(f"{wl}: {st} TTFT p95 <= 0.6x round robin's", af["ttft_p95_ms"] / rr["ttft_p95_ms"], 0.6,
+                  af["ttft_p95_ms"] <= 0.6 * rr["ttft_p95_ms"],
+                  f"{af['ttft_p95_ms']:.1f} ms vs {rr['ttft_p95_ms']:.1f} ms")
+            check(f"{wl}: {st} TTFT p95 below least request's", af["ttft_p95_ms"] / lr["ttft_p95_ms"], 1.0,
+                  af["ttft_p95_ms"] < lr["ttft_p95_ms"],
+                  f"{af['ttft_p95_ms']:.1f} ms vs {lr['ttft_p95_ms']:.1f} ms")
+            check(f"{wl}: {st} max/mean requests per replica <= 1.25", af["max_over_mean"], 1.25,
+                  af["max_over_mean"] <= 1.25, f"{af['max_over_mean']:.2f} ({af['per_replica']})")
+        lr, af = find(rows, "control", "least_request", c), find(rows, "control", st, c)
+        if lr and af:
+            check(f"control: {st} TTFT p95 within 5% of least request's", af["ttft_p95_ms"] / lr["ttft_p95_ms"], 1.05,
+                  abs(af["ttft_p95_ms"] / lr["ttft_p95_ms"] - 1) <= 0.05,
+                  f"{af['ttft_p95_ms']:.1f} ms vs {lr['ttft_p95_ms']:.1f} ms"
+                  + (" (lower: better than least request)" if af["ttft_p95_ms"] < 0.95 * lr["ttft_p95_ms"] else ""))
+            check(f"control: {st} throughput within 5% of least request's",
+                  af["throughput_rps"] / lr["throughput_rps"], 1.05,
+                  abs(af["throughput_rps"] / lr["throughput_rps"] - 1) <= 0.05,
+                  f"{af['throughput_rps']:.1f} vs {lr['throughput_rps']:.1f} req/s")
     return out
 
 
@@ -623,7 +667,11 @@ def markdown(meta: dict, rows: list[dict], checks: list[dict]) -> str:
           f"{MAX_TOKENS} tokens per answer, {BLOCK_TOKENS}-token cache blocks (tokens = 4 bytes). "
           f"Offered load: {UTILISATION:.0%} of the pool's prefill capacity with nothing cached. "
           f"Affinity: {DEFAULT_LB}, hash_balance_factor {DEFAULT_HBF}, {KEY_BLOCK_BYTES}-byte key blocks, "
-          f"prefixBlocks {DEFAULT_PREFIX_BLOCKS}. Wall time {meta['seconds']:.0f} s.", ""]
+          f"prefixBlocks {DEFAULT_PREFIX_BLOCKS}. Picker: prefixAffinity.picker defaults (prefix weight 3, "
+          f"load weight 2, balanceFactor {DEFAULT_PICKER_BALANCE}, lruBlocks 8192, maxBlocks 32), "
+          f"envoy/picker-lb-policy.yaml. Wall time {meta['seconds']:.0f} s. "
+          f"Load average (1/5/15 min) at the start: {meta.get('loadavg_start', '?')}, at the end: "
+          f"{meta.get('loadavg_end', '?')} ({meta['machine']['cpus']} CPUs).", ""]
     md.append("TTFT is the replica's own (x-mock-ttft-ms: queueing + prefill + base, simulated time); "
               "'client p95' is the client's request-to-response latency (includes decoding and this "
               "machine's CPU noise). Per replica: requests answered by replica-0..3.")
@@ -636,11 +684,15 @@ def markdown(meta: dict, rows: list[dict], checks: list[dict]) -> str:
     for c in checks:
         md.append(f"- {'met' if c['met'] else 'NOT MET'}: {c['target']}: {c['text']} (ratio {c['value']:.2f}, limit {c['limit']})")
     md += ["", "## Strategies across cache capacities", "", table([r for r in rows if r["strategy"] in
-                                                                  ("round_robin", "least_request", "affinity")])]
+                                                                  [s.name for s in MAIN]])]
     var = [r for r in rows if r["strategy"].startswith("affinity_") or
            (r["strategy"] == "affinity" and r["capacity"] == TARGET_CAPACITY)]
     if var:
         md += ["## Affinity settings (one changed at a time)", "", table(var)]
+    var = [r for r in rows if r["strategy"].startswith("picker_") or
+           (r["strategy"] == "picker" and r["capacity"] == TARGET_CAPACITY)]
+    if var:
+        md += ["## Picker settings (one changed at a time)", "", table(var)]
     return "\n".join(md) + "\n"
 
 
@@ -653,7 +705,7 @@ def chart(path: Path, rows: list[dict]) -> Optional[str]:
         return f"no chart: {e}"
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     for col, wl in enumerate(("tenants", "conversations")):
-        for strat, style in (("round_robin", "o-"), ("least_request", "s-"), ("affinity", "^-")):
+        for strat, style in (("round_robin", "o-"), ("least_request", "s-"), ("affinity", "^-"), ("picker", "D-")):
             pts = sorted((r["capacity"], r) for r in rows if r["workload"] == wl and r["strategy"] == strat)
             if not pts:
                 continue
@@ -710,11 +762,16 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer requests, 0.5x capacity only, no variants")
     ap.add_argument("--no-variants", action="store_true")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--only", default="", help="comma-separated strategy names (exploring; the committed "
+                    "results come from a full run)")
+    ap.add_argument("--capacities", default="", help="comma-separated capacities, e.g. 0.5")
     args = ap.parse_args()
     for f in (WASM, MOCK):
         if not f.is_file():
             raise SystemExit(f"bench-routing: {f} missing: run make build")
     began = time.monotonic()
+    # The machine is shared (2 cores): the load average goes into the results.
+    loadavg_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
     scale = 0.4 if args.quick else 1.0
     rng = random.Random(15)
     workloads = [tenants_workload(int(480 * scale), rng),
@@ -726,6 +783,16 @@ def main() -> int:
             f"blocks, oracle hit rate {w.oracle_hit_rate:.3f}")
     strategies = list(MAIN) + ([] if (args.quick or args.no_variants) else list(variants()))
     capacities = (TARGET_CAPACITY,) if args.quick else CAPACITIES
+    if args.only:
+        wanted = set(args.only.split(","))
+        everything = list(MAIN) + list(variants())
+        unknown = wanted - {s.name for s in everything}
+        if unknown:
+            raise SystemExit(f"bench-routing: unknown strategies {sorted(unknown)}")
+        # The affinity strategy stays: the filter probe runs on its listener.
+        strategies = [s for s in everything if s.name in wanted or s.name == "affinity"]
+    if args.capacities:
+        capacities = tuple(float(c) for c in args.capacities.split(","))
 
     rows: list[dict] = []
     work = Path(tempfile.mkdtemp(prefix="bench-routing-"))
@@ -734,6 +801,7 @@ def main() -> int:
     key_note = ""
     mocks: list[Mock] = []
     envoy: Optional[Envoy] = None
+    envoy_blocks = -1
     try:
         for cap in capacities:
             for w in workloads:
@@ -741,13 +809,16 @@ def main() -> int:
                     continue       # nothing is shared: capacity changes nothing
                 blocks = max(1, round(cap * w.working_set_blocks)) if w.working_set_blocks else 1000
                 mocks = [Mock(i, blocks, work) for i in range(REPLICAS)]
-                if envoy is None or envoy_ports != [m.port for m in mocks]:
+                # A new Envoy for new replicas (their ports are in the picker's endpoints) or a new
+                # capacity (picker_lru_matched's lruBlocks).
+                if envoy is None or envoy_ports != [m.port for m in mocks] or envoy_blocks != blocks:
                     if envoy is not None:
                         envoy.stop()
                     envoy_ports = [m.port for m in mocks]
+                    envoy_blocks = blocks
                     if mode in ("auto", "filter"):
                         try:
-                            envoy = Envoy(gateway_config(strategies, ports, envoy_ports, KeySource("filter")),
+                            envoy = Envoy(gateway_config(strategies, ports, envoy_ports, KeySource("filter"), blocks),
                                           work, ports["admin"])
                             ok, key_note = probe_filter(ports["affinity"], MAIN[2])
                         except RuntimeError as e:
@@ -762,7 +833,7 @@ def main() -> int:
                                 envoy.stop()
                             mode = "client"
                     if mode == "client":
-                        envoy = Envoy(gateway_config(strategies, ports, envoy_ports, KeySource("client")),
+                        envoy = Envoy(gateway_config(strategies, ports, envoy_ports, KeySource("client"), blocks),
                                       work, ports["admin"])
                 keys = KeySource(mode)
                 for s in strategies:
@@ -788,6 +859,7 @@ def main() -> int:
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "seconds": time.monotonic() - began, "key_source": mode, "key_note": key_note, "quick": args.quick,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "loadavg_start": loadavg_start, "loadavg_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "workloads": [{"name": w.name, "description": w.description, "requests": len(w.reqs), "rate": w.rate,
                        "working_set_blocks": w.working_set_blocks, "oracle_hit_rate": w.oracle_hit_rate,
                        "prompt_tokens_mean": w.prompt_tokens_mean} for w in workloads],

@@ -6,6 +6,10 @@
 
 use super::discovery::Pool;
 use super::overload::{BodyBudget, DEFAULT_MAX_HELD_BODY_BYTES, DEFAULT_SHED_BODIES_OVER_BYTES};
+use super::picker::{
+    Scoring, DEFAULT_BALANCE_FACTOR, DEFAULT_COOLDOWN_MS, DEFAULT_LOAD_WEIGHT,
+    DEFAULT_PREFIX_WEIGHT,
+};
 use super::prefix::{
     DEFAULT_BLOCK_BYTES, DEFAULT_PREFIX_BLOCKS, DEFAULT_PREFIX_HEADER, MAX_CAPTURE_BYTES,
 };
@@ -59,6 +63,24 @@ pub const DEFAULT_POOL_HEADER: &str = "x-gateway-destination-pool";
 /// so that Envoy's `local_reply_config` can tell that reply from Envoy's own 503s and leave its
 /// body alone (see envoy/envoy.yaml). Client copies are removed like the routing headers.
 pub const LOCAL_REPLY_HEADER: &str = "x-bbr-local-reply";
+/// Default for `prefixAffinity.picker.header`: the header Envoy's `override_host` load
+/// balancing policy reads the chosen endpoint from (the Gateway API Inference Extension's name).
+pub const DEFAULT_PICKER_HEADER: &str = "x-gateway-destination-endpoint";
+/// Default for `prefixAffinity.picker.lruBlocks`: block hashes remembered per endpoint
+/// (8192 x 256 bytes: 2 MiB of prompt, 512 Ki tokens; about 40 bytes of memory each).
+pub const DEFAULT_PICKER_LRU_BLOCKS: usize = 8192;
+/// Largest accepted `prefixAffinity.picker.lruBlocks`.
+pub const MAX_PICKER_LRU_BLOCKS: usize = 1 << 20;
+/// Default for `prefixAffinity.picker.maxBlocks`: the blocks of a prompt matched (8 KiB).
+pub const DEFAULT_PICKER_MAX_BLOCKS: usize = 32;
+/// Most endpoints in one picker pool.
+pub const MAX_PICKER_ENDPOINTS: usize = 256;
+/// Largest accepted picker weight.
+pub const MAX_PICKER_WEIGHT: u32 = 100;
+/// Largest accepted `prefixAffinity.picker.balanceFactor` (percent of the mean).
+pub const MAX_PICKER_BALANCE_FACTOR: u32 = 10_000;
+/// Largest accepted `prefixAffinity.picker.cooldownMs` (one hour).
+pub const MAX_PICKER_COOLDOWN_MS: u64 = 3_600_000;
 /// Most bytes in a cluster name or an authority.
 pub const MAX_CLUSTER_NAME_BYTES: usize = 255;
 
@@ -113,6 +135,44 @@ pub struct RawPrefixAffinity {
     pub block_bytes: usize,
     #[serde(default = "default_prefix_blocks")]
     pub prefix_blocks: usize,
+    /// The endpoint picker: the filter chooses the replica itself (see `core::picker`).
+    #[serde(default)]
+    pub picker: Option<RawPicker>,
+}
+
+/// `prefixAffinity.picker`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawPicker {
+    #[serde(default = "default_picker_header")]
+    pub header: String,
+    #[serde(default = "default_picker_lru_blocks")]
+    pub lru_blocks: usize,
+    #[serde(default = "default_picker_max_blocks")]
+    pub max_blocks: usize,
+    #[serde(default = "default_prefix_weight")]
+    pub prefix_weight: u32,
+    #[serde(default = "default_load_weight")]
+    pub load_weight: u32,
+    /// Percent of the mean in-flight count; `null`: no bound.
+    #[serde(default = "default_balance_factor")]
+    pub balance_factor: Option<u32>,
+    /// How long an endpoint that failed a picked request (Envoy served it elsewhere) is not
+    /// picked; 0: picked again at once.
+    #[serde(default = "default_cooldown_ms")]
+    pub cooldown_ms: u64,
+    pub pools: Vec<RawPickerPool>,
+}
+
+/// `prefixAffinity.picker.pools[]`: the endpoints of one Envoy cluster, and which requests
+/// go there: those routed to `cluster` by discovery (`pools`), and those for `baseModels`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawPickerPool {
+    pub cluster: String,
+    #[serde(default)]
+    pub base_models: Vec<String>,
+    pub endpoints: Vec<String>,
 }
 
 impl Default for RawPrefixAffinity {
@@ -122,6 +182,7 @@ impl Default for RawPrefixAffinity {
             header: default_prefix_header(),
             block_bytes: default_block_bytes(),
             prefix_blocks: default_prefix_blocks(),
+            picker: None,
         }
     }
 }
@@ -133,12 +194,53 @@ pub struct PrefixAffinity {
     pub header: String,
     pub block_bytes: usize,
     pub prefix_blocks: usize,
+    /// `Some` with `prefixAffinity.picker`.
+    pub picker: Option<PickerConfig>,
 }
 
 impl PrefixAffinity {
-    /// The bytes of prompt one request holds for its key.
+    /// The bytes of prompt one request holds for its key (and the picker's blocks).
     pub fn capture_bytes(&self) -> usize {
-        self.block_bytes * self.prefix_blocks
+        let blocks = match &self.picker {
+            Some(p) => self.prefix_blocks.max(p.max_blocks),
+            None => self.prefix_blocks,
+        };
+        self.block_bytes * blocks
+    }
+}
+
+/// The validated `prefixAffinity.picker`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PickerConfig {
+    /// Lower-case header name.
+    pub header: String,
+    pub lru_blocks: usize,
+    pub max_blocks: usize,
+    pub scoring: Scoring,
+    pub cooldown_ms: u64,
+    pub pools: Vec<PickerPool>,
+}
+
+/// One picker pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PickerPool {
+    pub cluster: String,
+    pub base_models: Vec<String>,
+    /// `IP:port` or `[IPv6]:port`.
+    pub endpoints: Vec<String>,
+}
+
+impl PickerConfig {
+    /// The pool a routed request's endpoint is picked from: by the cluster discovery routed it
+    /// to, else by its base model. `None`: not picked (Envoy's fallback policy chooses).
+    pub fn pool_for(&self, cluster: Option<&str>, base_model: &str) -> Option<usize> {
+        match cluster {
+            Some(c) => self.pools.iter().position(|p| p.cluster == c),
+            None => self
+                .pools
+                .iter()
+                .position(|p| p.base_models.iter().any(|m| m == base_model)),
+        }
     }
 }
 
@@ -240,6 +342,27 @@ fn default_block_bytes() -> usize {
 fn default_prefix_blocks() -> usize {
     DEFAULT_PREFIX_BLOCKS
 }
+fn default_picker_header() -> String {
+    DEFAULT_PICKER_HEADER.to_string()
+}
+fn default_picker_lru_blocks() -> usize {
+    DEFAULT_PICKER_LRU_BLOCKS
+}
+fn default_picker_max_blocks() -> usize {
+    DEFAULT_PICKER_MAX_BLOCKS
+}
+fn default_prefix_weight() -> u32 {
+    DEFAULT_PREFIX_WEIGHT
+}
+fn default_load_weight() -> u32 {
+    DEFAULT_LOAD_WEIGHT
+}
+fn default_balance_factor() -> Option<u32> {
+    Some(DEFAULT_BALANCE_FACTOR)
+}
+fn default_cooldown_ms() -> u64 {
+    DEFAULT_COOLDOWN_MS
+}
 fn default_absent_polls_before_removal() -> u32 {
     DEFAULT_ABSENT_POLLS_BEFORE_REMOVAL
 }
@@ -323,6 +446,9 @@ pub struct Router {
     /// `prefixAffinity.header`, lower case: removed from every client request, enabled or not,
     /// since a route may hash on it.
     pub prefix_header: String,
+    /// `prefixAffinity.picker.header`, lower case: removed from every client request, picker
+    /// or not, since a cluster's override_host policy may read it.
+    pub picker_header: String,
     /// Pools to discover models from, in configuration order (their precedence).
     pub pools: Vec<Pool>,
     /// Consecutive successful polls a model must be missing from before it is removed.
@@ -504,10 +630,41 @@ impl Router {
                 ),
             ));
         }
+        let picker_header = distinct_header(
+            "prefixAffinity.picker.header",
+            prefix
+                .picker
+                .as_ref()
+                .map_or(DEFAULT_PICKER_HEADER, |p| p.header.as_str()),
+            &[
+                ("baseModelHeader", &base_model_header),
+                ("modelHeader", &model_header),
+                ("poolHeader", &pool_header),
+                ("prefixAffinity.header", &prefix_header),
+            ],
+        )?;
+        let picker = match &prefix.picker {
+            Some(raw_picker) => {
+                if !prefix.enabled {
+                    return Err(invalid(
+                        "prefixAffinity.picker",
+                        "needs prefixAffinity.enabled: true (the picker matches the prompt's blocks)",
+                    ));
+                }
+                Some(compile_picker(
+                    raw_picker,
+                    &picker_header,
+                    prefix.block_bytes,
+                    &raw.models,
+                )?)
+            }
+            None => None,
+        };
         let prefix_affinity = prefix.enabled.then(|| PrefixAffinity {
             header: prefix_header.clone(),
             block_bytes: prefix.block_bytes,
             prefix_blocks: prefix.prefix_blocks,
+            picker,
         });
 
         let model_list_path = if raw.model_list.enabled {
@@ -532,6 +689,7 @@ impl Router {
             body_budget,
             prefix_affinity,
             prefix_header,
+            picker_header,
             pools,
             absent_polls_before_removal: raw.absent_polls_before_removal,
             pool_header,
@@ -565,6 +723,147 @@ fn add_served(
     where_defined.push(field.to_string());
     served.push(model);
     Ok(())
+}
+
+fn compile_picker(
+    raw: &RawPicker,
+    header: &str,
+    block_bytes: usize,
+    models: &[RawModel],
+) -> Result<PickerConfig, ConfigError> {
+    check_range(
+        "prefixAffinity.picker.lruBlocks",
+        raw.lru_blocks as u64,
+        MAX_PICKER_LRU_BLOCKS as u64,
+    )?;
+    if raw.max_blocks == 0 || raw.max_blocks.saturating_mul(block_bytes) > MAX_CAPTURE_BYTES {
+        return Err(invalid(
+            "prefixAffinity.picker.maxBlocks",
+            format!(
+                "must be at least 1, and blockBytes x maxBlocks at most {MAX_CAPTURE_BYTES} \
+                 (the bytes each request holds), got {}",
+                raw.max_blocks
+            ),
+        ));
+    }
+    for (field, weight) in [
+        ("prefixAffinity.picker.prefixWeight", raw.prefix_weight),
+        ("prefixAffinity.picker.loadWeight", raw.load_weight),
+    ] {
+        if weight > MAX_PICKER_WEIGHT {
+            return Err(invalid(
+                field,
+                format!("must be between 0 and {MAX_PICKER_WEIGHT}, got {weight}"),
+            ));
+        }
+    }
+    if let Some(factor) = raw.balance_factor {
+        if !(100..=MAX_PICKER_BALANCE_FACTOR).contains(&factor) {
+            return Err(invalid(
+                "prefixAffinity.picker.balanceFactor",
+                format!(
+                    "must be between 100 and {MAX_PICKER_BALANCE_FACTOR} (percent of the mean), \
+                     or null for no bound, got {factor}"
+                ),
+            ));
+        }
+    }
+    if raw.cooldown_ms > MAX_PICKER_COOLDOWN_MS {
+        return Err(invalid(
+            "prefixAffinity.picker.cooldownMs",
+            format!(
+                "must be between 0 and {MAX_PICKER_COOLDOWN_MS}, got {}",
+                raw.cooldown_ms
+            ),
+        ));
+    }
+    if raw.pools.is_empty() {
+        return Err(invalid(
+            "prefixAffinity.picker.pools",
+            "must list at least one pool",
+        ));
+    }
+    let mut pools: Vec<PickerPool> = Vec::with_capacity(raw.pools.len());
+    for (i, p) in raw.pools.iter().enumerate() {
+        let field = format!("prefixAffinity.picker.pools[{i}].cluster");
+        check_token(&field, &p.cluster)?;
+        if let Some(j) = pools.iter().position(|q| q.cluster == p.cluster) {
+            return Err(invalid(
+                field,
+                format!("duplicate cluster {:?}, already at pools[{j}]", p.cluster),
+            ));
+        }
+        for (k, model) in p.base_models.iter().enumerate() {
+            let field = format!("prefixAffinity.picker.pools[{i}].baseModels[{k}]");
+            if !models.iter().any(|m| &m.name == model) {
+                return Err(invalid(
+                    field,
+                    format!("{model:?} is not a base model in models"),
+                ));
+            }
+            if let Some(j) = pools
+                .iter()
+                .position(|q| q.base_models.iter().any(|m| m == model))
+            {
+                return Err(invalid(
+                    field,
+                    format!("{model:?} is already in pools[{j}]"),
+                ));
+            }
+        }
+        let field = format!("prefixAffinity.picker.pools[{i}].endpoints");
+        if p.endpoints.is_empty() || p.endpoints.len() > MAX_PICKER_ENDPOINTS {
+            return Err(invalid(
+                field,
+                format!(
+                    "must list between 1 and {MAX_PICKER_ENDPOINTS} endpoints, got {}",
+                    p.endpoints.len()
+                ),
+            ));
+        }
+        let mut endpoints: Vec<String> = Vec::with_capacity(p.endpoints.len());
+        for (k, e) in p.endpoints.iter().enumerate() {
+            let field = format!("prefixAffinity.picker.pools[{i}].endpoints[{k}]");
+            let address = check_endpoint(&field, e)?;
+            if let Some(j) = endpoints.iter().position(|x| *x == address) {
+                return Err(invalid(
+                    field,
+                    format!("duplicate endpoint {e:?}, already at endpoints[{j}]"),
+                ));
+            }
+            endpoints.push(address);
+        }
+        pools.push(PickerPool {
+            cluster: p.cluster.clone(),
+            base_models: p.base_models.clone(),
+            endpoints,
+        });
+    }
+    Ok(PickerConfig {
+        header: header.to_string(),
+        lru_blocks: raw.lru_blocks,
+        max_blocks: raw.max_blocks,
+        scoring: Scoring {
+            prefix_weight: raw.prefix_weight,
+            load_weight: raw.load_weight,
+            balance_factor: raw.balance_factor,
+        },
+        cooldown_ms: raw.cooldown_ms,
+        pools,
+    })
+}
+
+/// An endpoint as Envoy's override_host policy parses it: `IPv4:port` or `[IPv6]:port`
+/// (addresses, not names: the policy matches the cluster's resolved hosts). Returned in
+/// Envoy's spelling, so it matches what Envoy prints.
+fn check_endpoint(field: &str, value: &str) -> Result<String, ConfigError> {
+    match value.parse::<std::net::SocketAddr>() {
+        Ok(addr) if addr.port() != 0 => Ok(addr.to_string()),
+        _ => Err(invalid(
+            field,
+            format!("must be IP:port or [IPv6]:port with a non-zero port, got {value:?}"),
+        )),
+    }
 }
 
 fn compile_pools(raw: &[RawPool]) -> Result<Vec<Pool>, ConfigError> {

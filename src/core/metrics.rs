@@ -76,6 +76,11 @@ impl Outcome {
 pub const SPOOFED_HEADER_REMOVED: &str = "bbr_spoofed_header_removed_total";
 /// Routed requests that got a prefix-key header (prefix affinity on, a complete block).
 pub const PREFIX_KEYED: &str = "bbr_prefix_keyed_total";
+/// Requests the endpoint picker (`prefixAffinity.picker`) chose a replica for.
+pub const ENDPOINT_PICKED: &str = "bbr_endpoint_picked_total";
+/// Picked requests Envoy served at another endpoint (the picked one failed them); that endpoint
+/// then cools down (`prefixAffinity.picker.cooldownMs`).
+pub const ENDPOINT_FAILED_OVER: &str = "bbr_endpoint_failed_over_total";
 /// Histogram: body bytes read per inspected request.
 pub const BODY_BYTES: &str = "bbr_body_bytes";
 /// Histogram: time spent scanning the body of one request, in microseconds.

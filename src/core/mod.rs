@@ -9,13 +9,14 @@ pub mod headers;
 pub mod metrics;
 pub mod multipart;
 pub mod overload;
+pub mod picker;
 pub mod prefix;
 pub mod request;
 pub mod scanner;
 pub mod skip;
 pub mod vector;
 
-pub use config::{ConfigError, PrefixAffinity, Router, ServedModel, UnknownModel};
+pub use config::{ConfigError, PickerConfig, PrefixAffinity, Router, ServedModel, UnknownModel};
 pub use discovery::{Pool, PoolState, Route, RoutingView, ViewVerdict};
 pub use errors::Rejection;
 pub use metrics::Outcome;

@@ -45,30 +45,49 @@ const MAX_TYPE_BYTES: usize = 16;
 /// Longest key compared (`messages` is the longest key the capture looks for).
 const MAX_KEY_BYTES: usize = 8;
 
-/// The chained block hash: `h0 = xxh64(model)`, `h(i+1) = xxh64(h(i) as 8 little-endian
-/// bytes ++ block i)`, over the first `min(prefix_blocks, complete blocks)` blocks of `prompt`.
-/// `None` when the prompt has no complete block.
+/// The chained block hashes of `prompt`'s complete blocks, in order: `h0 = xxh64(model)`,
+/// `h(i+1) = xxh64(h(i) as 8 little-endian bytes ++ block i)`; item `i` is `h(i+1)`, the hash
+/// of the prompt's first `i + 1` blocks. Lazy: take only what you need. Nothing when
+/// `block_bytes` is 0.
+pub fn block_chain<'a>(
+    model: &str,
+    prompt: &'a [u8],
+    block_bytes: usize,
+) -> impl Iterator<Item = u64> + 'a {
+    let mut h = xxhash_rust::xxh64::xxh64(model.as_bytes(), 0);
+    let blocks = if block_bytes == 0 {
+        [].chunks_exact(1)
+    } else {
+        prompt.chunks_exact(block_bytes)
+    };
+    blocks.map(move |block| {
+        let mut hasher = Xxh64::new(0);
+        hasher.update(&h.to_le_bytes());
+        hasher.update(block);
+        h = hasher.digest();
+        h
+    })
+}
+
+/// The first `max_blocks` hashes of [`block_chain`]: what the endpoint picker
+/// (`core::picker`) matches against what each replica has been sent.
+pub fn block_hashes(model: &str, prompt: &[u8], block_bytes: usize, max_blocks: usize) -> Vec<u64> {
+    block_chain(model, prompt, block_bytes)
+        .take(max_blocks)
+        .collect()
+}
+
+/// The chained block hash after the first `min(prefix_blocks, complete blocks)` blocks of
+/// `prompt` (see [`block_chain`]). `None` when the prompt has no complete block.
 pub fn prefix_key(
     model: &str,
     prompt: &[u8],
     block_bytes: usize,
     prefix_blocks: usize,
 ) -> Option<u64> {
-    if block_bytes == 0 {
-        return None;
-    }
-    let blocks = (prompt.len() / block_bytes).min(prefix_blocks);
-    if blocks == 0 {
-        return None;
-    }
-    let mut h = xxhash_rust::xxh64::xxh64(model.as_bytes(), 0);
-    for block in prompt.chunks_exact(block_bytes).take(blocks) {
-        let mut hasher = Xxh64::new(0);
-        hasher.update(&h.to_le_bytes());
-        hasher.update(block);
-        h = hasher.digest();
-    }
-    Some(h)
+    block_chain(model, prompt, block_bytes)
+        .take(prefix_blocks)
+        .last()
 }
 
 /// The header value: 16 lower-case hex digits.

@@ -4,7 +4,7 @@ use super::config::{Router, ServedModel, UnknownModel};
 use super::discovery::RoutingView;
 use super::errors::Rejection;
 use super::multipart::{boundary_of, MultipartScanner};
-use super::prefix::{key_header_value, prefix_key, CaptureState, PromptCapture};
+use super::prefix::{block_hashes, key_header_value, prefix_key, CaptureState, PromptCapture};
 use super::scanner::{ModelScanner, Step};
 
 /// The request headers the decision needs. Names are looked up by the adapter.
@@ -196,6 +196,25 @@ impl Router {
         let prompt = capture.prompt()?;
         prefix_key(model, prompt, affinity.block_bytes, affinity.prefix_blocks)
             .map(key_header_value)
+    }
+
+    /// The chained block hashes the endpoint picker matches (up to `picker.maxBlocks`), seeded
+    /// like the key. Empty without a picker, a settled capture or a complete block: the picker
+    /// then chooses by load alone.
+    pub fn picker_blocks(&self, capture: &PromptCapture, model: &str) -> Vec<u64> {
+        let Some(affinity) = self.prefix_affinity.as_ref() else {
+            return Vec::new();
+        };
+        let Some(picker) = affinity.picker.as_ref() else {
+            return Vec::new();
+        };
+        if capture.state() != CaptureState::Done {
+            return Vec::new();
+        }
+        match capture.prompt() {
+            Some(prompt) => block_hashes(model, prompt, affinity.block_bytes, picker.max_blocks),
+            None => Vec::new(),
+        }
     }
 
     /// The `GET /v1/models` body of the static models, in OpenAI's list format. `created` is

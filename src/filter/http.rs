@@ -1,18 +1,19 @@
 //! One HTTP stream: anti-spoofing, the body scan, and the routing headers.
 
-use super::{now_nanos, Metrics};
+use super::{now_millis, now_nanos, Metrics};
 use crate::core::config::LOCAL_REPLY_HEADER;
 use crate::core::headers;
 use crate::core::overload::HeldBodies;
+use crate::core::picker::Picker;
 use crate::core::{
     BodyScanner, CaptureState, HeadAction, ModelScanner, Outcome, PromptCapture, Rejection,
-    RequestHead, Router, RoutingView, Step, ViewVerdict,
+    RequestHead, Route, Router, RoutingView, Step, ViewVerdict,
 };
 use log::{debug, error, warn};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, MapType, Status};
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::ptr::null_mut;
 use std::rc::Rc;
 
@@ -65,6 +66,13 @@ pub(super) struct BbrHttp {
     /// answering meanwhile builds a new table for later requests; nothing waits on it.
     pub(super) view: Rc<RoutingView>,
     pub(super) metrics: Rc<Metrics>,
+    /// This worker's endpoint pickers (`prefixAffinity.picker`).
+    pub(super) pickers: Rc<RefCell<Vec<Picker>>>,
+    /// (picker pool, endpoint) this request was counted in flight at, until the stream ends.
+    pub(super) picked: Option<(usize, usize)>,
+    /// The prompt's block hashes the pick recorded, kept to record them where Envoy really
+    /// sent the request if that was elsewhere (at most `picker.maxBlocks`).
+    pub(super) picked_hashes: Vec<u64>,
     pub(super) configured_at: u64,
     pub(super) phase: Phase,
     pub(super) scanner: Option<Box<BodyScanner>>,
@@ -86,11 +94,19 @@ impl Context for BbrHttp {}
 
 /// The SDK drops the context when Envoy destroys the stream (proxy_on_delete), whatever ended
 /// it: a reply, the end of the response, or a reset by the client or by Envoy's overload
-/// manager in the middle of the body. The scanner and the buffers go with it; the gauge is the
-/// one thing outside the context, so it is settled here.
+/// manager in the middle of the body. The scanner and the buffers go with it; the gauge and
+/// the picker's in-flight count are outside the context, so they are settled here: the one
+/// place every ending passes (end of response, upstream error, local reply, reset).
 impl Drop for BbrHttp {
     fn drop(&mut self) {
         self.release_hold();
+        if let Some((pool, endpoint)) = self.picked.take() {
+            if let Ok(mut pickers) = self.pickers.try_borrow_mut() {
+                if let Some(picker) = pickers.get_mut(pool) {
+                    picker.done(endpoint);
+                }
+            }
+        }
     }
 }
 
@@ -135,6 +151,7 @@ impl HttpContext for BbrHttp {
             router.model_header.as_str(),
             router.pool_header.as_str(),
             router.prefix_header.as_str(),
+            router.picker_header.as_str(),
             LOCAL_REPLY_HEADER,
         ] {
             if headers::first(&pairs, name).is_none() {
@@ -293,6 +310,11 @@ impl HttpContext for BbrHttp {
             Phase::Headers | Phase::Passed => Action::Continue,
         }
     }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        self.check_picked_upstream();
+        Action::Continue
+    }
 }
 
 impl BbrHttp {
@@ -365,7 +387,10 @@ impl BbrHttp {
                 }
                 // With routeBeforeBodyEnds the capture may not be settled yet: no key then,
                 // rather than a key over part of the prompt that the next request would not share.
-                if let Some(key) = capture.and_then(|c| router.prefix_key(&c, &served.name)) {
+                if let Some(key) = capture
+                    .as_deref()
+                    .and_then(|c| router.prefix_key(c, &served.name))
+                {
                     if let Some(affinity) = &router.prefix_affinity {
                         if let Err(status) = self.set_request_header(&affinity.header, &key) {
                             error!("[{}] cannot set the prefix key: {status:?}", self.id);
@@ -374,6 +399,10 @@ impl BbrHttp {
                         }
                         self.metrics.increment(self.metrics.prefix_keyed);
                     }
+                }
+                if let Err(status) = self.pick_endpoint(router, route, capture.as_deref()) {
+                    error!("[{}] cannot set the picked endpoint: {status:?}", self.id);
+                    return self.reply_error(500, "The gateway could not route the request.");
                 }
                 self.clear_route_cache();
                 self.metrics.count(Outcome::Routed);
@@ -394,6 +423,107 @@ impl BbrHttp {
             }
             Some(ViewVerdict::Reject(rejection)) => self.reject(&rejection),
         }
+    }
+
+    /// With `prefixAffinity.picker` and a pool for this route: chooses the endpoint, counts the
+    /// request in flight there (until the stream ends, see `Drop`) and names it in the picker
+    /// header for Envoy's override_host policy. A request without a settled prompt is placed
+    /// by load alone.
+    fn pick_endpoint(
+        &mut self,
+        router: &Router,
+        route: &Route,
+        capture: Option<&PromptCapture>,
+    ) -> Result<(), Status> {
+        let Some(config) = router
+            .prefix_affinity
+            .as_ref()
+            .and_then(|a| a.picker.as_ref())
+        else {
+            return Ok(());
+        };
+        let Some(pool) = config.pool_for(route.pool.as_deref(), &route.model.base) else {
+            return Ok(());
+        };
+        let hashes = capture
+            .map(|c| router.picker_blocks(c, &route.model.name))
+            .unwrap_or_default();
+        let now = now_millis();
+        let chosen = {
+            let Ok(mut pickers) = self.pickers.try_borrow_mut() else {
+                return Ok(());
+            };
+            let Some(picker) = pickers.get_mut(pool) else {
+                return Ok(());
+            };
+            picker
+                .pick(&hashes, now)
+                .and_then(|i| picker.address(i).map(|a| (i, a.to_string())))
+        };
+        let Some((endpoint, address)) = chosen else {
+            return Ok(());
+        };
+        self.picked = Some((pool, endpoint));
+        self.picked_hashes = hashes;
+        self.set_request_header(&config.header, &address)?;
+        self.metrics.increment(self.metrics.endpoint_picked);
+        debug!(
+            "[{}] picked endpoint {endpoint} of picker pool {pool} ({} blocks)",
+            self.id,
+            self.picked_hashes.len()
+        );
+        Ok(())
+    }
+
+    /// At the response: did Envoy send the request where the picker said? override_host goes
+    /// elsewhere (its fallback) only after the picked host failed the request (a connect
+    /// failure, retried) or when the cluster does not have it, and it does not check health
+    /// itself (see envoy/picker-lb-policy.yaml). Either way the picked endpoint cools down,
+    /// so the next requests are not sent to fail there too, and the request is counted where
+    /// it really runs. A reply without an upstream (Envoy's own 503) has no address: nothing.
+    fn check_picked_upstream(&mut self) {
+        let Some((pool, endpoint)) = self.picked else {
+            return;
+        };
+        let served = match hostcalls::get_property(vec!["upstream", "address"]) {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return,
+            Err(status) => {
+                debug!("[{}] cannot read upstream.address: {status:?}", self.id);
+                return;
+            }
+        };
+        let Some(cooldown_ms) = self
+            .router
+            .as_ref()
+            .and_then(|r| r.prefix_affinity.as_ref())
+            .and_then(|a| a.picker.as_ref())
+            .map(|p| p.cooldown_ms)
+        else {
+            return;
+        };
+        let Ok(mut pickers) = self.pickers.try_borrow_mut() else {
+            return;
+        };
+        let Some(picker) = pickers.get_mut(pool) else {
+            return;
+        };
+        let served = String::from_utf8_lossy(&served);
+        if picker.address(endpoint) == Some(served.as_ref()) {
+            return;
+        }
+        let to = picker.index_of(&served);
+        let now = now_millis();
+        self.picked = picker
+            .served_elsewhere(endpoint, to, &self.picked_hashes, now, cooldown_ms)
+            .map(|i| (pool, i));
+        self.metrics.increment(self.metrics.endpoint_failed_over);
+        // Addresses are the operator's configuration, not request content.
+        warn!(
+            "[{}] picked endpoint {endpoint} of picker pool {pool} was not used (served by {served}); \
+             not picked for {cooldown_ms} ms",
+            self.id
+        );
     }
 
     fn reject(&mut self, rejection: &Rejection) -> Action {

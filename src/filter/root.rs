@@ -13,11 +13,13 @@ use crate::core::discovery::{
     fingerprint, next_poll_delay_ms, next_random, parse_models, Health, Listed, PollFailure,
     PollOutcome, MAX_MODELS_BODY_BYTES,
 };
+use crate::core::picker::Picker;
 use crate::core::{PoolState, Router, RoutingView};
 use log::{debug, error, info, warn};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType, MapType, Status};
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -48,6 +50,9 @@ pub(super) struct BbrRoot {
     /// The table new requests are routed by.
     view: Rc<RoutingView>,
     metrics: Rc<Metrics>,
+    /// The endpoint pickers of `prefixAffinity.picker.pools`, in the same order: this worker's
+    /// own table (each Envoy worker runs its own VM), shared by its requests.
+    pickers: Rc<RefCell<Vec<Picker>>>,
     /// Unix time of the accepted configuration, the `created` of the model list.
     configured_at: u64,
     /// Per configured pool, in the same order.
@@ -66,6 +71,7 @@ impl BbrRoot {
             router: None,
             view: Rc::new(RoutingView::default()),
             metrics: Rc::new(Metrics::default()),
+            pickers: Rc::new(RefCell::new(Vec::new())),
             configured_at: 0,
             pools: Vec::new(),
             random: 0,
@@ -414,6 +420,19 @@ impl RootContext for BbrRoot {
                 in_flight: None,
             })
             .collect();
+        // A new table: requests still running keep the old one through their Rc.
+        let pickers = router
+            .prefix_affinity
+            .as_ref()
+            .and_then(|a| a.picker.as_ref())
+            .map(|p| {
+                p.pools
+                    .iter()
+                    .map(|pool| Picker::new(&pool.endpoints, p.lru_blocks, p.scoring))
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.pickers = Rc::new(RefCell::new(pickers));
         let router = Rc::new(router);
         self.router = Some(Rc::clone(&router));
         self.view = Rc::new(RoutingView::from_static(&router));
@@ -458,6 +477,9 @@ impl RootContext for BbrRoot {
             router: self.router.clone(),
             view: Rc::clone(&self.view),
             metrics: Rc::clone(&self.metrics),
+            pickers: Rc::clone(&self.pickers),
+            picked: None,
+            picked_hashes: Vec::new(),
             configured_at: self.configured_at,
             phase: Phase::Headers,
             scanner: None,

@@ -1,0 +1,278 @@
+//! The endpoint picker: which replica of a pool gets this request, the way llm-d's endpoint
+//! picker (EPP) scores pods, inside the filter.
+//!
+//! Per pool, a list of endpoints; per endpoint, an LRU of the chained block hashes
+//! (`core::prefix::block_chain`) of the prompts the picker has sent there, bounded at
+//! `lru_blocks`, and the number of requests in flight there. [`Picker::pick`] scores each
+//! endpoint as llm-d's scheduler does:
+//! - prefix score: the leading blocks of this prompt the endpoint has been sent (consecutive
+//!   from the first), over the prompt's blocks; a chained hash stands for its whole prefix;
+//! - load score: `(max - q) / (max - min)` over the in-flight counts, 1 when all are equal;
+//!
+//! weighted (default prefix 3, load 2). Ties go to the fewest in flight, then to a rotating
+//! index. A bound, like Envoy's `hash_balance_factor`, comes first: an endpoint whose in-flight
+//! count would exceed `balance_factor` percent of the mean (after this request) is not a
+//! candidate while another is within it. The chosen endpoint records the prompt's blocks and
+//! counts the request in flight until [`Picker::done`].
+//!
+//! When Envoy served a request elsewhere than picked (override_host's fallback after the picked
+//! host failed, see envoy/picker-lb-policy.yaml), [`Picker::served_elsewhere`] moves the request
+//! to the endpoint that served it and sets the picked one aside for a cooldown: override_host
+//! does not check health, so without this every request picked for a dead replica would pay a
+//! failed connection.
+//!
+//! The picker sees only what it sent: a replica's real cache may have evicted blocks sooner
+//! (size `lru_blocks` to the servers' cache) and other gateways' requests are not counted.
+//! Plain data: one table per Envoy worker (each wasm VM has its own).
+
+use std::collections::{BTreeMap, HashMap};
+
+/// Default weights, llm-d's scheduler defaults for its prefix and queue scorers.
+pub const DEFAULT_PREFIX_WEIGHT: u32 = 3;
+pub const DEFAULT_LOAD_WEIGHT: u32 = 2;
+/// Default bound on an endpoint's in-flight requests, in percent of the mean (after the
+/// request being placed): the same rule and value as the shipped `hash_balance_factor`.
+pub const DEFAULT_BALANCE_FACTOR: u32 = 125;
+/// Default for how long an endpoint that failed a picked request is not picked (ms).
+pub const DEFAULT_COOLDOWN_MS: u64 = 10_000;
+
+/// The scoring settings of a picker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scoring {
+    pub prefix_weight: u32,
+    pub load_weight: u32,
+    /// Percent of the mean in-flight count (>= 100); `None`: no bound.
+    pub balance_factor: Option<u32>,
+}
+
+impl Default for Scoring {
+    fn default() -> Self {
+        Scoring {
+            prefix_weight: DEFAULT_PREFIX_WEIGHT,
+            load_weight: DEFAULT_LOAD_WEIGHT,
+            balance_factor: Some(DEFAULT_BALANCE_FACTOR),
+        }
+    }
+}
+
+/// A bounded LRU set of block hashes.
+#[derive(Debug, Clone, Default)]
+pub struct BlockLru {
+    capacity: usize,
+    /// hash -> the tick it was last recorded at.
+    last_used: HashMap<u64, u64>,
+    /// tick -> hash: the oldest first.
+    by_age: BTreeMap<u64, u64>,
+    tick: u64,
+}
+
+impl BlockLru {
+    pub fn new(capacity: usize) -> Self {
+        BlockLru {
+            capacity,
+            ..BlockLru::default()
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.last_used.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.last_used.is_empty()
+    }
+
+    pub fn contains(&self, hash: u64) -> bool {
+        self.last_used.contains_key(&hash)
+    }
+
+    /// Records a hash as the most recently used, evicting the least recently used past the
+    /// capacity.
+    pub fn record(&mut self, hash: u64) {
+        if self.capacity == 0 {
+            return;
+        }
+        self.tick += 1;
+        if let Some(old) = self.last_used.insert(hash, self.tick) {
+            self.by_age.remove(&old);
+        }
+        self.by_age.insert(self.tick, hash);
+        while self.last_used.len() > self.capacity {
+            match self.by_age.pop_first() {
+                Some((_, oldest)) => {
+                    self.last_used.remove(&oldest);
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// How many of `hashes`, from the first, are recorded (stops at the first that is not).
+    pub fn leading_matches(&self, hashes: &[u64]) -> usize {
+        hashes.iter().take_while(|h| self.contains(**h)).count()
+    }
+}
+
+/// One endpoint of a pool.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// `IP:port`, as Envoy's override_host policy reads it.
+    pub address: String,
+    pub in_flight: u32,
+    pub blocks: BlockLru,
+    /// Not picked before this time (ms), after a request picked for it was served elsewhere.
+    pub down_until_ms: u64,
+}
+
+/// The picker of one pool.
+#[derive(Debug, Clone)]
+pub struct Picker {
+    endpoints: Vec<Endpoint>,
+    scoring: Scoring,
+    /// Where the next tie starts looking.
+    rotor: usize,
+}
+
+impl Picker {
+    pub fn new(addresses: &[String], lru_blocks: usize, scoring: Scoring) -> Self {
+        Picker {
+            endpoints: addresses
+                .iter()
+                .map(|a| Endpoint {
+                    address: a.clone(),
+                    in_flight: 0,
+                    blocks: BlockLru::new(lru_blocks),
+                    down_until_ms: 0,
+                })
+                .collect(),
+            scoring,
+            rotor: 0,
+        }
+    }
+
+    pub fn endpoints(&self) -> &[Endpoint] {
+        &self.endpoints
+    }
+
+    /// Chooses an endpoint for a prompt with these chained block hashes (possibly none) at
+    /// `now_ms`, records the blocks there and counts the request in flight. Endpoints cooling
+    /// down are skipped unless all are. Returns its index, `None` for a pool without endpoints.
+    pub fn pick(&mut self, hashes: &[u64], now_ms: u64) -> Option<usize> {
+        let n = self.endpoints.len();
+        if n == 0 {
+            return None;
+        }
+        // Candidates: the endpoints not cooling down, or all of them if every one is.
+        let up: Vec<bool> = self
+            .endpoints
+            .iter()
+            .map(|e| e.down_until_ms <= now_ms)
+            .collect();
+        let any_up = up.iter().any(|&u| u);
+        let candidate = |i: usize| !any_up || up.get(i).copied().unwrap_or(false);
+        let loads: Vec<u64> = self
+            .endpoints
+            .iter()
+            .map(|e| u64::from(e.in_flight))
+            .collect();
+        let candidate_loads = || {
+            (0..n)
+                .filter(|&i| candidate(i))
+                .filter_map(|i| loads.get(i).copied())
+        };
+        let min = candidate_loads().min().unwrap_or(0);
+        let max = candidate_loads().max().unwrap_or(0);
+        let total: u64 = candidate_loads().sum();
+        let count = candidate_loads().count().max(1) as u64;
+        // Envoy's bounded-load rule over the candidates: one may take this request if its count
+        // after it stays within ceil((total + 1) x factor / count). The least loaded always
+        // qualifies.
+        let bound = self.scoring.balance_factor.map(|factor| {
+            let scaled = (total + 1) * u64::from(factor);
+            scaled.div_ceil(100 * count)
+        });
+        let within = |load: u64| bound.is_none_or(|b| load < b);
+        let any_within = candidate_loads().any(within);
+
+        let blocks = hashes.len() as u64;
+        let mut best: Option<(u64, u64, usize, usize)> = None; // (score, load, rank, index)
+        for offset in 0..n {
+            let i = (self.rotor + offset) % n;
+            let load = loads.get(i).copied().unwrap_or(0);
+            if !candidate(i) {
+                continue;
+            }
+            if any_within && !within(load) {
+                continue;
+            }
+            let matched = self
+                .endpoints
+                .get(i)
+                .map_or(0, |e| e.blocks.leading_matches(hashes)) as u64;
+            // Scores in exact fractions over a common denominator, so ties are real ties:
+            // prefix = matched / blocks, load = (max - load) / (max - min).
+            let prefix_den = blocks.max(1);
+            let load_den = (max - min).max(1);
+            let prefix_num = if blocks == 0 { 0 } else { matched };
+            let load_num = if max == min { 1 } else { max - load };
+            let score = u64::from(self.scoring.prefix_weight) * prefix_num * load_den
+                + u64::from(self.scoring.load_weight) * load_num * prefix_den;
+            let better = match best {
+                None => true,
+                Some((s, l, _, _)) => score > s || (score == s && load < l),
+            };
+            if better {
+                best = Some((score, load, offset, i));
+            }
+        }
+        let (_, _, _, chosen) = best?;
+        self.rotor = (chosen + 1) % n;
+        let endpoint = self.endpoints.get_mut(chosen)?;
+        for &h in hashes {
+            endpoint.blocks.record(h);
+        }
+        endpoint.in_flight = endpoint.in_flight.saturating_add(1);
+        Some(chosen)
+    }
+
+    /// Envoy served the request picked for `picked` at `served` instead (`None`: a host this
+    /// pool does not list): the picked endpoint failed it, so it is not picked again before
+    /// `now_ms + cooldown_ms`; the request counts in flight at `served` from now on, and its
+    /// blocks are recorded there. Returns where the request now counts.
+    pub fn served_elsewhere(
+        &mut self,
+        picked: usize,
+        served: Option<usize>,
+        hashes: &[u64],
+        now_ms: u64,
+        cooldown_ms: u64,
+    ) -> Option<usize> {
+        self.done(picked);
+        if let Some(e) = self.endpoints.get_mut(picked) {
+            e.down_until_ms = now_ms.saturating_add(cooldown_ms);
+        }
+        let to = served.filter(|&i| i != picked)?;
+        let endpoint = self.endpoints.get_mut(to)?;
+        for &h in hashes {
+            endpoint.blocks.record(h);
+        }
+        endpoint.in_flight = endpoint.in_flight.saturating_add(1);
+        Some(to)
+    }
+
+    /// The index of the endpoint with this address.
+    pub fn index_of(&self, address: &str) -> Option<usize> {
+        self.endpoints.iter().position(|e| e.address == address)
+    }
+
+    /// The request sent to endpoint `index` has ended (answered, failed or reset).
+    pub fn done(&mut self, index: usize) {
+        if let Some(e) = self.endpoints.get_mut(index) {
+            e.in_flight = e.in_flight.saturating_sub(1);
+        }
+    }
+
+    pub fn address(&self, index: usize) -> Option<&str> {
+        self.endpoints.get(index).map(|e| e.address.as_str())
+    }
+}

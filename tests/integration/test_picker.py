@@ -1,0 +1,245 @@
+"""The endpoint picker in a real Envoy: the filter chooses the replica (prefixAffinity.picker:
+prefix-cache and load scores, like llm-d's endpoint picker) and names it in
+x-gateway-destination-endpoint; the shipped qwen-vllm cluster, with envoy/picker-lb-policy.yaml's
+override_host policy (least request as the fallback) in place of MAGLEV, sends the request there.
+Health checks and outlier detection are the shipped cluster's.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from conftest import DEFAULT_FILTER_CONFIG, QWEN, cluster, routes, set_filter_config
+
+ROOT = Path(__file__).resolve().parents[2]
+PICKER_POLICY = ROOT / "envoy" / "picker-lb-policy.yaml"
+PICKER_HEADER = "x-gateway-destination-endpoint"
+SEEN = "x-test-picked-endpoint"
+REPLICAS = ("pick-1", "pick-2", "pick-3")
+# Each answer takes this long, so that concurrent requests are in flight together.
+TTFT_MS = 100
+
+
+def use_picker_policy(c: dict, route_list: list[dict]) -> None:
+    """envoy/picker-lb-policy.yaml: its cluster policy in place of the cluster's MAGLEV,
+    everything else kept; its retry policy on the routes to that cluster, without hash_policy."""
+    example = yaml.safe_load(PICKER_POLICY.read_text())
+    c.pop("lb_policy", None)
+    c.get("common_lb_config", {}).pop("consistent_hashing_lb_config", None)
+    c.update(example["cluster"])
+    for r in route_list:
+        if r["route"].get("cluster") == c["name"]:
+            r["route"].pop("hash_policy", None)
+            r["route"].update(example["route"])
+
+
+def system_prompt(tenant: int) -> str:
+    # ~3 KiB: 12 blocks of 256 bytes, well inside the picker's 32.
+    return f"You are the support assistant of tenant {tenant}. " + " ".join(
+        f"Rule {i}: answer politely, cite the manual section {tenant}.{i}, and never guess." for i in range(40)
+    )
+
+
+@pytest.fixture(scope="module")
+def pool(mock_factory, envoy_factory, backends):
+    replicas = [mock_factory(QWEN, rid, loras=("qwen-sql-lora",), extra=("--ttft-ms", str(TTFT_MS))) for rid in REPLICAS]
+    endpoints = [f"127.0.0.1:{m.port}" for m in replicas]
+
+    def mutate(cfg):
+        c = cluster(cfg, "qwen-vllm")
+        use_picker_policy(c, routes(cfg))
+        c["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
+            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": m.port}}}}
+            for m in replicas
+        ]
+        for r in routes(cfg):
+            r.setdefault("response_headers_to_add", []).append(
+                {"header": {"key": SEEN, "value": f"%REQ({PICKER_HEADER})%"}}
+            )
+        config = json.loads(json.dumps(DEFAULT_FILTER_CONFIG))
+        config["prefixAffinity"] = {
+            "enabled": True,
+            "picker": {"pools": [{"cluster": "qwen-vllm", "baseModels": [QWEN], "endpoints": endpoints}]},
+        }
+        set_filter_config(cfg, config)
+
+    env = envoy_factory({"qwen-vllm": replicas[0].port, "phi-vllm": backends.phi.port}, mutate=mutate, name="picker")
+    return env, replicas
+
+
+def counter(env, name: str) -> int:
+    """A bbr counter from the admin /stats page, whatever tag syntax Envoy prints around it."""
+    values = [
+        int(line.rpartition(": ")[2])
+        for line in env.admin(f"/stats?filter={name}").splitlines()
+        if name in line and line.rpartition(": ")[2].isdigit()
+    ]
+    assert len(values) == 1, env.admin(f"/stats?filter={name}")
+    return values[0]
+
+
+def port_of(replicas, backend_id: str) -> str:
+    return next(f"127.0.0.1:{m.port}" for m in replicas if m.id == backend_id)
+
+
+def chat(client: httpx.Client, messages: list[dict], **headers) -> httpx.Response:
+    body = {"model": QWEN, "max_tokens": 2, "messages": messages}
+    return client.post("/v1/chat/completions", json=body, headers=headers)
+
+
+def tenant_messages(tenant: int, question: str = "Where is my order?") -> list[dict]:
+    return [{"role": "system", "content": system_prompt(tenant)}, {"role": "user", "content": question}]
+
+
+def test_the_picked_endpoint_serves_and_health_checks_are_kept(pool):
+    env, replicas = pool
+    c = cluster(env.config, "qwen-vllm")
+    assert "health_checks" in c and "outlier_detection" in c and "lb_policy" not in c
+    with httpx.Client(base_url=env.url, timeout=30.0) as client:
+        for tenant in range(6):
+            r = chat(client, tenant_messages(tenant))
+            assert r.status_code == 200, r.text[:300]
+            # Envoy sent it where the filter said.
+            assert r.headers[SEEN] == port_of(replicas, r.headers["x-mock-backend"])
+        # A prompt under one block is picked by load alone: still picked.
+        r = client.post("/v1/completions", json={"model": QWEN, "prompt": "short", "max_tokens": 2})
+        assert r.status_code == 200
+        assert r.headers[SEEN] == port_of(replicas, r.headers["x-mock-backend"])
+    assert counter(env, "bbr_endpoint_picked_total") >= 7
+
+
+def test_shared_prefix_lands_on_one_replica_and_tenants_spread(pool):
+    env, _ = pool
+    homes = {}
+    with httpx.Client(base_url=env.url, timeout=30.0) as client:
+        for tenant in range(10, 16):
+            served = set()
+            for q in range(6):
+                r = chat(client, tenant_messages(tenant, f"Question number {q}?"))
+                assert r.status_code == 200, r.text[:300]
+                served.add(r.headers["x-mock-backend"])
+            # Sequential requests: load always allows, so every question meets the same replica.
+            assert len(served) == 1, (tenant, served)
+            homes[tenant] = served.pop()
+    # New prefixes go where the load is lowest, ties rotating: 6 tenants use all 3 replicas.
+    assert set(homes.values()) == set(REPLICAS), homes
+
+
+def test_a_burst_on_one_prefix_spreads_by_load(pool):
+    env, _ = pool
+    messages = tenant_messages(999, "Burst?")
+    with httpx.Client(base_url=env.url, timeout=60.0) as client:
+        home = chat(client, messages).headers["x-mock-backend"]
+
+        def slow(_):
+            body = {"model": QWEN, "max_tokens": 8, "messages": messages}
+            return client.post("/v1/chat/completions", json=body)
+
+        with ThreadPoolExecutor(max_workers=12) as ex:
+            answers = list(ex.map(slow, range(36)))
+    assert all(a.status_code == 200 for a in answers), [a.status_code for a in answers]
+    where = [a.headers["x-mock-backend"] for a in answers]
+    counts = {r: where.count(r) for r in REPLICAS}
+    # 12 in flight over 3 replicas: the bound (1.25 x the mean) keeps the prefix's home at 5 at
+    # a time, so the others take their share; without it all 36 would go home.
+    assert counts[home] < 36 * 0.6, counts
+    assert min(counts.values()) >= 36 * 0.15, counts
+
+
+def test_unique_prompts_spread_like_least_request(pool):
+    env, _ = pool
+    with httpx.Client(base_url=env.url, timeout=60.0) as client:
+
+        def unique(i):
+            return chat(client, tenant_messages(5000 + i, "Unique?"))
+
+        with ThreadPoolExecutor(max_workers=6) as ex:
+            answers = list(ex.map(unique, range(30)))
+    assert all(a.status_code == 200 for a in answers), [a.status_code for a in answers]
+    where = [a.headers["x-mock-backend"] for a in answers]
+    counts = {r: where.count(r) for r in REPLICAS}
+    # No shared prefix: the load score alone, ties rotating; 30 over 3 replicas, 10 each give or
+    # take what the timing of 6 concurrent clients shifts.
+    assert max(counts.values()) - min(counts.values()) <= 6, counts
+
+
+def test_a_forged_picker_header_is_ignored(pool):
+    """A client cannot choose the replica by sending the picker header itself."""
+    env, replicas = pool
+    forged = f"127.0.0.1:{replicas[0].port}"
+    with httpx.Client(base_url=env.url, timeout=30.0) as client:
+        served = []
+        for i in range(9):
+            r = chat(client, tenant_messages(7000 + i, "Forged?"), **{"X-Gateway-Destination-Endpoint": forged})
+            assert r.status_code == 200, r.text[:300]
+            # The filter's own choice, which Envoy followed.
+            assert r.headers[SEEN] == port_of(replicas, r.headers["x-mock-backend"])
+            served.append(r.headers["x-mock-backend"])
+        # New prefixes rotate over the replicas, whatever the client asked for.
+        assert len(set(served)) == 3, served
+        # The same on a request the filter does not route (an unknown path): removed, not followed.
+        before = counter(env, "bbr_spoofed_header_removed_total")
+        r = client.get("/v1/models", headers={PICKER_HEADER: forged})
+        assert r.status_code == 200
+        assert counter(env, "bbr_spoofed_header_removed_total") == before + 1
+
+
+def test_a_killed_replica_falls_back_without_errors_beyond_in_flight(pool):
+    """Kill the home of some tenants mid-run, under concurrent load. override_host follows the
+    header even to a dead host (it does not check health, see envoy/picker-lb-policy.yaml), so
+    the connect failure is retried once by the fallback (least request) elsewhere: the only
+    errors are the requests the replica was serving when it died. Other tenants stay home, and
+    the picker, seeing its picks served elsewhere, stops picking the dead replica."""
+    env, replicas = pool
+    workers = 4
+    tenants = list(range(200, 212))
+    with httpx.Client(base_url=env.url, timeout=30.0) as client:
+        homes = {}
+        for tenant in tenants:
+            r = chat(client, tenant_messages(tenant))
+            assert r.status_code == 200
+            homes[tenant] = r.headers["x-mock-backend"]
+        victim = next(m for m in replicas if m.id in set(homes.values()))
+        assert 0 < sum(1 for h in homes.values() if h != victim.id), homes
+
+        def one(i):
+            tenant = tenants[i % len(tenants)]
+            if i == 24:
+                victim.kill()  # mid-run: up to `workers` requests are in flight
+            r = chat(client, tenant_messages(tenant))
+            return i, tenant, r.status_code, r.headers.get("x-mock-backend"), r.text[:200]
+
+        with ThreadPoolExecutor(max_workers=workers) as ex:
+            results = list(ex.map(one, range(72)))
+    failed = [x for x in results if x[2] != 200]
+    # Reset by the dying replica: Envoy answers 503 (not retried: the request had reached it).
+    assert all(code == 503 for _, _, code, _, _ in failed), failed
+    assert len(failed) <= workers, failed
+    # After the kill, no answer came from the dead replica, and the other tenants mostly stayed
+    # home (4 in flight over 3 replicas: the bound may spill one now and then).
+    after = [(t, b) for i, t, code, b, _ in results if code == 200 and i >= 24 + workers]
+    assert all(b != victim.id for _, b in after), after
+    others = [(t, b) for t, b in after if homes[t] != victim.id]
+    stayed = sum(1 for t, b in others if b == homes[t])
+    assert stayed >= 0.75 * len(others), (stayed, len(others), others)
+    # The rest of the pool kept serving: the last round was all answered.
+    assert all(code == 200 for i, _, code, _, _ in results if i >= 72 - len(tenants)), results[-12:]
+
+    # The picker saw its picks served elsewhere and set the dead replica aside (cooldownMs,
+    # 10 s): a further round of every tenant, the dead replica's included, needs no retry.
+    assert counter(env, "bbr_endpoint_failed_over_total") >= 1
+    retries = env.stat("cluster.qwen-vllm.upstream_rq_retry")
+    assert retries >= 1
+    with httpx.Client(base_url=env.url, timeout=30.0) as client:
+        for tenant in tenants:
+            r = chat(client, tenant_messages(tenant))
+            assert r.status_code == 200, r.text[:200]
+            assert r.headers[SEEN] != f"127.0.0.1:{victim.port}"
+            assert r.headers["x-mock-backend"] != victim.id
+    assert env.stat("cluster.qwen-vllm.upstream_rq_retry") == retries
