@@ -63,7 +63,9 @@ Environment (all optional):
                      / bbr" (no target); the filter's bbr_endpoint_picked_total is read around
                      each of its runs and printed. Only "bbr" is required: without baseline or
                      native, the ratios and targets against them are left out (e.g.
-                     BENCH_CONFIGS=bbr,bbr_noprefix,bbr_picker). More diagnostics: "buffer",
+                     BENCH_CONFIGS=bbr,bbr_noprefix,bbr_picker). "bbr_picker_noretry": a
+                     diagnostic, bbr_picker without the routes' retry policy (how much of its
+                     cost is Envoy's retry state). More diagnostics: "buffer",
                      "bbr_early" (bench/envoy/gateway.yaml says what they are), "wasm_pass",
                      "wasm_buffer" and "wasm_read" (bench/floor-filter/src/lib.rs), and "bbr_alt"
   BENCH_ALT_WASM     a second build of the filter (a .wasm path), run as the "bbr_alt"
@@ -124,7 +126,7 @@ PATH = "/v1/chat/completions"
 FLOOR_WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "bbr_floor.wasm"
 FLOOR_MODES = ("pass", "buffer", "read", "route")
 ALL_CONFIGS = ("baseline", "native", "bbr", "buffer", "bbr_early", "bbr_alt", "bbr_noprefix", "bbr_picker",
-               "extproc") + tuple(
+               "bbr_picker_noretry", "extproc") + tuple(
     f"wasm_{m}" for m in FLOOR_MODES)
 CONFIGS: tuple[str, ...] = ("baseline", "native", "bbr")  # BENCH_CONFIGS may add "buffer"
 LABELS = {
@@ -136,6 +138,7 @@ LABELS = {
     "bbr_alt": "diagnostic: bbr-wasm, the BENCH_ALT_WASM build",
     "bbr_noprefix": "bbr-wasm without prefix affinity",
     "bbr_picker": "bbr-wasm with the endpoint picker (override_host)",
+    "bbr_picker_noretry": "diagnostic: bbr_picker without the route retry policy",
     "extproc": "ext_proc peer of the Go BBR (gRPC)",
     "wasm_pass": "diagnostic: empty wasm filter (Continue at the headers)",
     "wasm_buffer": "diagnostic: wasm filter holding the body, reading nothing",
@@ -148,6 +151,7 @@ SHORT = {"baseline": "baseline", "native": "native json_to_metadata", "bbr": "bb
          "bbr_alt": "bbr-wasm, BENCH_ALT_WASM build (diag.)", "extproc": "ext_proc peer (gRPC)",
          "bbr_noprefix": "bbr-wasm, no prefix affinity",
          "bbr_picker": "bbr-wasm + endpoint picker",
+         "bbr_picker_noretry": "endpoint picker, no retry (diag.)",
          "wasm_pass": "wasm pass (diag.)", "wasm_buffer": "wasm buffer (diag.)", "wasm_read": "wasm read (diag.)",
          "wasm_route": "wasm read+set headers (diag.)"}
 # The client sends the routing header itself to these (no body inspection).
@@ -528,17 +532,19 @@ def gateway_config(ports: dict[str, int]) -> dict:
     config["name"] = config["name"] + "_noprefix"
     config["vm_config"]["vm_id"] = config["vm_config"].get("vm_id", "bbr") + "_noprefix"
     add_listener_copy(cfg, "bbr", "bbr_noprefix", ports, entry)
-    if "bbr_picker" in CONFIGS:  # optional: the default gateway stays as it was
-        add_picker_listener(cfg, ports)
+    for name in PICKER_CONFIGS:  # optional: the default gateway stays as it was
+        if name in CONFIGS:
+            add_picker_listener(cfg, ports, name, retry=name == "bbr_picker")
     return cfg
 
 
 PICKER_POLICY = ROOT / "envoy" / "picker-lb-policy.yaml"
 PICKER_CLUSTER = "qwen-pool-picker"
+PICKER_CONFIGS = ("bbr_picker", "bbr_picker_noretry")
 PICKER_STATS = r"^wasmcustom\.bbr_endpoint_(picked|failed_over)_total$"
 
 
-def add_picker_listener(cfg: dict, ports: dict[str, int]) -> None:
+def add_picker_listener(cfg: dict, ports: dict[str, int], name: str = "bbr_picker", retry: bool = True) -> None:
     """bbr_picker: the shipped filter with prefixAffinity.picker on, in its own VM, and the
     deployment docs/prefix-affinity.md describes around it: the qwen routes go to a copy of the
     qwen cluster whose lb_policy is envoy/picker-lb-policy.yaml's override_host (fallback least
@@ -547,7 +553,10 @@ def add_picker_listener(cfg: dict, ports: dict[str, int]) -> None:
     endpoint's block LRU and sent where x-gateway-destination-endpoint says; against `bbr`
     (same filter, picker off, plain cluster) the difference is what replica choice costs the
     gateway. One endpoint: the scores are computed over one candidate, as small a pool as
-    there is (the cost of a larger pool's scoring is not measured here)."""
+    there is (the cost of a larger pool's scoring is not measured here).
+
+    retry=False (bbr_picker_noretry, a diagnostic): the same without the routes' retry policy.
+    Both share the cluster; each listener has its own VM, so its own picker table."""
     example = yaml.safe_load(PICKER_POLICY.read_text())
     entry = shipped_wasm_filter()
     config = entry["typed_config"]["config"]
@@ -556,17 +565,21 @@ def add_picker_listener(cfg: dict, ports: dict[str, int]) -> None:
     plugin["prefixAffinity"] = {"enabled": True, "picker": {"pools": [
         {"cluster": PICKER_CLUSTER, "baseModels": [MODEL], "endpoints": [endpoint]}]}}
     config["configuration"]["value"] = json.dumps(plugin)
-    config["name"] = config["name"] + "_picker"
-    config["vm_config"]["vm_id"] = config["vm_config"].get("vm_id", "bbr") + "_picker"
-    add_listener_copy(cfg, "bbr", "bbr_picker", ports, entry)
+    suffix = name.removeprefix("bbr")
+    config["name"] = config["name"] + suffix
+    config["vm_config"]["vm_id"] = config["vm_config"].get("vm_id", "bbr") + suffix
+    add_listener_copy(cfg, "bbr", name, ports, entry)
     listener = cfg["static_resources"]["listeners"][-1]
     routes = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
     qwen_routes = [r for r in routes if r["route"].get("cluster") == "qwen-pool"]
     if len(qwen_routes) != 1:
         raise SystemExit("bench: the bbr listener has no single route to qwen-pool")
     qwen_routes[0]["route"]["cluster"] = PICKER_CLUSTER
-    qwen_routes[0]["route"].update(json.loads(json.dumps(example["route"])))
+    if retry:
+        qwen_routes[0]["route"].update(json.loads(json.dumps(example["route"])))
     clusters = cfg["static_resources"]["clusters"]
+    if any(c["name"] == PICKER_CLUSTER for c in clusters):
+        return
     cluster = json.loads(json.dumps(next(c for c in clusters if c["name"] == "qwen-pool")))
     cluster["name"] = PICKER_CLUSTER
     cluster["load_assignment"]["cluster_name"] = PICKER_CLUSTER
@@ -655,7 +668,7 @@ def sanity_check(gw: Envoy, up: Envoy, body: bytes) -> None:
     for cfg in CONFIGS:
         before = up.stats(r"^http\.upstream_qwen\.downstream_cx_rx_bytes_total$")
         header = {"x-gateway-base-model-name": MODEL} if cfg in HEADER_ROUTED else {}
-        picks0 = picker_stats(gw) if cfg == "bbr_picker" else None
+        picks0 = picker_stats(gw) if cfg in PICKER_CONFIGS else None
         status, headers, resp = http_post(gw.ports[cfg], body, header)
         if status != 200 or headers.get("x-bench-pool") != "qwen":
             raise SystemExit(f"bench: {cfg} at {size_label(len(body))}: status {status}, "
@@ -670,7 +683,7 @@ def sanity_check(gw: Envoy, up: Envoy, body: bytes) -> None:
             picked = picks1.get("endpoint_picked_total", 0) - picks0.get("endpoint_picked_total", 0)
             failed = picks1.get("endpoint_failed_over_total", 0) - picks0.get("endpoint_failed_over_total", 0)
             if picked != 1 or failed != 0:
-                raise SystemExit(f"bench: bbr_picker at {size_label(len(body))}: bbr_endpoint_picked_total "
+                raise SystemExit(f"bench: {cfg} at {size_label(len(body))}: bbr_endpoint_picked_total "
                                  f"grew by {picked}, bbr_endpoint_failed_over_total by {failed} (want 1 and 0): "
                                  f"{picks1}")
 
@@ -732,7 +745,7 @@ def sweep(gw: Envoy, up: Envoy, wrk: str, bodies: dict[tuple[str, int], Path], p
                     order = CONFIGS[k:] + CONFIGS[:k]
                     for cfg in order:
                         w0 = wasm_stats(gw) if cfg == "bbr" else None
-                        k0 = picker_stats(gw) if cfg == "bbr_picker" else None
+                        k0 = picker_stats(gw) if cfg in PICKER_CONFIGS else None
                         g0, u0 = gw.proc.cpu_seconds(), up.proc.cpu_seconds()
                         p0 = peer.cpu_seconds() if peer is not None and cfg == "extproc" else None
                         rx0 = sum(up.stats(UPSTREAM_RX).values())
@@ -832,13 +845,16 @@ def summarize(runs: list[dict], positions, sizes, concs) -> dict:
                         r.get("peer_cpu_s", 0.0) for r in by["extproc"]) / (sum(r["requests"] for r in by["extproc"]) or 1)
                 if "bbr_noprefix" in by:
                     c["ratio"]["bbr_vs_bbr_noprefix"] = paired("bbr", "bbr_noprefix")
-                if "bbr_picker" in by:
-                    c["ratio"]["bbr_picker_vs_bbr"] = paired("bbr_picker", "bbr")
-                    picks = [r["picker"] for r in by["bbr_picker"] if "picker" in r]
-                    c["configs"]["bbr_picker"]["endpoint_picked"] = sum(k["endpoint_picked_total"] for k in picks)
-                    c["configs"]["bbr_picker"]["endpoint_failed_over"] = sum(
-                        k["endpoint_failed_over_total"] for k in picks)
-                    c["configs"]["bbr_picker"]["requests"] = sum(r["requests"] for r in by["bbr_picker"])
+                for pc in PICKER_CONFIGS:
+                    if pc not in by:
+                        continue
+                    c["ratio"][f"{pc}_vs_bbr"] = paired(pc, "bbr")
+                    picks = [r["picker"] for r in by[pc] if "picker" in r]
+                    c["configs"][pc]["endpoint_picked"] = sum(k["endpoint_picked_total"] for k in picks)
+                    c["configs"][pc]["endpoint_failed_over"] = sum(k["endpoint_failed_over_total"] for k in picks)
+                    c["configs"][pc]["requests"] = sum(r["requests"] for r in by[pc])
+                if "bbr_picker" in by and "bbr_picker_noretry" in by:
+                    c["ratio"]["bbr_picker_vs_bbr_picker_noretry"] = paired("bbr_picker", "bbr_picker_noretry")
                 if "bbr_alt" in by:
                     c["ratio"]["bbr_alt_vs_baseline"] = paired("bbr_alt", "baseline")
                     c["ratio"]["bbr_alt_vs_bbr"] = paired("bbr_alt", "bbr")
@@ -1008,6 +1024,9 @@ def markdown(meta: dict, cells: dict, scan_rows, scan_overall, results: list[dic
             ratio_rows("**bbr-wasm (prefix affinity on, as shipped) vs off**", "bbr_vs_bbr_noprefix")
         if "bbr_picker" in CONFIGS:
             ratio_rows("**picker on (override_host) ÷ bbr-wasm**", "bbr_picker_vs_bbr")
+        if "bbr_picker_noretry" in CONFIGS:
+            ratio_rows("diagnostic: picker without the retry policy ÷ bbr-wasm", "bbr_picker_noretry_vs_bbr")
+            ratio_rows("diagnostic: picker with ÷ without the retry policy", "bbr_picker_vs_bbr_picker_noretry")
         if "bbr_alt" in CONFIGS:
             ratio_rows("diagnostic: BENCH_ALT_WASM build", "bbr_alt_vs_baseline")
             ratio_rows("**BENCH_ALT_WASM build vs bbr-wasm**", "bbr_alt_vs_bbr")
@@ -1080,8 +1099,9 @@ def markdown(meta: dict, cells: dict, scan_rows, scan_overall, results: list[dic
         L.append("")
         if "extproc" in CONFIGS:
             extproc_cpu_rows(L, cells, pos, sizes, concs)
-        if "bbr_picker" in CONFIGS:
-            picker_rows(L, cells, pos, sizes, concs)
+        for pc in PICKER_CONFIGS:
+            if pc in CONFIGS:
+                picker_rows(L, cells, pos, sizes, concs, pc)
     L.append("## Scan speed inside V8 and wasm memory (bbr-wasm's own counters)")
     L.append("")
     L.append("Delta of `bbr_scanned_bytes_total` over delta of `bbr_scan_nanoseconds_total` across the bbr-wasm "
@@ -1129,12 +1149,13 @@ def markdown(meta: dict, cells: dict, scan_rows, scan_overall, results: list[dic
     return "\n".join(L)
 
 
-def picker_rows(L: list[str], cells: dict, pos: str, sizes, concs) -> None:
-    """bbr_picker: its gateway CPU per request against bbr's, and the picks the filter counted."""
-    L.append(f"### The endpoint picker (bbr_picker), model {pos}")
+def picker_rows(L: list[str], cells: dict, pos: str, sizes, concs, name: str = "bbr_picker") -> None:
+    """bbr_picker (or its diagnostic): gateway CPU per request against bbr's, and the picks the
+    filter counted."""
+    L.append(f"### The endpoint picker ({name}), model {pos}")
     L.append("")
-    L.append("Gateway CPU per request of bbr_picker ÷ bbr's (above 1: the picker costs CPU), and "
-             "`bbr_endpoint_picked_total` / `bbr_endpoint_failed_over_total` grown during bbr_picker's "
+    L.append(f"Gateway CPU per request of {name} ÷ bbr's (above 1: the picker costs CPU), and "
+             f"`bbr_endpoint_picked_total` / `bbr_endpoint_failed_over_total` grown during {name}'s "
              "recorded runs, against the requests wrk counted as answered (a run's last requests, cut off "
              "when it ends, are picked but not counted).")
     L.append("")
@@ -1145,7 +1166,7 @@ def picker_rows(L: list[str], cells: dict, pos: str, sizes, concs) -> None:
         row = []
         for s in sizes:
             c = cells[f"{pos}/{s}/{conns}"]["configs"]
-            p, b = c["bbr_picker"], c["bbr"]
+            p, b = c[name], c["bbr"]
             row.append(fmt_ratio(p["gateway_cpu_us_per_req"] / b["gateway_cpu_us_per_req"])
                        if b["gateway_cpu_us_per_req"] else "n/a")
             row.append(f"{p.get('endpoint_picked', 0)} / {p.get('endpoint_failed_over', 0)} / {p.get('requests', 0)}")
@@ -1217,7 +1238,7 @@ def chart(path: Path, meta: dict, cells: dict, positions, sizes, concs) -> Optio
     colors = {"baseline": "#555555", "native": "#d62728", "bbr": "#1f77b4", "buffer": "#9467bd",
               "bbr_early": "#17becf", "bbr_alt": "#ff7f0e", "wasm_pass": "#bcbd22", "wasm_buffer": "#8c564b",
               "wasm_read": "#e377c2", "wasm_route": "#7f7f7f", "extproc": "#2ca02c", "bbr_noprefix": "#aec7e8",
-              "bbr_picker": "#98df8a"}
+              "bbr_picker": "#98df8a", "bbr_picker_noretry": "#c5b0d5"}
     fig, axes = plt.subplots(2, len(concs), figsize=(6.2 * len(concs), 9.5), squeeze=False)
     xs = list(range(len(sizes)))
     xl = [size_label(s) for s in sizes]
@@ -1436,7 +1457,7 @@ def main() -> int:
     up_ports = {"admin": free_port(), "qwen": free_port(), "phi": free_port()}
     gw_ports = {"admin": free_port(), "baseline": free_port(), "native": free_port(), "bbr": free_port(),
                 "buffer": free_port(), "bbr_early": free_port(), "bbr_alt": free_port(), "extproc": free_port(),
-                "bbr_noprefix": free_port(), "bbr_picker": free_port(),
+                "bbr_noprefix": free_port(), "bbr_picker": free_port(), "bbr_picker_noretry": free_port(),
                 **{f"wasm_{m}": free_port() for m in FLOOR_MODES}}
     up_cfg = fill(BENCH / "envoy" / "upstream.yaml",
                   {"PORT_ADMIN": up_ports["admin"], "PORT_QWEN": up_ports["qwen"], "PORT_PHI": up_ports["phi"]})
@@ -1444,6 +1465,7 @@ def main() -> int:
                              "PORT_NATIVE": gw_ports["native"], "PORT_BBR": gw_ports["bbr"],
                              "PORT_BUFFER": gw_ports["buffer"], "PORT_BBR_EARLY": gw_ports["bbr_early"], "PORT_BBR_ALT": gw_ports["bbr_alt"],
                              "PORT_BBR_NOPREFIX": gw_ports["bbr_noprefix"], "PORT_BBR_PICKER": gw_ports["bbr_picker"],
+                             "PORT_BBR_PICKER_NORETRY": gw_ports["bbr_picker_noretry"],
                              "UPSTREAM_QWEN": up_ports["qwen"], "UPSTREAM_PHI": up_ports["phi"],
                              "PORT_EXTPROC": gw_ports["extproc"], "EXTPROC_SOCKET": extproc_socket,
                              **{f"PORT_WASM_{m.upper()}": gw_ports[f"wasm_{m}"] for m in FLOOR_MODES}})
@@ -1476,7 +1498,8 @@ def main() -> int:
         for p in class_bodies.values():
             sanity_check(gw, up, p.read_bytes())
         say("sanity check passed: each configuration routes to the qwen pool and the upstream reads whole bodies"
-            + ("; bbr_picker picked the endpoint for each of its requests" if "bbr_picker" in CONFIGS else ""))
+            + ("; the picker picked the endpoint for each of its requests"
+               if any(pc in CONFIGS for pc in PICKER_CONFIGS) else ""))
         runs = sweep(gw, up, wrk, bodies, positions, sizes, concs, rounds, duration, warmup,
                      max_duration, waves, work, peer)
         class_runs = sweep(gw, up, wrk, class_bodies, class_positions, [MiB], concs, rounds, duration,
@@ -1492,12 +1515,14 @@ def main() -> int:
     load_after = os.getloadavg()
 
     cells = summarize(runs, positions, sizes, concs)
-    if "bbr_picker" in CONFIGS:
-        picked = [r["picker"] for r in runs if "picker" in r]
-        say(f"bbr_picker: bbr_endpoint_picked_total grew by {sum(k['endpoint_picked_total'] for k in picked)} "
+    for pc in PICKER_CONFIGS:
+        if pc not in CONFIGS:
+            continue
+        picked = [r["picker"] for r in runs if r["config"] == pc and "picker" in r]
+        say(f"{pc}: bbr_endpoint_picked_total grew by {sum(k['endpoint_picked_total'] for k in picked)} "
             f"and bbr_endpoint_failed_over_total by {sum(k['endpoint_failed_over_total'] for k in picked)} "
             f"over its {len(picked)} recorded runs, which answered "
-            f"{sum(r['requests'] for r in runs if r['config'] == 'bbr_picker')} requests (wrk's count)")
+            f"{sum(r['requests'] for r in runs if r['config'] == pc)} requests (wrk's count)")
     add_extproc_steps(cells, steps, positions, sizes, concs)
     scan_rows, scan_overall = scan_table(cells, positions, sizes, concs)
     results = checks(cells, scan_rows, scan_overall, positions, sizes, concs)
