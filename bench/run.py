@@ -54,7 +54,18 @@ Environment (all optional):
   BENCH_WARMUP       seconds of unrecorded warm-up per configuration and cell, default 1
   BENCH_POSITIONS    where "model" sits in the body: "last" (default), "first", or "last,first"
   BENCH_CONFIGS      default "baseline,native,bbr,bbr_noprefix,wasm_route,extproc" (bbr_noprefix:
-                     the shipped filter with prefixAffinity off); more diagnostics: "buffer",
+                     the shipped filter with prefixAffinity off). Optional: "bbr_picker", the
+                     shipped filter with prefixAffinity.picker on, one pool listing the bench's
+                     upstream (so it really picks and sets x-gateway-destination-endpoint), on a
+                     copy of the qwen cluster with envoy/picker-lb-policy.yaml's override_host
+                     policy and its routes' retry policy (so Envoy really follows the header):
+                     what the filter's replica choice costs the gateway, reported as "picker on
+                     / bbr" (no target); the filter's bbr_endpoint_picked_total is read around
+                     each of its runs and printed. Only "bbr" is required: without baseline or
+                     native, the ratios and targets against them are left out (e.g.
+                     BENCH_CONFIGS=bbr,bbr_noprefix,bbr_picker). "bbr_picker_noretry": a
+                     diagnostic, bbr_picker without the routes' retry policy (how much of its
+                     cost is Envoy's retry state). More diagnostics: "buffer",
                      "bbr_early" (bench/envoy/gateway.yaml says what they are), "wasm_pass",
                      "wasm_buffer" and "wasm_read" (bench/floor-filter/src/lib.rs), and "bbr_alt"
   BENCH_ALT_WASM     a second build of the filter (a .wasm path), run as the "bbr_alt"
@@ -114,7 +125,8 @@ PATH = "/v1/chat/completions"
 # The floor filter (bench/floor-filter): a proxy-wasm filter with no routing logic, three modes.
 FLOOR_WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "bbr_floor.wasm"
 FLOOR_MODES = ("pass", "buffer", "read", "route")
-ALL_CONFIGS = ("baseline", "native", "bbr", "buffer", "bbr_early", "bbr_alt", "bbr_noprefix", "extproc") + tuple(
+ALL_CONFIGS = ("baseline", "native", "bbr", "buffer", "bbr_early", "bbr_alt", "bbr_noprefix", "bbr_picker",
+               "bbr_picker_noretry", "extproc") + tuple(
     f"wasm_{m}" for m in FLOOR_MODES)
 CONFIGS: tuple[str, ...] = ("baseline", "native", "bbr")  # BENCH_CONFIGS may add "buffer"
 LABELS = {
@@ -125,6 +137,8 @@ LABELS = {
     "bbr_early": "diagnostic: bbr-wasm with routeBeforeBodyEnds",
     "bbr_alt": "diagnostic: bbr-wasm, the BENCH_ALT_WASM build",
     "bbr_noprefix": "bbr-wasm without prefix affinity",
+    "bbr_picker": "bbr-wasm with the endpoint picker (override_host)",
+    "bbr_picker_noretry": "diagnostic: bbr_picker without the route retry policy",
     "extproc": "ext_proc peer of the Go BBR (gRPC)",
     "wasm_pass": "diagnostic: empty wasm filter (Continue at the headers)",
     "wasm_buffer": "diagnostic: wasm filter holding the body, reading nothing",
@@ -136,6 +150,8 @@ SHORT = {"baseline": "baseline", "native": "native json_to_metadata", "bbr": "bb
          "buffer": "buffer filter (diag.)", "bbr_early": "bbr routeBeforeBodyEnds (diag.)",
          "bbr_alt": "bbr-wasm, BENCH_ALT_WASM build (diag.)", "extproc": "ext_proc peer (gRPC)",
          "bbr_noprefix": "bbr-wasm, no prefix affinity",
+         "bbr_picker": "bbr-wasm + endpoint picker",
+         "bbr_picker_noretry": "endpoint picker, no retry (diag.)",
          "wasm_pass": "wasm pass (diag.)", "wasm_buffer": "wasm buffer (diag.)", "wasm_read": "wasm read (diag.)",
          "wasm_route": "wasm read+set headers (diag.)"}
 # The client sends the routing header itself to these (no body inspection).
@@ -516,7 +532,65 @@ def gateway_config(ports: dict[str, int]) -> dict:
     config["name"] = config["name"] + "_noprefix"
     config["vm_config"]["vm_id"] = config["vm_config"].get("vm_id", "bbr") + "_noprefix"
     add_listener_copy(cfg, "bbr", "bbr_noprefix", ports, entry)
+    for name in PICKER_CONFIGS:  # optional: the default gateway stays as it was
+        if name in CONFIGS:
+            add_picker_listener(cfg, ports, name, retry=name == "bbr_picker")
     return cfg
+
+
+PICKER_POLICY = ROOT / "envoy" / "picker-lb-policy.yaml"
+PICKER_CLUSTER = "qwen-pool-picker"
+PICKER_CONFIGS = ("bbr_picker", "bbr_picker_noretry")
+PICKER_STATS = r"^wasmcustom\.bbr_endpoint_(picked|failed_over)_total$"
+
+
+def add_picker_listener(cfg: dict, ports: dict[str, int], name: str = "bbr_picker", retry: bool = True) -> None:
+    """bbr_picker: the shipped filter with prefixAffinity.picker on, in its own VM, and the
+    deployment docs/prefix-affinity.md describes around it: the qwen routes go to a copy of the
+    qwen cluster whose lb_policy is envoy/picker-lb-policy.yaml's override_host (fallback least
+    request), with that file's retry policy on the routes. The picker's pool lists the bench's
+    one upstream (the qwen port), so every qwen request is scored, picked, recorded in the
+    endpoint's block LRU and sent where x-gateway-destination-endpoint says; against `bbr`
+    (same filter, picker off, plain cluster) the difference is what replica choice costs the
+    gateway. One endpoint: the scores are computed over one candidate, as small a pool as
+    there is (the cost of a larger pool's scoring is not measured here).
+
+    retry=False (bbr_picker_noretry, a diagnostic): the same without the routes' retry policy.
+    Both share the cluster; each listener has its own VM, so its own picker table."""
+    example = yaml.safe_load(PICKER_POLICY.read_text())
+    entry = shipped_wasm_filter()
+    config = entry["typed_config"]["config"]
+    plugin = json.loads(config["configuration"]["value"])
+    endpoint = f"127.0.0.1:{ports['UPSTREAM_QWEN']}"
+    plugin["prefixAffinity"] = {"enabled": True, "picker": {"pools": [
+        {"cluster": PICKER_CLUSTER, "baseModels": [MODEL], "endpoints": [endpoint]}]}}
+    config["configuration"]["value"] = json.dumps(plugin)
+    suffix = name.removeprefix("bbr")
+    config["name"] = config["name"] + suffix
+    config["vm_config"]["vm_id"] = config["vm_config"].get("vm_id", "bbr") + suffix
+    add_listener_copy(cfg, "bbr", name, ports, entry)
+    listener = cfg["static_resources"]["listeners"][-1]
+    routes = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    qwen_routes = [r for r in routes if r["route"].get("cluster") == "qwen-pool"]
+    if len(qwen_routes) != 1:
+        raise SystemExit("bench: the bbr listener has no single route to qwen-pool")
+    qwen_routes[0]["route"]["cluster"] = PICKER_CLUSTER
+    if retry:
+        qwen_routes[0]["route"].update(json.loads(json.dumps(example["route"])))
+    clusters = cfg["static_resources"]["clusters"]
+    if any(c["name"] == PICKER_CLUSTER for c in clusters):
+        return
+    cluster = json.loads(json.dumps(next(c for c in clusters if c["name"] == "qwen-pool")))
+    cluster["name"] = PICKER_CLUSTER
+    cluster["load_assignment"]["cluster_name"] = PICKER_CLUSTER
+    cluster.pop("lb_policy", None)
+    cluster.update(json.loads(json.dumps(example["cluster"])))
+    clusters.append(cluster)
+
+
+def picker_stats(gw: Envoy) -> dict[str, int]:
+    """The filter's picker counters (all bbr VMs define them; only bbr_picker's picks)."""
+    return {k.removeprefix("wasmcustom.bbr_"): v for k, v in gw.stats(PICKER_STATS).items()}
 
 
 def add_listener_copy(cfg: dict, template: str, name: str, ports: dict[str, int], first_filter: dict) -> None:
@@ -588,10 +662,13 @@ def median(xs: list[float]) -> float:
 
 
 def sanity_check(gw: Envoy, up: Envoy, body: bytes) -> None:
-    """One request per configuration: 200, answered by the qwen pool, whole body upstream."""
+    """One request per configuration: 200, answered by the qwen pool, whole body upstream;
+    for bbr_picker, also that the filter picked the endpoint (bbr_endpoint_picked_total + 1)
+    and that Envoy served it there (no failover counted)."""
     for cfg in CONFIGS:
         before = up.stats(r"^http\.upstream_qwen\.downstream_cx_rx_bytes_total$")
         header = {"x-gateway-base-model-name": MODEL} if cfg in HEADER_ROUTED else {}
+        picks0 = picker_stats(gw) if cfg in PICKER_CONFIGS else None
         status, headers, resp = http_post(gw.ports[cfg], body, header)
         if status != 200 or headers.get("x-bench-pool") != "qwen":
             raise SystemExit(f"bench: {cfg} at {size_label(len(body))}: status {status}, "
@@ -600,6 +677,15 @@ def sanity_check(gw: Envoy, up: Envoy, body: bytes) -> None:
         got = sum(after.values()) - sum(before.values())
         if got < len(body):
             raise SystemExit(f"bench: {cfg}: the upstream received {got} bytes for a {len(body)}-byte body")
+        if picks0 is not None:
+            time.sleep(0.1)  # the filter counts a failover at the response's end
+            picks1 = picker_stats(gw)
+            picked = picks1.get("endpoint_picked_total", 0) - picks0.get("endpoint_picked_total", 0)
+            failed = picks1.get("endpoint_failed_over_total", 0) - picks0.get("endpoint_failed_over_total", 0)
+            if picked != 1 or failed != 0:
+                raise SystemExit(f"bench: {cfg} at {size_label(len(body))}: bbr_endpoint_picked_total "
+                                 f"grew by {picked}, bbr_endpoint_failed_over_total by {failed} (want 1 and 0): "
+                                 f"{picks1}")
 
 
 UPSTREAM_RX = r"^http\.upstream_(qwen|phi)\.downstream_cx_rx_bytes_total$"
@@ -659,6 +745,7 @@ def sweep(gw: Envoy, up: Envoy, wrk: str, bodies: dict[tuple[str, int], Path], p
                     order = CONFIGS[k:] + CONFIGS[:k]
                     for cfg in order:
                         w0 = wasm_stats(gw) if cfg == "bbr" else None
+                        k0 = picker_stats(gw) if cfg in PICKER_CONFIGS else None
                         g0, u0 = gw.proc.cpu_seconds(), up.proc.cpu_seconds()
                         p0 = peer.cpu_seconds() if peer is not None and cfg == "extproc" else None
                         rx0 = sum(up.stats(UPSTREAM_RX).values())
@@ -673,6 +760,10 @@ def sweep(gw: Envoy, up: Envoy, wrk: str, bodies: dict[tuple[str, int], Path], p
                         rx = sum(up.stats(UPSTREAM_RX).values()) - rx0
                         res["upstream_rx_bytes_per_request"] = rx / res["requests"] if res["requests"] else None
                         time.sleep(0.2)  # let the gateway drop what the closed connections left
+                        if k0 is not None:
+                            k1 = picker_stats(gw)
+                            res["picker"] = {k: k1.get(k, 0) - k0.get(k, 0)
+                                             for k in ("endpoint_picked_total", "endpoint_failed_over_total")}
                         if w0 is not None:
                             w1 = wasm_stats(gw)
                             res["wasm"] = {
@@ -685,6 +776,10 @@ def sweep(gw: Envoy, up: Envoy, wrk: str, bodies: dict[tuple[str, int], Path], p
                                    duration_s=secs)
                         runs.append(res)
                         flag = f"  ERRORS {res['errors']}" if res["errors_total"] else ""
+                        if "picker" in res:
+                            flag += (f"  picked {res['picker']['endpoint_picked_total']}"
+                                     f" (failed over {res['picker']['endpoint_failed_over_total']})"
+                                     f" for {res['requests']} answered")
                         say(f"    {cfg:8s} {res['rps']:9.1f} req/s  p50 {res['latency_us']['percentiles']['50'] / 1000:8.2f} ms"
                             f"  p99 {res['latency_us']['percentiles']['99'] / 1000:8.2f} ms{flag}")
                     if not gw.proc.alive() or not up.proc.alive():
@@ -730,13 +825,14 @@ def summarize(runs: list[dict], positions, sizes, concs) -> dict:
                 rounds = min(len(v) for v in by.values())
 
                 def paired(a: str, b: str) -> float:
+                    if a not in by or b not in by:  # e.g. a diagnostic vs a baseline that did not run
+                        return float("nan")
                     return median([by[a][i]["rps"] / by[b][i]["rps"] for i in range(rounds) if by[b][i]["rps"] > 0])
 
-                c["ratio"] = {
-                    "native_vs_baseline": paired("native", "baseline"),
-                    "bbr_vs_baseline": paired("bbr", "baseline"),
-                    "bbr_vs_native": paired("bbr", "native"),
-                }
+                # Only "bbr" is required (main): a ratio is there when both its configurations ran.
+                c["ratio"] = {f"{a}_vs_{b}": paired(a, b)
+                              for a, b in (("native", "baseline"), ("bbr", "baseline"), ("bbr", "native"))
+                              if a in by and b in by}
                 if "buffer" in by:
                     c["ratio"]["buffer_vs_baseline"] = paired("buffer", "baseline")
                     c["ratio"]["bbr_vs_buffer"] = paired("bbr", "buffer")
@@ -749,12 +845,23 @@ def summarize(runs: list[dict], positions, sizes, concs) -> dict:
                         r.get("peer_cpu_s", 0.0) for r in by["extproc"]) / (sum(r["requests"] for r in by["extproc"]) or 1)
                 if "bbr_noprefix" in by:
                     c["ratio"]["bbr_vs_bbr_noprefix"] = paired("bbr", "bbr_noprefix")
+                for pc in PICKER_CONFIGS:
+                    if pc not in by:
+                        continue
+                    c["ratio"][f"{pc}_vs_bbr"] = paired(pc, "bbr")
+                    picks = [r["picker"] for r in by[pc] if "picker" in r]
+                    c["configs"][pc]["endpoint_picked"] = sum(k["endpoint_picked_total"] for k in picks)
+                    c["configs"][pc]["endpoint_failed_over"] = sum(k["endpoint_failed_over_total"] for k in picks)
+                    c["configs"][pc]["requests"] = sum(r["requests"] for r in by[pc])
+                if "bbr_picker" in by and "bbr_picker_noretry" in by:
+                    c["ratio"]["bbr_picker_vs_bbr_picker_noretry"] = paired("bbr_picker", "bbr_picker_noretry")
                 if "bbr_alt" in by:
                     c["ratio"]["bbr_alt_vs_baseline"] = paired("bbr_alt", "baseline")
                     c["ratio"]["bbr_alt_vs_bbr"] = paired("bbr_alt", "bbr")
                 for mode in FLOOR_MODES:
-                    if f"wasm_{mode}" in by:
+                    if f"wasm_{mode}" in by and "baseline" in by:
                         c["ratio"][f"wasm_{mode}_vs_baseline"] = paired(f"wasm_{mode}", "baseline")
+                    if f"wasm_{mode}" in by:
                         c["ratio"][f"bbr_vs_wasm_{mode}"] = paired("bbr", f"wasm_{mode}")
                 wasm = [r["wasm"] for r in by["bbr"] if "wasm" in r]
                 sb = sum(w["scanned_bytes"] for w in wasm)
@@ -809,7 +916,7 @@ def checks(cells: dict, scan_rows: list[dict], scan_overall: dict, positions, si
                     want = VS_FLOOR_SMALL if size < 256 * KiB else VS_FLOOR_LARGE
                     add(f"bbr/wasm_route floor, model {pos}, {size_label(size)}, c={conns}", r, r >= want,
                         f">= {want:.2f}x")
-            for size in sizes:
+            for size in sizes if "native" in CONFIGS else ():
                 c = cells[f"{pos}/{size}/{conns}"]
                 rn = c["ratio"]["bbr_vs_native"]
                 if size >= MiB:
@@ -877,7 +984,10 @@ def markdown(meta: dict, cells: dict, scan_rows, scan_overall, results: list[dic
     L.append(f"Run {meta['date']} on {meta['machine']}. {meta['setup']}")
     L.append("")
     for pos in positions:
-        L.append(f"## Throughput relative to the no-inspection baseline (model {pos} in the body)")
+        if "baseline" in CONFIGS:
+            L.append(f"## Throughput relative to the no-inspection baseline (model {pos} in the body)")
+        else:
+            L.append(f"## Throughput ratios (model {pos} in the body; no baseline in this run)")
         L.append("")
         L.append("Median over the rounds of each round's ratio (the runs of a round are adjacent in time).")
         L.append("")
@@ -886,6 +996,8 @@ def markdown(meta: dict, cells: dict, scan_rows, scan_overall, results: list[dic
 
         def ratio_rows(label: str, key: str) -> None:
             """One row per concurrency: the `key` ratio of this position at every size."""
+            if key not in cells[f"{pos}/{sizes[0]}/{concs[0]}"]["ratio"]:
+                return  # one of its two configurations did not run
             for conns in concs:
                 L.append(f"| {label} | {conns} | " + " | ".join(
                     fmt_ratio(cells[f"{pos}/{s}/{conns}"]["ratio"][key]) for s in sizes) + " |")
@@ -910,6 +1022,11 @@ def markdown(meta: dict, cells: dict, scan_rows, scan_overall, results: list[dic
             ratio_rows("diagnostic: bbr-wasm routeBeforeBodyEnds", "bbr_early_vs_baseline")
         if "bbr_noprefix" in CONFIGS:
             ratio_rows("**bbr-wasm (prefix affinity on, as shipped) vs off**", "bbr_vs_bbr_noprefix")
+        if "bbr_picker" in CONFIGS:
+            ratio_rows("**picker on (override_host) ÷ bbr-wasm**", "bbr_picker_vs_bbr")
+        if "bbr_picker_noretry" in CONFIGS:
+            ratio_rows("diagnostic: picker without the retry policy ÷ bbr-wasm", "bbr_picker_noretry_vs_bbr")
+            ratio_rows("diagnostic: picker with ÷ without the retry policy", "bbr_picker_vs_bbr_picker_noretry")
         if "bbr_alt" in CONFIGS:
             ratio_rows("diagnostic: BENCH_ALT_WASM build", "bbr_alt_vs_baseline")
             ratio_rows("**BENCH_ALT_WASM build vs bbr-wasm**", "bbr_alt_vs_bbr")
@@ -949,23 +1066,24 @@ def markdown(meta: dict, cells: dict, scan_rows, scan_overall, results: list[dic
                     f"{cells[f'{pos}/{s}/{conns}']['configs'][cfg]['upstream_rx_bytes_per_request']:.0f}"
                     for s in sizes) + " |")
         L.append("")
-        L.append(f"### Gateway CPU cost relative to the baseline, model {pos}")
-        L.append("")
-        L.append("The baseline's gateway CPU time per request divided by this configuration's (from /proc, "
-                 "all runs of the cell): what the throughput ratio would be if the gateway's one worker were "
-                 "the only bottleneck. Less sensitive to other load on the machine than requests per second.")
-        L.append("")
-        L.append(head)
-        L.append(sep)
-        for cfg in CONFIGS:
-            if cfg == "baseline":
-                continue
-            for conns in concs:
-                L.append(f"| {LABELS[cfg]} | {conns} | " + " | ".join(
-                    fmt_ratio(cells[f'{pos}/{s}/{conns}']['configs']['baseline']['gateway_cpu_us_per_req']
-                              / cells[f'{pos}/{s}/{conns}']['configs'][cfg]['gateway_cpu_us_per_req'])
-                    for s in sizes) + " |")
-        L.append("")
+        if "baseline" in CONFIGS:
+            L.append(f"### Gateway CPU cost relative to the baseline, model {pos}")
+            L.append("")
+            L.append("The baseline's gateway CPU time per request divided by this configuration's (from /proc, "
+                     "all runs of the cell): what the throughput ratio would be if the gateway's one worker were "
+                     "the only bottleneck. Less sensitive to other load on the machine than requests per second.")
+            L.append("")
+            L.append(head)
+            L.append(sep)
+            for cfg in CONFIGS:
+                if cfg == "baseline":
+                    continue
+                for conns in concs:
+                    L.append(f"| {LABELS[cfg]} | {conns} | " + " | ".join(
+                        fmt_ratio(cells[f'{pos}/{s}/{conns}']['configs']['baseline']['gateway_cpu_us_per_req']
+                                  / cells[f'{pos}/{s}/{conns}']['configs'][cfg]['gateway_cpu_us_per_req'])
+                        for s in sizes) + " |")
+            L.append("")
         L.append(f"### Gateway CPU per request in µs (worker + main thread, from /proc), model {pos}")
         L.append("")
         if "extproc" in CONFIGS:
@@ -981,6 +1099,9 @@ def markdown(meta: dict, cells: dict, scan_rows, scan_overall, results: list[dic
         L.append("")
         if "extproc" in CONFIGS:
             extproc_cpu_rows(L, cells, pos, sizes, concs)
+        for pc in PICKER_CONFIGS:
+            if pc in CONFIGS:
+                picker_rows(L, cells, pos, sizes, concs, pc)
     L.append("## Scan speed inside V8 and wasm memory (bbr-wasm's own counters)")
     L.append("")
     L.append("Delta of `bbr_scanned_bytes_total` over delta of `bbr_scan_nanoseconds_total` across the bbr-wasm "
@@ -1026,6 +1147,31 @@ def markdown(meta: dict, cells: dict, scan_rows, scan_overall, results: list[dic
     L.append("```")
     L.append("")
     return "\n".join(L)
+
+
+def picker_rows(L: list[str], cells: dict, pos: str, sizes, concs, name: str = "bbr_picker") -> None:
+    """bbr_picker (or its diagnostic): gateway CPU per request against bbr's, and the picks the
+    filter counted."""
+    L.append(f"### The endpoint picker ({name}), model {pos}")
+    L.append("")
+    L.append(f"Gateway CPU per request of {name} ÷ bbr's (above 1: the picker costs CPU), and "
+             f"`bbr_endpoint_picked_total` / `bbr_endpoint_failed_over_total` grown during {name}'s "
+             "recorded runs, against the requests wrk counted as answered (a run's last requests, cut off "
+             "when it ends, are picked but not counted).")
+    L.append("")
+    L.append("| c | " + " | ".join(f"{size_label(s)} CPU ÷ bbr | {size_label(s)} picked / failed over / answered"
+                                  for s in sizes) + " |")
+    L.append("| --- | " + " | ".join("--- | ---" for _ in sizes) + " |")
+    for conns in concs:
+        row = []
+        for s in sizes:
+            c = cells[f"{pos}/{s}/{conns}"]["configs"]
+            p, b = c[name], c["bbr"]
+            row.append(fmt_ratio(p["gateway_cpu_us_per_req"] / b["gateway_cpu_us_per_req"])
+                       if b["gateway_cpu_us_per_req"] else "n/a")
+            row.append(f"{p.get('endpoint_picked', 0)} / {p.get('endpoint_failed_over', 0)} / {p.get('requests', 0)}")
+        L.append(f"| {conns} | " + " | ".join(row) + " |")
+    L.append("")
 
 
 def add_extproc_steps(cells: dict, steps: dict[str, dict], positions, sizes, concs) -> None:
@@ -1086,10 +1232,13 @@ def chart(path: Path, meta: dict, cells: dict, positions, sizes, concs) -> Optio
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed (bash scripts/bench-deps.sh); no chart"
+    if "baseline" not in CONFIGS:
+        return "no baseline in BENCH_CONFIGS: no chart (its upper panels are ratios to the baseline)"
     pos = positions[0]
     colors = {"baseline": "#555555", "native": "#d62728", "bbr": "#1f77b4", "buffer": "#9467bd",
               "bbr_early": "#17becf", "bbr_alt": "#ff7f0e", "wasm_pass": "#bcbd22", "wasm_buffer": "#8c564b",
-              "wasm_read": "#e377c2", "wasm_route": "#7f7f7f", "extproc": "#2ca02c", "bbr_noprefix": "#aec7e8"}
+              "wasm_read": "#e377c2", "wasm_route": "#7f7f7f", "extproc": "#2ca02c", "bbr_noprefix": "#aec7e8",
+              "bbr_picker": "#98df8a", "bbr_picker_noretry": "#c5b0d5"}
     fig, axes = plt.subplots(2, len(concs), figsize=(6.2 * len(concs), 9.5), squeeze=False)
     xs = list(range(len(sizes)))
     xl = [size_label(s) for s in sizes]
@@ -1199,7 +1348,7 @@ def class_rows(cells: dict, classes: list[str], concs: list[int]) -> list[dict]:
             vs_floor = r.get(f"bbr_vs_{floor}") if floor else None
             rows.append({
                 "class": cls, "conns": conns,
-                "bbr_vs_baseline": r["bbr_vs_baseline"], "bbr_vs_native": r["bbr_vs_native"],
+                "bbr_vs_baseline": r.get("bbr_vs_baseline"), "bbr_vs_native": r.get("bbr_vs_native"),
                 "floor_vs_baseline": r.get(f"{floor}_vs_baseline") if floor else None,
                 "bbr_vs_floor": vs_floor,
                 "bbr_alt_vs_bbr": r.get("bbr_alt_vs_bbr"),
@@ -1250,9 +1399,8 @@ def main() -> int:
     waves = float(os.environ.get("BENCH_WAVES", "8"))
     global CONFIGS
     CONFIGS = tuple(env_list("BENCH_CONFIGS", "baseline,native,bbr,bbr_noprefix,wasm_route,extproc"))
-    for c in ("baseline", "native", "bbr"):
-        if c not in CONFIGS:
-            raise SystemExit(f"bench: BENCH_CONFIGS must include {c} (the targets compare it)")
+    if "bbr" not in CONFIGS:
+        raise SystemExit("bench: BENCH_CONFIGS must include bbr (every comparison and target is about it)")
     for c in CONFIGS:
         if c not in ALL_CONFIGS:
             raise SystemExit(f"bench: BENCH_CONFIGS: unknown configuration {c!r}; known: {ALL_CONFIGS}")
@@ -1309,14 +1457,15 @@ def main() -> int:
     up_ports = {"admin": free_port(), "qwen": free_port(), "phi": free_port()}
     gw_ports = {"admin": free_port(), "baseline": free_port(), "native": free_port(), "bbr": free_port(),
                 "buffer": free_port(), "bbr_early": free_port(), "bbr_alt": free_port(), "extproc": free_port(),
-                "bbr_noprefix": free_port(),
+                "bbr_noprefix": free_port(), "bbr_picker": free_port(), "bbr_picker_noretry": free_port(),
                 **{f"wasm_{m}": free_port() for m in FLOOR_MODES}}
     up_cfg = fill(BENCH / "envoy" / "upstream.yaml",
                   {"PORT_ADMIN": up_ports["admin"], "PORT_QWEN": up_ports["qwen"], "PORT_PHI": up_ports["phi"]})
     gw_cfg = gateway_config({"PORT_ADMIN": gw_ports["admin"], "PORT_BASELINE": gw_ports["baseline"],
                              "PORT_NATIVE": gw_ports["native"], "PORT_BBR": gw_ports["bbr"],
                              "PORT_BUFFER": gw_ports["buffer"], "PORT_BBR_EARLY": gw_ports["bbr_early"], "PORT_BBR_ALT": gw_ports["bbr_alt"],
-                             "PORT_BBR_NOPREFIX": gw_ports["bbr_noprefix"],
+                             "PORT_BBR_NOPREFIX": gw_ports["bbr_noprefix"], "PORT_BBR_PICKER": gw_ports["bbr_picker"],
+                             "PORT_BBR_PICKER_NORETRY": gw_ports["bbr_picker_noretry"],
                              "UPSTREAM_QWEN": up_ports["qwen"], "UPSTREAM_PHI": up_ports["phi"],
                              "PORT_EXTPROC": gw_ports["extproc"], "EXTPROC_SOCKET": extproc_socket,
                              **{f"PORT_WASM_{m.upper()}": gw_ports[f"wasm_{m}"] for m in FLOOR_MODES}})
@@ -1348,7 +1497,9 @@ def main() -> int:
                 sanity_check(gw, up, p.read_bytes())
         for p in class_bodies.values():
             sanity_check(gw, up, p.read_bytes())
-        say("sanity check passed: each configuration routes to the qwen pool and the upstream reads whole bodies")
+        say("sanity check passed: each configuration routes to the qwen pool and the upstream reads whole bodies"
+            + ("; the picker picked the endpoint for each of its requests"
+               if any(pc in CONFIGS for pc in PICKER_CONFIGS) else ""))
         runs = sweep(gw, up, wrk, bodies, positions, sizes, concs, rounds, duration, warmup,
                      max_duration, waves, work, peer)
         class_runs = sweep(gw, up, wrk, class_bodies, class_positions, [MiB], concs, rounds, duration,
@@ -1364,6 +1515,14 @@ def main() -> int:
     load_after = os.getloadavg()
 
     cells = summarize(runs, positions, sizes, concs)
+    for pc in PICKER_CONFIGS:
+        if pc not in CONFIGS:
+            continue
+        picked = [r["picker"] for r in runs if r["config"] == pc and "picker" in r]
+        say(f"{pc}: bbr_endpoint_picked_total grew by {sum(k['endpoint_picked_total'] for k in picked)} "
+            f"and bbr_endpoint_failed_over_total by {sum(k['endpoint_failed_over_total'] for k in picked)} "
+            f"over its {len(picked)} recorded runs, which answered "
+            f"{sum(r['requests'] for r in runs if r['config'] == pc)} requests (wrk's count)")
     add_extproc_steps(cells, steps, positions, sizes, concs)
     scan_rows, scan_overall = scan_table(cells, positions, sizes, concs)
     results = checks(cells, scan_rows, scan_overall, positions, sizes, concs)
