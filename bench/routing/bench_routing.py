@@ -466,12 +466,12 @@ def gateway_config(strategies: list[Strategy], ports: dict[str, int], mock_ports
 
 
 class Envoy:
-    def __init__(self, config: dict, work: Path, admin: int):
+    def __init__(self, config: dict, work: Path, admin: int, workers: int = 1):
         path = work / "gateway.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         envoy = ROOT / ".venv" / "bin" / "envoy"
         self.log = work / "envoy.log"
-        self.proc = Proc("envoy", [str(envoy), "-c", str(path), "--concurrency", "1", "--use-dynamic-base-id",
+        self.proc = Proc("envoy", [str(envoy), "-c", str(path), "--concurrency", str(workers), "--use-dynamic-base-id",
                                    "--base-id-path", str(work / "envoy.base-id"), "--log-level", "warn"], self.log)
         deadline = time.monotonic() + START_TIMEOUT
         while True:
@@ -669,7 +669,8 @@ def markdown(meta: dict, rows: list[dict], checks: list[dict]) -> str:
           f"Affinity: {DEFAULT_LB}, hash_balance_factor {DEFAULT_HBF}, {KEY_BLOCK_BYTES}-byte key blocks, "
           f"prefixBlocks {DEFAULT_PREFIX_BLOCKS}. Picker: prefixAffinity.picker defaults (prefix weight 3, "
           f"load weight 2, balanceFactor {DEFAULT_PICKER_BALANCE}, lruBlocks 8192, maxBlocks 32), "
-          f"envoy/picker-lb-policy.yaml. Wall time {meta['seconds']:.0f} s. "
+          f"envoy/picker-lb-policy.yaml. Envoy workers: {meta.get('envoy_workers', 1)}. "
+          f"Wall time {meta['seconds']:.0f} s. "
           f"Load average (1/5/15 min) at the start: {meta.get('loadavg_start', '?')}, at the end: "
           f"{meta.get('loadavg_end', '?')} ({meta['machine']['cpus']} CPUs).", ""]
     md.append("TTFT is the replica's own (x-mock-ttft-ms: queueing + prefill + base, simulated time); "
@@ -765,6 +766,9 @@ def main() -> int:
     ap.add_argument("--only", default="", help="comma-separated strategy names (exploring; the committed "
                     "results come from a full run)")
     ap.add_argument("--capacities", default="", help="comma-separated capacities, e.g. 0.5")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="Envoy worker threads (--concurrency); each keeps its own affinity counts and "
+                         "picker tables, so more workers show what a production Envoy's split costs")
     args = ap.parse_args()
     for f in (WASM, MOCK):
         if not f.is_file():
@@ -819,7 +823,7 @@ def main() -> int:
                     if mode in ("auto", "filter"):
                         try:
                             envoy = Envoy(gateway_config(strategies, ports, envoy_ports, KeySource("filter"), blocks),
-                                          work, ports["admin"])
+                                          work, ports["admin"], args.workers)
                             ok, key_note = probe_filter(ports["affinity"], MAIN[2])
                         except RuntimeError as e:
                             envoy, ok, key_note = None, False, str(e).splitlines()[0]
@@ -834,7 +838,7 @@ def main() -> int:
                             mode = "client"
                     if mode == "client":
                         envoy = Envoy(gateway_config(strategies, ports, envoy_ports, KeySource("client"), blocks),
-                                      work, ports["admin"])
+                                      work, ports["admin"], args.workers)
                 keys = KeySource(mode)
                 for s in strategies:
                     if s not in MAIN and cap != TARGET_CAPACITY:
@@ -858,6 +862,7 @@ def main() -> int:
     meta = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "seconds": time.monotonic() - began, "key_source": mode, "key_note": key_note, "quick": args.quick,
+        "envoy_workers": args.workers,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "loadavg_start": loadavg_start, "loadavg_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "workloads": [{"name": w.name, "description": w.description, "requests": len(w.reqs), "rate": w.rate,
