@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -341,8 +342,36 @@ def set_cluster_port(cfg: dict, name: str, port: int) -> None:
             ep["endpoint"]["address"]["socket_address"]["port_value"] = port
 
 
+def set_cluster_endpoints(cfg: dict, name: str, ports: list[int]) -> None:
+    """One loopback endpoint per port in cluster `name` (a pool of several replicas)."""
+    cluster(cfg, name)["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
+        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}} for p in ports
+    ]
+
+
 def routes(cfg: dict) -> list[dict]:
     return hcm(cfg)["route_config"]["virtual_hosts"][0]["routes"]
+
+
+def tenant_system_prompt(tenant: int) -> str:
+    """A tenant's ~3 KiB system prompt (12 blocks of 256 bytes), distinct per tenant from its
+    first block on: the prefix affinity and picker tests' shared prefixes."""
+    return f"You are the support assistant of tenant {tenant}. " + " ".join(
+        f"Rule {i}: answer politely, cite the manual section {tenant}.{i}, and never guess." for i in range(40)
+    )
+
+
+def burst(base_url: str, model: str, messages: list[dict], requests: int, workers: int) -> tuple[str, list[httpx.Response]]:
+    """One request with `messages` to learn its replica (x-mock-backend), then `requests` more
+    from `workers` threads at once: the home replica and the burst's answers."""
+    body = {"model": model, "max_tokens": 8, "messages": messages}
+    with httpx.Client(base_url=base_url, timeout=60.0) as client:
+        first = client.post("/v1/chat/completions", json=body)
+        assert first.status_code == 200, first.text[:300]
+        with ThreadPoolExecutor(max_workers=workers) as ex:
+            answers = list(ex.map(lambda _: client.post("/v1/chat/completions", json=body), range(requests)))
+    assert all(a.status_code == 200 for a in answers), [a.status_code for a in answers]
+    return first.headers["x-mock-backend"], answers
 
 
 @dataclass

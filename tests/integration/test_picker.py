@@ -15,7 +15,16 @@ import httpx
 import pytest
 import yaml
 
-from conftest import DEFAULT_FILTER_CONFIG, QWEN, cluster, routes, set_filter_config
+from conftest import (
+    DEFAULT_FILTER_CONFIG,
+    QWEN,
+    burst,
+    cluster,
+    routes,
+    set_cluster_endpoints,
+    set_filter_config,
+    tenant_system_prompt,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 PICKER_POLICY = ROOT / "envoy" / "picker-lb-policy.yaml"
@@ -39,13 +48,6 @@ def use_picker_policy(c: dict, route_list: list[dict]) -> None:
             r["route"].update(example["route"])
 
 
-def system_prompt(tenant: int) -> str:
-    # ~3 KiB: 12 blocks of 256 bytes, well inside the picker's 32.
-    return f"You are the support assistant of tenant {tenant}. " + " ".join(
-        f"Rule {i}: answer politely, cite the manual section {tenant}.{i}, and never guess." for i in range(40)
-    )
-
-
 @pytest.fixture(scope="module")
 def pool(mock_factory, envoy_factory, backends):
     replicas = [mock_factory(QWEN, rid, loras=("qwen-sql-lora",), extra=("--ttft-ms", str(TTFT_MS))) for rid in REPLICAS]
@@ -54,10 +56,7 @@ def pool(mock_factory, envoy_factory, backends):
     def mutate(cfg):
         c = cluster(cfg, "qwen-vllm")
         use_picker_policy(c, routes(cfg))
-        c["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
-            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": m.port}}}}
-            for m in replicas
-        ]
+        set_cluster_endpoints(cfg, "qwen-vllm", [m.port for m in replicas])
         for r in routes(cfg):
             r.setdefault("response_headers_to_add", []).append(
                 {"header": {"key": SEEN, "value": f"%REQ({PICKER_HEADER})%"}}
@@ -94,7 +93,7 @@ def chat(client: httpx.Client, messages: list[dict], **headers) -> httpx.Respons
 
 
 def tenant_messages(tenant: int, question: str = "Where is my order?") -> list[dict]:
-    return [{"role": "system", "content": system_prompt(tenant)}, {"role": "user", "content": question}]
+    return [{"role": "system", "content": tenant_system_prompt(tenant)}, {"role": "user", "content": question}]
 
 
 def test_the_picked_endpoint_serves_and_health_checks_are_kept(pool):
@@ -133,17 +132,7 @@ def test_shared_prefix_lands_on_one_replica_and_tenants_spread(pool):
 
 def test_a_burst_on_one_prefix_spreads_by_load(pool):
     env, _ = pool
-    messages = tenant_messages(999, "Burst?")
-    with httpx.Client(base_url=env.url, timeout=60.0) as client:
-        home = chat(client, messages).headers["x-mock-backend"]
-
-        def slow(_):
-            body = {"model": QWEN, "max_tokens": 8, "messages": messages}
-            return client.post("/v1/chat/completions", json=body)
-
-        with ThreadPoolExecutor(max_workers=12) as ex:
-            answers = list(ex.map(slow, range(36)))
-    assert all(a.status_code == 200 for a in answers), [a.status_code for a in answers]
+    home, answers = burst(env.url, QWEN, tenant_messages(999, "Burst?"), requests=36, workers=12)
     where = [a.headers["x-mock-backend"] for a in answers]
     counts = {r: where.count(r) for r in REPLICAS}
     # 12 in flight over 3 replicas: the bound (1.25 x the mean) keeps the prefix's home at 5 at

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 import xxhash
 
-from conftest import QWEN, routes, set_cluster_port  # noqa: F401
+from conftest import QWEN, burst, routes, set_cluster_endpoints, set_cluster_port, tenant_system_prompt  # noqa: F401
 
 # The shipped defaults (README, Prefix affinity).
 BLOCK_BYTES = 256
@@ -41,13 +40,6 @@ def chat_prompt(messages: list[dict]) -> bytes:
     return b"".join(m["role"].encode() + b"\n" + m["content"].encode() + b"\n" for m in messages)
 
 
-def system_prompt(tenant: int) -> str:
-    # ~3 KiB: more than PREFIX_BLOCKS blocks (2 KiB), so the key is the tenant's, whatever follows.
-    return f"You are the support assistant of tenant {tenant}. " + " ".join(
-        f"Rule {i}: answer politely, cite the manual section {tenant}.{i}, and never guess." for i in range(40)
-    )
-
-
 @pytest.fixture(scope="module")
 def pool(mock_factory, envoy_factory, backends):
     """Three Qwen replicas of its own in qwen-vllm, Envoy as shipped plus a response header
@@ -55,12 +47,7 @@ def pool(mock_factory, envoy_factory, backends):
     replicas = [mock_factory(QWEN, rid, loras=("qwen-sql-lora",), extra=("--ttft-ms", str(TTFT_MS))) for rid in REPLICAS]
 
     def mutate(cfg):
-        for c in cfg["static_resources"]["clusters"]:
-            if c["name"] == "qwen-vllm":
-                c["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
-                    {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": m.port}}}}
-                    for m in replicas
-                ]
+        set_cluster_endpoints(cfg, "qwen-vllm", [m.port for m in replicas])
         for r in routes(cfg):
             r.setdefault("response_headers_to_add", []).append(
                 {"header": {"key": SEEN_KEY, "value": "%REQ(x-gateway-prefix-hash)%"}}
@@ -82,7 +69,7 @@ def test_key_matches_an_independent_computation(pool):
     with httpx.Client(base_url=env.url, timeout=30.0) as client:
         for tenant in range(3):
             messages = [
-                {"role": "system", "content": system_prompt(tenant)},
+                {"role": "system", "content": tenant_system_prompt(tenant)},
                 {"role": "user", "content": f"Question {tenant}: where is my \"order\"?\n"},
             ]
             r = chat(client, messages)
@@ -109,7 +96,7 @@ def test_shared_prefix_lands_on_one_replica(pool):
                 chat(
                     client,
                     [
-                        {"role": "system", "content": system_prompt(tenant)},
+                        {"role": "system", "content": tenant_system_prompt(tenant)},
                         {"role": "user", "content": f"Question number {q} from tenant {tenant}?"},
                     ],
                 ).headers["x-mock-backend"]
@@ -124,7 +111,7 @@ def test_distinct_prefixes_spread_and_no_key_is_random(pool):
     env, _ = pool
     with httpx.Client(base_url=env.url, timeout=30.0) as client:
         keyed = {
-            chat(client, [{"role": "system", "content": system_prompt(100 + t)}, {"role": "user", "content": "Hi"}])
+            chat(client, [{"role": "system", "content": tenant_system_prompt(100 + t)}, {"role": "user", "content": "Hi"}])
             .headers["x-mock-backend"]
             for t in range(24)
         }
@@ -164,19 +151,10 @@ def test_client_sent_key_is_removed(pool):
 def test_burst_on_one_prefix_spills_under_bounded_load(pool):
     """Many concurrent requests with one key: hash_balance_factor 125 caps the chosen replica at
     1.25x the mean in-flight load, so the burst spills onto the others."""
-    env, replicas = pool
-    messages = [{"role": "system", "content": system_prompt(999)}, {"role": "user", "content": "Burst?"}]
-    with httpx.Client(base_url=env.url, timeout=60.0) as client:
-        home = chat(client, messages).headers["x-mock-backend"]
-
-        def slow(_):
-            # Each takes TTFT_MS or more, so the burst is in flight together.
-            body = {"model": QWEN, "max_tokens": 8, "messages": messages}
-            return client.post("/v1/chat/completions", json=body)
-
-        with ThreadPoolExecutor(max_workers=12) as ex:
-            answers = list(ex.map(slow, range(24)))
-    assert all(a.status_code == 200 for a in answers), [a.status_code for a in answers]
+    env, _ = pool
+    messages = [{"role": "system", "content": tenant_system_prompt(999)}, {"role": "user", "content": "Burst?"}]
+    # Each takes TTFT_MS or more, so the burst is in flight together.
+    home, answers = burst(env.url, QWEN, messages, requests=24, workers=12)
     where = [a.headers["x-mock-backend"] for a in answers]
     counts = {r: where.count(r) for r in REPLICAS}
     assert counts[home] > 24 / 3, counts  # the key still prefers its replica...
@@ -188,7 +166,7 @@ def test_replica_down_moves_its_keys_elsewhere(pool):
     with httpx.Client(base_url=env.url, timeout=30.0) as client:
         homes = {}
         for tenant in range(200, 212):
-            messages = [{"role": "system", "content": system_prompt(tenant)}, {"role": "user", "content": "Q"}]
+            messages = [{"role": "system", "content": tenant_system_prompt(tenant)}, {"role": "user", "content": "Q"}]
             homes[tenant] = (messages, chat(client, messages).headers["x-mock-backend"])
         victim = next(m for m in replicas if m.id in {h for _, h in homes.values()})
         victim.kill()
