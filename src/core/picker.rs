@@ -195,7 +195,7 @@ impl Picker {
         let any_within = candidate_loads().any(within);
 
         let blocks = hashes.len() as u64;
-        let mut best: Option<(u64, u64, usize, usize)> = None; // (score, load, rank, index)
+        let mut best: Option<(u64, u64, usize)> = None; // (score, load, index)
         for offset in 0..n {
             let i = (self.rotor + offset) % n;
             let load = loads.get(i).copied().unwrap_or(0);
@@ -219,13 +219,13 @@ impl Picker {
                 + u64::from(self.scoring.load_weight) * load_num * prefix_den;
             let better = match best {
                 None => true,
-                Some((s, l, _, _)) => score > s || (score == s && load < l),
+                Some((s, l, _)) => score > s || (score == s && load < l),
             };
             if better {
-                best = Some((score, load, offset, i));
+                best = Some((score, load, i));
             }
         }
-        let (_, _, _, chosen) = best?;
+        let (_, _, chosen) = best?;
         self.rotor = (chosen + 1) % n;
         let endpoint = self.endpoints.get_mut(chosen)?;
         for &h in hashes {

@@ -13,7 +13,7 @@
 //! decoded into a few bytes, and only the `model` value is kept, up to the configured limit.
 
 use super::skip::{digit_run, plain_string_prefix, utf8_lead, whitespace_run};
-use super::vector::{stop_mask, string_blocks};
+use super::vector::{short_string_end, string_blocks};
 use std::fmt;
 
 /// Deepest nesting accepted. Deeper documents are refused as invalid JSON: no backend parser
@@ -302,15 +302,11 @@ impl KeyBuf {
 /// Result of handling one byte in the slow path.
 type ByteResult = Result<(), ScanError>;
 
-/// The length, both quotes included, of the string that opens at `bytes[0]` when its content
-/// is printable ASCII without escapes and its closing quote is among the next 16 bytes: one
-/// vector compare decides.
+/// The length, both quotes included, of the string that opens at `bytes[0]` when it is short
+/// and plain ([`short_string_end`]).
 #[inline(always)]
 fn short_plain_string(bytes: &[u8]) -> Option<usize> {
-    let head = bytes.get(1..17)?;
-    let stops = stop_mask(head);
-    let k = stops.trailing_zeros() as usize;
-    (stops != 0 && head[k] == b'"').then_some(k + 2)
+    short_string_end(bytes.get(1..)?).map(|end| end + 2)
 }
 
 impl ModelScanner {

@@ -195,6 +195,16 @@ pub fn stop_mask(block: &[u8]) -> u32 {
     bitmask(stops(load(block)))
 }
 
+/// Where a string whose content starts at `bytes[0]` closes, when its closing quote is in the
+/// first 16 bytes with only printable ASCII before it (a key, a role, a short value): one
+/// vector compare. `None` otherwise, or when fewer than 16 bytes are there.
+#[inline(always)]
+pub fn short_string_end(bytes: &[u8]) -> Option<usize> {
+    let m = stop_mask(bytes.get(..16)?);
+    let k = m.trailing_zeros() as usize;
+    (m != 0 && bytes[k] == b'"').then_some(k)
+}
+
 /// Lanes holding `"`, `\` or a byte below 0x20.
 #[inline(always)]
 fn specials(v: V) -> V {
@@ -444,11 +454,8 @@ fn string_blocks_with(bytes: &[u8], utf8_err: &mut V) -> usize {
     let mut ascii_run = false;
     // A short string (a key, a role, a name): its closing quote in the first 16 bytes, with
     // nothing to judge before it, costs one compare.
-    if let Some(head) = bytes.get(..16) {
-        let m = bitmask(stops(load(head)));
-        if m != 0 && head[m.trailing_zeros() as usize] == b'"' {
-            return m.trailing_zeros() as usize;
-        }
+    if let Some(end) = short_string_end(bytes) {
+        return end;
     }
     while let Some(block) = bytes.get(i..i + 64) {
         let v0 = load(&block[..16]);
