@@ -4,7 +4,7 @@ use super::config::{Router, ServedModel, UnknownModel};
 use super::discovery::RoutingView;
 use super::errors::Rejection;
 use super::multipart::{boundary_of, MultipartScanner};
-use super::prefix::{block_hashes, key_header_value, prefix_key, CaptureState, PromptCapture};
+use super::prefix::{block_hashes, key_header_value, CaptureState, PromptCapture};
 use super::scanner::{ModelScanner, Step};
 
 /// The request headers the decision needs. Names are looked up by the adapter.
@@ -185,36 +185,62 @@ impl Router {
         }
     }
 
-    /// The prefix-key header value for a routed request: the model as requested (an adapter's
-    /// KV cache is its own) seeds the chain. `None` without a settled capture or a complete
-    /// block.
-    pub fn prefix_key(&self, capture: &PromptCapture, model: &str) -> Option<String> {
-        let affinity = self.prefix_affinity.as_ref()?;
-        if capture.state() != CaptureState::Done {
-            return None;
-        }
-        let prompt = capture.prompt()?;
-        prefix_key(model, prompt, affinity.block_bytes, affinity.prefix_blocks)
-            .map(key_header_value)
-    }
-
-    /// The chained block hashes the endpoint picker matches (up to `picker.maxBlocks`), seeded
-    /// like the key. Empty without a picker, a settled capture or a complete block: the picker
-    /// then chooses by load alone.
-    pub fn picker_blocks(&self, capture: &PromptCapture, model: &str) -> Vec<u64> {
+    /// The prompt's chained block hashes for a routed request, computed once for both the
+    /// prefix key and the endpoint picker: as many as either needs (`prefixBlocks`,
+    /// `picker.maxBlocks`). The model as requested (an adapter's KV cache is its own) seeds the
+    /// chain. Empty without prefix affinity, a settled capture or a complete block.
+    pub fn prompt_hashes(&self, capture: &PromptCapture, model: &str) -> Vec<u64> {
         let Some(affinity) = self.prefix_affinity.as_ref() else {
             return Vec::new();
         };
-        let Some(picker) = affinity.picker.as_ref() else {
-            return Vec::new();
-        };
         if capture.state() != CaptureState::Done {
             return Vec::new();
         }
+        let blocks = affinity
+            .picker
+            .as_ref()
+            .map_or(affinity.prefix_blocks, |p| {
+                p.max_blocks.max(affinity.prefix_blocks)
+            });
         match capture.prompt() {
-            Some(prompt) => block_hashes(model, prompt, affinity.block_bytes, picker.max_blocks),
+            Some(prompt) => block_hashes(model, prompt, affinity.block_bytes, blocks),
             None => Vec::new(),
         }
+    }
+
+    /// The prefix-key header value from [`Router::prompt_hashes`]: the chain after
+    /// `prefixBlocks` blocks, or after the last complete one. `None` without one.
+    pub fn key_of(&self, hashes: &[u64]) -> Option<String> {
+        let affinity = self.prefix_affinity.as_ref()?;
+        hashes
+            .get(..affinity.prefix_blocks.min(hashes.len()))?
+            .last()
+            .copied()
+            .map(key_header_value)
+    }
+
+    /// The hashes the endpoint picker matches, from [`Router::prompt_hashes`]: up to
+    /// `picker.maxBlocks`; none without a picker (it then chooses by load alone).
+    pub fn picker_part<'a>(&self, hashes: &'a [u64]) -> &'a [u64] {
+        let max = self
+            .prefix_affinity
+            .as_ref()
+            .and_then(|a| a.picker.as_ref())
+            .map_or(0, |p| p.max_blocks);
+        hashes.get(..max.min(hashes.len())).unwrap_or_default()
+    }
+
+    /// The prefix-key header value for a routed request ([`Router::key_of`] of
+    /// [`Router::prompt_hashes`]).
+    pub fn prefix_key(&self, capture: &PromptCapture, model: &str) -> Option<String> {
+        self.key_of(&self.prompt_hashes(capture, model))
+    }
+
+    /// The chained block hashes the endpoint picker matches ([`Router::picker_part`] of
+    /// [`Router::prompt_hashes`]).
+    pub fn picker_blocks(&self, capture: &PromptCapture, model: &str) -> Vec<u64> {
+        self.picker_part(&self.prompt_hashes(capture, model))
+            .to_vec()
     }
 
     /// The `GET /v1/models` body of the static models, in OpenAI's list format. `created` is

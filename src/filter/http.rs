@@ -387,10 +387,12 @@ impl BbrHttp {
                 }
                 // With routeBeforeBodyEnds the capture may not be settled yet: no key then,
                 // rather than a key over part of the prompt that the next request would not share.
-                if let Some(key) = capture
+                // One hash chain serves the key and the endpoint picker.
+                let hashes = capture
                     .as_deref()
-                    .and_then(|c| router.prefix_key(c, &served.name))
-                {
+                    .map(|c| router.prompt_hashes(c, &served.name))
+                    .unwrap_or_default();
+                if let Some(key) = router.key_of(&hashes) {
                     if let Some(affinity) = &router.prefix_affinity {
                         if let Err(status) = self.set_request_header(&affinity.header, &key) {
                             error!("[{}] cannot set the prefix key: {status:?}", self.id);
@@ -400,7 +402,8 @@ impl BbrHttp {
                         self.metrics.increment(self.metrics.prefix_keyed);
                     }
                 }
-                if let Err(status) = self.pick_endpoint(router, route, capture.as_deref()) {
+                if let Err(status) = self.pick_endpoint(router, route, router.picker_part(&hashes))
+                {
                     error!("[{}] cannot set the picked endpoint: {status:?}", self.id);
                     return self.reply_error(500, "The gateway could not route the request.");
                 }
@@ -427,13 +430,13 @@ impl BbrHttp {
 
     /// With `prefixAffinity.picker` and a pool for this route: chooses the endpoint, counts the
     /// request in flight there (until the stream ends, see `Drop`) and names it in the picker
-    /// header for Envoy's override_host policy. A request without a settled prompt is placed
-    /// by load alone.
+    /// header for Envoy's override_host policy. `hashes` are the prompt's chained block hashes
+    /// (`Router::picker_part`); a request without them is placed by load alone.
     fn pick_endpoint(
         &mut self,
         router: &Router,
         route: &Route,
-        capture: Option<&PromptCapture>,
+        hashes: &[u64],
     ) -> Result<(), Status> {
         let Some(config) = router
             .prefix_affinity
@@ -445,9 +448,6 @@ impl BbrHttp {
         let Some(pool) = config.pool_for(route.pool.as_deref(), &route.model.base) else {
             return Ok(());
         };
-        let hashes = capture
-            .map(|c| router.picker_blocks(c, &route.model.name))
-            .unwrap_or_default();
         let now = now_millis();
         let chosen = {
             let Ok(mut pickers) = self.pickers.try_borrow_mut() else {
@@ -457,14 +457,14 @@ impl BbrHttp {
                 return Ok(());
             };
             picker
-                .pick(&hashes, now)
+                .pick(hashes, now)
                 .and_then(|i| picker.address(i).map(|a| (i, a.to_string())))
         };
         let Some((endpoint, address)) = chosen else {
             return Ok(());
         };
         self.picked = Some((pool, endpoint));
-        self.picked_hashes = hashes;
+        self.picked_hashes = hashes.to_vec();
         self.set_request_header(&config.header, &address)?;
         self.metrics.increment(self.metrics.endpoint_picked);
         debug!(
