@@ -554,6 +554,39 @@ both! {
         }
     }
 
+    fn validate_utf8_agrees_with_std() {
+        // make bench-scan's ceiling (UTF-8 validation alone) must do the whole job, or it
+        // would flatter: every valid and invalid sequence at every offset near the block
+        // edges, and generated strings of every length around them.
+        let pieces: [&[u8]; 14] = [
+            b"a", "\u{e9}".as_bytes(), "\u{4e2d}".as_bytes(), "\u{1f600}".as_bytes(),
+            "\u{7ff}".as_bytes(), "\u{ffff}".as_bytes(), "\u{10ffff}".as_bytes(),
+            b"\xFF", b"\xC0\xAF", b"\xED\xA0\x80", b"\xF4\x90\x80\x80", b"\x80",
+            b"\xE4\xB8", b"\xF0\x9F\x98",
+        ];
+        for len in [0usize, 1, 15, 16, 17, 63, 64, 65, 127, 128, 129] {
+            for piece in pieces {
+                for at in 0..=len {
+                    let mut v = vec![b'x'; len];
+                    v.splice(at..at, piece.iter().copied());
+                    let want = std::str::from_utf8(&v).is_ok();
+                    assert_eq!(vector::validate_utf8(&v), want, "{piece:x?} at {at} of {len}");
+                }
+            }
+        }
+        let mut rng = Xorshift(0x2545_F491_4F6C_DD1D);
+        for _ in 0..4_000 {
+            let mut v = Vec::new();
+            while v.len() < 200 {
+                let kinds = if rng.below(8) == 0 { 14 } else { 7 };
+                v.extend_from_slice(pieces[rng.below(kinds)]);
+            }
+            v.truncate(rng.below(200));
+            let want = std::str::from_utf8(&v).is_ok();
+            assert_eq!(vector::validate_utf8(&v), want, "{v:x?}");
+        }
+    }
+
     fn find_byte_finds_the_first_needle_at_every_position() {
         // The multipart fast path's CR search: SIMD128 under wasm, plain arrays natively.
         for len in 0..48 {

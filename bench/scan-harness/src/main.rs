@@ -16,6 +16,10 @@
 //! 1 MiB body), which no real stream of different requests would allow.
 //! Prints one JSON line per file.
 //!
+//! Each body is also timed through `core::vector::validate_utf8` alone, window by window on the
+//! same fresh copies: UTF-8 validation on every 16 bytes, which any scanner that validates
+//! every string must do, so the ceiling for a scanner built on the same vector instructions.
+//!
 //! Each body is also timed with the prefix-affinity capture (`core::prefix::PromptCapture`,
 //! the shipped budget of 8 blocks of 256 bytes) fed beside the scanner as the filter feeds it:
 //! every window until the capture is settled. The two variants alternate in the same rounds,
@@ -25,7 +29,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use bbr_wasm::core::{
-    BodyScanner, CaptureState, ModelScanner, MultipartScanner, PromptCapture, Step,
+    vector, BodyScanner, CaptureState, ModelScanner, MultipartScanner, PromptCapture, Step,
 };
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -70,6 +74,19 @@ fn scan_once(body: &[u8], with_capture: bool) -> (Duration, Step) {
     (elapsed + started.elapsed(), step)
 }
 
+/// UTF-8 validation alone over the body's windows (a character split between two windows reads
+/// as an error at the edge; only the time is kept).
+fn validate_once(body: &[u8]) -> Duration {
+    let mut elapsed = Duration::ZERO;
+    for window in body.chunks(WINDOW) {
+        let copy = black_box(window.to_vec());
+        let started = Instant::now();
+        black_box(vector::validate_utf8(black_box(&copy)));
+        elapsed += started.elapsed();
+    }
+    elapsed
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let reps: usize = args
@@ -91,10 +108,12 @@ fn main() {
         for (_, body) in &files {
             scan_once(body, false);
             scan_once(body, true);
+            validate_once(body);
         }
     }
     let mut nanos: Vec<Vec<u128>> = vec![Vec::with_capacity(reps); files.len()];
     let mut capture_nanos: Vec<Vec<u128>> = vec![Vec::with_capacity(reps); files.len()];
+    let mut utf8_nanos: Vec<Vec<u128>> = vec![Vec::with_capacity(reps); files.len()];
     for rep in 0..reps {
         for (i, (_, body)) in files.iter().enumerate() {
             // Alternate which variant goes first, so neither always runs on a warmer cache.
@@ -111,19 +130,26 @@ fn main() {
                     nanos[i].push(t);
                 }
             }
+            utf8_nanos[i].push(validate_once(body).as_nanos().max(1));
         }
     }
-    for ((((path, body), mut times), mut ctimes), found) in
-        files.iter().zip(nanos).zip(capture_nanos).zip(found)
+    for (((((path, body), mut times), mut ctimes), mut utimes), found) in files
+        .iter()
+        .zip(nanos)
+        .zip(capture_nanos)
+        .zip(utf8_nanos)
+        .zip(found)
     {
         times.sort_unstable();
         ctimes.sort_unstable();
+        utimes.sort_unstable();
         println!(
-            "{{\"file\":{path:?},\"bytes\":{},\"found\":{found},\"reps\":{reps},\"median_ns\":{},\"best_ns\":{},\"capture_median_ns\":{}}}",
+            "{{\"file\":{path:?},\"bytes\":{},\"found\":{found},\"reps\":{reps},\"median_ns\":{},\"best_ns\":{},\"capture_median_ns\":{},\"utf8_median_ns\":{}}}",
             body.len(),
             times[times.len() / 2],
             times[0],
-            ctimes[ctimes.len() / 2]
+            ctimes[ctimes.len() / 2],
+            utimes[utimes.len() / 2]
         );
     }
 }
