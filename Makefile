@@ -155,9 +155,9 @@ test-extproc-peer: ## make bench's ext_proc peer: rustfmt, clippy -D warnings, i
 	cd bench/extproc-peer && CARGO_TARGET_DIR=$(abspath target/extproc-peer) $(CARGO) clippy --release --locked --all-targets -- -D warnings
 	cd bench/extproc-peer && CARGO_TARGET_DIR=$(abspath target/extproc-peer) $(CARGO) test --release --locked
 
-bench-scan: targets venv corpus ## The JSON scanner alone inside V8 (Node's WASI): GB/s per body class, targets met / not met
+bench-scan: targets venv corpus ## The JSON scanner alone inside V8 (Node's WASI, the V8 of Envoy 1.40): GB/s per body class, targets met / not met
 	$(CARGO) build --release --target $(WASM_TARGET) -p bbr-scan-bench
-	$(VENV)/bin/python bench/scan.py
+	BENCH_NODE="$${BENCH_NODE:-$$(bash scripts/bench-deps.sh --node-v8)}" $(VENV)/bin/python bench/scan.py
 
 bench-core: corpus ## Criterion micro-benchmarks of the core scanners, natively, body classes included (short; `cargo bench --bench scanner` for the full run)
 	BBR_CORPUS=$(abspath $(CORPUS)) $(CARGO) bench --bench scanner -- --warm-up-time 1 --measurement-time 2

@@ -17,7 +17,8 @@ of the per-round ratios (this build's speed / the other's): side by side in one 
 shared machine is the only comparison worth making.
 
 Environment: BENCH_SIZES (default 1K,16K,256K,1M,4M), BENCH_SCAN_REPS (default 30),
-BENCH_CORPUS (default target/corpus), BENCH_SCAN_ALT, BENCH_SCAN_ROUNDS.
+BENCH_CORPUS (default target/corpus), BENCH_SCAN_ALT, BENCH_SCAN_ROUNDS, BENCH_NODE (the Node.js to
+run: the Makefile's default is Node.js 26.12.1, whose V8 14.6 is the one Envoy 1.40 embeds).
 """
 from __future__ import annotations
 
@@ -163,9 +164,11 @@ def print_classes(classes: list[tuple[str, Path]], results: dict[str, dict]) -> 
 
 
 def main() -> int:
-    node = shutil.which("node")
+    # The Makefile sets BENCH_NODE to the Node.js with Envoy's V8 (scripts/bench-deps.sh
+    # --node-v8); BENCH_NODE=node runs the machine's own, to compare V8 versions.
+    node = shutil.which(os.environ.get("BENCH_NODE") or "node")
     if not node:
-        raise SystemExit("bench-scan: node not found (Debian: apt-get install nodejs)")
+        raise SystemExit("bench-scan: node not found (BENCH_NODE, or Debian: apt-get install nodejs)")
     if not HARNESS.is_file():
         raise SystemExit(f"bench-scan: {HARNESS.relative_to(ROOT)} is missing; run `make bench-scan`")
     sizes = [parse_size(s) for s in env_list("BENCH_SIZES", "1K,16K,256K,1M,4M")]
@@ -194,7 +197,9 @@ def main() -> int:
             return ab(node, Path(alt), reps, classes, paths)
         results = run_harness(node, HARNESS, reps, paths)
     node_version = subprocess.run([node, "--version"], capture_output=True, text=True).stdout.strip()
-    print(f"Scanners in V8 (node {node_version}), 64 KiB windows, {reps} repetitions, interleaved")
+    v8_version = subprocess.run([node, "-p", "process.versions.v8"], capture_output=True, text=True).stdout.strip()
+    print(f"Scanners in V8 {v8_version} (node {node_version}; Envoy 1.40 embeds V8 14.6), 64 KiB windows, "
+          f"{reps} repetitions, interleaved")
     print_classes(classes, results)
     print()
     print("make bench's bodies (English prose with a few accents and escapes), median (best):")
@@ -240,7 +245,8 @@ def ab(node: str, alt: Path, reps: int, classes: list[tuple[str, Path]], paths: 
             speeds["this"][p].append(a)
             speeds["alt"][p].append(b)
             ratios[p].append(a / b)
-    print(f"A/B in V8: this build ({HARNESS.relative_to(ROOT)}) vs BENCH_SCAN_ALT ({alt}), "
+    v8_version = subprocess.run([node, "-p", "process.versions.v8"], capture_output=True, text=True).stdout.strip()
+    print(f"A/B in V8 {v8_version}: this build ({HARNESS.relative_to(ROOT)}) vs BENCH_SCAN_ALT ({alt}), "
           f"{rounds} alternating rounds of {per_round} interleaved repetitions; GB/s medians over rounds")
     print(f"{'body':>18}  {'this GB/s':>9}  {'alt GB/s':>8}  {'this/alt':>8}  (per-round ratios)")
     names = {str(p): cls for cls, p in classes}
