@@ -587,6 +587,62 @@ both! {
         }
     }
 
+    fn string_floor_counts_unescaped_quotes_and_validates_utf8() {
+        // make bench-scan's second ceiling must do the work it stands for: every quote that
+        // no backslash run escapes, across block edges, and UTF-8 as std judges it.
+        let pieces: [&[u8]; 10] = [
+            b"a", b"\"", b"\\", b"\\\"", b"\\\\\"", "\u{e9}".as_bytes(),
+            "\u{4e2d}".as_bytes(), "\u{1f600}".as_bytes(), b"\xFF", b"\xE4\xB8",
+        ];
+        // Each piece at every offset of ASCII runs around the block edges (a character cut
+        // short before a block of ASCII, a backslash escaping the first byte of a block).
+        for len in [63usize, 64, 65, 127, 128, 129, 200] {
+            for piece in pieces {
+                for at in 0..=len {
+                    let mut v = vec![b'x'; len];
+                    v.splice(at..at, piece.iter().copied());
+                    let quotes_in = |v: &[u8]| {
+                        let (mut n, mut escaped) = (0, false);
+                        for &b in v {
+                            n += usize::from(b == b'"' && !escaped);
+                            escaped = b == b'\\' && !escaped;
+                        }
+                        n
+                    };
+                    let want = (quotes_in(&v), std::str::from_utf8(&v).is_ok());
+                    for every_block in [false, true] {
+                        assert_eq!(vector::string_floor(&v, every_block), want, "{piece:x?} at {at} of {len}");
+                    }
+                }
+            }
+        }
+        let mut rng = Xorshift(0x1234_5678_9ABC_DEF1);
+        for _ in 0..6_000 {
+            let mut v = Vec::new();
+            while v.len() < 300 {
+                let kinds = if rng.below(10) == 0 { 10 } else { 8 };
+                v.extend_from_slice(pieces[rng.below(kinds)]);
+            }
+            v.truncate(rng.below(300));
+            let mut want_quotes = 0;
+            let mut escaped = false;
+            for &b in &v {
+                if b == b'"' && !escaped {
+                    want_quotes += 1;
+                }
+                escaped = b == b'\\' && !escaped;
+            }
+            let want_utf8 = std::str::from_utf8(&v).is_ok();
+            for every_block in [false, true] {
+                assert_eq!(
+                    vector::string_floor(&v, every_block),
+                    (want_quotes, want_utf8),
+                    "{every_block} {v:x?}"
+                );
+            }
+        }
+    }
+
     fn find_byte_finds_the_first_needle_at_every_position() {
         // The multipart fast path's CR search: SIMD128 under wasm, plain arrays natively.
         for len in 0..48 {
