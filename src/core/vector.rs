@@ -616,7 +616,16 @@ fn string_blocks_with(bytes: &[u8], utf8_err: &mut V) -> usize {
             && hex_carry == 0
             && !prev_high;
         let (mut bad, mut bad_hex, mut us) = (controls, 0, 0);
-        if escaped | hex_carry != 0 {
+        let newline = splat(b'n');
+        let common = quotes
+            | backslashes
+            | mask64(
+                eq(v0, newline),
+                eq(v1, newline),
+                eq(v2, newline),
+                eq(v3, newline),
+            );
+        if escaped & !common | hex_carry != 0 {
             let (not_escape_char, u) = escape_chars(v0, v1, v2, v3);
             us = escaped & u;
             bad |= escaped & not_escape_char;
