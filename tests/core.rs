@@ -1017,6 +1017,15 @@ both! {
             (r#"{"models":[{"name":"a"}],"multipartPaths":["/v2/audio"]}"#, "multipartPaths[0]: \"/v2/audio\" is under none of pathPrefixes"),
             (r#"{"models":[{"name":"a"}],"multipartPaths":["audio"]}"#, "multipartPaths[0]: must start with '/'"),
             (r#"{"models":[{"name":"a"}],"modelList":{"enabled":true,"extra":1}}"#, "unknown field `extra`"),
+            // serde's derive also reads a struct from an array of its fields in order: refused
+            // at every level, naming where (make fuzz's config target found models[0]).
+            (r#"{"models":[["a"]]}"#, "`models[0]` must be a JSON object, not an array"),
+            (r#"{"models":[{"name":"a"},["b",["c"]]]}"#, "`models[1]` must be a JSON object"),
+            (r#"{"models":[{"name":"a"}],"modelList":[true]}"#, "`modelList` must be a JSON object"),
+            (r#"{"models":[{"name":"a"}],"prefixAffinity":[true]}"#, "`prefixAffinity` must be a JSON object"),
+            (r#"{"models":[{"name":"a"}],"prefixAffinity":{"enabled":true,"picker":["x-h",100,8,3,2,125,1000,[{"cluster":"c","endpoints":["127.0.0.1:1"]}]]}}"#, "`prefixAffinity.picker` must be a JSON object"),
+            (r#"{"models":[{"name":"a"}],"prefixAffinity":{"enabled":true,"picker":{"pools":[["c",["a"],["127.0.0.1:1"]]]}}}"#, "`prefixAffinity.picker.pools[0]` must be a JSON object"),
+            (r#"{"pools":[["c"]]}"#, "`pools[0]` must be a JSON object"),
         ];
         for (json, want) in cases {
             match Router::from_json(json.as_bytes()) {

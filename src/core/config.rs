@@ -472,6 +472,12 @@ impl Router {
         }
         let raw: RawConfig =
             serde_json::from_slice(bytes).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        // Accepted: now without serde's other reading of a struct, an array of its fields
+        // (`"models": [["qwen"]]`), anywhere below the top (super::strict_json).
+        let value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        super::strict_json::objects_only::<RawConfig>(value)
+            .map_err(|e| ConfigError::Syntax(e.to_string()))?;
         Router::compile(raw)
     }
 

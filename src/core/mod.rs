@@ -14,6 +14,7 @@ pub mod prefix;
 pub mod request;
 pub mod scanner;
 pub mod skip;
+pub mod strict_json;
 pub mod vector;
 
 pub use config::{ConfigError, PickerConfig, PrefixAffinity, Router, ServedModel, UnknownModel};
