@@ -10,6 +10,7 @@
 
 mod http;
 mod root;
+mod shared;
 
 use crate::core::discovery::PollOutcome;
 use crate::core::metrics as names;

@@ -13,6 +13,7 @@ use super::picker::{
 use super::prefix::{
     DEFAULT_BLOCK_BYTES, DEFAULT_PREFIX_BLOCKS, DEFAULT_PREFIX_HEADER, MAX_CAPTURE_BYTES,
 };
+use super::shared_blocks::{SharedTable, DEFAULT_SHARED_SLOTS, MAX_SHARED_SLOTS};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::fmt;
@@ -161,6 +162,10 @@ pub struct RawPicker {
     /// picked; 0: picked again at once.
     #[serde(default = "default_cooldown_ms")]
     pub cooldown_ms: u64,
+    /// Slots per pool of the table the workers share (`core::shared_blocks`); 0: each worker
+    /// picks by what it sent alone.
+    #[serde(default = "default_picker_shared_slots")]
+    pub shared_slots: usize,
     pub pools: Vec<RawPickerPool>,
 }
 
@@ -218,6 +223,8 @@ pub struct PickerConfig {
     pub max_blocks: usize,
     pub scoring: Scoring,
     pub cooldown_ms: u64,
+    /// `sharedSlots`: 0 for none.
+    pub shared_slots: usize,
     pub pools: Vec<PickerPool>,
 }
 
@@ -228,6 +235,8 @@ pub struct PickerPool {
     pub base_models: Vec<String>,
     /// `IP:port` or `[IPv6]:port`.
     pub endpoints: Vec<String>,
+    /// The pool's table in the workers' shared data; `None` with `sharedSlots: 0`.
+    pub shared: Option<SharedTable>,
 }
 
 impl PickerConfig {
@@ -350,6 +359,9 @@ fn default_picker_lru_blocks() -> usize {
 }
 fn default_picker_max_blocks() -> usize {
     DEFAULT_PICKER_MAX_BLOCKS
+}
+fn default_picker_shared_slots() -> usize {
+    DEFAULT_SHARED_SLOTS
 }
 fn default_prefix_weight() -> u32 {
     DEFAULT_PREFIX_WEIGHT
@@ -777,6 +789,15 @@ fn compile_picker(
             ),
         ));
     }
+    if raw.shared_slots > MAX_SHARED_SLOTS {
+        return Err(invalid(
+            "prefixAffinity.picker.sharedSlots",
+            format!(
+                "must be between 0 (no table shared by the workers) and {MAX_SHARED_SLOTS}, got {}",
+                raw.shared_slots
+            ),
+        ));
+    }
     if raw.pools.is_empty() {
         return Err(invalid(
             "prefixAffinity.picker.pools",
@@ -836,6 +857,7 @@ fn compile_picker(
         pools.push(PickerPool {
             cluster: p.cluster.clone(),
             base_models: p.base_models.clone(),
+            shared: SharedTable::new(&p.cluster, &endpoints, raw.shared_slots),
             endpoints,
         });
     }
@@ -849,6 +871,7 @@ fn compile_picker(
             balance_factor: raw.balance_factor,
         },
         cooldown_ms: raw.cooldown_ms,
+        shared_slots: raw.shared_slots,
         pools,
     })
 }

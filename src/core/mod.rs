@@ -13,6 +13,7 @@ pub mod picker;
 pub mod prefix;
 pub mod request;
 pub mod scanner;
+pub mod shared_blocks;
 pub mod skip;
 pub mod vector;
 

@@ -23,7 +23,9 @@
 //!
 //! The picker sees only what it sent: a replica's real cache may have evicted blocks sooner
 //! (size `lru_blocks` to the servers' cache) and other gateways' requests are not counted.
-//! Plain data: one table per Envoy worker (each wasm VM has its own).
+//! Plain data: one table per Envoy worker (each wasm VM has its own). What the workers learn
+//! together, the blocks sent to each endpoint by any of them, comes in through
+//! [`Picker::pick_shared`] from `core::shared_blocks`; the in-flight counts stay each worker's.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -158,6 +160,14 @@ impl Picker {
     /// `now_ms`, records the blocks there and counts the request in flight. Endpoints cooling
     /// down are skipped unless all are. Returns its index, `None` for a pool without endpoints.
     pub fn pick(&mut self, hashes: &[u64], now_ms: u64) -> Option<usize> {
+        self.pick_shared(hashes, &[], now_ms)
+    }
+
+    /// [`Picker::pick`] with what the other workers learned: `shared[i]` is the number of the
+    /// prompt's blocks the shared table says endpoint `i` was sent
+    /// (`core::shared_blocks::SharedTable::attributed`; missing entries count 0). An endpoint's
+    /// prefix score counts the larger of that and its own LRU's leading matches.
+    pub fn pick_shared(&mut self, hashes: &[u64], shared: &[usize], now_ms: u64) -> Option<usize> {
         let n = self.endpoints.len();
         if n == 0 {
             return None;
@@ -205,10 +215,12 @@ impl Picker {
             if any_within && !within(load) {
                 continue;
             }
-            let matched = self
+            let local = self
                 .endpoints
                 .get(i)
-                .map_or(0, |e| e.blocks.leading_matches(hashes)) as u64;
+                .map_or(0, |e| e.blocks.leading_matches(hashes));
+            let learned = shared.get(i).copied().unwrap_or(0);
+            let matched = local.max(learned).min(hashes.len()) as u64;
             // Scores in exact fractions over a common denominator, so ties are real ties:
             // prefix = matched / blocks, load = (max - load) / (max - min).
             let prefix_den = blocks.max(1);

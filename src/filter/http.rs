@@ -1,10 +1,11 @@
 //! One HTTP stream: anti-spoofing, the body scan, and the routing headers.
 
-use super::{now_millis, now_nanos, Metrics};
+use super::{now_millis, now_nanos, shared, Metrics};
 use crate::core::config::LOCAL_REPLY_HEADER;
 use crate::core::headers;
 use crate::core::overload::HeldBodies;
 use crate::core::picker::Picker;
+use crate::core::shared_blocks::SharedTable;
 use crate::core::{
     BodyScanner, CaptureState, HeadAction, ModelScanner, Outcome, PromptCapture, Rejection,
     RequestHead, Route, Router, RoutingView, Step, ViewVerdict,
@@ -449,6 +450,20 @@ impl BbrHttp {
             return Ok(());
         };
         let now = now_millis();
+        // What the other workers sent where: the pool's slots in the shared data, read before
+        // the pick and updated after it (see `shared`: a failure leaves this worker's own).
+        let table = config.pools.get(pool).and_then(|p| p.shared.as_ref());
+        let reads = match table {
+            Some(table) if !hashes.is_empty() => shared::read_slots(self.id, table, hashes),
+            _ => Vec::new(),
+        };
+        let learned = match table {
+            Some(table) => {
+                let values: Vec<Option<Vec<u8>>> = reads.iter().map(|r| r.value.clone()).collect();
+                table.attributed(hashes, &values)
+            }
+            None => Vec::new(),
+        };
         let chosen = {
             let Ok(mut pickers) = self.pickers.try_borrow_mut() else {
                 return Ok(());
@@ -457,12 +472,15 @@ impl BbrHttp {
                 return Ok(());
             };
             picker
-                .pick(hashes, now)
+                .pick_shared(hashes, &learned, now)
                 .and_then(|i| picker.address(i).map(|a| (i, a.to_string())))
         };
         let Some((endpoint, address)) = chosen else {
             return Ok(());
         };
+        if let Some(table) = table {
+            shared::write_slots(self.id, table, hashes, &reads, endpoint);
+        }
         self.picked = Some((pool, endpoint));
         self.picked_hashes = hashes.to_vec();
         self.set_request_header(&config.header, &address)?;
@@ -517,6 +535,11 @@ impl BbrHttp {
         self.picked = picker
             .served_elsewhere(endpoint, to, &self.picked_hashes, now, cooldown_ms)
             .map(|i| (pool, i));
+        drop(pickers);
+        // The other workers learn where the blocks really went.
+        if let (Some((_, to)), Some(table)) = (self.picked, self.shared_table(pool)) {
+            shared::write_slots(self.id, &table, &self.picked_hashes, &[], to);
+        }
         self.metrics.increment(self.metrics.endpoint_failed_over);
         // Addresses are the operator's configuration, not request content.
         warn!(
@@ -524,6 +547,20 @@ impl BbrHttp {
              not picked for {cooldown_ms} ms",
             self.id
         );
+    }
+
+    /// The shared table of picker pool `pool`, if it has one.
+    fn shared_table(&self, pool: usize) -> Option<SharedTable> {
+        self.router
+            .as_ref()?
+            .prefix_affinity
+            .as_ref()?
+            .picker
+            .as_ref()?
+            .pools
+            .get(pool)?
+            .shared
+            .clone()
     }
 
     fn reject(&mut self, rejection: &Rejection) -> Action {

@@ -495,11 +495,14 @@ def start_envoy(
 
 @pytest.fixture(scope="session")
 def envoy_factory(envoy_bin, session_dir) -> Callable[..., Envoy]:
-    """start(ports, mutate=None, name=..., wait_healthy=True) -> Envoy; stopped at session end."""
+    """start(ports, mutate=None, name=..., wait_healthy=True, concurrency=1) -> Envoy; stopped at
+    session end."""
     started: list[Envoy] = []
 
-    def start(ports: dict[str, int], mutate=None, name: str = "envoy", wait_healthy: bool = True) -> Envoy:
-        env = start_envoy(envoy_bin, session_dir, ports, mutate=mutate, name=name, wait_healthy=wait_healthy)
+    def start(ports: dict[str, int], mutate=None, name: str = "envoy", wait_healthy: bool = True,
+              concurrency: int = 1) -> Envoy:
+        env = start_envoy(envoy_bin, session_dir, ports, mutate=mutate, name=name, wait_healthy=wait_healthy,
+                          concurrency=concurrency)
         started.append(env)
         return env
 

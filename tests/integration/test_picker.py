@@ -232,3 +232,127 @@ def test_a_killed_replica_falls_back_without_errors_beyond_in_flight(pool):
             assert r.headers[SEEN] != f"127.0.0.1:{victim.port}"
             assert r.headers["x-mock-backend"] != victim.id
     assert env.stat("cluster.qwen-vllm.upstream_rq_retry") == retries
+
+
+# --- Two Envoy workers: one table of what was sent where, shared through the host's shared data.
+
+WORKERS = 2
+SHARED_REPLICAS = ("share-1", "share-2", "share-3")
+
+
+def picker_envoy(mock_factory, envoy_factory, backends, ids, name, picker_extra=None, concurrency=WORKERS):
+    """Envoy with `concurrency` workers in front of 3 fresh replicas, the picker on qwen-vllm."""
+    replicas = [mock_factory(QWEN, rid, extra=("--ttft-ms", "5")) for rid in ids]
+    endpoints = [f"127.0.0.1:{m.port}" for m in replicas]
+
+    def mutate(cfg):
+        c = cluster(cfg, "qwen-vllm")
+        use_picker_policy(c, routes(cfg))
+        set_cluster_endpoints(cfg, "qwen-vllm", [m.port for m in replicas])
+        config = json.loads(json.dumps(DEFAULT_FILTER_CONFIG))
+        picker = {"pools": [{"cluster": "qwen-vllm", "baseModels": [QWEN], "endpoints": endpoints}]}
+        picker.update(picker_extra or {})
+        config["prefixAffinity"] = {"enabled": True, "picker": picker}
+        set_filter_config(cfg, config)
+
+    env = envoy_factory({"qwen-vllm": replicas[0].port, "phi-vllm": backends.phi.port}, mutate=mutate,
+                        name=name, concurrency=concurrency)
+    return env, replicas
+
+
+def worker_connections(env) -> dict[int, int]:
+    """Per Envoy worker, the connections its listener accepted (listener.<addr>.worker_<n>.*)."""
+    out = {}
+    for line in env.admin("/stats?filter=downstream_cx_total").splitlines():
+        name, _, value = line.partition(": ")
+        if name.startswith("listener.127.0.0.1_") and ".worker_" in name and value.strip().isdigit():
+            out[int(name.split(".worker_")[1].split(".")[0])] = int(value)
+    return out
+
+
+def client_on_each_worker(env) -> dict[int, httpx.Client]:
+    """A kept-alive connection accepted by each worker: new connections (a GET /v1/models, which
+    the filter answers itself) until every worker has one. Which worker accepts is the kernel's
+    choice, so this tries a bounded number of times."""
+    on: dict[int, httpx.Client] = {}
+    for _ in range(40):
+        before = worker_connections(env)
+        c = env.client(limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
+        assert c.get("/v1/models").status_code == 200
+        after = worker_connections(env)
+        took = [w for w in after if after[w] > before.get(w, 0)]
+        assert len(took) == 1, (before, after)
+        if took[0] not in on:
+            on[took[0]] = c
+        else:
+            c.close()
+        if len(on) == WORKERS:
+            return on
+    raise AssertionError(f"40 connections did not reach {WORKERS} workers: {worker_connections(env)}")
+
+
+@pytest.fixture(scope="module")
+def shared_pool(mock_factory, envoy_factory, backends):
+    return picker_envoy(mock_factory, envoy_factory, backends, SHARED_REPLICAS, "picker-shared")
+
+
+def test_workers_send_a_shared_prefix_to_the_replica_either_chose(shared_pool):
+    """Each Envoy worker runs its own VM and picker. Worker 1 first places a prompt of its own
+    (so its tie-breaking no longer agrees with worker 0's), then six tenants are placed on
+    worker 0's connection and asked again on worker 1's: each reaches the replica worker 0
+    chose, because worker 1 reads what worker 0 sent where from the shared table. Without it
+    worker 1 places them by its own rotation, a replica off. Then fresh connections, whichever
+    worker takes them, reach the same homes."""
+    env, _ = shared_pool
+    on = client_on_each_worker(env)
+    r = chat(on[1], tenant_messages(499, "Worker one's own prompt?"))
+    assert r.status_code == 200, r.text[:300]
+    tenants = range(400, 406)
+    homes = {}
+    for t in tenants:
+        r = chat(on[0], tenant_messages(t))
+        assert r.status_code == 200, r.text[:300]
+        homes[t] = r.headers["x-mock-backend"]
+    assert set(homes.values()) == set(SHARED_REPLICAS), homes
+    moved = {}
+    for t in tenants:
+        r = chat(on[1], tenant_messages(t, "And another question?"))
+        assert r.status_code == 200, r.text[:300]
+        if r.headers["x-mock-backend"] != homes[t]:
+            moved[t] = (homes[t], r.headers["x-mock-backend"])
+    assert not moved, f"worker 1 sent tenants elsewhere than worker 0 (home, there): {moved}"
+    before = worker_connections(env)
+    for round_ in range(3):
+        for t in tenants:
+            with httpx.Client(base_url=env.url, timeout=30.0) as fresh:
+                r = chat(fresh, tenant_messages(t, f"Fresh connection {round_}?"))
+            assert r.status_code == 200, r.text[:300]
+            assert r.headers["x-mock-backend"] == homes[t], (t, round_, homes[t], r.headers["x-mock-backend"])
+    after = worker_connections(env)
+    # 18 fresh connections: the test saw both workers take some (the kernel spreads them).
+    assert all(after[w] > before.get(w, 0) for w in range(WORKERS)), (before, after)
+
+
+@pytest.fixture(scope="module")
+def one_slot_pool(mock_factory, envoy_factory, backends):
+    return picker_envoy(mock_factory, envoy_factory, backends, ("slot-1", "slot-2", "slot-3"), "picker-one-slot",
+                        picker_extra={"sharedSlots": 1})
+
+
+def test_one_shared_slot_forgets_but_never_misroutes(one_slot_pool):
+    """sharedSlots 1: every block of every prompt collides in one key, so each write takes the
+    slot over from the last. A slot names a block only with its full hash, so what it forgets
+    is placed by each worker's own picker: every request is answered and sent where the filter
+    said, and a tenant asked again on the same worker still finds its home there."""
+    env, replicas = one_slot_pool
+    on = client_on_each_worker(env)
+    for w, client in on.items():
+        for t in range(600 + 10 * w, 606 + 10 * w):
+            first = chat(client, tenant_messages(t))
+            assert first.status_code == 200, first.text[:300]
+            # Other tenants in between take the slot over.
+            chat(on[1 - w], tenant_messages(t + 100))
+            again = chat(client, tenant_messages(t, "Again?"))
+            assert again.status_code == 200
+            assert again.headers["x-mock-backend"] == first.headers["x-mock-backend"], t
+    assert counter(env, "bbr_endpoint_picked_total") >= 36
