@@ -4,7 +4,7 @@
 
 use bbr_wasm::core::picker::{Picker, Scoring};
 use bbr_wasm::core::shared_blocks::{
-    pool_tag, SharedTable, SlotEntry, DEFAULT_SHARED_SLOTS, ENTRY_BYTES,
+    not_entries, pool_tag, SharedTable, SlotEntry, DEFAULT_SHARED_SLOTS, ENTRY_BYTES,
 };
 
 #[cfg(target_arch = "wasm32")]
@@ -96,9 +96,18 @@ both! {
             ("an endpoint after a gap", [&good[..18], &[0xff, 0xff, 1, 0]].concat()),
             ("an endpoint twice", [&good[..18], &[1, 0, 1, 0]].concat()),
         ];
-        for (name, bytes) in cases {
-            assert_eq!(SlotEntry::decode(&bytes), None, "{name}");
+        for (name, bytes) in &cases {
+            assert_eq!(SlotEntry::decode(bytes), None, "{name}");
         }
+        // Counted as such (bbr_endpoint_shared_unusable_total); a missing slot, another hash's
+        // or another pool's entry are not.
+        let mut values: Vec<Option<Vec<u8>>> = cases.into_iter().map(|(_, b)| Some(b)).collect();
+        let garbage = values.len();
+        values.push(None);
+        values.push(Some(good.to_vec()));
+        values.push(Some(SlotEntry { pool_tag: 9, hash: 9, endpoints: [Some(0), None] }.encode().to_vec()));
+        assert_eq!(not_entries(&values), garbage);
+        assert_eq!(not_entries(&[]), 0);
     }
 
     fn keys_are_bounded_by_the_slots() {

@@ -248,6 +248,16 @@ impl SharedTable {
     }
 }
 
+/// How many of the slots read held bytes that are no [`SlotEntry`] at all (not counting another
+/// hash's or another pool's entries, which are what a shared table normally holds).
+pub fn not_entries(values: &[Option<Vec<u8>>]) -> usize {
+    values
+        .iter()
+        .flatten()
+        .filter(|v| SlotEntry::decode(v).is_none())
+        .count()
+}
+
 /// A tag of a pool's cluster and endpoint list, in order (the entries name endpoints by index).
 pub fn pool_tag(cluster: &str, endpoints: &[String]) -> u64 {
     let mut bytes =

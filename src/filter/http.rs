@@ -5,7 +5,7 @@ use crate::core::config::LOCAL_REPLY_HEADER;
 use crate::core::headers;
 use crate::core::overload::HeldBodies;
 use crate::core::picker::Picker;
-use crate::core::shared_blocks::SharedTable;
+use crate::core::shared_blocks::{not_entries, SharedTable};
 use crate::core::{
     BodyScanner, CaptureState, HeadAction, ModelScanner, Outcome, PromptCapture, Rejection,
     RequestHead, Route, Router, RoutingView, Step, ViewVerdict,
@@ -453,13 +453,15 @@ impl BbrHttp {
         // What the other workers sent where: the pool's slots in the shared data, read before
         // the pick and updated after it (see `shared`: a failure leaves this worker's own).
         let table = config.pools.get(pool).and_then(|p| p.shared.as_ref());
-        let reads = match table {
+        let (reads, mut failed) = match table {
             Some(table) if !hashes.is_empty() => shared::read_slots(self.id, table, hashes),
-            _ => Vec::new(),
+            _ => (Vec::new(), false),
         };
+        let mut unusable = 0;
         let learned = match table {
             Some(table) => {
                 let values: Vec<Option<Vec<u8>>> = reads.iter().map(|r| r.value.clone()).collect();
+                unusable = not_entries(&values);
                 table.attributed(hashes, &values)
             }
             None => Vec::new(),
@@ -479,7 +481,12 @@ impl BbrHttp {
             return Ok(());
         };
         if let Some(table) = table {
-            shared::write_slots(self.id, table, hashes, &reads, endpoint);
+            failed |= shared::write_slots(self.id, table, hashes, &reads, endpoint);
+        }
+        let unusable = unusable + usize::from(failed);
+        if unusable > 0 {
+            self.metrics
+                .add(self.metrics.endpoint_shared_unusable, unusable as u64);
         }
         self.picked = Some((pool, endpoint));
         self.picked_hashes = hashes.to_vec();
@@ -538,7 +545,10 @@ impl BbrHttp {
         drop(pickers);
         // The other workers learn where the blocks really went.
         if let (Some((_, to)), Some(table)) = (self.picked, self.shared_table(pool)) {
-            shared::write_slots(self.id, &table, &self.picked_hashes, &[], to);
+            if shared::write_slots(self.id, &table, &self.picked_hashes, &[], to) {
+                self.metrics
+                    .increment(self.metrics.endpoint_shared_unusable);
+            }
         }
         self.metrics.increment(self.metrics.endpoint_failed_over);
         // Addresses are the operator's configuration, not request content.

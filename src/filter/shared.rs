@@ -77,32 +77,34 @@ fn set(key: &str, value: &[u8], cas: u32) -> Result<(), u32> {
     }
 }
 
-/// Reads the slots of `hashes`, in order. A failed read ends the reading: the blocks after it
-/// count as not found (the request is then placed by the worker's own picker).
-pub(super) fn read_slots(id: u32, table: &SharedTable, hashes: &[u64]) -> Vec<Read> {
+/// Reads the slots of `hashes`, in order, and whether a read failed. A failed read ends the
+/// reading: the blocks after it count as not found (the request is then placed by the
+/// worker's own picker).
+pub(super) fn read_slots(id: u32, table: &SharedTable, hashes: &[u64]) -> (Vec<Read>, bool) {
     let mut out = Vec::with_capacity(hashes.len());
     for &hash in hashes {
         match get(&table.key(hash)) {
             Ok(read) => out.push(read),
             Err(status) => {
                 debug!("[{id}] picker: cannot read the shared table: status {status}");
-                break;
+                return (out, true);
             }
         }
     }
-    out
+    (out, false)
 }
 
 /// Names `chosen` in the slots of `hashes` (read before as `reads`, in the same order; read now
 /// when `reads` is shorter). A write that lost a race (CasMismatch: another worker wrote that
-/// slot since, as recently as this) or failed is skipped.
+/// slot since, as recently as this) is skipped; a failed call ends the writing. Returns whether
+/// one failed.
 pub(super) fn write_slots(
     id: u32,
     table: &SharedTable,
     hashes: &[u64],
     reads: &[Read],
     chosen: usize,
-) {
+) -> bool {
     for (i, &hash) in hashes.iter().enumerate() {
         let key = table.key(hash);
         let fresh;
@@ -115,7 +117,7 @@ pub(super) fn write_slots(
                 }
                 Err(status) => {
                     debug!("[{id}] picker: cannot read the shared table: status {status}");
-                    return;
+                    return true;
                 }
             },
         };
@@ -127,8 +129,9 @@ pub(super) fn write_slots(
             Err(status) if status == Status::CasMismatch as u32 => {}
             Err(status) => {
                 debug!("[{id}] picker: cannot write the shared table: status {status}");
-                return;
+                return true;
             }
         }
     }
+    false
 }

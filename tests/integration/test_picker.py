@@ -17,6 +17,7 @@ import yaml
 
 from conftest import (
     DEFAULT_FILTER_CONFIG,
+    SHARED_DATA_WRITER,
     QWEN,
     burst,
     cluster,
@@ -240,8 +241,10 @@ WORKERS = 2
 SHARED_REPLICAS = ("share-1", "share-2", "share-3")
 
 
-def picker_envoy(mock_factory, envoy_factory, backends, ids, name, picker_extra=None, concurrency=WORKERS):
-    """Envoy with `concurrency` workers in front of 3 fresh replicas, the picker on qwen-vllm."""
+def picker_envoy(mock_factory, envoy_factory, backends, ids, name, picker_extra=None, concurrency=WORKERS,
+                 also=None):
+    """Envoy with `concurrency` workers in front of 3 fresh replicas, the picker on qwen-vllm
+    (then `also(config)`)."""
     replicas = [mock_factory(QWEN, rid, extra=("--ttft-ms", "5")) for rid in ids]
     endpoints = [f"127.0.0.1:{m.port}" for m in replicas]
 
@@ -249,6 +252,12 @@ def picker_envoy(mock_factory, envoy_factory, backends, ids, name, picker_extra=
         c = cluster(cfg, "qwen-vllm")
         use_picker_policy(c, routes(cfg))
         set_cluster_endpoints(cfg, "qwen-vllm", [m.port for m in replicas])
+        for r in routes(cfg):
+            r.setdefault("response_headers_to_add", []).append(
+                {"header": {"key": SEEN, "value": f"%REQ({PICKER_HEADER})%"}}
+            )
+        if also is not None:
+            also(cfg)
         config = json.loads(json.dumps(DEFAULT_FILTER_CONFIG))
         picker = {"pools": [{"cluster": "qwen-vllm", "baseModels": [QWEN], "endpoints": endpoints}]}
         picker.update(picker_extra or {})
@@ -356,3 +365,57 @@ def test_one_shared_slot_forgets_but_never_misroutes(one_slot_pool):
             assert again.status_code == 200
             assert again.headers["x-mock-backend"] == first.headers["x-mock-backend"], t
     assert counter(env, "bbr_endpoint_picked_total") >= 36
+
+
+# What the writer (tests/shared-data-writer) puts in every slot of a 4-slot table, again every
+# 50 ms: no entry in any of them (text, nothing, an entry's length with other bytes, one more).
+GARBAGE = ["garbage", "", "x" * 22, "y" * 23]
+
+
+def with_garbage_writer(cfg: dict) -> None:
+    """The test-only wasm service, under the filter's vm_id (Envoy keys shared data by vm_id
+    alone), writing GARBAGE into the picker's 4 slots of qwen-vllm."""
+    value = "".join(f"bbr-wasm.picker.qwen-vllm.{slot}\t{g}\n" for slot, g in enumerate(GARBAGE))
+    cfg.setdefault("bootstrap_extensions", []).append({
+        "name": "envoy.bootstrap.wasm",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.wasm.v3.WasmService",
+            "singleton": True,
+            "config": {
+                "name": "shared-data-writer",
+                "vm_config": {
+                    "vm_id": "bbr",
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": {"local": {"filename": str(SHARED_DATA_WRITER)}},
+                },
+                "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": value},
+            },
+        },
+    })
+
+
+@pytest.fixture(scope="module")
+def garbage_pool(mock_factory, envoy_factory, backends):
+    return picker_envoy(mock_factory, envoy_factory, backends, ("junk-1", "junk-2", "junk-3"), "picker-garbage",
+                        picker_extra={"sharedSlots": 4}, also=with_garbage_writer)
+
+
+def test_garbage_in_the_shared_table_leaves_each_worker_its_own_picker(garbage_pool):
+    """Another writer keeps putting bytes that are no entry into every slot. The filter reads
+    them (bbr_endpoint_shared_unusable_total counts them), trusts none, and picks by each
+    worker's own history: no error, no trap (a trapped VM answers 503), every request sent where
+    the filter said, and a tenant asked again on the same connection finds its home."""
+    env, replicas = garbage_pool
+    on = client_on_each_worker(env)
+    answered = 0
+    for w, client in on.items():
+        for t in range(800 + 10 * w, 806 + 10 * w):
+            first = chat(client, tenant_messages(t))
+            again = chat(client, tenant_messages(t, "Again?"))
+            for r in (first, again):
+                assert r.status_code == 200, r.text[:300]
+                assert r.headers[SEEN] == port_of(replicas, r.headers["x-mock-backend"])
+                answered += 1
+            assert again.headers["x-mock-backend"] == first.headers["x-mock-backend"], t
+    assert counter(env, "bbr_endpoint_picked_total") == answered
+    assert counter(env, "bbr_endpoint_shared_unusable_total") > 0
