@@ -1,11 +1,13 @@
 //! The endpoint picker's shared table (`core::shared_blocks`): the slot encoding, slots shared
 //! by two hashes, what another writer may have left in a slot, scoring, updates, and the
-//! picker scoring with it. Runs natively and under wasm-bindgen-test, like tests/picker.rs.
+//! picker scoring with it; and its shared in-flight rows (`core::shared_load`). Runs natively
+//! and under wasm-bindgen-test, like tests/picker.rs.
 
 use bbr_wasm::core::picker::{Picker, Scoring};
 use bbr_wasm::core::shared_blocks::{
     not_entries, pool_tag, SharedTable, SlotEntry, DEFAULT_SHARED_SLOTS, ENTRY_BYTES,
 };
+use bbr_wasm::core::shared_load::{LoadRow, SharedLoad, LOAD_LEASE_MS};
 
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test;
@@ -252,12 +254,12 @@ both! {
         // Worker 2 has placed other prompts first, so its rotor is elsewhere.
         for family in 10..13 {
             let hashes = chain(family, 4);
-            let Some(i) = w2.pick_shared(&hashes, &t.attributed(&hashes, &read(&t, &store, &hashes)), 0) else { unreachable!() };
+            let Some(i) = w2.pick_shared(&hashes, &t.attributed(&hashes, &read(&t, &store, &hashes)), &[], 0) else { unreachable!() };
             record(&t, &mut store, &hashes, i);
             w2.done(i);
         }
         let tenant = chain(1, 8);
-        let Some(home) = w1.pick_shared(&tenant, &t.attributed(&tenant, &read(&t, &store, &tenant)), 0) else { unreachable!() };
+        let Some(home) = w1.pick_shared(&tenant, &t.attributed(&tenant, &read(&t, &store, &tenant)), &[], 0) else { unreachable!() };
         record(&t, &mut store, &tenant, home);
         w1.done(home);
         // Without sharing, worker 2 would place the tenant by load and its rotor: not home.
@@ -269,7 +271,7 @@ both! {
         for hashes in [tenant.clone(), longer] {
             let shared = t.attributed(&hashes, &read(&t, &store, &hashes));
             assert_eq!(shared[home], 8);
-            let picked = w2.pick_shared(&hashes, &shared, 0);
+            let picked = w2.pick_shared(&hashes, &shared, &[], 0);
             assert_eq!(picked, Some(home));
             if let Some(i) = picked { w2.done(i); }
         }
@@ -285,23 +287,102 @@ both! {
         let b = 1 - a;
         let mut shared = vec![0; 2];
         shared[b] = 2;
-        assert_eq!(p.pick_shared(&hashes, &shared, 0), Some(a));
+        assert_eq!(p.pick_shared(&hashes, &shared, &[], 0), Some(a));
         p.done(a);
         // A new prompt the table gives b whole, a nothing: b.
         let fresh = chain(5, 4);
         let mut only_b = vec![0; 2];
         only_b[b] = 4;
-        assert_eq!(p.pick_shared(&fresh, &only_b, 0), Some(b));
+        assert_eq!(p.pick_shared(&fresh, &only_b, &[], 0), Some(b));
         // A count beyond the prompt's blocks is capped, and a short or empty list is zeros.
         let mut q = Picker::new(&addresses(2), 1000, Scoring::default());
         let mut huge = vec![0; 2];
         huge[b] = 1_000;
-        assert_eq!(q.pick_shared(&fresh, &huge, 0), Some(b));
-        assert!(q.pick_shared(&fresh, &[], 0).is_some());
+        assert_eq!(q.pick_shared(&fresh, &huge, &[], 0), Some(b));
+        assert!(q.pick_shared(&fresh, &[], &[], 0).is_some());
         // The bound still comes first: b with 2 in flight over 2 endpoints is past it.
         let mut r = Picker::new(&addresses(2), 1000, Scoring::default());
-        assert_eq!(r.pick_shared(&fresh, &only_b, 0), Some(b));
-        assert_eq!(r.pick_shared(&fresh, &only_b, 0), Some(b));
-        assert_eq!(r.pick_shared(&fresh, &only_b, 0), Some(a));
+        assert_eq!(r.pick_shared(&fresh, &only_b, &[], 0), Some(b));
+        assert_eq!(r.pick_shared(&fresh, &only_b, &[], 0), Some(b));
+        assert_eq!(r.pick_shared(&fresh, &only_b, &[], 0), Some(a));
+    }
+
+    fn load_rows_round_trip_and_refuse_anything_else() {
+        let rows = [
+            LoadRow { pool_tag: 1, owner: 2, stamp_ms: 3, counts: vec![] },
+            LoadRow { pool_tag: u64::MAX, owner: 7, stamp_ms: u64::MAX, counts: vec![0, 1, u16::MAX] },
+        ];
+        for row in rows {
+            assert_eq!(LoadRow::decode(&row.encode()), Some(row.clone()), "{row:?}");
+        }
+        let good = LoadRow { pool_tag: 1, owner: 2, stamp_ms: 3, counts: vec![4, 5] }.encode();
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("empty", vec![]),
+            ("short head", good[..20].to_vec()),
+            ("half a count", good[..good.len() - 1].to_vec()),
+            ("another magic", [&[0u8][..], &good[1..]].concat()),
+            ("a slot entry", SlotEntry { pool_tag: 1, hash: 2, endpoints: [Some(0), None] }.encode().to_vec()),
+            ("text", b"garbage bytes, not a row of counts".to_vec()),
+        ];
+        for (name, bytes) in cases {
+            assert_eq!(LoadRow::decode(&bytes), None, "{name}");
+        }
+    }
+
+    fn other_workers_rows_add_up_and_stale_or_foreign_rows_do_not() {
+        let load = SharedLoad::new("pool", 77, 3);
+        let now = 100_000;
+        let me = 1;
+        let row = |owner: u64, stamp: u64, counts: &[u32]| Some(load.row(owner, stamp, counts));
+        let foreign = SharedLoad::new("pool", 78, 3);
+        let values = vec![
+            row(me, now, &[9, 9, 9]),                       // mine: not added
+            row(2, now - 10, &[1, 0, 2]),                   // fresh
+            row(3, now - LOAD_LEASE_MS, &[0, 3, 0]),        // just within the lease
+            row(4, now - LOAD_LEASE_MS - 1, &[5, 5, 5]),    // stale: its worker is gone
+            Some(foreign.row(5, now, &[7, 7, 7])),          // another endpoint list
+            Some(b"garbage".to_vec()),
+            None,
+        ];
+        assert_eq!(load.others(&values, me, now), vec![1, 3, 2]);
+        assert_eq!(load.others(&[], me, now), vec![0, 0, 0]);
+        // A row for fewer endpoints than the pool has is not this pool's.
+        let short = SharedLoad::new("pool", 77, 2);
+        assert_eq!(load.others(&[Some(short.row(2, now, &[1, 1]))], me, now), vec![0, 0, 0]);
+        // Counts past u16 are capped, not wrapped; missing counts are 0.
+        let capped = load.row(2, now, &[70_000]);
+        assert_eq!(LoadRow::decode(&capped).map(|r| r.counts), Some(vec![u16::MAX, 0, 0]));
+        // Claimable: nothing, garbage, stale, foreign, or mine; not another worker's live row.
+        let claim_cases: Vec<(&str, Option<Vec<u8>>, bool)> = vec![
+            ("not found", None, true),
+            ("garbage", Some(b"x".to_vec()), true),
+            ("stale", row(4, now - LOAD_LEASE_MS - 1, &[1, 1, 1]), true),
+            ("another list's", Some(foreign.row(5, now, &[1, 1, 1])), true),
+            ("mine", row(me, now - 1, &[1, 1, 1]), true),
+            ("another worker's, live", row(2, now - 1, &[0, 0, 0]), false),
+        ];
+        for (name, value, want) in claim_cases {
+            assert_eq!(load.claimable(value.as_deref(), me, now), want, "{name}");
+        }
+        assert!(load.key(3).starts_with("bbr-wasm.picker.pool.load."));
+    }
+
+    fn the_other_workers_load_counts_in_the_score_and_the_bound() {
+        // 3 endpoints, nothing shared: this worker alone would take endpoint 0 (all idle, the
+        // rotor at 0). The others have 1 in flight at 0 and at 1: endpoint 2.
+        let mut p = Picker::new(&addresses(3), 1000, Scoring::default());
+        assert_eq!(p.clone().pick(&chain(1, 4), 0), Some(0));
+        assert_eq!(p.pick_shared(&chain(1, 4), &[], &[1, 1, 0], 0), Some(2));
+        // The bound over every worker's requests: a prefix at home on 0, which the others load
+        // with 3 while 1 and 2 are idle, goes elsewhere (3 in flight is not under
+        // ceil(4 x 1.25 / 3) = 2), though this worker alone sees 0 idle.
+        let mut q = Picker::new(&addresses(3), 1000, Scoring::default());
+        let hashes = chain(2, 4);
+        let mut home = vec![0; 3];
+        home[0] = 4;
+        assert_eq!(q.clone().pick_shared(&hashes, &home, &[], 0), Some(0));
+        assert_ne!(q.pick_shared(&hashes, &home, &[3, 0, 0], 0), Some(0));
+        // Only this worker's own count goes up.
+        assert_eq!(q.in_flight().iter().sum::<u32>(), 1);
     }
 }

@@ -14,6 +14,7 @@ use super::prefix::{
     DEFAULT_BLOCK_BYTES, DEFAULT_PREFIX_BLOCKS, DEFAULT_PREFIX_HEADER, MAX_CAPTURE_BYTES,
 };
 use super::shared_blocks::{SharedTable, DEFAULT_SHARED_SLOTS, MAX_SHARED_SLOTS};
+use super::shared_load::SharedLoad;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::fmt;
@@ -237,6 +238,9 @@ pub struct PickerPool {
     pub endpoints: Vec<String>,
     /// The pool's table in the workers' shared data; `None` with `sharedSlots: 0`.
     pub shared: Option<SharedTable>,
+    /// The pool's rows of in-flight counts in the workers' shared data; `None` with
+    /// `sharedSlots: 0`.
+    pub shared_load: Option<SharedLoad>,
 }
 
 impl PickerConfig {
@@ -858,6 +862,8 @@ fn compile_picker(
             cluster: p.cluster.clone(),
             base_models: p.base_models.clone(),
             shared: SharedTable::new(&p.cluster, &endpoints, raw.shared_slots),
+            shared_load: SharedTable::new(&p.cluster, &endpoints, raw.shared_slots)
+                .map(|t| SharedLoad::new(&p.cluster, t.pool_tag(), endpoints.len())),
             endpoints,
         });
     }

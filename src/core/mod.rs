@@ -14,6 +14,7 @@ pub mod prefix;
 pub mod request;
 pub mod scanner;
 pub mod shared_blocks;
+pub mod shared_load;
 pub mod skip;
 pub mod vector;
 

@@ -6,6 +6,7 @@ use crate::core::headers;
 use crate::core::overload::HeldBodies;
 use crate::core::picker::Picker;
 use crate::core::shared_blocks::{not_entries, SharedTable};
+use crate::core::shared_load::SharedLoad;
 use crate::core::{
     BodyScanner, CaptureState, HeadAction, ModelScanner, Outcome, PromptCapture, Rejection,
     RequestHead, Route, Router, RoutingView, Step, ViewVerdict,
@@ -105,6 +106,13 @@ impl Drop for BbrHttp {
             if let Ok(mut pickers) = self.pickers.try_borrow_mut() {
                 if let Some(picker) = pickers.get_mut(pool) {
                     picker.done(endpoint);
+                    // The other workers see the request end.
+                    if let Some(load) = self.shared_load(pool) {
+                        if shared::publish_load(self.id, &load, picker, None, now_millis()) {
+                            self.metrics
+                                .increment(self.metrics.endpoint_shared_unusable);
+                        }
+                    }
                 }
             }
         }
@@ -466,6 +474,7 @@ impl BbrHttp {
             }
             None => Vec::new(),
         };
+        let load = config.pools.get(pool).and_then(|p| p.shared_load.as_ref());
         let chosen = {
             let Ok(mut pickers) = self.pickers.try_borrow_mut() else {
                 return Ok(());
@@ -473,9 +482,31 @@ impl BbrHttp {
             let Some(picker) = pickers.get_mut(pool) else {
                 return Ok(());
             };
-            picker
-                .pick_shared(hashes, &learned, now)
-                .and_then(|i| picker.address(i).map(|a| (i, a.to_string())))
+            // The other workers' requests in flight (`shared::read_load`).
+            let (others, claim) = match load {
+                Some(load) => {
+                    let owner = picker.share_owner();
+                    let read = shared::read_load(self.id, load, owner, now);
+                    failed |= read.failed;
+                    // A row another worker took over (ours was not refreshed within the lease):
+                    // claim another.
+                    if let Some(row) = picker.load_row() {
+                        let value = read.values.get(row).and_then(|v| v.as_deref());
+                        if !read.failed && !load.claimable(value, owner, now) {
+                            picker.set_load_row(None);
+                        }
+                    }
+                    (load.others(&read.values, owner, now), read.claim)
+                }
+                None => (Vec::new(), None),
+            };
+            let chosen = picker
+                .pick_shared(hashes, &learned, &others, now)
+                .and_then(|i| picker.address(i).map(|a| (i, a.to_string())));
+            if let (Some(load), Some(_)) = (load, &chosen) {
+                failed |= shared::publish_load(self.id, load, picker, claim, now);
+            }
+            chosen
         };
         let Some((endpoint, address)) = chosen else {
             return Ok(());
@@ -542,6 +573,12 @@ impl BbrHttp {
         self.picked = picker
             .served_elsewhere(endpoint, to, &self.picked_hashes, now, cooldown_ms)
             .map(|i| (pool, i));
+        if let Some(load) = self.shared_load(pool) {
+            if shared::publish_load(self.id, &load, picker, None, now) {
+                self.metrics
+                    .increment(self.metrics.endpoint_shared_unusable);
+            }
+        }
         drop(pickers);
         // The other workers learn where the blocks really went.
         if let (Some((_, to)), Some(table)) = (self.picked, self.shared_table(pool)) {
@@ -557,6 +594,20 @@ impl BbrHttp {
              not picked for {cooldown_ms} ms",
             self.id
         );
+    }
+
+    /// The shared in-flight rows of picker pool `pool`, if it has them.
+    fn shared_load(&self, pool: usize) -> Option<SharedLoad> {
+        self.router
+            .as_ref()?
+            .prefix_affinity
+            .as_ref()?
+            .picker
+            .as_ref()?
+            .pools
+            .get(pool)?
+            .shared_load
+            .clone()
     }
 
     /// The shared table of picker pool `pool`, if it has one.

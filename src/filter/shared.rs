@@ -6,7 +6,9 @@
 //! did give (nothing at worst), which is the worker's own picker; nothing waits, nothing
 //! retries.
 
+use crate::core::picker::Picker;
 use crate::core::shared_blocks::SharedTable;
+use crate::core::shared_load::{SharedLoad, LOAD_ROWS};
 use log::debug;
 use proxy_wasm::types::Status;
 use std::ptr::null_mut;
@@ -134,4 +136,77 @@ pub(super) fn write_slots(
         }
     }
     false
+}
+
+/// The rows of in-flight counts as read.
+pub(super) struct LoadRead {
+    /// Row by row from 0 (`None`: not found).
+    pub(super) values: Vec<Option<Vec<u8>>>,
+    /// The first row the reader may claim, with its CAS token.
+    pub(super) claim: Option<(usize, u32)>,
+    /// A read failed (the rows after it were not read).
+    pub(super) failed: bool,
+}
+
+/// Reads the pool's rows of in-flight counts from row 0 on, until one is not found (rows are
+/// claimed lowest first and never deleted, so none lies past it) or a read fails.
+pub(super) fn read_load(id: u32, load: &SharedLoad, owner: u64, now_ms: u64) -> LoadRead {
+    let mut values = Vec::new();
+    let mut claim = None;
+    for row in 0..LOAD_ROWS {
+        match get(&load.key(row)) {
+            Ok(read) => {
+                let end = read.value.is_none();
+                if claim.is_none() && load.claimable(read.value.as_deref(), owner, now_ms) {
+                    claim = Some((row, read.cas));
+                }
+                values.push(read.value);
+                if end {
+                    break;
+                }
+            }
+            Err(status) => {
+                debug!("[{id}] picker: cannot read the shared load: status {status}");
+                return LoadRead {
+                    values,
+                    claim,
+                    failed: true,
+                };
+            }
+        }
+    }
+    LoadRead {
+        values,
+        claim,
+        failed: false,
+    }
+}
+
+/// Writes this worker's counts into its row, if it has one; claims `claim` (a row and its CAS
+/// token from [`read_load`]) if it has none. A claim that lost a race is tried again at the
+/// next pick. Returns whether a call failed.
+pub(super) fn publish_load(
+    id: u32,
+    load: &SharedLoad,
+    picker: &mut Picker,
+    claim: Option<(usize, u32)>,
+    now_ms: u64,
+) -> bool {
+    let value = load.row(picker.share_owner(), now_ms, &picker.in_flight());
+    let (row, cas) = match (picker.load_row(), claim) {
+        (Some(row), _) => (row, 0),
+        (None, Some(claim)) => claim,
+        (None, None) => return false,
+    };
+    match set(&load.key(row), &value, cas) {
+        Ok(()) => {
+            picker.set_load_row(Some(row));
+            false
+        }
+        Err(status) if status == Status::CasMismatch as u32 => false,
+        Err(status) => {
+            debug!("[{id}] picker: cannot write the shared load: status {status}");
+            true
+        }
+    }
 }

@@ -8,6 +8,7 @@ Health checks and outlier detection are the shipped cluster's.
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -242,10 +243,10 @@ SHARED_REPLICAS = ("share-1", "share-2", "share-3")
 
 
 def picker_envoy(mock_factory, envoy_factory, backends, ids, name, picker_extra=None, concurrency=WORKERS,
-                 also=None):
+                 also=None, ttft_ms=5):
     """Envoy with `concurrency` workers in front of 3 fresh replicas, the picker on qwen-vllm
     (then `also(config)`)."""
-    replicas = [mock_factory(QWEN, rid, extra=("--ttft-ms", "5")) for rid in ids]
+    replicas = [mock_factory(QWEN, rid, extra=("--ttft-ms", str(ttft_ms))) for rid in ids]
     endpoints = [f"127.0.0.1:{m.port}" for m in replicas]
 
     def mutate(cfg):
@@ -279,25 +280,30 @@ def worker_connections(env) -> dict[int, int]:
     return out
 
 
-def client_on_each_worker(env) -> dict[int, httpx.Client]:
-    """A kept-alive connection accepted by each worker: new connections (a GET /v1/models, which
-    the filter answers itself) until every worker has one. Which worker accepts is the kernel's
-    choice, so this tries a bounded number of times."""
-    on: dict[int, httpx.Client] = {}
-    for _ in range(40):
+def clients_on_workers(env, wanted: dict[int, int]) -> dict[int, list[httpx.Client]]:
+    """wanted[w] kept-alive connections accepted by worker w: new connections (a GET /v1/models,
+    which the filter answers itself) until each worker has its count. Which worker accepts is
+    the kernel's choice, so this tries a bounded number of times."""
+    on: dict[int, list[httpx.Client]] = {w: [] for w in wanted}
+    for _ in range(60):
         before = worker_connections(env)
         c = env.client(limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
         assert c.get("/v1/models").status_code == 200
         after = worker_connections(env)
         took = [w for w in after if after[w] > before.get(w, 0)]
         assert len(took) == 1, (before, after)
-        if took[0] not in on:
-            on[took[0]] = c
+        if len(on.get(took[0], wanted)) < wanted.get(took[0], 0):
+            on[took[0]].append(c)
         else:
             c.close()
-        if len(on) == WORKERS:
+        if all(len(on[w]) == n for w, n in wanted.items()):
             return on
-    raise AssertionError(f"40 connections did not reach {WORKERS} workers: {worker_connections(env)}")
+    raise AssertionError(f"60 connections did not give {wanted}: {worker_connections(env)}")
+
+
+def client_on_each_worker(env) -> dict[int, httpx.Client]:
+    """A kept-alive connection accepted by each worker (see clients_on_workers)."""
+    return {w: cs[0] for w, cs in clients_on_workers(env, {w: 1 for w in range(WORKERS)}).items()}
 
 
 @pytest.fixture(scope="module")
@@ -419,3 +425,31 @@ def test_garbage_in_the_shared_table_leaves_each_worker_its_own_picker(garbage_p
             assert again.headers["x-mock-backend"] == first.headers["x-mock-backend"], t
     assert counter(env, "bbr_endpoint_picked_total") == answered
     assert counter(env, "bbr_endpoint_shared_unusable_total") > 0
+
+
+@pytest.fixture(scope="module")
+def slow_pool(mock_factory, envoy_factory, backends):
+    # Answers take 2 s: requests stay in flight while the test looks.
+    return picker_envoy(mock_factory, envoy_factory, backends, ("slow-1", "slow-2", "slow-3"), "picker-load",
+                        ttft_ms=2000)
+
+
+def test_workers_see_each_others_requests_in_flight(slow_pool):
+    """Worker 0 has two unique prompts in flight, on two replicas (the least loaded, ties
+    rotating). Worker 1 then places a third unique prompt: the replica with nothing in flight,
+    because it reads worker 0's counts from the shared data. Alone it would see three idle
+    replicas and take the first (its rotation starts there), one worker 0 is using."""
+    env, replicas = slow_pool
+    on = clients_on_workers(env, {0: 2, 1: 1})
+    with ThreadPoolExecutor(max_workers=2) as ex:
+        busy = [ex.submit(chat, on[0][k], tenant_messages(900 + k, "Slow?")) for k in range(2)]
+        # Both picked and forwarded (each answer takes 2 s).
+        time.sleep(0.5)
+        third = chat(on[1][0], tenant_messages(950, "Where do I go?"))
+        answers = [f.result() for f in busy]
+    for r in answers + [third]:
+        assert r.status_code == 200, r.text[:300]
+        assert r.headers[SEEN] == port_of(replicas, r.headers["x-mock-backend"])
+    used = {r.headers["x-mock-backend"] for r in answers}
+    assert len(used) == 2, used
+    assert third.headers["x-mock-backend"] not in used, (used, third.headers["x-mock-backend"])
