@@ -24,8 +24,9 @@
 //! The picker sees only what it sent: a replica's real cache may have evicted blocks sooner
 //! (size `lru_blocks` to the servers' cache) and other gateways' requests are not counted.
 //! Plain data: one table per Envoy worker (each wasm VM has its own). What the workers learn
-//! together, the blocks sent to each endpoint by any of them, comes in through
-//! [`Picker::pick_shared`] from `core::shared_blocks`; the in-flight counts stay each worker's.
+//! together comes in through [`Picker::pick_shared`]: the blocks sent to each endpoint by any
+//! of them (`core::shared_blocks`) and the other workers' requests in flight
+//! (`core::shared_load`).
 
 use std::collections::{BTreeMap, HashMap};
 
