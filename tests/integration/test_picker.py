@@ -373,15 +373,17 @@ def test_one_shared_slot_forgets_but_never_misroutes(one_slot_pool):
     assert counter(env, "bbr_endpoint_picked_total") >= 36
 
 
-# What the writer (tests/shared-data-writer) puts in every slot of a 4-slot table, again every
-# 50 ms: no entry in any of them (text, nothing, an entry's length with other bytes, one more).
+# What the writer (tests/shared-data-writer) puts in every slot of a 4-slot table and in the
+# first 4 rows of in-flight counts, again every 50 ms: no entry or row in any of them (text,
+# nothing, an entry's length with other bytes, one more).
 GARBAGE = ["garbage", "", "x" * 22, "y" * 23]
 
 
 def with_garbage_writer(cfg: dict) -> None:
     """The test-only wasm service, under the filter's vm_id (Envoy keys shared data by vm_id
-    alone), writing GARBAGE into the picker's 4 slots of qwen-vllm."""
+    alone), writing GARBAGE into the picker's 4 slots of qwen-vllm and its first 4 load rows."""
     value = "".join(f"bbr-wasm.picker.qwen-vllm.{slot}\t{g}\n" for slot, g in enumerate(GARBAGE))
+    value += "".join(f"bbr-wasm.picker.qwen-vllm.load.{row}\t{g}\n" for row, g in enumerate(GARBAGE))
     cfg.setdefault("bootstrap_extensions", []).append({
         "name": "envoy.bootstrap.wasm",
         "typed_config": {
@@ -407,10 +409,12 @@ def garbage_pool(mock_factory, envoy_factory, backends):
 
 
 def test_garbage_in_the_shared_table_leaves_each_worker_its_own_picker(garbage_pool):
-    """Another writer keeps putting bytes that are no entry into every slot. The filter reads
-    them (bbr_endpoint_shared_unusable_total counts them), trusts none, and picks by each
-    worker's own history: no error, no trap (a trapped VM answers 503), every request sent where
-    the filter said, and a tenant asked again on the same connection finds its home."""
+    """Another writer keeps putting bytes that are no entry into every slot, and no row into the
+    first rows of in-flight counts (the workers claim them, and their rows keep being
+    overwritten). The filter reads them (bbr_endpoint_shared_unusable_total counts the slots),
+    trusts none, and picks by each worker's own history and counts: no error, no trap (a
+    trapped VM answers 503), every request sent where the filter said, and a tenant asked again
+    on the same connection finds its home."""
     env, replicas = garbage_pool
     on = client_on_each_worker(env)
     answered = 0
