@@ -233,7 +233,8 @@ both! {
         assert_eq!(pc.pools[0].shared.as_ref().map(|t| t.slots()), Some(8192));
         let Ok(alone) = router(&format!(r#"{{"sharedSlots":0,{POOL}}}"#)) else { unreachable!("valid") };
         let Some(apc) = alone.prefix_affinity.as_ref().and_then(|a| a.picker.as_ref()) else { unreachable!("picker") };
-        assert!(apc.pools[0].shared.is_none());
+        assert!(apc.pools[0].shared.is_none() && apc.pools[0].shared_load.is_none());
+        assert!(pc.pools[0].shared_load.is_some());
         assert_eq!(pc.scoring, Scoring::default());
         assert_eq!(pc.pool_for(None, "m"), Some(0));
         assert_eq!(pc.pool_for(None, "other"), None);
