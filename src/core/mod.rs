@@ -13,6 +13,8 @@ pub mod picker;
 pub mod prefix;
 pub mod request;
 pub mod scanner;
+pub mod shared_blocks;
+pub mod shared_load;
 pub mod skip;
 pub mod strict_json;
 pub mod vector;

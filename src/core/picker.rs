@@ -23,7 +23,10 @@
 //!
 //! The picker sees only what it sent: a replica's real cache may have evicted blocks sooner
 //! (size `lru_blocks` to the servers' cache) and other gateways' requests are not counted.
-//! Plain data: one table per Envoy worker (each wasm VM has its own).
+//! Plain data: one table per Envoy worker (each wasm VM has its own). What the workers learn
+//! together comes in through [`Picker::pick_shared`]: the blocks sent to each endpoint by any
+//! of them (`core::shared_blocks`) and the other workers' requests in flight
+//! (`core::shared_load`).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -131,6 +134,10 @@ pub struct Picker {
     scoring: Scoring,
     /// Where the next tie starts looking.
     rotor: usize,
+    /// This worker's random id and its row of in-flight counts in the shared data
+    /// (`core::shared_load`), once claimed.
+    share_owner: u64,
+    load_row: Option<usize>,
 }
 
 impl Picker {
@@ -147,7 +154,32 @@ impl Picker {
                 .collect(),
             scoring,
             rotor: 0,
+            share_owner: 0,
+            load_row: None,
         }
+    }
+
+    /// This worker's id in the shared in-flight rows (random per worker).
+    pub fn share_owner(&self) -> u64 {
+        self.share_owner
+    }
+
+    pub fn set_share_owner(&mut self, owner: u64) {
+        self.share_owner = owner;
+    }
+
+    /// The row of the shared in-flight counts this worker publishes, once claimed.
+    pub fn load_row(&self) -> Option<usize> {
+        self.load_row
+    }
+
+    pub fn set_load_row(&mut self, row: Option<usize>) {
+        self.load_row = row;
+    }
+
+    /// This worker's requests in flight per endpoint.
+    pub fn in_flight(&self) -> Vec<u32> {
+        self.endpoints.iter().map(|e| e.in_flight).collect()
     }
 
     pub fn endpoints(&self) -> &[Endpoint] {
@@ -158,6 +190,22 @@ impl Picker {
     /// `now_ms`, records the blocks there and counts the request in flight. Endpoints cooling
     /// down are skipped unless all are. Returns its index, `None` for a pool without endpoints.
     pub fn pick(&mut self, hashes: &[u64], now_ms: u64) -> Option<usize> {
+        self.pick_shared(hashes, &[], &[], now_ms)
+    }
+
+    /// [`Picker::pick`] with what the other workers learned: `shared[i]` is the number of the
+    /// prompt's blocks the shared table says endpoint `i` was sent
+    /// (`core::shared_blocks::SharedTable::attributed`; missing entries count 0). An endpoint's
+    /// prefix score counts the larger of that and its own LRU's leading matches. `others[i]`:
+    /// the other workers' requests in flight at endpoint `i` (`core::shared_load`), added to
+    /// this worker's own for the load score and the bound.
+    pub fn pick_shared(
+        &mut self,
+        hashes: &[u64],
+        shared: &[usize],
+        others: &[u32],
+        now_ms: u64,
+    ) -> Option<usize> {
         let n = self.endpoints.len();
         if n == 0 {
             return None;
@@ -173,7 +221,8 @@ impl Picker {
         let loads: Vec<u64> = self
             .endpoints
             .iter()
-            .map(|e| u64::from(e.in_flight))
+            .enumerate()
+            .map(|(i, e)| u64::from(e.in_flight) + u64::from(others.get(i).copied().unwrap_or(0)))
             .collect();
         let candidate_loads = || {
             (0..n)
@@ -205,10 +254,12 @@ impl Picker {
             if any_within && !within(load) {
                 continue;
             }
-            let matched = self
+            let local = self
                 .endpoints
                 .get(i)
-                .map_or(0, |e| e.blocks.leading_matches(hashes)) as u64;
+                .map_or(0, |e| e.blocks.leading_matches(hashes));
+            let learned = shared.get(i).copied().unwrap_or(0);
+            let matched = local.max(learned).min(hashes.len()) as u64;
             // Scores in exact fractions over a common denominator, so ties are real ties:
             // prefix = matched / blocks, load = (max - load) / (max - min).
             let prefix_den = blocks.max(1);

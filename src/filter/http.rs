@@ -1,10 +1,12 @@
 //! One HTTP stream: anti-spoofing, the body scan, and the routing headers.
 
-use super::{now_millis, now_nanos, Metrics};
+use super::{now_millis, now_nanos, shared, Metrics};
 use crate::core::config::LOCAL_REPLY_HEADER;
 use crate::core::headers;
 use crate::core::overload::HeldBodies;
 use crate::core::picker::Picker;
+use crate::core::shared_blocks::{not_entries, SharedTable};
+use crate::core::shared_load::SharedLoad;
 use crate::core::{
     BodyScanner, CaptureState, HeadAction, ModelScanner, Outcome, PromptCapture, Rejection,
     RequestHead, Route, Router, RoutingView, Step, ViewVerdict,
@@ -104,6 +106,13 @@ impl Drop for BbrHttp {
             if let Ok(mut pickers) = self.pickers.try_borrow_mut() {
                 if let Some(picker) = pickers.get_mut(pool) {
                     picker.done(endpoint);
+                    // The other workers see the request end.
+                    if let Some(load) = self.shared_load(pool) {
+                        if shared::publish_load(self.id, &load, picker, None, now_millis()) {
+                            self.metrics
+                                .increment(self.metrics.endpoint_shared_unusable);
+                        }
+                    }
                 }
             }
         }
@@ -449,6 +458,23 @@ impl BbrHttp {
             return Ok(());
         };
         let now = now_millis();
+        // What the other workers sent where: the pool's slots in the shared data, read before
+        // the pick and updated after it (see `shared`: a failure leaves this worker's own).
+        let table = config.pools.get(pool).and_then(|p| p.shared.as_ref());
+        let (reads, mut failed) = match table {
+            Some(table) if !hashes.is_empty() => shared::read_slots(self.id, table, hashes),
+            _ => (Vec::new(), false),
+        };
+        let mut unusable = 0;
+        let learned = match table {
+            Some(table) => {
+                let values: Vec<Option<Vec<u8>>> = reads.iter().map(|r| r.value.clone()).collect();
+                unusable = not_entries(&values);
+                table.attributed(hashes, &values)
+            }
+            None => Vec::new(),
+        };
+        let load = config.pools.get(pool).and_then(|p| p.shared_load.as_ref());
         let chosen = {
             let Ok(mut pickers) = self.pickers.try_borrow_mut() else {
                 return Ok(());
@@ -456,13 +482,43 @@ impl BbrHttp {
             let Some(picker) = pickers.get_mut(pool) else {
                 return Ok(());
             };
-            picker
-                .pick(hashes, now)
-                .and_then(|i| picker.address(i).map(|a| (i, a.to_string())))
+            // The other workers' requests in flight (`shared::read_load`).
+            let (others, claim) = match load {
+                Some(load) => {
+                    let owner = picker.share_owner();
+                    let read = shared::read_load(self.id, load, owner, now);
+                    failed |= read.failed;
+                    // A row another worker took over (ours was not refreshed within the lease):
+                    // claim another.
+                    if let Some(row) = picker.load_row() {
+                        let value = read.values.get(row).and_then(|v| v.as_deref());
+                        if !read.failed && !load.claimable(value, owner, now) {
+                            picker.set_load_row(None);
+                        }
+                    }
+                    (load.others(&read.values, owner, now), read.claim)
+                }
+                None => (Vec::new(), None),
+            };
+            let chosen = picker
+                .pick_shared(hashes, &learned, &others, now)
+                .and_then(|i| picker.address(i).map(|a| (i, a.to_string())));
+            if let (Some(load), Some(_)) = (load, &chosen) {
+                failed |= shared::publish_load(self.id, load, picker, claim, now);
+            }
+            chosen
         };
         let Some((endpoint, address)) = chosen else {
             return Ok(());
         };
+        if let Some(table) = table {
+            failed |= shared::write_slots(self.id, table, hashes, &reads, endpoint);
+        }
+        let unusable = unusable + usize::from(failed);
+        if unusable > 0 {
+            self.metrics
+                .add(self.metrics.endpoint_shared_unusable, unusable as u64);
+        }
         self.picked = Some((pool, endpoint));
         self.picked_hashes = hashes.to_vec();
         self.set_request_header(&config.header, &address)?;
@@ -517,6 +573,20 @@ impl BbrHttp {
         self.picked = picker
             .served_elsewhere(endpoint, to, &self.picked_hashes, now, cooldown_ms)
             .map(|i| (pool, i));
+        if let Some(load) = self.shared_load(pool) {
+            if shared::publish_load(self.id, &load, picker, None, now) {
+                self.metrics
+                    .increment(self.metrics.endpoint_shared_unusable);
+            }
+        }
+        drop(pickers);
+        // The other workers learn where the blocks really went.
+        if let (Some((_, to)), Some(table)) = (self.picked, self.shared_table(pool)) {
+            if shared::write_slots(self.id, &table, &self.picked_hashes, &[], to) {
+                self.metrics
+                    .increment(self.metrics.endpoint_shared_unusable);
+            }
+        }
         self.metrics.increment(self.metrics.endpoint_failed_over);
         // Addresses are the operator's configuration, not request content.
         warn!(
@@ -524,6 +594,34 @@ impl BbrHttp {
              not picked for {cooldown_ms} ms",
             self.id
         );
+    }
+
+    /// The shared in-flight rows of picker pool `pool`, if it has them.
+    fn shared_load(&self, pool: usize) -> Option<SharedLoad> {
+        self.router
+            .as_ref()?
+            .prefix_affinity
+            .as_ref()?
+            .picker
+            .as_ref()?
+            .pools
+            .get(pool)?
+            .shared_load
+            .clone()
+    }
+
+    /// The shared table of picker pool `pool`, if it has one.
+    fn shared_table(&self, pool: usize) -> Option<SharedTable> {
+        self.router
+            .as_ref()?
+            .prefix_affinity
+            .as_ref()?
+            .picker
+            .as_ref()?
+            .pools
+            .get(pool)?
+            .shared
+            .clone()
     }
 
     fn reject(&mut self, rejection: &Rejection) -> Action {

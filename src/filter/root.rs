@@ -8,7 +8,7 @@
 //! ever waits on a poll.
 
 use super::http::{BbrHttp, Phase};
-use super::{now_millis, now_nanos, Metrics};
+use super::{now_millis, now_nanos, shared, Metrics};
 use crate::core::discovery::{
     fingerprint, next_poll_delay_ms, next_random, parse_models, Health, Listed, PollFailure,
     PollOutcome, MAX_MODELS_BODY_BYTES,
@@ -298,6 +298,32 @@ impl BbrRoot {
     }
 }
 
+impl BbrRoot {
+    /// Rewrites this worker's rows of in-flight counts (the ones it claimed), so that they stay
+    /// within their lease while the worker is idle (`core::shared_load`).
+    fn refresh_load_rows(&self, now: u64) {
+        let Some(config) = self
+            .router
+            .as_ref()
+            .and_then(|r| r.prefix_affinity.as_ref())
+            .and_then(|a| a.picker.as_ref())
+        else {
+            return;
+        };
+        let Ok(mut pickers) = self.pickers.try_borrow_mut() else {
+            return;
+        };
+        for (picker, pool) in pickers.iter_mut().zip(&config.pools) {
+            if let (Some(load), Some(_)) = (pool.shared_load.as_ref(), picker.load_row()) {
+                if shared::publish_load(self.context_id, load, picker, None, now) {
+                    self.metrics
+                        .increment(self.metrics.endpoint_shared_unusable);
+                }
+            }
+        }
+    }
+}
+
 /// Whether this root context logs a change to `value` of the state named `what`.
 ///
 /// Every worker (and Envoy's main thread, which runs a root context too) polls for
@@ -421,7 +447,7 @@ impl RootContext for BbrRoot {
             })
             .collect();
         // A new table: requests still running keep the old one through their Rc.
-        let pickers = router
+        let mut pickers: Vec<Picker> = router
             .prefix_affinity
             .as_ref()
             .and_then(|a| a.picker.as_ref())
@@ -432,6 +458,10 @@ impl RootContext for BbrRoot {
                     .collect()
             })
             .unwrap_or_default();
+        // Each worker's id in the shared in-flight rows (`core::shared_load`).
+        for picker in &mut pickers {
+            picker.set_share_owner(next_random(&mut self.random));
+        }
         self.pickers = Rc::new(RefCell::new(pickers));
         let router = Rc::new(router);
         self.router = Some(Rc::clone(&router));
@@ -467,6 +497,7 @@ impl RootContext for BbrRoot {
             self.log_level_read_ms = now;
         }
         self.poll_due(now);
+        self.refresh_load_rows(now);
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {

@@ -37,6 +37,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 import procs  # noqa: E402  (tests/procs.py)
 WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "bbr_wasm.wasm"
 MOCK = ROOT / "target" / "release" / "mock-vllm"
+# Test-only: writes given bytes into Envoy's shared data (the picker's fault tests).
+SHARED_DATA_WRITER = ROOT / "target" / "wasm32-wasip1" / "release" / "shared_data_writer.wasm"
 ENVOY_YAML = ROOT / "envoy" / "envoy.yaml"
 ENVOY_K8S_YAML = ROOT / "envoy" / "envoy-k8s.yaml"
 ENVOY_BIN_SCRIPT = ROOT / "scripts" / "envoy-bin.sh"
@@ -72,7 +74,7 @@ _RUNNING_LOCK = threading.Lock()
 
 
 def _require_artifacts() -> None:
-    missing = [str(p.relative_to(ROOT)) for p in (WASM, MOCK) if not p.is_file()]
+    missing = [str(p.relative_to(ROOT)) for p in (WASM, MOCK, SHARED_DATA_WRITER) if not p.is_file()]
     if missing:
         pytest.fail(
             "integration tests need the built filter and mock backend; missing: "
@@ -495,11 +497,14 @@ def start_envoy(
 
 @pytest.fixture(scope="session")
 def envoy_factory(envoy_bin, session_dir) -> Callable[..., Envoy]:
-    """start(ports, mutate=None, name=..., wait_healthy=True) -> Envoy; stopped at session end."""
+    """start(ports, mutate=None, name=..., wait_healthy=True, concurrency=1) -> Envoy; stopped at
+    session end."""
     started: list[Envoy] = []
 
-    def start(ports: dict[str, int], mutate=None, name: str = "envoy", wait_healthy: bool = True) -> Envoy:
-        env = start_envoy(envoy_bin, session_dir, ports, mutate=mutate, name=name, wait_healthy=wait_healthy)
+    def start(ports: dict[str, int], mutate=None, name: str = "envoy", wait_healthy: bool = True,
+              concurrency: int = 1) -> Envoy:
+        env = start_envoy(envoy_bin, session_dir, ports, mutate=mutate, name=name, wait_healthy=wait_healthy,
+                          concurrency=concurrency)
         started.append(env)
         return env
 

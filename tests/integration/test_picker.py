@@ -8,6 +8,7 @@ Health checks and outlier detection are the shipped cluster's.
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import yaml
 
 from conftest import (
     DEFAULT_FILTER_CONFIG,
+    SHARED_DATA_WRITER,
     QWEN,
     burst,
     cluster,
@@ -232,3 +234,226 @@ def test_a_killed_replica_falls_back_without_errors_beyond_in_flight(pool):
             assert r.headers[SEEN] != f"127.0.0.1:{victim.port}"
             assert r.headers["x-mock-backend"] != victim.id
     assert env.stat("cluster.qwen-vllm.upstream_rq_retry") == retries
+
+
+# --- Two Envoy workers: one table of what was sent where, shared through the host's shared data.
+
+WORKERS = 2
+SHARED_REPLICAS = ("share-1", "share-2", "share-3")
+
+
+def picker_envoy(mock_factory, envoy_factory, backends, ids, name, picker_extra=None, concurrency=WORKERS,
+                 also=None, ttft_ms=5):
+    """Envoy with `concurrency` workers in front of 3 fresh replicas, the picker on qwen-vllm
+    (then `also(config)`)."""
+    replicas = [mock_factory(QWEN, rid, extra=("--ttft-ms", str(ttft_ms))) for rid in ids]
+    endpoints = [f"127.0.0.1:{m.port}" for m in replicas]
+
+    def mutate(cfg):
+        c = cluster(cfg, "qwen-vllm")
+        use_picker_policy(c, routes(cfg))
+        set_cluster_endpoints(cfg, "qwen-vllm", [m.port for m in replicas])
+        for r in routes(cfg):
+            r.setdefault("response_headers_to_add", []).append(
+                {"header": {"key": SEEN, "value": f"%REQ({PICKER_HEADER})%"}}
+            )
+        if also is not None:
+            also(cfg)
+        config = json.loads(json.dumps(DEFAULT_FILTER_CONFIG))
+        picker = {"pools": [{"cluster": "qwen-vllm", "baseModels": [QWEN], "endpoints": endpoints}]}
+        picker.update(picker_extra or {})
+        config["prefixAffinity"] = {"enabled": True, "picker": picker}
+        set_filter_config(cfg, config)
+
+    env = envoy_factory({"qwen-vllm": replicas[0].port, "phi-vllm": backends.phi.port}, mutate=mutate,
+                        name=name, concurrency=concurrency)
+    return env, replicas
+
+
+def worker_connections(env) -> dict[int, int]:
+    """Per Envoy worker, the connections its listener accepted (listener.<addr>.worker_<n>.*)."""
+    out = {}
+    for line in env.admin("/stats?filter=downstream_cx_total").splitlines():
+        name, _, value = line.partition(": ")
+        if name.startswith("listener.127.0.0.1_") and ".worker_" in name and value.strip().isdigit():
+            out[int(name.split(".worker_")[1].split(".")[0])] = int(value)
+    return out
+
+
+def clients_on_workers(env, wanted: dict[int, int]) -> dict[int, list[httpx.Client]]:
+    """wanted[w] kept-alive connections accepted by worker w: new connections (a GET /v1/models,
+    which the filter answers itself) until each worker has its count. Which worker accepts is
+    the kernel's choice, so this tries a bounded number of times."""
+    on: dict[int, list[httpx.Client]] = {w: [] for w in wanted}
+    for _ in range(60):
+        before = worker_connections(env)
+        c = env.client(limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
+        assert c.get("/v1/models").status_code == 200
+        after = worker_connections(env)
+        took = [w for w in after if after[w] > before.get(w, 0)]
+        assert len(took) == 1, (before, after)
+        if len(on.get(took[0], wanted)) < wanted.get(took[0], 0):
+            on[took[0]].append(c)
+        else:
+            c.close()
+        if all(len(on[w]) == n for w, n in wanted.items()):
+            return on
+    raise AssertionError(f"60 connections did not give {wanted}: {worker_connections(env)}")
+
+
+def client_on_each_worker(env) -> dict[int, httpx.Client]:
+    """A kept-alive connection accepted by each worker (see clients_on_workers)."""
+    return {w: cs[0] for w, cs in clients_on_workers(env, {w: 1 for w in range(WORKERS)}).items()}
+
+
+@pytest.fixture(scope="module")
+def shared_pool(mock_factory, envoy_factory, backends):
+    return picker_envoy(mock_factory, envoy_factory, backends, SHARED_REPLICAS, "picker-shared")
+
+
+def test_workers_send_a_shared_prefix_to_the_replica_either_chose(shared_pool):
+    """Each Envoy worker runs its own VM and picker. Worker 1 first places a prompt of its own
+    (so its tie-breaking no longer agrees with worker 0's), then six tenants are placed on
+    worker 0's connection and asked again on worker 1's: each reaches the replica worker 0
+    chose, because worker 1 reads what worker 0 sent where from the shared table. Without it
+    worker 1 places them by its own rotation, a replica off. Then fresh connections, whichever
+    worker takes them, reach the same homes."""
+    env, _ = shared_pool
+    on = client_on_each_worker(env)
+    r = chat(on[1], tenant_messages(499, "Worker one's own prompt?"))
+    assert r.status_code == 200, r.text[:300]
+    tenants = range(400, 406)
+    homes = {}
+    for t in tenants:
+        r = chat(on[0], tenant_messages(t))
+        assert r.status_code == 200, r.text[:300]
+        homes[t] = r.headers["x-mock-backend"]
+    assert set(homes.values()) == set(SHARED_REPLICAS), homes
+    moved = {}
+    for t in tenants:
+        r = chat(on[1], tenant_messages(t, "And another question?"))
+        assert r.status_code == 200, r.text[:300]
+        if r.headers["x-mock-backend"] != homes[t]:
+            moved[t] = (homes[t], r.headers["x-mock-backend"])
+    assert not moved, f"worker 1 sent tenants elsewhere than worker 0 (home, there): {moved}"
+    before = worker_connections(env)
+    for round_ in range(3):
+        for t in tenants:
+            with httpx.Client(base_url=env.url, timeout=30.0) as fresh:
+                r = chat(fresh, tenant_messages(t, f"Fresh connection {round_}?"))
+            assert r.status_code == 200, r.text[:300]
+            assert r.headers["x-mock-backend"] == homes[t], (t, round_, homes[t], r.headers["x-mock-backend"])
+    after = worker_connections(env)
+    # 18 fresh connections: the test saw both workers take some (the kernel spreads them).
+    assert all(after[w] > before.get(w, 0) for w in range(WORKERS)), (before, after)
+
+
+@pytest.fixture(scope="module")
+def one_slot_pool(mock_factory, envoy_factory, backends):
+    return picker_envoy(mock_factory, envoy_factory, backends, ("slot-1", "slot-2", "slot-3"), "picker-one-slot",
+                        picker_extra={"sharedSlots": 1})
+
+
+def test_one_shared_slot_forgets_but_never_misroutes(one_slot_pool):
+    """sharedSlots 1: every block of every prompt collides in one key, so each write takes the
+    slot over from the last. A slot names a block only with its full hash, so what it forgets
+    is placed by each worker's own picker: every request is answered and sent where the filter
+    said, and a tenant asked again on the same worker still finds its home there."""
+    env, replicas = one_slot_pool
+    on = client_on_each_worker(env)
+    for w, client in on.items():
+        for t in range(600 + 10 * w, 606 + 10 * w):
+            first = chat(client, tenant_messages(t))
+            assert first.status_code == 200, first.text[:300]
+            # Other tenants in between take the slot over.
+            chat(on[1 - w], tenant_messages(t + 100))
+            again = chat(client, tenant_messages(t, "Again?"))
+            assert again.status_code == 200
+            assert again.headers["x-mock-backend"] == first.headers["x-mock-backend"], t
+    assert counter(env, "bbr_endpoint_picked_total") >= 36
+
+
+# What the writer (tests/shared-data-writer) puts in every slot of a 4-slot table and in the
+# first 4 rows of in-flight counts, again every 50 ms: no entry or row in any of them (text,
+# nothing, an entry's length with other bytes, one more).
+GARBAGE = ["garbage", "", "x" * 22, "y" * 23]
+
+
+def with_garbage_writer(cfg: dict) -> None:
+    """The test-only wasm service, under the filter's vm_id (Envoy keys shared data by vm_id
+    alone), writing GARBAGE into the picker's 4 slots of qwen-vllm and its first 4 load rows."""
+    value = "".join(f"bbr-wasm.picker.qwen-vllm.{slot}\t{g}\n" for slot, g in enumerate(GARBAGE))
+    value += "".join(f"bbr-wasm.picker.qwen-vllm.load.{row}\t{g}\n" for row, g in enumerate(GARBAGE))
+    cfg.setdefault("bootstrap_extensions", []).append({
+        "name": "envoy.bootstrap.wasm",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.wasm.v3.WasmService",
+            "singleton": True,
+            "config": {
+                "name": "shared-data-writer",
+                "vm_config": {
+                    "vm_id": "bbr",
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": {"local": {"filename": str(SHARED_DATA_WRITER)}},
+                },
+                "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": value},
+            },
+        },
+    })
+
+
+@pytest.fixture(scope="module")
+def garbage_pool(mock_factory, envoy_factory, backends):
+    return picker_envoy(mock_factory, envoy_factory, backends, ("junk-1", "junk-2", "junk-3"), "picker-garbage",
+                        picker_extra={"sharedSlots": 4}, also=with_garbage_writer)
+
+
+def test_garbage_in_the_shared_table_leaves_each_worker_its_own_picker(garbage_pool):
+    """Another writer keeps putting bytes that are no entry into every slot, and no row into the
+    first rows of in-flight counts (the workers claim them, and their rows keep being
+    overwritten). The filter reads them (bbr_endpoint_shared_unusable_total counts the slots),
+    trusts none, and picks by each worker's own history and counts: no error, no trap (a
+    trapped VM answers 503), every request sent where the filter said, and a tenant asked again
+    on the same connection finds its home."""
+    env, replicas = garbage_pool
+    on = client_on_each_worker(env)
+    answered = 0
+    for w, client in on.items():
+        for t in range(800 + 10 * w, 806 + 10 * w):
+            first = chat(client, tenant_messages(t))
+            again = chat(client, tenant_messages(t, "Again?"))
+            for r in (first, again):
+                assert r.status_code == 200, r.text[:300]
+                assert r.headers[SEEN] == port_of(replicas, r.headers["x-mock-backend"])
+                answered += 1
+            assert again.headers["x-mock-backend"] == first.headers["x-mock-backend"], t
+    assert counter(env, "bbr_endpoint_picked_total") == answered
+    assert counter(env, "bbr_endpoint_shared_unusable_total") > 0
+
+
+@pytest.fixture(scope="module")
+def slow_pool(mock_factory, envoy_factory, backends):
+    # Answers take 2 s: requests stay in flight while the test looks.
+    return picker_envoy(mock_factory, envoy_factory, backends, ("slow-1", "slow-2", "slow-3"), "picker-load",
+                        ttft_ms=2000)
+
+
+def test_workers_see_each_others_requests_in_flight(slow_pool):
+    """Worker 0 has two unique prompts in flight, on two replicas (the least loaded, ties
+    rotating). Worker 1 then places a third unique prompt: the replica with nothing in flight,
+    because it reads worker 0's counts from the shared data. Alone it would see three idle
+    replicas and take the first (its rotation starts there), one worker 0 is using."""
+    env, replicas = slow_pool
+    on = clients_on_workers(env, {0: 2, 1: 1})
+    with ThreadPoolExecutor(max_workers=2) as ex:
+        busy = [ex.submit(chat, on[0][k], tenant_messages(900 + k, "Slow?")) for k in range(2)]
+        # Both picked and forwarded (each answer takes 2 s).
+        time.sleep(0.5)
+        third = chat(on[1][0], tenant_messages(950, "Where do I go?"))
+        answers = [f.result() for f in busy]
+    for r in answers + [third]:
+        assert r.status_code == 200, r.text[:300]
+        assert r.headers[SEEN] == port_of(replicas, r.headers["x-mock-backend"])
+    used = {r.headers["x-mock-backend"] for r in answers}
+    assert len(used) == 2, used
+    assert third.headers["x-mock-backend"] not in used, (used, third.headers["x-mock-backend"])
