@@ -984,6 +984,38 @@ both! {
         assert_eq!(r.lookup("b").map(|m| m.base.as_str()), Some("a"));
     }
 
+    fn strict_json_refuses_an_array_for_a_struct_whatever_it_holds() {
+        // The second reading alone (the first refuses most such arrays itself, by length or
+        // type, depending on the struct's fields): an array where a struct is read is refused
+        // before its elements are looked at, and the error names where.
+        use bbr_wasm::core::config::RawConfig;
+        use bbr_wasm::core::strict_json::objects_only;
+        for (json, want) in [
+            (r#"{"models":[["a"]]}"#, "`models[0]` must be a JSON object, not an array"),
+            (r#"{"models":[{"name":"a"}],"prefixAffinity":{"picker":["x"]}}"#, "`prefixAffinity.picker` must be a JSON object"),
+            (r#"{"models":[{"name":"a"}],"prefixAffinity":{"picker":{"pools":[[]]}}}"#, "`prefixAffinity.picker.pools[0]` must be a JSON object"),
+            (r#"{"models":[{"name":"a"}],"modelList":"on"}"#, "`modelList` must be a JSON object, not a string"),
+        ] {
+            let value: serde_json::Value = match serde_json::from_str(json) {
+                Ok(v) => v,
+                Err(e) => unreachable!("{json}: {e}"),
+            };
+            match objects_only::<RawConfig>(value) {
+                Ok(_) => unreachable!("accepted {json}"),
+                Err(e) => assert!(e.to_string().contains(want), "{json}: {e}"),
+            }
+        }
+        // And what the ordinary reading accepts, it accepts.
+        let ok = r#"{"models":[{"name":"a","adapters":["b"]}],"prefixAffinity":{"enabled":true,"picker":{"pools":[{"cluster":"c","endpoints":["127.0.0.1:1"]}]}},"modelList":{"enabled":false}}"#;
+        let value: serde_json::Value = match serde_json::from_str(ok) {
+            Ok(v) => v,
+            Err(e) => unreachable!("{e}"),
+        };
+        if let Err(e) = objects_only::<RawConfig>(value) {
+            unreachable!("refused {ok}: {e}");
+        }
+    }
+
     fn config_refusals_name_the_field() {
         let cases: &[(&str, &str)] = &[
             ("", "models"),
@@ -1023,7 +1055,6 @@ both! {
             (r#"{"models":[{"name":"a"},["b",["c"]]]}"#, "`models[1]` must be a JSON object"),
             (r#"{"models":[{"name":"a"}],"modelList":[true]}"#, "`modelList` must be a JSON object"),
             (r#"{"models":[{"name":"a"}],"prefixAffinity":[true]}"#, "`prefixAffinity` must be a JSON object"),
-            (r#"{"models":[{"name":"a"}],"prefixAffinity":{"enabled":true,"picker":["x-h",100,8,3,2,125,1000,[{"cluster":"c","endpoints":["127.0.0.1:1"]}]]}}"#, "`prefixAffinity.picker` must be a JSON object"),
             (r#"{"models":[{"name":"a"}],"prefixAffinity":{"enabled":true,"picker":{"pools":[["c",["a"],["127.0.0.1:1"]]]}}}"#, "`prefixAffinity.picker.pools[0]` must be a JSON object"),
             (r#"{"pools":[["c"]]}"#, "`pools[0]` must be a JSON object"),
         ];
