@@ -334,17 +334,19 @@ impl BbrRoot {
 /// a lost one.
 fn claim_log(config_fingerprint: u64, what: &str, value: &str) -> bool {
     let key = format!("bbr-wasm.{config_fingerprint:016x}.{what}");
+    // super::shared's raw calls: the SDK's hostcalls::get_shared_data and set_shared_data
+    // panic (trapping the VM) on any status but Ok, NotFound and CasMismatch.
     for _ in 0..3 {
-        let (current, cas) = match hostcalls::get_shared_data(&key) {
-            Ok(found) => found,
+        let read = match super::shared::get(&key) {
+            Ok(read) => read,
             Err(_) => return true,
         };
-        if current.as_deref() == Some(value.as_bytes()) {
+        if read.value.as_deref() == Some(value.as_bytes()) {
             return false;
         }
-        match hostcalls::set_shared_data(&key, Some(value.as_bytes()), cas) {
+        match super::shared::set(&key, value.as_bytes(), read.cas) {
             Ok(()) => return true,
-            Err(Status::CasMismatch) => continue,
+            Err(status) if status == Status::CasMismatch as u32 => continue,
             Err(_) => return true,
         }
     }

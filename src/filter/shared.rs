@@ -1,4 +1,5 @@
-//! The endpoint picker's shared table (`core::shared_blocks`) in the host's shared data.
+//! The endpoint picker's shared table (`core::shared_blocks`) in the host's shared data, and
+//! the raw shared-data calls every part of the filter uses (`root::claim_log` too).
 //!
 //! Raw ABI calls, not the SDK's `hostcalls::get_shared_data` / `set_shared_data`: those panic
 //! (a trap that takes the VM down) on any status but Ok, NotFound (get) and CasMismatch (set).
@@ -39,7 +40,7 @@ pub(super) struct Read {
 
 /// The value and CAS token of `key`; `Ok(None)`-like `Read` when the key does not exist; the
 /// host's status otherwise.
-fn get(key: &str) -> Result<Read, u32> {
+pub(super) fn get(key: &str) -> Result<Read, u32> {
     let mut data: *mut u8 = null_mut();
     let mut size: usize = 0;
     let mut cas: u32 = 0;
@@ -68,7 +69,7 @@ fn get(key: &str) -> Result<Read, u32> {
 
 /// Writes `key` if its CAS token is still `cas` (0: whatever it is); the host's status
 /// otherwise (`Status::CasMismatch`: another worker wrote it since).
-fn set(key: &str, value: &[u8], cas: u32) -> Result<(), u32> {
+pub(super) fn set(key: &str, value: &[u8], cas: u32) -> Result<(), u32> {
     // SAFETY: the host reads the key and value buffers, which outlive the call.
     let status =
         unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas) };
