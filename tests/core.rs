@@ -594,6 +594,15 @@ both! {
             b"a", b"\"", b"\\", b"\\\"", b"\\\\\"", "\u{e9}".as_bytes(),
             "\u{4e2d}".as_bytes(), "\u{1f600}".as_bytes(), b"\xFF", b"\xE4\xB8",
         ];
+        // The quotes no backslash run escapes, byte by byte.
+        let quotes_in = |v: &[u8]| {
+            let (mut n, mut escaped) = (0, false);
+            for &b in v {
+                n += usize::from(b == b'"' && !escaped);
+                escaped = b == b'\\' && !escaped;
+            }
+            n
+        };
         // Each piece at every offset of ASCII runs around the block edges (a character cut
         // short before a block of ASCII, a backslash escaping the first byte of a block).
         for len in [63usize, 64, 65, 127, 128, 129, 200] {
@@ -601,14 +610,6 @@ both! {
                 for at in 0..=len {
                     let mut v = vec![b'x'; len];
                     v.splice(at..at, piece.iter().copied());
-                    let quotes_in = |v: &[u8]| {
-                        let (mut n, mut escaped) = (0, false);
-                        for &b in v {
-                            n += usize::from(b == b'"' && !escaped);
-                            escaped = b == b'\\' && !escaped;
-                        }
-                        n
-                    };
                     let want = (quotes_in(&v), std::str::from_utf8(&v).is_ok());
                     for every_block in [false, true] {
                         assert_eq!(vector::string_floor(&v, every_block), want, "{piece:x?} at {at} of {len}");
@@ -624,14 +625,7 @@ both! {
                 v.extend_from_slice(pieces[rng.below(kinds)]);
             }
             v.truncate(rng.below(300));
-            let mut want_quotes = 0;
-            let mut escaped = false;
-            for &b in &v {
-                if b == b'"' && !escaped {
-                    want_quotes += 1;
-                }
-                escaped = b == b'\\' && !escaped;
-            }
+            let want_quotes = quotes_in(&v);
             let want_utf8 = std::str::from_utf8(&v).is_ok();
             for every_block in [false, true] {
                 assert_eq!(

@@ -148,26 +148,34 @@ pub fn validate_utf8(bytes: &[u8]) -> bool {
     let mut prev = splat(0);
     let mut blocks = bytes.chunks_exact(64);
     for block in &mut blocks {
-        let (v0, v1, v2, v3) = (
-            load_unaligned(&block[..16]),
-            load_unaligned(&block[16..32]),
-            load_unaligned(&block[32..48]),
-            load_unaligned(&block[48..]),
-        );
+        let (v0, v1, v2, v3) = parts(block);
         err = or(err, utf8_errors_4(prev, v0, v1, v2, v3));
         prev = v3;
     }
-    // The tail, padded with NUL bytes (a whole block of them when there is none): a character
-    // cut short at the end is an error at the first of them (a lead followed by ASCII).
+    !any(or(err, tail_utf8_errors(prev, blocks.remainder())))
+}
+
+/// The four 16-byte parts of a 64-byte block, with one `v128.load` each (the ceilings'
+/// loads; the scanner keeps `load`, see `load_unaligned`).
+#[inline(always)]
+fn parts(block: &[u8]) -> (V, V, V, V) {
+    (
+        load_unaligned(&block[..16]),
+        load_unaligned(&block[16..32]),
+        load_unaligned(&block[32..48]),
+        load_unaligned(&block[48..]),
+    )
+}
+
+/// UTF-8 errors of the last, partial block `rest` (fewer than 64 bytes) after `prev`, padded
+/// with NUL bytes (a whole block of them when `rest` is empty): a character cut short at the
+/// end is an error at the first of them (a lead followed by ASCII).
+#[inline(always)]
+fn tail_utf8_errors(prev: V, rest: &[u8]) -> V {
     let mut tail = [0u8; 64];
-    let rest = blocks.remainder();
     tail[..rest.len()].copy_from_slice(rest);
-    for part in tail.chunks_exact(16) {
-        let v = load_unaligned(part);
-        err = or(err, utf8_errors(prev, v));
-        prev = v;
-    }
-    !any(err)
+    let (t0, t1, t2, t3) = parts(&tail);
+    utf8_errors_4(prev, t0, t1, t2, t3)
 }
 
 /// Non-zero lanes where the 64 bytes `v0`..`v3` (preceded by `prev`) are not valid UTF-8.
@@ -210,21 +218,12 @@ pub fn string_floor(bytes: &[u8], every_block: bool) -> (usize, bool) {
     let mut quotes = 0;
     let mut blocks = bytes.chunks_exact(64);
     for block in &mut blocks {
-        let (v0, v1, v2, v3) = (
-            load_unaligned(&block[..16]),
-            load_unaligned(&block[16..32]),
-            load_unaligned(&block[32..48]),
-            load_unaligned(&block[48..]),
-        );
+        let (v0, v1, v2, v3) = parts(block);
         let quote = mask64(eq(v0, q), eq(v1, q), eq(v2, q), eq(v3, q));
         let backslash = mask64(eq(v0, b), eq(v1, b), eq(v2, b), eq(v3, b));
         // `escaped_bytes` without its early return: no branch here is the faster floor.
-        let carry = u64::from(first_escaped);
-        let potential = backslash & !carry;
-        let escape_and_terminal =
-            (((potential << 1) | ODD_BITS).wrapping_sub(potential)) ^ ODD_BITS;
-        let escaped = escape_and_terminal ^ (backslash | carry);
-        first_escaped = (escape_and_terminal & backslash) >> 63 != 0;
+        let (escaped, next) = escaped_bytes_arithmetic(backslash, first_escaped);
+        first_escaped = next;
         quotes += (quote & !escaped).count_ones() as usize;
         let high = bitmask(or(or(v0, v1), or(v2, v3))) != 0;
         if every_block || high || prev_high {
@@ -234,8 +233,6 @@ pub fn string_floor(bytes: &[u8], every_block: bool) -> (usize, bool) {
         prev = v3;
     }
     let rest = blocks.remainder();
-    let mut tail = [0u8; 64];
-    tail[..rest.len()].copy_from_slice(rest);
     // The tail's quotes byte by byte (fewer than 64 bytes).
     for &byte in rest {
         if byte == b'"' && !first_escaped {
@@ -243,14 +240,7 @@ pub fn string_floor(bytes: &[u8], every_block: bool) -> (usize, bool) {
         }
         first_escaped = byte == b'\\' && !first_escaped;
     }
-    let (t0, t1, t2, t3) = (
-        load_unaligned(&tail[..16]),
-        load_unaligned(&tail[16..32]),
-        load_unaligned(&tail[32..48]),
-        load_unaligned(&tail[48..]),
-    );
-    err = or(err, utf8_errors_4(prev, t0, t1, t2, t3));
-    (quotes, !any(err))
+    (quotes, !any(or(err, tail_utf8_errors(prev, rest))))
 }
 
 /// Lanes holding `"`, `\`, a byte below 0x20 or a byte from 0x80 up. Read as signed, the
@@ -406,10 +396,17 @@ fn mask64(a: V, b: V, c: V, d: V) -> u64 {
 /// one subtraction.
 #[inline(always)]
 pub fn escaped_bytes(backslash: u64, first_escaped: bool) -> (u64, bool) {
-    let carry = u64::from(first_escaped);
     if backslash == 0 {
-        return (carry, false);
+        return (u64::from(first_escaped), false);
     }
+    escaped_bytes_arithmetic(backslash, first_escaped)
+}
+
+/// [`escaped_bytes`] without its early return for a block without backslashes (the same
+/// result then, at the cost of the arithmetic).
+#[inline(always)]
+fn escaped_bytes_arithmetic(backslash: u64, first_escaped: bool) -> (u64, bool) {
+    let carry = u64::from(first_escaped);
     let potential = backslash & !carry;
     let maybe_escaped = potential << 1;
     let escape_and_terminal = ((maybe_escaped | ODD_BITS).wrapping_sub(potential)) ^ ODD_BITS;
