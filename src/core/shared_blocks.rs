@@ -42,6 +42,13 @@ pub const ENTRY_BYTES: usize = 2 + 8 + 8 + 2 * ENDPOINTS_PER_SLOT;
 /// First byte of an entry, then the layout's version: anything else is not an entry.
 const MAGIC: u8 = 0xB5;
 const VERSION: u8 = 1;
+/// The little-endian u64 at `at` in `bytes`, if it is all there (shared-data values are
+/// read as the host returns them, never trusted to be whole).
+pub(crate) fn le_u64(bytes: &[u8], at: usize) -> Option<u64> {
+    let b: [u8; 8] = bytes.get(at..at.checked_add(8)?)?.try_into().ok()?;
+    Some(u64::from_le_bytes(b))
+}
+
 /// An unused endpoint position.
 const NO_ENDPOINT: u16 = u16::MAX;
 
@@ -88,12 +95,8 @@ impl SlotEntry {
         if magic != MAGIC || version != VERSION {
             return None;
         }
-        let u64_at = |at: usize| -> Option<u64> {
-            let b: [u8; 8] = rest.get(at..at + 8)?.try_into().ok()?;
-            Some(u64::from_le_bytes(b))
-        };
-        let pool_tag = u64_at(0)?;
-        let hash = u64_at(8)?;
+        let pool_tag = le_u64(rest, 0)?;
+        let hash = le_u64(rest, 8)?;
         let mut endpoints = [None; ENDPOINTS_PER_SLOT];
         let mut gap = false;
         for (k, slot) in endpoints.iter_mut().enumerate() {

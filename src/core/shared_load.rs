@@ -13,6 +13,8 @@
 //!
 //! Plain data and functions: the host calls are the filter's.
 
+use super::shared_blocks::le_u64;
+
 /// Most rows per pool: workers that can share their counts (later ones keep theirs alone).
 pub const LOAD_ROWS: usize = 64;
 /// A row not written for this long is not counted, and may be claimed by another worker.
@@ -57,10 +59,6 @@ impl LoadRow {
         if bytes.first() != Some(&MAGIC) || bytes.get(1) != Some(&VERSION) {
             return None;
         }
-        let u64_at = |at: usize| -> Option<u64> {
-            let b: [u8; 8] = bytes.get(at..at + 8)?.try_into().ok()?;
-            Some(u64::from_le_bytes(b))
-        };
         let counts = bytes
             .get(HEAD_BYTES..)?
             .chunks_exact(2)
@@ -72,9 +70,9 @@ impl LoadRow {
             })
             .collect();
         Some(LoadRow {
-            pool_tag: u64_at(2)?,
-            owner: u64_at(10)?,
-            stamp_ms: u64_at(18)?,
+            pool_tag: le_u64(bytes, 2)?,
+            owner: le_u64(bytes, 10)?,
+            stamp_ms: le_u64(bytes, 18)?,
             counts,
         })
     }
