@@ -5,7 +5,7 @@
 
 use bbr_wasm::core::picker::{Picker, Scoring};
 use bbr_wasm::core::shared_blocks::{
-    not_entries, pool_tag, SharedTable, SlotEntry, DEFAULT_SHARED_SLOTS, ENTRY_BYTES,
+    deepest_known, not_entries, pool_tag, SharedTable, SlotEntry, DEFAULT_SHARED_SLOTS, ENTRY_BYTES,
 };
 use bbr_wasm::core::shared_load::{LoadRow, SharedLoad, LOAD_LEASE_MS};
 
@@ -384,5 +384,33 @@ both! {
         assert_ne!(q.pick_shared(&hashes, &home, &[3, 0, 0], 0), Some(0));
         // Only this worker's own count goes up.
         assert_eq!(q.in_flight().iter().sum::<u32>(), 1);
+    }
+}
+
+both! {
+    fn deepest_known_finds_the_deepest_known_block_in_few_probes() {
+        // Known blocks first (a chained hash stands for its prefix): every split of 0..=40
+        // blocks, the probes counted.
+        for blocks in 0..=40usize {
+            for known_upto in 0..=blocks {
+                let mut probes = 0;
+                let got = deepest_known(blocks, |i| {
+                    probes += 1;
+                    assert!(i < blocks, "probed {i} of {blocks}");
+                    i < known_upto
+                });
+                assert_eq!(got, known_upto.checked_sub(1), "{known_upto} of {blocks}");
+                // The last block first, then a binary search.
+                let bound = if known_upto == blocks && blocks > 0 {
+                    1
+                } else {
+                    2 + (usize::BITS - blocks.leading_zeros()) as usize
+                };
+                assert!(probes <= bound, "{probes} probes for {known_upto} of {blocks}");
+            }
+        }
+        // A hole (a slot lost to a collision) hides what is past it, no more.
+        let got = deepest_known(32, |i| i < 20 && i != 15);
+        assert!(got.is_some_and(|d| d < 20), "{got:?}");
     }
 }

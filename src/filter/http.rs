@@ -461,18 +461,25 @@ impl BbrHttp {
         // What the other workers sent where: the pool's slots in the shared data, read before
         // the pick and updated after it (see `shared`: a failure leaves this worker's own).
         let table = config.pools.get(pool).and_then(|p| p.shared.as_ref());
-        let (reads, mut failed) = match table {
-            Some(table) if !hashes.is_empty() => shared::read_slots(self.id, table, hashes),
-            _ => (Vec::new(), false),
+        let deepest = match table {
+            Some(table) if !hashes.is_empty() => Some(shared::read_deepest(self.id, table, hashes)),
+            _ => None,
         };
+        let mut failed = deepest.as_ref().is_some_and(|d| d.failed);
         let mut unusable = 0;
-        let learned = match table {
-            Some(table) => {
-                let values: Vec<Option<Vec<u8>>> = reads.iter().map(|r| r.value.clone()).collect();
-                unusable = not_entries(&values);
+        let learned = match (table, &deepest) {
+            (Some(table), Some(deepest)) => {
+                unusable = not_entries(&deepest.values);
+                // Credit where the deepest known block went: the slot names its endpoints.
+                let mut values: Vec<Option<Vec<u8>>> = vec![None; hashes.len()];
+                if let (Some(b), Some(read)) = (deepest.block, &deepest.read) {
+                    if let Some(v) = values.get_mut(b) {
+                        v.clone_from(&read.value);
+                    }
+                }
                 table.attributed(hashes, &values)
             }
-            None => Vec::new(),
+            _ => Vec::new(),
         };
         let load = config.pools.get(pool).and_then(|p| p.shared_load.as_ref());
         let chosen = {
@@ -511,8 +518,8 @@ impl BbrHttp {
         let Some((endpoint, address)) = chosen else {
             return Ok(());
         };
-        if let Some(table) = table {
-            failed |= shared::write_slots(self.id, table, hashes, &reads, endpoint);
+        if let (Some(table), Some(deepest)) = (table, &deepest) {
+            failed |= shared::write_past(self.id, table, hashes, deepest, endpoint);
         }
         let unusable = unusable + usize::from(failed);
         if unusable > 0 {

@@ -8,7 +8,7 @@
 //! retries.
 
 use crate::core::picker::Picker;
-use crate::core::shared_blocks::SharedTable;
+use crate::core::shared_blocks::{deepest_known, SharedTable};
 use crate::core::shared_load::{SharedLoad, LOAD_ROWS};
 use log::debug;
 use proxy_wasm::types::Status;
@@ -80,21 +80,94 @@ pub(super) fn set(key: &str, value: &[u8], cas: u32) -> Result<(), u32> {
     }
 }
 
-/// Reads the slots of `hashes`, in order, and whether a read failed. A failed read ends the
-/// reading: the blocks after it count as not found (the request is then placed by the
-/// worker's own picker).
-pub(super) fn read_slots(id: u32, table: &SharedTable, hashes: &[u64]) -> (Vec<Read>, bool) {
-    let mut out = Vec::with_capacity(hashes.len());
-    for &hash in hashes {
+/// What the table knows of a prompt: the deepest block it holds (`core::shared_blocks::
+/// deepest_known`, a handful of reads) and that slot as read, plus every value read (for the
+/// garbage count), and whether a read failed (the search then stops where it was).
+pub(super) struct Deepest {
+    pub(super) block: Option<usize>,
+    pub(super) read: Option<Read>,
+    pub(super) values: Vec<Option<Vec<u8>>>,
+    pub(super) failed: bool,
+}
+
+/// Finds the deepest block of `hashes` the shared table holds.
+pub(super) fn read_deepest(id: u32, table: &SharedTable, hashes: &[u64]) -> Deepest {
+    let mut reads: Vec<(usize, Read)> = Vec::new();
+    let mut failed = false;
+    let block = deepest_known(hashes.len(), |i| {
+        let Some(&hash) = hashes.get(i) else {
+            return false;
+        };
+        if failed {
+            return false;
+        }
         match get(&table.key(hash)) {
-            Ok(read) => out.push(read),
+            Ok(read) => {
+                let known = table.knows(read.value.as_deref(), hash);
+                reads.push((i, read));
+                known
+            }
             Err(status) => {
                 debug!("[{id}] picker: cannot read the shared table: status {status}");
-                return (out, true);
+                failed = true;
+                false
+            }
+        }
+    });
+    let values = reads.iter().map(|(_, r)| r.value.clone()).collect();
+    let read = block.and_then(|b| {
+        reads
+            .into_iter()
+            .rev()
+            .find_map(|(i, r)| (i == b).then_some(r))
+    });
+    Deepest {
+        block,
+        read,
+        values,
+        failed,
+    }
+}
+
+/// Names `chosen` in the slots past the deepest block the table held (`deepest`, from
+/// [`read_deepest`]), and in that block's slot if it does not name `chosen` yet. The blocks
+/// past it were not in the table when read, so they are written without reading them first
+/// (CAS 0: a concurrent writer's entry for the same block, or a colliding block's, is
+/// replaced, which forgets, never misleads); the blocks before it are left as they are. One
+/// write per new block and no reads, where naming every block took a read and a write each.
+/// Returns whether a call failed.
+pub(super) fn write_past(
+    id: u32,
+    table: &SharedTable,
+    hashes: &[u64],
+    deepest: &Deepest,
+    chosen: usize,
+) -> bool {
+    let first_new = deepest.block.map_or(0, |b| b + 1);
+    if let (Some(b), Some(read)) = (deepest.block, deepest.read.as_ref()) {
+        if let Some(&hash) = hashes.get(b) {
+            if let Some(value) = table.update(read.value.as_deref(), hash, chosen) {
+                match set(&table.key(hash), &value, read.cas) {
+                    Ok(()) => {}
+                    Err(status) if status == Status::CasMismatch as u32 => {}
+                    Err(status) => {
+                        debug!("[{id}] picker: cannot write the shared table: status {status}");
+                        return true;
+                    }
+                }
             }
         }
     }
-    (out, false)
+    for &hash in hashes.iter().skip(first_new) {
+        let Some(value) = table.update(None, hash, chosen) else {
+            continue;
+        };
+        if let Err(status) = set(&table.key(hash), &value, 0) {
+            debug!("[{id}] picker: cannot write the shared table: status {status}");
+            return true;
+        }
+    }
+    false
 }
 
 /// Names `chosen` in the slots of `hashes` (read before as `reads`, in the same order; read now
