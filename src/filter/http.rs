@@ -1,12 +1,11 @@
 //! One HTTP stream: anti-spoofing, the body scan, and the routing headers.
 
 use super::{now_millis, now_nanos, shared, Metrics};
-use crate::core::config::LOCAL_REPLY_HEADER;
+use crate::core::config::{PickerPool, LOCAL_REPLY_HEADER};
 use crate::core::headers;
 use crate::core::overload::HeldBodies;
 use crate::core::picker::Picker;
-use crate::core::shared_blocks::{not_entries, SharedTable};
-use crate::core::shared_load::SharedLoad;
+use crate::core::shared_blocks::not_entries;
 use crate::core::{
     BodyScanner, CaptureState, HeadAction, ModelScanner, Outcome, PromptCapture, Rejection,
     RequestHead, Route, Router, RoutingView, Step, ViewVerdict,
@@ -107,8 +106,9 @@ impl Drop for BbrHttp {
                 if let Some(picker) = pickers.get_mut(pool) {
                     picker.done(endpoint);
                     // The other workers see the request end.
-                    if let Some(load) = self.shared_load(pool) {
-                        if shared::publish_load(self.id, &load, picker, None, now_millis()) {
+                    if let Some(load) = self.picker_pool(pool).and_then(|p| p.shared_load.as_ref())
+                    {
+                        if shared::publish_load(self.id, load, picker, None, now_millis()) {
                             self.metrics
                                 .increment(self.metrics.endpoint_shared_unusable);
                         }
@@ -580,16 +580,17 @@ impl BbrHttp {
         self.picked = picker
             .served_elsewhere(endpoint, to, &self.picked_hashes, now, cooldown_ms)
             .map(|i| (pool, i));
-        if let Some(load) = self.shared_load(pool) {
-            if shared::publish_load(self.id, &load, picker, None, now) {
+        if let Some(load) = self.picker_pool(pool).and_then(|p| p.shared_load.as_ref()) {
+            if shared::publish_load(self.id, load, picker, None, now) {
                 self.metrics
                     .increment(self.metrics.endpoint_shared_unusable);
             }
         }
         drop(pickers);
         // The other workers learn where the blocks really went.
-        if let (Some((_, to)), Some(table)) = (self.picked, self.shared_table(pool)) {
-            if shared::write_slots(self.id, &table, &self.picked_hashes, &[], to) {
+        let table = self.picker_pool(pool).and_then(|p| p.shared.as_ref());
+        if let (Some((_, to)), Some(table)) = (self.picked, table) {
+            if shared::write_slots(self.id, table, &self.picked_hashes, &[], to) {
                 self.metrics
                     .increment(self.metrics.endpoint_shared_unusable);
             }
@@ -603,8 +604,9 @@ impl BbrHttp {
         );
     }
 
-    /// The shared in-flight rows of picker pool `pool`, if it has them.
-    fn shared_load(&self, pool: usize) -> Option<SharedLoad> {
+    /// Picker pool `pool` of the configuration, whose shared table and in-flight rows the
+    /// request's endings update.
+    fn picker_pool(&self, pool: usize) -> Option<&PickerPool> {
         self.router
             .as_ref()?
             .prefix_affinity
@@ -612,23 +614,7 @@ impl BbrHttp {
             .picker
             .as_ref()?
             .pools
-            .get(pool)?
-            .shared_load
-            .clone()
-    }
-
-    /// The shared table of picker pool `pool`, if it has one.
-    fn shared_table(&self, pool: usize) -> Option<SharedTable> {
-        self.router
-            .as_ref()?
-            .prefix_affinity
-            .as_ref()?
-            .picker
-            .as_ref()?
-            .pools
-            .get(pool)?
-            .shared
-            .clone()
+            .get(pool)
     }
 
     fn reject(&mut self, rejection: &Rejection) -> Action {
