@@ -50,9 +50,15 @@ def use_picker_policy(c: dict, route_list: list[dict]) -> None:
             r["route"].update(example["route"])
 
 
-@pytest.fixture(scope="module")
-def pool(mock_factory, envoy_factory, backends):
-    replicas = [mock_factory(QWEN, rid, loras=("qwen-sql-lora",), extra=("--ttft-ms", str(TTFT_MS))) for rid in REPLICAS]
+# Envoy workers in the tests of the shared table (below).
+WORKERS = 2
+
+
+def picker_envoy(mock_factory, envoy_factory, backends, ids, name, picker_extra=None, concurrency=WORKERS,
+                 also=None, ttft_ms=5, loras=()):
+    """Envoy with `concurrency` workers in front of fresh replicas `ids` (serving `loras`), the
+    picker on qwen-vllm (then `also(config)`)."""
+    replicas = [mock_factory(QWEN, rid, loras=loras, extra=("--ttft-ms", str(ttft_ms))) for rid in ids]
     endpoints = [f"127.0.0.1:{m.port}" for m in replicas]
 
     def mutate(cfg):
@@ -63,15 +69,23 @@ def pool(mock_factory, envoy_factory, backends):
             r.setdefault("response_headers_to_add", []).append(
                 {"header": {"key": SEEN, "value": f"%REQ({PICKER_HEADER})%"}}
             )
+        if also is not None:
+            also(cfg)
         config = json.loads(json.dumps(DEFAULT_FILTER_CONFIG))
-        config["prefixAffinity"] = {
-            "enabled": True,
-            "picker": {"pools": [{"cluster": "qwen-vllm", "baseModels": [QWEN], "endpoints": endpoints}]},
-        }
+        picker = {"pools": [{"cluster": "qwen-vllm", "baseModels": [QWEN], "endpoints": endpoints}]}
+        picker.update(picker_extra or {})
+        config["prefixAffinity"] = {"enabled": True, "picker": picker}
         set_filter_config(cfg, config)
 
-    env = envoy_factory({"qwen-vllm": replicas[0].port, "phi-vllm": backends.phi.port}, mutate=mutate, name="picker")
+    env = envoy_factory({"qwen-vllm": replicas[0].port, "phi-vllm": backends.phi.port}, mutate=mutate,
+                        name=name, concurrency=concurrency)
     return env, replicas
+
+
+@pytest.fixture(scope="module")
+def pool(mock_factory, envoy_factory, backends):
+    return picker_envoy(mock_factory, envoy_factory, backends, REPLICAS, "picker", concurrency=1,
+                        ttft_ms=TTFT_MS, loras=("qwen-sql-lora",))
 
 
 def counter(env, name: str) -> int:
@@ -238,36 +252,7 @@ def test_a_killed_replica_falls_back_without_errors_beyond_in_flight(pool):
 
 # --- Two Envoy workers: one table of what was sent where, shared through the host's shared data.
 
-WORKERS = 2
 SHARED_REPLICAS = ("share-1", "share-2", "share-3")
-
-
-def picker_envoy(mock_factory, envoy_factory, backends, ids, name, picker_extra=None, concurrency=WORKERS,
-                 also=None, ttft_ms=5):
-    """Envoy with `concurrency` workers in front of 3 fresh replicas, the picker on qwen-vllm
-    (then `also(config)`)."""
-    replicas = [mock_factory(QWEN, rid, extra=("--ttft-ms", str(ttft_ms))) for rid in ids]
-    endpoints = [f"127.0.0.1:{m.port}" for m in replicas]
-
-    def mutate(cfg):
-        c = cluster(cfg, "qwen-vllm")
-        use_picker_policy(c, routes(cfg))
-        set_cluster_endpoints(cfg, "qwen-vllm", [m.port for m in replicas])
-        for r in routes(cfg):
-            r.setdefault("response_headers_to_add", []).append(
-                {"header": {"key": SEEN, "value": f"%REQ({PICKER_HEADER})%"}}
-            )
-        if also is not None:
-            also(cfg)
-        config = json.loads(json.dumps(DEFAULT_FILTER_CONFIG))
-        picker = {"pools": [{"cluster": "qwen-vllm", "baseModels": [QWEN], "endpoints": endpoints}]}
-        picker.update(picker_extra or {})
-        config["prefixAffinity"] = {"enabled": True, "picker": picker}
-        set_filter_config(cfg, config)
-
-    env = envoy_factory({"qwen-vllm": replicas[0].port, "phi-vllm": backends.phi.port}, mutate=mutate,
-                        name=name, concurrency=concurrency)
-    return env, replicas
 
 
 def worker_connections(env) -> dict[int, int]:
