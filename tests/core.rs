@@ -564,24 +564,13 @@ both! {
             b"\xFF", b"\xC0\xAF", b"\xED\xA0\x80", b"\xF4\x90\x80\x80", b"\x80",
             b"\xE4\xB8", b"\xF0\x9F\x98",
         ];
-        for len in [0usize, 1, 15, 16, 17, 63, 64, 65, 127, 128, 129] {
-            for piece in pieces {
-                for at in 0..=len {
-                    let mut v = vec![b'x'; len];
-                    v.splice(at..at, piece.iter().copied());
-                    let want = std::str::from_utf8(&v).is_ok();
-                    assert_eq!(vector::validate_utf8(&v), want, "{piece:x?} at {at} of {len}");
-                }
-            }
+        for (v, what) in spliced_everywhere(&pieces, &[0, 1, 15, 16, 17, 63, 64, 65, 127, 128, 129]) {
+            let want = std::str::from_utf8(&v).is_ok();
+            assert_eq!(vector::validate_utf8(&v), want, "{what}");
         }
         let mut rng = Xorshift(0x2545_F491_4F6C_DD1D);
         for _ in 0..4_000 {
-            let mut v = Vec::new();
-            while v.len() < 200 {
-                let kinds = if rng.below(8) == 0 { 14 } else { 7 };
-                v.extend_from_slice(pieces[rng.below(kinds)]);
-            }
-            v.truncate(rng.below(200));
+            let v = pieces_string(&mut rng, &pieces, 7, 8, 200);
             let want = std::str::from_utf8(&v).is_ok();
             assert_eq!(vector::validate_utf8(&v), want, "{v:x?}");
         }
@@ -605,26 +594,15 @@ both! {
         };
         // Each piece at every offset of ASCII runs around the block edges (a character cut
         // short before a block of ASCII, a backslash escaping the first byte of a block).
-        for len in [63usize, 64, 65, 127, 128, 129, 200] {
-            for piece in pieces {
-                for at in 0..=len {
-                    let mut v = vec![b'x'; len];
-                    v.splice(at..at, piece.iter().copied());
-                    let want = (quotes_in(&v), std::str::from_utf8(&v).is_ok());
-                    for every_block in [false, true] {
-                        assert_eq!(vector::string_floor(&v, every_block), want, "{piece:x?} at {at} of {len}");
-                    }
-                }
+        for (v, what) in spliced_everywhere(&pieces, &[63, 64, 65, 127, 128, 129, 200]) {
+            let want = (quotes_in(&v), std::str::from_utf8(&v).is_ok());
+            for every_block in [false, true] {
+                assert_eq!(vector::string_floor(&v, every_block), want, "{what}");
             }
         }
         let mut rng = Xorshift(0x1234_5678_9ABC_DEF1);
         for _ in 0..6_000 {
-            let mut v = Vec::new();
-            while v.len() < 300 {
-                let kinds = if rng.below(10) == 0 { 10 } else { 8 };
-                v.extend_from_slice(pieces[rng.below(kinds)]);
-            }
-            v.truncate(rng.below(300));
+            let v = pieces_string(&mut rng, &pieces, 8, 10, 300);
             let want_quotes = quotes_in(&v);
             let want_utf8 = std::str::from_utf8(&v).is_ok();
             for every_block in [false, true] {
@@ -1227,6 +1205,45 @@ fn string_case(rng: &mut Xorshift, pieces: usize, plain: usize) -> Vec<u8> {
             v.extend_from_slice(STRING_PIECES[rng.below(STRING_PIECES.len())]);
         }
     }
+    v
+}
+
+/// Each of `pieces` spliced at every offset of a run of `x` of each length in `lens`, with a
+/// description: the block edges where a character or an escape is cut.
+fn spliced_everywhere<'a>(
+    pieces: &'a [&'a [u8]],
+    lens: &'a [usize],
+) -> impl Iterator<Item = (Vec<u8>, String)> + 'a {
+    lens.iter().flat_map(move |&len| {
+        pieces.iter().flat_map(move |piece| {
+            (0..=len).map(move |at| {
+                let mut v = vec![b'x'; len];
+                v.splice(at..at, piece.iter().copied());
+                (v, format!("{piece:x?} at {at} of {len}"))
+            })
+        })
+    })
+}
+
+/// Pieces at random up to `len` bytes, then cut at a random length below it: one in
+/// `rare_one_in` drawn from all of `pieces`, the others from the first `common`.
+fn pieces_string(
+    rng: &mut Xorshift,
+    pieces: &[&[u8]],
+    common: usize,
+    rare_one_in: usize,
+    len: usize,
+) -> Vec<u8> {
+    let mut v = Vec::new();
+    while v.len() < len {
+        let kinds = if rng.below(rare_one_in) == 0 {
+            pieces.len()
+        } else {
+            common
+        };
+        v.extend_from_slice(pieces[rng.below(kinds)]);
+    }
+    v.truncate(rng.below(len));
     v
 }
 
