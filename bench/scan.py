@@ -72,6 +72,11 @@ def audio_body(size: int) -> bytes:
             f"\r\n--{boundary}--\r\n").encode()
 
 
+def v8_of(node: str) -> str:
+    """The V8 version of a Node.js binary (what decides the scanner's speed: docs/body-classes.md)."""
+    return subprocess.run([node, "-p", "process.versions.v8"], capture_output=True, text=True).stdout.strip()
+
+
 def run_harness(node: str, harness: Path, reps: int, files: list[str]) -> dict[str, dict]:
     out = subprocess.run([node, "--no-warnings", str(RUNNER), str(harness), str(reps), *files],
                          capture_output=True, text=True, timeout=1800)
@@ -200,8 +205,7 @@ def main() -> int:
             return ab(node, Path(alt), reps, classes, paths)
         results = run_harness(node, HARNESS, reps, paths)
     node_version = subprocess.run([node, "--version"], capture_output=True, text=True).stdout.strip()
-    v8_version = subprocess.run([node, "-p", "process.versions.v8"], capture_output=True, text=True).stdout.strip()
-    print(f"Scanners in V8 {v8_version} (node {node_version}; Envoy 1.40 embeds V8 14.6), 64 KiB windows, "
+    print(f"Scanners in V8 {v8_of(node)} (node {node_version}; Envoy 1.40 embeds V8 14.6), 64 KiB windows, "
           f"{reps} repetitions, interleaved")
     print_classes(classes, results)
     print()
@@ -248,8 +252,7 @@ def ab(node: str, alt: Path, reps: int, classes: list[tuple[str, Path]], paths: 
             speeds["this"][p].append(a)
             speeds["alt"][p].append(b)
             ratios[p].append(a / b)
-    v8_version = subprocess.run([node, "-p", "process.versions.v8"], capture_output=True, text=True).stdout.strip()
-    print(f"A/B in V8 {v8_version}: this build ({HARNESS.relative_to(ROOT)}) vs BENCH_SCAN_ALT ({alt}), "
+    print(f"A/B in V8 {v8_of(node)}: this build ({HARNESS.relative_to(ROOT)}) vs BENCH_SCAN_ALT ({alt}), "
           f"{rounds} alternating rounds of {per_round} interleaved repetitions; GB/s medians over rounds")
     print(f"{'body':>18}  {'this GB/s':>9}  {'alt GB/s':>8}  {'this/alt':>8}  (per-round ratios)")
     names = {str(p): cls for cls, p in classes}
