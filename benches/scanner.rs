@@ -1,8 +1,8 @@
 //! Criterion micro-benchmarks of the core scanners, natively (`cargo bench --bench scanner`,
 //! or `make bench-core` for a short run).
 //!
-//! Native numbers use the SWAR fast path of `core::skip` and the plain-array stand-in for the
-//! vector UTF-8 check of `core::vector` (the wasm build uses SIMD128 and runs under V8: `make
+//! Native numbers use the SWAR fast path of `core::json::skip` and the plain-array stand-in for the
+//! vector UTF-8 check of `core::json::vector` (the wasm build uses SIMD128 and runs under V8: `make
 //! bench-scan` times that in Node, `make bench` inside Envoy from the filter's own counters).
 //! What they are good for: comparing scanner changes, and seeing which kind of body costs
 //! what. Bodies are fed in 64 KiB windows, as the filter reads them.
@@ -33,7 +33,7 @@ criterion::criterion_main!(native::benches);
 
 #[cfg(not(target_arch = "wasm32"))]
 mod native {
-    use bbr_wasm::core::skip::{find_string_stop, plain_string_prefix};
+    use bbr_wasm::core::json::skip::{find_string_stop, plain_string_prefix};
     use bbr_wasm::core::{ModelScanner, MultipartScanner, Step};
     use criterion::{BenchmarkId, Criterion, Throughput};
     use std::hint::black_box;

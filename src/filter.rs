@@ -12,8 +12,8 @@ mod http;
 mod root;
 mod shared;
 
-use crate::core::discovery::PollOutcome;
-use crate::core::metrics as names;
+use crate::core::routing::discovery::PollOutcome;
+use crate::core::routing::metrics as names;
 use crate::core::{Outcome, Router, RoutingView};
 use log::warn;
 use proxy_wasm::hostcalls;

@@ -5,11 +5,11 @@
 //! that ships as wasm is tested as wasm. Every body case is fed whole, split at every byte
 //! boundary, and one byte at a time.
 
-use bbr_wasm::core::headers;
-use bbr_wasm::core::metrics::{self, Outcome};
+use bbr_wasm::core::json::skip::find_string_stop;
+use bbr_wasm::core::json::vector;
 use bbr_wasm::core::multipart::boundary_of;
-use bbr_wasm::core::skip::find_string_stop;
-use bbr_wasm::core::vector;
+use bbr_wasm::core::routing::headers;
+use bbr_wasm::core::routing::metrics::{self, Outcome};
 use bbr_wasm::core::{
     BodyScanner, HeadAction, ModelScanner, MultipartScanner, Rejection, RequestHead, Router,
     ScanError, Step, UnknownModel, Verdict,
@@ -961,7 +961,7 @@ both! {
         // type, depending on the struct's fields): an array where a struct is read is refused
         // before its elements are looked at, and the error names where.
         use bbr_wasm::core::config::RawConfig;
-        use bbr_wasm::core::strict_json::objects_only;
+        use bbr_wasm::core::config::strict::objects_only;
         for (json, want) in [
             (r#"{"models":[["a"]]}"#, "`models[0]` must be a JSON object, not an array"),
             (r#"{"models":[{"name":"a"}],"prefixAffinity":{"picker":["x"]}}"#, "`prefixAffinity.picker` must be a JSON object"),

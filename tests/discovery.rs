@@ -2,7 +2,7 @@
 //! pool's `/v1/models`, the per-pool map with its absent-polls threshold, the merged routing
 //! view. Natively and, unchanged, as wasm under Node (`make test-wasm`), like tests/core.rs.
 
-use bbr_wasm::core::discovery::{
+use bbr_wasm::core::routing::discovery::{
     fingerprint, next_poll_delay_ms, next_random, parse_models, Health, Listed, PollFailure,
     PollOutcome, MAX_MODELS_BODY_BYTES,
 };

@@ -1,9 +1,9 @@
-//! The endpoint picker (`core::picker`) and its configuration (`prefixAffinity.picker`):
+//! The endpoint picker (`core::affinity::picker`) and its configuration (`prefixAffinity.picker`):
 //! scoring, bounded load, ties, the LRU, and refusals that name the field. Runs natively and
 //! under wasm-bindgen-test, like tests/core.rs.
 
-use bbr_wasm::core::picker::{BlockLru, Picker, Scoring};
-use bbr_wasm::core::prefix::block_hashes;
+use bbr_wasm::core::affinity::picker::{BlockLru, Picker, Scoring};
+use bbr_wasm::core::affinity::prefix::block_hashes;
 use bbr_wasm::core::{HeadAction, RequestHead, Router};
 
 #[cfg(target_arch = "wasm32")]

@@ -1,9 +1,9 @@
-//! The prefix key (`core::prefix`): what is captured from a body, whole, byte by byte and split
+//! The prefix key (`core::affinity::prefix`): what is captured from a body, whole, byte by byte and split
 //! at every boundary, and how the key is chained. Runs natively and under wasm-bindgen-test,
 //! like tests/core.rs.
 
-use bbr_wasm::core::prefix::{block_hashes, key_header_value, prefix_key};
-use bbr_wasm::core::vector::find_quote_or_backslash;
+use bbr_wasm::core::affinity::prefix::{block_hashes, key_header_value, prefix_key};
+use bbr_wasm::core::json::vector::find_quote_or_backslash;
 use bbr_wasm::core::{CaptureState, PromptCapture, Router};
 
 #[cfg(target_arch = "wasm32")]

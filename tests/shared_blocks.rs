@@ -1,13 +1,13 @@
-//! The endpoint picker's shared table (`core::shared_blocks`): the slot encoding, slots shared
+//! The endpoint picker's shared table (`core::affinity::shared_blocks`): the slot encoding, slots shared
 //! by two hashes, what another writer may have left in a slot, scoring, updates, and the
-//! picker scoring with it; and its shared in-flight rows (`core::shared_load`). Runs natively
+//! picker scoring with it; and its shared in-flight rows (`core::affinity::shared_load`). Runs natively
 //! and under wasm-bindgen-test, like tests/picker.rs.
 
-use bbr_wasm::core::picker::{Picker, Scoring};
-use bbr_wasm::core::shared_blocks::{
+use bbr_wasm::core::affinity::picker::{Picker, Scoring};
+use bbr_wasm::core::affinity::shared_blocks::{
     deepest_known, not_entries, pool_tag, SharedTable, SlotEntry, DEFAULT_SHARED_SLOTS, ENTRY_BYTES,
 };
-use bbr_wasm::core::shared_load::{LoadRow, SharedLoad, LOAD_LEASE_MS};
+use bbr_wasm::core::affinity::shared_load::{LoadRow, SharedLoad, LOAD_LEASE_MS};
 
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test;

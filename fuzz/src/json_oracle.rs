@@ -20,7 +20,7 @@
 //! [`MAX_DEPTH`] is refused ([`ScanError::TooDeep`]); serde_json's own reading has no such
 //! limit in these passes. Everything else must agree exactly.
 
-use bbr_wasm::core::scanner::MAX_DEPTH;
+use bbr_wasm::core::json::scanner::MAX_DEPTH;
 use bbr_wasm::core::{ModelScanner, ScanError, Step};
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use std::fmt;

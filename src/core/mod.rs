@@ -1,29 +1,30 @@
-//! The host-independent core: configuration, request classification, the model scanner,
-//! the routing decision, model discovery and the error bodies. Nothing here knows about proxy-wasm, so all of
-//! it is tested natively and under wasm-bindgen-test.
+//! The host-independent core. Nothing here knows about proxy-wasm, so all of it is tested
+//! natively and under wasm-bindgen-test. One module per capability (docs/architecture.md):
+//!
+//! - [`json`] and [`multipart`]: read `model` out of a request body, push-style;
+//! - [`routing`]: classify a request, look its model up, decide, and say so in headers or an
+//!   OpenAI-style error; learn the served models from the pools (`routing::discovery`);
+//! - [`affinity`]: key requests by their prompt's prefix and pick the replica;
+//! - [`overload`]: bound the memory of held bodies;
+//! - [`config`]: the JSON configuration, compiled into the types above.
+//!
+//! Dependencies run one way: `config` → `routing`, `affinity`, `overload` → `json`,
+//! `multipart`; nothing imports `config` but the host adapter.
 
+pub mod affinity;
 pub mod config;
-pub mod discovery;
-pub mod errors;
-pub mod headers;
-pub mod metrics;
+pub mod json;
 pub mod multipart;
 pub mod overload;
-pub mod picker;
-pub mod prefix;
-pub mod request;
-pub mod scanner;
-pub mod shared_blocks;
-pub mod shared_load;
-pub mod skip;
-pub mod strict_json;
-pub mod vector;
+pub mod routing;
 
-pub use config::{ConfigError, PickerConfig, PrefixAffinity, Router, ServedModel, UnknownModel};
-pub use discovery::{Pool, PoolState, Route, RoutingView, ViewVerdict};
-pub use errors::Rejection;
-pub use metrics::Outcome;
+pub use affinity::prefix::{CaptureState, PromptCapture};
+pub use affinity::settings::{PickerConfig, PrefixAffinity};
+pub use config::ConfigError;
+pub use json::scanner::{ModelScanner, ScanError, Step};
 pub use multipart::MultipartScanner;
-pub use prefix::{CaptureState, PromptCapture};
-pub use request::{BodyScanner, HeadAction, RequestHead, Verdict};
-pub use scanner::{ModelScanner, ScanError, Step};
+pub use routing::discovery::{Pool, PoolState, Route, RoutingView, ViewVerdict};
+pub use routing::errors::Rejection;
+pub use routing::metrics::Outcome;
+pub use routing::request::{BodyScanner, HeadAction, RequestHead, Verdict};
+pub use routing::table::{Router, ServedModel, UnknownModel};

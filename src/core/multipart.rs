@@ -9,8 +9,8 @@
 //! boundary cannot contain CR (RFC 2046 `bchars`), so after a partial match fails the only
 //! place a new match can start is the current byte.
 
-use super::scanner::{model_value, remember, ScanError, Step};
-use super::vector::find_byte;
+use crate::core::json::scanner::{model_value, remember, ScanError, Step};
+use crate::core::json::vector::find_byte;
 
 /// Longest part-header block accepted (all header lines of one part).
 pub const MAX_PART_HEADER_BYTES: usize = 8 * 1024;

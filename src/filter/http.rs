@@ -1,11 +1,12 @@
 //! One HTTP stream: anti-spoofing, the body scan, and the routing headers.
 
 use super::{now_millis, now_nanos, shared, Metrics};
-use crate::core::config::{PickerPool, LOCAL_REPLY_HEADER};
-use crate::core::headers;
+use crate::core::affinity::picker::Picker;
+use crate::core::affinity::settings::PickerPool;
+use crate::core::affinity::shared_blocks::not_entries;
+use crate::core::config::LOCAL_REPLY_HEADER;
 use crate::core::overload::HeldBodies;
-use crate::core::picker::Picker;
-use crate::core::shared_blocks::not_entries;
+use crate::core::routing::headers;
 use crate::core::{
     BodyScanner, CaptureState, HeadAction, ModelScanner, Outcome, PromptCapture, Rejection,
     RequestHead, Route, Router, RoutingView, Step, ViewVerdict,
@@ -129,7 +130,7 @@ impl HttpContext for BbrHttp {
             return self.reply_error(500, "The gateway's model router is not configured.");
         };
 
-        // Every header this callback reads, in one host call (see `core::headers`).
+        // Every header this callback reads, in one host call (see `core::routing::headers`).
         let map = match request_header_map() {
             Ok(map) => map,
             Err(status) => {
@@ -651,7 +652,12 @@ impl BbrHttp {
 
     fn reply_error(&mut self, status: u32, message: &str) -> Action {
         self.metrics.count(Outcome::InternalError);
-        let body = crate::core::errors::error_body(message, "server_error", None, "internal_error");
+        let body = crate::core::routing::errors::error_body(
+            message,
+            "server_error",
+            None,
+            "internal_error",
+        );
         self.reply(status, &body, &[])
     }
 
@@ -691,7 +697,7 @@ impl BbrHttp {
     }
 }
 
-/// The request header map, serialized as the ABI hands it over (see `core::headers`), or the
+/// The request header map, serialized as the ABI hands it over (see `core::routing::headers`), or the
 /// host's status code.
 pub(super) fn request_header_map() -> Result<Vec<u8>, u32> {
     let mut data: *mut u8 = null_mut();

@@ -9,11 +9,11 @@
 
 use super::http::{BbrHttp, Phase};
 use super::{now_millis, now_nanos, shared, Metrics};
-use crate::core::discovery::{
+use crate::core::affinity::picker::Picker;
+use crate::core::routing::discovery::{
     fingerprint, next_poll_delay_ms, next_random, parse_models, Health, Listed, PollFailure,
     PollOutcome, MAX_MODELS_BODY_BYTES,
 };
-use crate::core::picker::Picker;
 use crate::core::{PoolState, Router, RoutingView};
 use log::{debug, error, info, warn};
 use proxy_wasm::hostcalls;
@@ -300,7 +300,7 @@ impl BbrRoot {
 
 impl BbrRoot {
     /// Rewrites this worker's rows of in-flight counts (the ones it claimed), so that they stay
-    /// within their lease while the worker is idle (`core::shared_load`).
+    /// within their lease while the worker is idle (`core::affinity::shared_load`).
     fn refresh_load_rows(&self, now: u64) {
         let Some(config) = self
             .router
@@ -460,7 +460,7 @@ impl RootContext for BbrRoot {
                     .collect()
             })
             .unwrap_or_default();
-        // Each worker's id in the shared in-flight rows (`core::shared_load`).
+        // Each worker's id in the shared in-flight rows (`core::affinity::shared_load`).
         for picker in &mut pickers {
             picker.set_share_owner(next_random(&mut self.random));
         }

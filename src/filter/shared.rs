@@ -1,4 +1,4 @@
-//! The endpoint picker's shared table (`core::shared_blocks`) in the host's shared data, and
+//! The endpoint picker's shared table (`core::affinity::shared_blocks`) in the host's shared data, and
 //! the raw shared-data calls every part of the filter uses (`root::claim_log` too).
 //!
 //! Raw ABI calls, not the SDK's `hostcalls::get_shared_data` / `set_shared_data`: those panic
@@ -7,9 +7,9 @@
 //! did give (nothing at worst), which is the worker's own picker; nothing waits, nothing
 //! retries.
 
-use crate::core::picker::Picker;
-use crate::core::shared_blocks::{deepest_known, SharedTable};
-use crate::core::shared_load::{SharedLoad, LOAD_ROWS};
+use crate::core::affinity::picker::Picker;
+use crate::core::affinity::shared_blocks::{deepest_known, SharedTable};
+use crate::core::affinity::shared_load::{SharedLoad, LOAD_ROWS};
 use log::debug;
 use proxy_wasm::types::Status;
 use std::ptr::null_mut;
@@ -80,7 +80,7 @@ pub(super) fn set(key: &str, value: &[u8], cas: u32) -> Result<(), u32> {
     }
 }
 
-/// What the table knows of a prompt: the deepest block it holds (`core::shared_blocks::
+/// What the table knows of a prompt: the deepest block it holds (`core::affinity::shared_blocks::
 /// deepest_known`, a handful of reads) and that slot as read, plus every value read (for the
 /// garbage count), and whether a read failed (the search then stops where it was).
 pub(super) struct Deepest {

@@ -17,13 +17,13 @@
 //! Prints one JSON line per file.
 //!
 //! Each body is also timed through two ceilings, window by window on the same fresh copies:
-//! `core::vector::validate_utf8`, UTF-8 validation alone on every 16 bytes, which any scanner
-//! that validates every string must do; and `core::vector::string_floor`, that plus finding
+//! `core::json::vector::validate_utf8`, UTF-8 validation alone on every 16 bytes, which any scanner
+//! that validates every string must do; and `core::json::vector::string_floor`, that plus finding
 //! every unescaped quote, the least a scanner of JSON strings does (the faster of its two
 //! ways, UTF-8 checked on non-ASCII blocks or on every block). Both use the scanner's vector
 //! instructions.
 //!
-//! Each body is also timed with the prefix-affinity capture (`core::prefix::PromptCapture`,
+//! Each body is also timed with the prefix-affinity capture (`core::affinity::prefix::PromptCapture`,
 //! the shipped budget of 8 blocks of 256 bytes) fed beside the scanner as the filter feeds it:
 //! every window until the capture is settled. The two variants alternate in the same rounds,
 //! so their ratio is measured side by side.
@@ -31,8 +31,9 @@
 // A benchmark may stop on a broken setup.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use bbr_wasm::core::json::vector;
 use bbr_wasm::core::{
-    vector, BodyScanner, CaptureState, ModelScanner, MultipartScanner, PromptCapture, Step,
+    BodyScanner, CaptureState, ModelScanner, MultipartScanner, PromptCapture, Step,
 };
 use std::hint::black_box;
 use std::time::{Duration, Instant};

@@ -20,12 +20,12 @@
 //!
 //! The capture is a second, structure-only reader that stops as soon as the key is settled
 //! (the budget is full, or `messages` / `prompt` has ended), usually a few KiB into the body;
-//! the [`super::scanner::ModelScanner`] remains the only judge of whether the body is valid
+//! the [`crate::core::json::scanner::ModelScanner`] remains the only judge of whether the body is valid
 //! JSON. Anything the capture does not understand makes it give up: no key, the request is
 //! routed as usual and spread over the pool.
 
-use super::scanner::{escaped_byte, hex_digit, surrogate_pair};
-use super::vector::find_quote_or_backslash as string_stop;
+use crate::core::json::scanner::{escaped_byte, hex_digit, surrogate_pair};
+use crate::core::json::vector::find_quote_or_backslash as string_stop;
 use xxhash_rust::xxh64::Xxh64;
 
 /// Default for `prefixAffinity.blockBytes`: llm-d's prefix scorer uses 64-token blocks and
@@ -70,7 +70,7 @@ pub fn block_chain<'a>(
 }
 
 /// The first `max_blocks` hashes of [`block_chain`]: what the endpoint picker
-/// (`core::picker`) matches against what each replica has been sent.
+/// (`core::affinity::picker`) matches against what each replica has been sent.
 pub fn block_hashes(model: &str, prompt: &[u8], block_bytes: usize, max_blocks: usize) -> Vec<u64> {
     block_chain(model, prompt, block_bytes)
         .take(max_blocks)

@@ -1,11 +1,11 @@
 //! What to do with a request, decided from its headers and then from its body.
 
-use super::config::{Router, ServedModel, UnknownModel};
 use super::discovery::RoutingView;
 use super::errors::Rejection;
-use super::multipart::{boundary_of, MultipartScanner};
-use super::prefix::{block_hashes, key_header_value, CaptureState, PromptCapture};
-use super::scanner::{ModelScanner, Step};
+use super::table::{Router, ServedModel, UnknownModel};
+use crate::core::affinity::prefix::{block_hashes, key_header_value, CaptureState, PromptCapture};
+use crate::core::json::scanner::{ModelScanner, Step};
+use crate::core::multipart::{boundary_of, MultipartScanner};
 
 /// The request headers the decision needs. Names are looked up by the adapter.
 #[derive(Debug, Clone, Copy, Default)]

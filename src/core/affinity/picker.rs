@@ -2,7 +2,7 @@
 //! picker (EPP) scores pods, inside the filter.
 //!
 //! Per pool, a list of endpoints; per endpoint, an LRU of the chained block hashes
-//! (`core::prefix::block_chain`) of the prompts the picker has sent there, bounded at
+//! (`core::affinity::prefix::block_chain`) of the prompts the picker has sent there, bounded at
 //! `lru_blocks`, and the number of requests in flight there. [`Picker::pick`] scores each
 //! endpoint as llm-d's scheduler does:
 //! - prefix score: the leading blocks of this prompt the endpoint has been sent (consecutive
@@ -25,8 +25,8 @@
 //! (size `lru_blocks` to the servers' cache) and other gateways' requests are not counted.
 //! Plain data: one table per Envoy worker (each wasm VM has its own). What the workers learn
 //! together comes in through [`Picker::pick_shared`]: the blocks sent to each endpoint by any
-//! of them (`core::shared_blocks`) and the other workers' requests in flight
-//! (`core::shared_load`).
+//! of them (`core::affinity::shared_blocks`) and the other workers' requests in flight
+//! (`core::affinity::shared_load`).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -135,7 +135,7 @@ pub struct Picker {
     /// Where the next tie starts looking.
     rotor: usize,
     /// This worker's random id and its row of in-flight counts in the shared data
-    /// (`core::shared_load`), once claimed.
+    /// (`core::affinity::shared_load`), once claimed.
     share_owner: u64,
     load_row: Option<usize>,
 }
@@ -195,9 +195,9 @@ impl Picker {
 
     /// [`Picker::pick`] with what the other workers learned: `shared[i]` is the number of the
     /// prompt's blocks the shared table says endpoint `i` was sent
-    /// (`core::shared_blocks::SharedTable::attributed`; missing entries count 0). An endpoint's
+    /// (`core::affinity::shared_blocks::SharedTable::attributed`; missing entries count 0). An endpoint's
     /// prefix score counts the larger of that and its own LRU's leading matches. `others[i]`:
-    /// the other workers' requests in flight at endpoint `i` (`core::shared_load`), added to
+    /// the other workers' requests in flight at endpoint `i` (`core::affinity::shared_load`), added to
     /// this worker's own for the load score and the bound.
     pub fn pick_shared(
         &mut self,

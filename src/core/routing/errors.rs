@@ -1,7 +1,7 @@
 //! The errors the filter answers itself, as OpenAI-style JSON that OpenAI clients understand:
 //! `{"error": {"message", "type", "param", "code"}}`.
 
-use super::scanner::ScanError;
+use crate::core::json::scanner::ScanError;
 use serde_json::json;
 use std::fmt;
 

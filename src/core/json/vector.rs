@@ -274,7 +274,7 @@ pub fn find_byte(needle: u8, bytes: &[u8]) -> usize {
 }
 
 /// Index of the first `"` or `\` in `bytes`, or `bytes.len()`: 16 bytes per vector compare.
-/// The prefix capture (`core::prefix`) copies the runs between them; control and non-ASCII
+/// The prefix capture (`core::affinity::prefix`) copies the runs between them; control and non-ASCII
 /// bytes do not stop it (the scanner validates those).
 #[inline]
 pub fn find_quote_or_backslash(bytes: &[u8]) -> usize {
@@ -907,7 +907,7 @@ mod tests {
             let v = load(&[b; 16]);
             let (not_escape_char, u) = escape_chars(v, v, v, v);
             let all = |yes: bool| if yes { u64::MAX } else { 0 };
-            let escape_char = crate::core::scanner::escaped_byte(b).is_some() || b == b'u';
+            let escape_char = crate::core::json::scanner::escaped_byte(b).is_some() || b == b'u';
             assert_eq!(not_escape_char, all(!escape_char), "{b:#x}");
             assert_eq!(u, all(b == b'u'), "{b:#x}");
             assert_eq!(

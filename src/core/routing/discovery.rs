@@ -6,9 +6,9 @@
 //! merges the static `models` with every pool into the one table requests are routed by.
 //! Nothing here knows about timers or the host, so all of it is tested natively and as wasm.
 
-use super::config::{check_model_name, Router, ServedModel, UnknownModel};
 use super::errors::Rejection;
-use super::scanner::Step;
+use super::table::{model_name_problem, Router, ServedModel, UnknownModel};
+use crate::core::json::scanner::Step;
 use serde::Deserialize;
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -128,6 +128,14 @@ struct ModelCard {
     parent: Option<String>,
 }
 
+/// A listed name checked as a configured one is; the failure names the field (`data[0].id`).
+fn checked_name(field: &str, name: &str, max_name_bytes: usize) -> Result<(), PollFailure> {
+    match model_name_problem(name, max_name_bytes) {
+        Some(reason) => Err(PollFailure::Malformed(format!("{field}: {reason}"))),
+        None => Ok(()),
+    }
+}
+
 /// Reads a `/v1/models` body. Names are checked like configured ones (`max_name_bytes` is
 /// `maxModelNameBytes`): a name a client could not send, or a header could not carry, makes
 /// the whole answer malformed rather than half-applied.
@@ -140,13 +148,11 @@ pub fn parse_models(body: &[u8], max_name_bytes: usize) -> Result<Vec<Listed>, P
     let mut out: Vec<Listed> = Vec::with_capacity(list.data.len());
     let mut seen = BTreeSet::new();
     for (i, card) in list.data.into_iter().enumerate() {
-        check_model_name(&format!("data[{i}].id"), &card.id, max_name_bytes)
-            .map_err(|e| PollFailure::Malformed(e.to_string()))?;
+        checked_name(&format!("data[{i}].id"), &card.id, max_name_bytes)?;
         let parent = match card.parent {
             Some(p) if p == card.id => None,
             Some(p) => {
-                check_model_name(&format!("data[{i}].parent"), &p, max_name_bytes)
-                    .map_err(|e| PollFailure::Malformed(e.to_string()))?;
+                checked_name(&format!("data[{i}].parent"), &p, max_name_bytes)?;
                 Some(p)
             }
             None => None,

@@ -46,7 +46,7 @@ impl From<Result<String, ScanError>> for Step {
 
 /// The byte a one-character JSON escape (`\n`, `\"`, ...) stands for; `None` for `u`, which
 /// starts a `\uXXXX`, and for anything RFC 8259 does not allow after a backslash. Shared with
-/// the prefix capture (`core::prefix`), which decodes the same strings.
+/// the prefix capture (`core::affinity::prefix`), which decodes the same strings.
 pub(crate) fn escaped_byte(b: u8) -> Option<u8> {
     Some(match b {
         b'"' => b'"',
@@ -424,7 +424,7 @@ impl ModelScanner {
                 // This is where string content is consumed: `rest[..skipped]` here, the
                 // bytes `string_byte`, `escape` and the Utf8 state take one at a time, and the
                 // short keys and values `structure` takes whole. (The prefix capture,
-                // `core::prefix`, reads the prompt with its own pass for that reason.)
+                // `core::affinity::prefix`, reads the prompt with its own pass for that reason.)
                 State::Str if self.role == StrRole::Skip => {
                     let rest = &chunk[i..];
                     let blocks = string_blocks(rest);

@@ -88,7 +88,7 @@ pub struct SharedLoad {
 
 impl SharedLoad {
     /// The rows of the pool `cluster` whose endpoint list has tag `pool_tag`
-    /// (`core::shared_blocks::pool_tag`).
+    /// (`core::affinity::shared_blocks::pool_tag`).
     pub fn new(cluster: &str, pool_tag: u64, endpoints: usize) -> SharedLoad {
         SharedLoad {
             pool_tag,

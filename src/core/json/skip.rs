@@ -191,7 +191,7 @@ mod swar {
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 mod simd128 {
     use super::is_stop;
-    use crate::core::vector::stop_mask;
+    use crate::core::json::vector::stop_mask;
 
     pub fn find(bytes: &[u8]) -> usize {
         let mut i = 0;

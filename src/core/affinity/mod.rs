@@ -1,0 +1,10 @@
+//! Prefix affinity and the endpoint picker: a key from the prompt's first blocks (`prefix`), the
+//! picker that chooses a replica by the blocks each has been sent and its load (`picker`), and
+//! the tables Envoy's workers share so that they pick alike (`shared_blocks`, `shared_load`).
+//! `settings` holds the validated configuration of both.
+
+pub mod picker;
+pub mod prefix;
+pub mod settings;
+pub mod shared_blocks;
+pub mod shared_load;
