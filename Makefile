@@ -76,8 +76,9 @@ oci: targets istio-deps ## Reproducible build -> Wasm OCI image, digests pinned 
 test-istio: build istio-deps ## Istio manifests: schemas, the OCI image via a local registry, the EnvoyFilter in a real Envoy
 	$(VENV)/bin/python -m pytest -q tests/istio
 
-lint: targets ## rustfmt check and clippy -D warnings, host and wasm32-wasip1
+lint: targets ## rustfmt check, clippy -D warnings (host and wasm32-wasip1), no import cycle in src/core
 	$(CARGO) fmt --all -- --check
+	python3 scripts/core-deps.py
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy -p bbr-wasm -p bbr-floor -p bbr-scan-bench -p shared-data-writer --target $(WASM_TARGET) -- -D warnings
 

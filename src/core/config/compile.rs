@@ -10,8 +10,7 @@ use crate::core::affinity::settings::{PickerConfig, PickerPool, PrefixAffinity};
 use crate::core::affinity::shared_blocks::{SharedTable, MAX_SHARED_SLOTS};
 use crate::core::affinity::shared_load::SharedLoad;
 use crate::core::overload::BodyBudget;
-use crate::core::routing::discovery::Pool;
-use crate::core::routing::table::{Router, ServedModel};
+use crate::core::routing::table::{Pool, Router, ServedModel};
 use std::collections::HashMap;
 
 /// Validates a parsed configuration.

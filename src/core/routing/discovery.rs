@@ -7,6 +7,7 @@
 //! Nothing here knows about timers or the host, so all of it is tested natively and as wasm.
 
 use super::errors::Rejection;
+pub use super::table::Pool;
 use super::table::{model_name_problem, Router, ServedModel, UnknownModel};
 use crate::core::json::scanner::Step;
 use serde::Deserialize;
@@ -18,19 +19,6 @@ use std::fmt;
 /// 1 MiB is thousands of adapters; a bigger answer is a misconfigured path, not a model list,
 /// and it is refused before it is copied into the VM.
 pub const MAX_MODELS_BODY_BYTES: usize = 1024 * 1024;
-
-/// One pool as configured (see `pools` in the README).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pool {
-    /// The Envoy cluster polled, and the value of the pool header for its models.
-    pub cluster: String,
-    /// The path polled (`/v1/models`).
-    pub path: String,
-    pub interval_ms: u64,
-    pub timeout_ms: u64,
-    /// The `:authority` of the poll.
-    pub authority: String,
-}
 
 /// One entry of a `/v1/models` answer.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,7 +3,6 @@
 
 use crate::core::affinity::settings::PrefixAffinity;
 use crate::core::overload::BodyBudget;
-use crate::core::routing::discovery::Pool;
 use serde::Deserialize;
 use std::collections::HashMap;
 
@@ -16,6 +15,19 @@ pub enum UnknownModel {
     Reject,
     /// Let the request continue without routing headers (the routes decide).
     Passthrough,
+}
+
+/// One discovery pool as configured (see `pools` in the README).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pool {
+    /// The Envoy cluster polled, and the value of the pool header for its models.
+    pub cluster: String,
+    /// The path polled (`/v1/models`).
+    pub path: String,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    /// The `:authority` of the poll.
+    pub authority: String,
 }
 
 /// A served model: a base model or an adapter on one.
