@@ -45,7 +45,7 @@ fn string() -> impl Strategy<Value = String> {
         )
         .prop_map(|parts| parts.concat()),
         // Long runs of mostly non-ASCII text: whole 16-byte blocks of it go through the vector
-        // UTF-8 check (src/core/vector.rs), with specials and ASCII at any offset in between.
+        // UTF-8 check (src/core/json/vector.rs), with specials and ASCII at any offset in between.
         2 => vec(
             prop::sample::select(vec![
                 "中", "文", "。", "é", "ß", "😀", "\u{800}", "\u{ffff}", "\u{10000}", "\u{10ffff}",

@@ -1,4 +1,4 @@
-//! Table-driven tests of model discovery's plain data (src/core/discovery.rs): reading a
+//! Table-driven tests of model discovery's plain data (src/core/routing/discovery.rs): reading a
 //! pool's `/v1/models`, the per-pool map with its absent-polls threshold, the merged routing
 //! view. Natively and, unchanged, as wasm under Node (`make test-wasm`), like tests/core.rs.
 

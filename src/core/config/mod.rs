@@ -11,7 +11,7 @@
 //! - `strict`: the second reading that refuses a struct written as an array of its fields.
 //!
 //! Nothing else in the core imports this module: the compiled types live with their capability
-//! (`routing::table`, `affinity::settings`, `routing::discovery::Pool`, `overload`).
+//! (`routing::table`, `affinity::settings`, `overload`).
 
 mod checks;
 mod compile;
