@@ -6,7 +6,7 @@ Runs the harness under Node's V8 on two sets of bodies, interleaved in one run, 
 per body:
 - the body classes of the corpus (1 MiB each: English, French, German, Spanish, Russian,
   Chinese, Japanese and Arabic prose, emoji chat, tool use, code, a base64 image, a long
-  conversation, Russian as \\u escapes), with issue 13's targets printed met / not met;
+  conversation, Russian as \\u escapes), with the real-text targets printed met / not met;
 - the chat-completions bodies `make bench` sends (model first and last, 1 KiB to 4 MiB), a CJK
   body and a multipart audio upload.
 Quick (about a minute) and repeatable, for comparing scanner changes.
@@ -38,7 +38,7 @@ HARNESS = ROOT / "target" / "wasm32-wasip1" / "release" / "bbr-scan-bench.wasm"
 RUNNER = ROOT / "bench" / "scan" / "run.mjs"
 CORPUS = Path(os.environ.get("BENCH_CORPUS", ROOT / "target" / "corpus"))
 
-# Issue 13's targets for the body classes in V8 (1 MiB bodies).
+# The real-text targets for the body classes in V8 (1 MiB bodies).
 TARGET_EVERY_CLASS = 3.0  # GB/s, every class
 TARGET_SPREAD = 0.5  # the slowest class at least this fraction of the fastest
 TARGET_ENGLISH = 5.0  # GB/s, English prose
@@ -141,7 +141,7 @@ def print_classes(classes: list[tuple[str, Path]], results: dict[str, dict]) -> 
 
     def verdict(ok: bool) -> str:
         return "met" if ok else "NOT MET"
-    print("Targets (issue 13, V8, 1 MiB):")
+    print("Real-text targets (V8, 1 MiB):")
     print(f"  every class >= {TARGET_EVERY_CLASS} GB/s: slowest {slowest} {speeds[slowest]:.2f} GB/s"
           f"  -> {verdict(speeds[slowest] >= TARGET_EVERY_CLASS)}")
     print(f"  slowest >= {TARGET_SPREAD}x fastest: {slowest} / {fastest} = {spread:.2f}x"
@@ -226,11 +226,11 @@ def main() -> int:
             total_ns += r["median_ns"]
             total_capture_ns += r["capture_median_ns"]
     print(f"{'all':>14}  {'':>5}  {total_bytes / total_ns:6.2f}        "
-          f"{total_ns / 1e6 * (1 << 20) / total_bytes:7.3f}   (issue 5 wants >= 4 GB/s, <= 0.25 ms per MiB)")
+          f"{total_ns / 1e6 * (1 << 20) / total_bytes:7.3f}   (target: >= 4 GB/s, <= 0.25 ms per MiB)")
     capture_ratio = total_ns / total_capture_ns
     print(f"prefix capture (prefixAffinity on, 2 KiB budget), same rounds: {total_bytes / total_capture_ns:.2f} GB/s, "
           f"{capture_ratio:.3f}x of the scanner alone: "
-          f"{'met' if capture_ratio >= 0.95 else 'NOT MET'} (issue 15: within 5 %)")
+          f"{'met' if capture_ratio >= 0.95 else 'NOT MET'} (target: within 5 %)")
     return 0
 
 

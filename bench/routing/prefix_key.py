@@ -1,6 +1,6 @@
 """The gateway's prefix key, computed independently of the filter (pure Python, no packages).
 
-Issue 15 defines it: capture the prompt as the model server sees it (completions: `prompt`, a
+The picker's design defines it (docs/prefix-affinity.md): capture the prompt as the model server sees it (completions: `prompt`, a
 string or the first element of an array when it is a string; chat: for each message its role,
 "\n", its text content, "\n"), split it into `block_bytes` blocks, h = xxh64(model, seed 0),
 then for each complete block h = xxh64(h as 8 little-endian bytes ++ block, seed 0); the key

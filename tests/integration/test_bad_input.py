@@ -1,4 +1,4 @@
-"""The bad-input matrix, through the real Envoy (issue 4, part 2).
+"""The bad-input matrix, through the real Envoy.
 
 For every case: the exact status and OpenAI-style JSON error (or the right backend, for the
 inputs that are valid after all); no request ever reaches a wrong backend (the mocks'

@@ -1,4 +1,4 @@
-"""Faults (issue 4, part 5), through the real Envoy 1.40.
+"""Faults, through the real Envoy 1.40.
 
 - A whole model down: every replica of a pool gone -> 503 no_healthy_upstream JSON, other
   models unaffected (one replica: test_errors.py; here a pool of two).

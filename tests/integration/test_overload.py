@@ -1,4 +1,4 @@
-"""A flood of slow 8 MB uploads must not take the gateway down (issue 12).
+"""A flood of slow 8 MB uploads must not take the gateway down.
 
 envoy/envoy.yaml as shipped (1 GiB fixed_heap budget, the overload actions, the HTTP/2 caps),
 one Envoy per flood so that memory figures are its own. Each flood: 300 uploads of 8 MB

@@ -1,6 +1,6 @@
 //! Fast skipping of the bytes the scanner only validates.
 //!
-//! Since issue 13 the scanner first hands string content to `vector::string_blocks`, which
+//! Since the real-text work (docs/body-classes.md) the scanner first hands string content to `vector::string_blocks`, which
 //! judges 64 bytes at a time whatever they hold; the byte-wise path below takes what that
 //! leaves: the last bytes of a chunk, and the bytes before an error.
 //!

@@ -536,7 +536,7 @@ fn hex_spill(tail: u64) -> u64 {
 /// branches are taken rarely (the closing quote, an error) or follow long runs: real text in
 /// other languages, tool results and code put a stop every few bytes, and a branch on what each
 /// stop is, or on how many there are, was mispredicted so often that it cost more than the work
-/// it saved (issue 13, docs/body-classes.md).
+/// it saved (docs/body-classes.md).
 #[inline]
 pub fn string_blocks(bytes: &[u8]) -> usize {
     // UTF-8 errors of the non-ASCII blocks, gathered without a branch and looked at once at
