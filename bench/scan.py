@@ -32,7 +32,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import MODEL, ROOT, MiB, chat_body, env_list, parse_size, size_label  # noqa: E402
+from perf.bodies import chat_body  # noqa: E402
+from perf.settings import MODEL, ROOT, MiB, env_list, parse_size, size_label  # noqa: E402
 
 HARNESS = ROOT / "target" / "wasm32-wasip1" / "release" / "bbr-scan-bench.wasm"
 RUNNER = ROOT / "bench" / "scan" / "run.mjs"
