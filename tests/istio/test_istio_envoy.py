@@ -253,8 +253,9 @@ def test_gateway_memory_limit_fits_the_budget():
 
 def test_listener_patch_lets_long_prompts_through(gateway, envoy_bin, session_dir, backends, pulled_module):
     """The whole body is buffered while the filter reads it. With the LISTENER patch a 2 MiB
-    body is routed; without it Envoy's default 1 MiB buffer limit answers 413 itself (plain
-    text, before the filter's own 8 MiB limit could apply)."""
+    body is routed; without it Envoy's default 1 MiB buffer limit answers 413 itself, before the
+    filter's own 8 MiB limit could apply (the NETWORK_FILTER patch's 413 mapper turns Envoy's
+    plain-text answer into JSON with its own message)."""
     body = json.dumps(completion(QWEN, prompt="x" * (2 * 1024 * 1024))).encode()
     headers = {"Content-Type": "application/json"}
     with httpx.Client(base_url=gateway.url, timeout=30.0) as c:
@@ -272,7 +273,7 @@ def test_listener_patch_lets_long_prompts_through(gateway, envoy_bin, session_di
                 return  # Envoy may also close the connection while the body is still coming
             assert r.status_code == 413, r.text[:200]
             assert "x-mock-backend" not in r.headers
-            assert not r.headers.get("content-type", "").startswith("application/json"), r.text[:200]
+            assert r.json()["error"]["message"] == "The request body is larger than this gateway accepts.", r.text[:200]
     finally:
         env.proc.stop()
 
