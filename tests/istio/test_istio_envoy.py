@@ -384,14 +384,15 @@ def test_unpullable_module_gets_router_unavailable(envoy_bin, session_dir, backe
     cfg, args = envoyfilter_gateway(backends, session_dir, "", mutate_typed_config=pin_real_build, pull=pull)
     env = start_envoy(envoy_bin, session_dir, cfg, f"unpullable-{why}", args)
     try:
-        ecds = _ecds_dump(env)
-        assert [e["name"] for e in ecds] == ["bbr-wasm"], ecds
-        assert ecds[0]["typed_config"]["@type"] == ic.RBAC_TYPE, ecds
-        assert ecds[0]["typed_config"]["rules_stat_prefix"] == "wasm-default-deny", ecds
         with httpx.Client(base_url=env.url, timeout=10.0) as c:
             _assert_router_unavailable(c.post("/v1/completions", json=completion(QWEN)))
             _assert_router_unavailable(c.get("/v1/models"))
             _assert_router_unavailable(c.get("/health"))
+        # Envoy runs the agent's fallback under the filter's name (not "no filter configuration").
+        ecds = _ecds_dump(env)
+        assert [e["name"] for e in ecds] == ["bbr-wasm"], ecds
+        assert ecds[0]["typed_config"]["@type"] == ic.RBAC_TYPE, ecds
+        assert ecds[0]["typed_config"]["rules_stat_prefix"] == "wasm-default-deny", ecds
     finally:
         env.proc.stop()
 
