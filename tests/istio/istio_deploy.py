@@ -80,10 +80,13 @@ _OMITTED_ANNOTATIONS = (
 
 
 def infrastructure_meta(gw: dict, field: str) -> dict:
-    """extractInfrastructureMetadata: spec.infrastructure.{labels,annotations}, without keys
-    prefixed gateway.networking.k8s.io/ (translateInfraMeta)."""
-    meta = (gw["spec"].get("infrastructure") or {}).get(field) or {}
-    return {k: v for k, v in meta.items() if not k.startswith("gateway.networking.k8s.io/")}
+    """extractInfrastructureMetadata: spec.infrastructure.{labels,annotations} without keys
+    prefixed gateway.networking.k8s.io/ (translateInfraMeta) if set, else a copy of the
+    Gateway's own metadata (PILOT_ENABLE_GATEWAY_API_COPY_LABELS_ANNOTATIONS, on by default)."""
+    meta = (gw["spec"].get("infrastructure") or {}).get(field)
+    if meta is not None:
+        return {k: v for k, v in meta.items() if not k.startswith("gateway.networking.k8s.io/")}
+    return dict(gw["metadata"].get(field) or {})
 
 
 def kube_gateway_deployment(gw: dict, resources: Optional[dict] = None) -> dict:

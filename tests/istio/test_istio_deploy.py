@@ -127,3 +127,14 @@ def test_strategic_merge_refuses_directives_and_identity_changes():
         idep.strategic_merge(BASE, {"spec": {"template": {"spec": {"$patch": "replace"}}}}, ())
     with pytest.raises(idep.RenderError, match="illegal metadata change"):
         idep.apply_overlay(BASE, [{"deployment": "metadata:\n  name: other\n"}])
+
+
+def test_the_rendered_deployment_is_valid(validator):
+    """The overlay's fields are the Deployment's (a misspelt key such as `volumeMount` would be
+    refused as by the API server, which is what would refuse istiod's apply)."""
+    deploy = idep.render(doc("Gateway", GATEWAY), configmaps())
+    assert validator.validate(deploy) == []
+    broken = copy.deepcopy(doc("ConfigMap", "bbr-wasm-gateway"))
+    broken["data"]["deployment"] = broken["data"]["deployment"].replace("volumeMounts:", "volumeMount:")
+    others = [c for c in configmaps() if c["metadata"]["name"] != "bbr-wasm-gateway"]
+    assert validator.validate(idep.render(doc("Gateway", GATEWAY), others + [broken]))
