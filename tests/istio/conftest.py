@@ -284,22 +284,24 @@ class Envoy:
         return f"http://127.0.0.1:{self.port}"
 
 
-def launch_envoy(envoy_bin: str, tmp: Path, config: dict, name: str) -> Proc:
+def launch_envoy(envoy_bin: str, tmp: Path, config: dict, name: str, extra_args: tuple[str, ...] = ()) -> Proc:
+    """`extra_args`: what the istio-agent adds (istio_deploy.agent_envoy_args), e.g. the
+    bootstrap override as --config-yaml."""
     tag = f"{name}-{uuid.uuid4().hex[:8]}"
     path = tmp / f"{tag}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     argv = [
         envoy_bin, "-c", str(path), "--concurrency", "1", "--use-dynamic-base-id",
-        "--base-id-path", str(tmp / f"{tag}.base-id"), "--log-level", "info",
+        "--base-id-path", str(tmp / f"{tag}.base-id"), "--log-level", "info", *extra_args,
     ]
     return Proc(f"Envoy ({name})", argv, tmp / f"{tag}.log").start(cwd=tmp)
 
 
-def start_envoy(envoy_bin: str, tmp: Path, config: dict, name: str) -> Envoy:
+def start_envoy(envoy_bin: str, tmp: Path, config: dict, name: str, extra_args: tuple[str, ...] = ()) -> Envoy:
     """Starts Envoy and waits until admin /ready says LIVE and the listener accepts."""
     port = config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
     admin = config["admin"]["address"]["socket_address"]["port_value"]
-    proc = launch_envoy(envoy_bin, tmp, config, name)
+    proc = launch_envoy(envoy_bin, tmp, config, name, extra_args)
 
     def ready() -> bool:
         if httpx.get(f"http://127.0.0.1:{admin}/ready", timeout=1.0).text.strip() != "LIVE":

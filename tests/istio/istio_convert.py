@@ -1,15 +1,20 @@
-"""What istiod and the istio-agent make of the manifests in istio/, as static Envoy config.
+"""What istiod and the istio-agent make of the manifests in istio/, as Envoy configuration.
 
-A real Istio gateway gets its configuration over xDS: istiod serves the EnvoyFilter's
-EXTENSION_CONFIG patch over ECDS, the istio-agent pulls the module and rewrites the remote
-code source into a local file, and the HTTP_FILTER patch refers to the extension through
-`config_discovery` (ADS). A static Envoy has no ADS, so this builds the equivalent static
-configuration: the extension's `typed_config` inlined where the `config_discovery`
-reference stands, with the agent's rewrite applied (code.local.filename = the module pulled
-from the registry). The HTTPRoutes become Envoy routes (PathPrefix + Exact header -> one
-cluster per InferencePool), each pool a cluster on a mock backend, and the LISTENER MERGE
-patch is merged into the listener. Sources mirrored: istio/istio pkg/wasm/convert.go
-(rewriteVMConfig), pilot/pkg/model/extensions.go (WasmPlugin -> Envoy Wasm).
+A real Istio gateway gets its listeners over LDS and its extension configs over ECDS, both from
+istiod through the istio-agent. Here:
+- the gateway listener starts from what istiod builds for a Gateway API gateway's HTTP port
+  (istio_gateway_listener: the connection manager's fields, stream_idle_timeout 0s among them,
+  and the HTTP filters of upstream Envoy that Istio puts there), the HTTPRoutes inlined as its
+  route configuration (istiod serves them over RDS);
+- the EnvoyFilter's patches are applied to it as istiod applies them (apply_envoyfilter);
+- ECDS stays ECDS: the HTTP filter keeps its `config_discovery`, type_urls and initial fetch
+  timeout, with the ADS source replaced by a file that holds what the agent would forward
+  (agent_convert: the module pulled and localized, or the agent's RBAC fallback). Envoy itself
+  then applies its checks to it, the type_urls check included;
+- the bootstrap is Istio's, for the parts that matter here (istio_bootstrap), and the agent's
+  bootstrap override is passed as Envoy's --config-yaml (istio_deploy.py).
+Each emulated behaviour and its source, file and function at Istio 1.28.0, is listed in
+docs/istio-fidelity.md.
 """
 
 from __future__ import annotations
@@ -163,56 +168,188 @@ def routes_from_httproutes(httproutes: list[dict]) -> list[dict]:
     return out
 
 
-def static_gateway(
-    http_filter: dict,
-    routes: list[dict],
-    cluster_ports: dict[str, int],
-    listener_port: int,
-    admin_port: int,
-    listener_merge: Optional[dict] = None,
-    hcm_merge: Optional[dict] = None,
-    bootstrap_merge: Optional[dict] = None,
-) -> dict:
-    """A static Envoy bootstrap standing in for the Istio gateway. `hcm_merge` is the value of a
-    NETWORK_FILTER MERGE patch on the HTTP connection manager (its typed_config's fields are
-    merged into the HCM's, as istiod merges the patch)."""
-    listener = {
-        "name": "gateway",
-        "address": {"socket_address": {"address": "127.0.0.1", "port_value": listener_port}},
-        "filter_chains": [
-            {
-                "filters": [
-                    {
-                        "name": HCM,
-                        "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                            "stat_prefix": "gateway",
-                            "codec_type": "AUTO",
-                            "route_config": {
-                                "name": "gateway",
-                                "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}],
-                            },
-                            "http_filters": [
-                                http_filter,
-                                {
-                                    "name": ROUTER,
-                                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
-                                },
-                            ],
-                        },
-                    }
-                ]
-            }
-        ],
+RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
+TYPED_EXTENSION_CONFIG = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
+HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+
+# pkg/wasm/convert.go: DefaultAllowStatPrefix, DefaultDenyStatPrefix.
+DEFAULT_ALLOW_STAT_PREFIX = "wasm-default-allow"
+DEFAULT_DENY_STAT_PREFIX = "wasm-default-deny"
+
+
+def istio_gateway_hcm(routes: list[dict], stat_prefix: str = "outbound_0.0.0.0_80") -> dict:
+    """The HTTP connection manager istiod builds for a gateway's plain-HTTP server:
+    pilot/pkg/networking/core/gateway.go buildGatewayConnectionManager (forward_client_cert_details
+    SANITIZE_SET with set_current_client_cert_details, http_protocol_options) and
+    createGatewayHTTPFilterChainOpts (use_remote_address), then listener_builder.go
+    buildHTTPConnectionManager (codec AUTO, normalize_path, path_with_escaped_slashes_action,
+    the websocket upgrade, stream_idle_timeout 0s, an empty access log list) with the mesh
+    defaults. The route configuration comes over RDS in Istio; here it is inline."""
+    return {
+        "@type": HCM_TYPE,
+        "stat_prefix": stat_prefix,
+        "codec_type": "AUTO",
+        "route_config": {"name": "http.80", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]},
+        "http_protocol_options": {},
+        "forward_client_cert_details": "SANITIZE_SET",
+        "set_current_client_cert_details": {"subject": True, "cert": True, "dns": True, "uri": True},
+        "use_remote_address": True,
+        "normalize_path": True,
+        "path_with_escaped_slashes_action": "KEEP_UNCHANGED",
+        "upgrade_configs": [{"upgrade_type": "websocket"}],
+        # Istio: "0s", i.e. no stream idle timeout on any connection manager it builds.
+        "stream_idle_timeout": "0s",
+        "http_filters": istio_gateway_http_filters(),
     }
-    if listener_merge:
-        listener.update(copy.deepcopy(listener_merge))
-    if hcm_merge:
-        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
-        merge = copy.deepcopy(hcm_merge.get("typed_config", {}))
-        if merge.pop("@type", hcm["@type"]) != hcm["@type"]:
-            raise AssertionError("the NETWORK_FILTER patch is not for the HTTP connection manager")
-        hcm.update(merge)
+
+
+def istio_gateway_http_filters() -> list[dict]:
+    """listener_builder.go buildHTTPConnectionManager's filter list for a gateway, the filters
+    of upstream Envoy only (pilot/pkg/xds/filters/filters.go GrpcStats, Fault, Cors and the
+    router). Left out: Istio's own istio.alpn and istio.stats (not in upstream Envoy), the
+    authn/authz filters (no policies here) and the InferencePool ext_proc (no endpoint picker
+    here). bbr-wasm goes before all of them (INSERT_FIRST)."""
+    return [
+        {
+            "name": "envoy.filters.http.grpc_stats",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_stats.v3.FilterConfig",
+                "emit_filter_state": True,
+                "stats_for_all_methods": False,
+            },
+        },
+        {"name": "envoy.filters.http.fault", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"}},
+        {"name": "envoy.filters.http.cors", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"}},
+        {"name": ROUTER, "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
+    ]
+
+
+def istio_gateway_listener(routes: list[dict], port: int) -> dict:
+    return {
+        "name": "0.0.0.0_80",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [{"filters": [{"name": HCM, "typed_config": istio_gateway_hcm(routes)}]}],
+    }
+
+
+def proto_merge(dst: dict, src: dict, where: str = "") -> dict:
+    """proto.Merge on the JSON form, as istiod merges a MERGE patch (pilot/pkg/networking/util
+    MergeAnyWithAny for typed configs): message fields merged recursively, repeated fields
+    appended, scalars replaced. Two typed configs of different types are not merged."""
+    if "@type" in dst and "@type" in src and dst["@type"] != src["@type"]:
+        raise AssertionError(f"{where}: cannot merge {src['@type']} into {dst['@type']}")
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            proto_merge(dst[k], v, f"{where}.{k}")
+        elif isinstance(v, list) and isinstance(dst.get(k), list):
+            dst[k].extend(copy.deepcopy(v))
+        else:
+            dst[k] = copy.deepcopy(v)
+    return dst
+
+
+def _http_filter_match(p: dict) -> Optional[str]:
+    return ((p.get("match") or {}).get("listener") or {}).get("filterChain", {}).get("filter", {}).get("subFilter", {}).get("name")
+
+
+def apply_envoyfilter(listener: dict, envoyfilter: dict) -> dict:
+    """pilot/pkg/networking/core/envoyfilter/listener_patch.go: patchListener (LISTENER MERGE),
+    then per filter chain patchNetworkFilter (NETWORK_FILTER MERGE into the connection
+    manager), then patchHTTPFilters (HTTP_FILTER operations, in the order of the patches).
+    Only the operations istio/ uses are emulated; any other is an error here."""
+    out = copy.deepcopy(listener)
+    for p in patches(envoyfilter, "LISTENER"):
+        if p["patch"]["operation"] != "MERGE":
+            raise AssertionError(f"LISTENER {p['patch']['operation']} not emulated")
+        proto_merge(out, p["patch"]["value"], "listener")
+    hcm_filter = out["filter_chains"][0]["filters"][0]
+    hcm = hcm_filter["typed_config"]
+    for p in patches(envoyfilter, "NETWORK_FILTER"):
+        if p["patch"]["operation"] != "MERGE":
+            raise AssertionError(f"NETWORK_FILTER {p['patch']['operation']} not emulated")
+        if p["match"]["listener"]["filterChain"]["filter"]["name"] != HCM:
+            raise AssertionError("NETWORK_FILTER patch does not match the HTTP connection manager")
+        proto_merge(hcm, p["patch"]["value"]["typed_config"], "hcm")
+    filters = hcm["http_filters"]
+    for p in patches(envoyfilter, "HTTP_FILTER"):
+        op, value, sub = p["patch"]["operation"], copy.deepcopy(p["patch"]["value"]), _http_filter_match(p)
+        if op == "INSERT_FIRST":
+            filters.insert(0, value)
+        elif op == "ADD" or (op == "INSERT_AFTER" and sub is None):
+            filters.append(value)
+        elif op == "INSERT_AFTER":
+            at = [i for i, f in enumerate(filters) if f["name"] == sub]
+            for i in reversed(at):  # insertAfterFunc: after every match
+                filters.insert(i + 1, copy.deepcopy(value))
+        else:
+            raise AssertionError(f"HTTP_FILTER {op} not emulated")
+    return out
+
+
+def ecds_from_file(listener: dict, ecds_path: str) -> dict:
+    """Every HTTP filter's ADS `config_discovery` source becomes a file source at ecds_path,
+    everything else in it (type_urls, initial_fetch_timeout, the API version) unchanged."""
+    out = copy.deepcopy(listener)
+    for f in out["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]:
+        cd = f.get("config_discovery")
+        if cd is None:
+            continue
+        src = cd["config_source"]
+        if src.pop("ads", None) != {}:
+            raise AssertionError(f"{f['name']}: config_discovery is not over ADS: {src}")
+        src["path_config_source"] = {"path": ecds_path}
+    return out
+
+
+def ecds_response(configs: list[dict], version: str = "1") -> dict:
+    """A DiscoveryResponse of TypedExtensionConfigs, as Envoy reads it from a file source."""
+    return {
+        "version_info": version,
+        "resources": [{"@type": TYPED_EXTENSION_CONFIG, **copy.deepcopy(c)} for c in configs],
+    }
+
+
+def rbac_fallback(name: str, fail_open: bool) -> dict:
+    """pkg/wasm/convert.go createHTTPDefaultFilter: the TypedExtensionConfig the agent forwards
+    under the filter's own name when it cannot pull or verify the module: an RBAC filter with no
+    rules (allow all) for fail-open, with empty rules (deny all) otherwise."""
+    if fail_open:
+        tc = {"@type": RBAC_TYPE, "rules_stat_prefix": DEFAULT_ALLOW_STAT_PREFIX}
+    else:
+        tc = {"@type": RBAC_TYPE, "rules": {}, "rules_stat_prefix": DEFAULT_DENY_STAT_PREFIX}
+    return {"name": name, "typed_config": tc}
+
+
+def http_wasm_fail_open(typed_config: dict) -> bool:
+    """convert.go httpWasmFailOpen: failure_policy if set, else the deprecated fail_open."""
+    config = typed_config.get("config", {})
+    policy = config.get("failure_policy", "UNSPECIFIED")
+    if policy != "UNSPECIFIED":
+        return policy == "FAIL_OPEN"
+    return bool(config.get("fail_open", False))
+
+
+def agent_convert(ext: dict, pull) -> dict:
+    """convert.go MaybeConvertWasmExtensionConfig for one HTTP Wasm extension config with a
+    remote source: `pull(uri, sha256)` returns (module_path, manifest_digest) or raises; on any
+    error the agent logs it and forwards the RBAC fallback instead (rbac_fallback)."""
+    tc = ext["typed_config"]
+    if tc["@type"] != WASM_TYPE or "remote" not in tc["config"]["vm_config"]["code"]:
+        return copy.deepcopy(ext)
+    remote = tc["config"]["vm_config"]["code"]["remote"]
+    try:
+        path, digest = pull(remote["http_uri"]["uri"], remote.get("sha256", ""))
+        return {"name": ext["name"], "typed_config": agent_localize(tc, path, digest)}
+    except (RuntimeError, ValueError, OSError):  # the agent falls back on every fetch or check error
+        return rbac_fallback(ext["name"], http_wasm_fail_open(tc))
+
+
+def istio_bootstrap(listener: dict, cluster_ports: dict[str, int], admin_port: int) -> dict:
+    """The agent's generated bootstrap (tools/packaging/common/envoy_bootstrap.json), for the
+    parts that matter here: a node (Envoy needs one for a file ECDS source; the ID in Istio's
+    router~IP~pod.namespace~namespace.svc.cluster.local form), the admin listener, and the overload
+    manager with only the connection-count monitor. Listeners and clusters come over xDS in Istio;
+    here they are static, one STATIC cluster per InferencePool on its mock backend."""
     clusters = [
         {
             "name": name,
@@ -227,11 +364,13 @@ def static_gateway(
         }
         for name, port in cluster_ports.items()
     ]
-    bootstrap = {
+    return {
+        "node": {
+            "id": "router~127.0.0.1~infra-pattern1-inference-gateway-istio-0.llm-d-inference-scheduling~llm-d-inference-scheduling.svc.cluster.local",
+            "cluster": "infra-pattern1-inference-gateway-istio.llm-d-inference-scheduling",
+        },
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
         "static_resources": {"listeners": [listener], "clusters": clusters},
-        # What Istio's own bootstrap template has (tools/packaging/common/envoy_bootstrap.json):
-        # the connection-count monitor, so that a merged custom bootstrap must not repeat it.
         "overload_manager": {
             "resource_monitors": [
                 {
@@ -244,33 +383,3 @@ def static_gateway(
             ]
         },
     }
-    if bootstrap_merge:
-        merge_bootstrap(bootstrap, bootstrap_merge)
-    return bootstrap
-
-
-def merge_bootstrap(into: dict, custom: dict) -> None:
-    """The istio-agent's merge of a custom bootstrap (sidecar.istio.io/bootstrapOverride) into
-    its own: protobuf MergeFrom semantics, i.e. messages merged field by field, repeated fields
-    appended, scalars replaced."""
-    for key, value in custom.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            merge_bootstrap(into[key], value)
-        elif isinstance(value, list) and isinstance(into.get(key), list):
-            into[key].extend(copy.deepcopy(value))
-        else:
-            into[key] = copy.deepcopy(value)
-
-
-def http_filter_from_envoyfilter(envoyfilter: dict, typed_config: dict) -> dict:
-    """The HTTP_FILTER patch with its config_discovery reference replaced by the (localized)
-    extension config it names: the static equivalent of ECDS."""
-    value = copy.deepcopy(one_patch(envoyfilter, "HTTP_FILTER")["patch"]["value"])
-    ext = extension_config(envoyfilter)
-    if value["name"] != ext["name"]:
-        raise AssertionError(f"HTTP_FILTER refers to {value['name']!r}, EXTENSION_CONFIG is {ext['name']!r}")
-    cd = value.pop("config_discovery")
-    if typed_config["@type"] not in cd["type_urls"]:
-        raise AssertionError(f"{typed_config['@type']} not in config_discovery.type_urls {cd['type_urls']}")
-    value["typed_config"] = typed_config
-    return value

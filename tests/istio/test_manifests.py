@@ -115,6 +115,7 @@ def test_default_install():
     built = k8s_schema.kustomize_build(ISTIO)
     names = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in built)
     assert names == [
+        "ConfigMap/bbr-wasm-gateway",
         "ConfigMap/bbr-wasm-overload",
         "EnvoyFilter/bbr-wasm",
         f"Gateway/{GATEWAY}",
@@ -204,13 +205,21 @@ def test_envoyfilter_wiring():
     assert config["vm_config"]["runtime"] == "envoy.wasm.runtime.v8"
     remote = config["vm_config"]["code"]["remote"]
     assert remote["http_uri"]["uri"].startswith("oci://")
-    hf = ic.one_patch(ef, "HTTP_FILTER")
+    hf, marker = ic.patches(ef, "HTTP_FILTER")
     assert hf["patch"]["operation"] == "INSERT_FIRST"
     assert hf["match"]["listener"]["filterChain"]["filter"]["name"] == ic.HCM
     cd = hf["patch"]["value"]["config_discovery"]
     assert hf["patch"]["value"]["name"] == ext["name"]
-    assert cd["type_urls"] == [ic.WASM_TYPE]
+    # The Wasm filter, and the agent's RBAC fallback for a module it cannot pull.
+    assert cd["type_urls"] == [ic.WASM_TYPE, ic.RBAC_TYPE]
     assert cd["config_source"]["ads"] == {}
+    # The marker right after it, whose metadata namespace the fallback's local reply tests.
+    assert marker["patch"]["operation"] == "INSERT_AFTER"
+    assert marker["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"] == ext["name"]
+    (md,) = marker["patch"]["value"]["typed_config"]["metadata"]
+    mappers = ic.one_patch(ef, "NETWORK_FILTER")["patch"]["value"]["typed_config"]["local_reply_config"]["mappers"]
+    (cel,) = [f["extension_filter"]["typed_config"]["expression"] for f in mappers[0]["filter"]["or_filter"]["filters"] if "extension_filter" in f]
+    assert f"!('{md['metadata_namespace']}' in metadata.filter_metadata)" in cel
     ext_patch = ic.one_patch(ef, "EXTENSION_CONFIG")
     assert ext_patch["patch"]["operation"] == "ADD"
     listener = ic.one_patch(ef, "LISTENER")
