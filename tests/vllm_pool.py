@@ -20,8 +20,11 @@ What the server is given, and why:
 - `--dtype bfloat16`: the model folder's dtype (the CPU backend's kernels take it).
 - Startup is 90-100 s on two cores with LoRA on (the compiled graph is skipped for LoRA);
   measured by the tests and printed.
-- VLLM_CPU_OMP_THREADS_BIND=nobind: vLLM would pin its OpenMP threads to cores, which on a
-  shared two-core machine fights every other process; the OS schedules them instead.
+- VLLM_CPU_OMP_THREADS_BIND=nobind and OMP_NUM_THREADS=1: vLLM would pin its OpenMP threads
+  to cores, and on a two-core machine that also runs Envoy, the client and other jobs, two
+  OpenMP threads that wait for each other at every barrier stall whenever one is descheduled
+  (measured on a loaded machine: 0.2-1 generated tokens/s, a batch step over 60 s). One thread,
+  scheduled by the OS, leaves the other core to the gateway, as the llama-server replicas do.
 - Every cache and config folder vLLM, torch, Triton or Hugging Face would write under $HOME
   goes to .venv-vllm/cache; HF_HUB_OFFLINE=1 and TRANSFORMERS_OFFLINE=1 keep it off any hub,
   and usage statistics are off (they would be sent to a server).
@@ -61,6 +64,7 @@ CLUSTER = "smollm-vllm"
 ROUTE = "smollm-vllm"
 MAX_MODEL_LEN = 2048
 KV_CACHE_GIB = 2
+OMP_THREADS = 1
 LORA_RANK = 8
 # Startup to a working /health: 90-100 s measured on two idle cores; a shared machine is slower.
 START_TIMEOUT = 420.0
@@ -82,7 +86,7 @@ def install(timeout: float = 1800.0) -> str:
     return path
 
 
-def server_env(kv_cache_gib: int = KV_CACHE_GIB) -> dict[str, str]:
+def server_env(kv_cache_gib: int = KV_CACHE_GIB, omp_threads: int = OMP_THREADS) -> dict[str, str]:
     """The environment vLLM runs with (added to the caller's)."""
     return {
         "HF_HUB_OFFLINE": "1",
@@ -98,10 +102,14 @@ def server_env(kv_cache_gib: int = KV_CACHE_GIB) -> dict[str, str]:
         # vLLM picks its platform from its version string ("+cpu", see scripts/vllm-deps.sh);
         # this names it outright.
         "VLLM_TARGET_DEVICE": "cpu",
+        # The address vLLM gives its internal message queues: loopback, never the host's own.
+        "VLLM_HOST_IP": "127.0.0.1",
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
         "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        # One OpenMP thread (see above): the worker cannot change it after start-up.
+        "OMP_NUM_THREADS": str(omp_threads),
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
     }
 
