@@ -161,9 +161,12 @@ def timed_stream(url: str) -> tuple[float, float, list[str]]:
     return first - t0, end - t0, payloads
 
 
-# The gateway's own cost per request is well under a millisecond; the margin is for a busy
-# two-core machine that runs vLLM, Envoy and the client at once.
+# The gateway's own cost per request is well under a millisecond; the margin is for a two-core
+# machine that runs vLLM, Envoy and the client at once (on a loaded one the pairs differed by
+# several hundred ms either way, so it grows with the direct figure). A gateway that held the
+# stream back would deliver the first token near the end of the stream instead.
 TTFT_MARGIN_S = 0.05
+TTFT_MARGIN_FRACTION = 0.10
 
 
 def test_stream_to_done_first_token_as_direct(gateway, vllm):
@@ -192,7 +195,7 @@ def test_stream_to_done_first_token_as_direct(gateway, vllm):
         f"{[round((b - a) * 1000, 1) for a, b in zip(direct_first, via_first)]} ms); stream {total * 1000:.0f} ms"
     )
     assert v < 0.5 * total, (direct_first, via_first, via_total)
-    assert v <= d + TTFT_MARGIN_S, (direct_first, via_first)
+    assert v <= d * (1 + TTFT_MARGIN_FRACTION) + TTFT_MARGIN_S, (direct_first, via_first)
 
 
 @pytest.fixture()
