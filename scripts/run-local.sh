@@ -71,13 +71,16 @@ cleanup() {
     say "stopping (pids ${PIDS[*]})"
     local pid
     for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for _ in $(seq 1 50); do
+    for _ in $(seq 1 300); do
       local alive=0
       for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
       ((alive)) || break
       sleep 0.1
     done
     for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+    # Each was started by setsid, so its process group is its own: whatever it left behind
+    # (vLLM's engine and worker, should its server have been killed before stopping them).
+    for pid in "${PIDS[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
   fi
   exit "$status"
 }

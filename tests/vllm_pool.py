@@ -135,6 +135,44 @@ def server_argv(vllm: str, port: int, extra: tuple[str, ...] = ()) -> list[str]:
     ]
 
 
+# vLLM runs as three processes: the API server (the pid a starter holds), its engine core, and
+# the engine's worker. On SIGTERM the server stops the other two, but if it is killed first
+# (a stop that ran out of time, or a parent that died), the engine and worker live on,
+# orphaned, holding ~4 GB. Starters therefore note the descendants while the server runs and
+# stop any left after it (by pid).
+STOP_TIMEOUT = 30.0
+
+
+def descendants(pid: int) -> list[int]:
+    """The pids below `pid` (children, grandchildren, ...), from /proc (Linux); [] elsewhere."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                for child in (task / "children").read_text().split():
+                    out.append(int(child))
+                    todo.append(int(child))
+        except OSError:
+            continue
+    return out
+
+
+def kill_leftovers(pids: list[int]) -> list[int]:
+    """SIGKILL each of `pids` still alive (vLLM's engine and worker after its server stopped);
+    returns the ones that were."""
+    import signal
+
+    left = []
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGKILL)
+            left.append(p)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return left
+
+
 def healthy(port: int, timeout: float = 2.0) -> bool:
     """Whether the replica on 127.0.0.1:port serves: vLLM's /health answers 200 only once the
     engine is up (before that the port is closed). Stdlib only: every venv can call it."""

@@ -20,6 +20,8 @@ import importlib.util
 import json
 import os
 import re
+import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -147,8 +149,21 @@ def vllm(session_dir) -> Server:
         time.sleep(0.5)
     took = time.monotonic() - started
     print(f"\nvLLM started in {took:.0f} s (to its first /health 200)", file=sys.stderr)
+    below = vllm_pool.descendants(proc.pid)
     yield Server(port=port, proc=proc, startup_s=took)
+    # SIGTERM lets the server stop its engine and worker (the Proc's 5 s may not be enough:
+    # give it STOP_TIMEOUT), then anything left of them goes by pid.
+    if proc.alive():
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.popen.wait(timeout=vllm_pool.STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pass
     proc.stop()
+    time.sleep(1.0)
+    left = vllm_pool.kill_leftovers(below)
+    if left:
+        print(f"\nvLLM left processes {left} after its server stopped; killed them", file=sys.stderr)
 
 
 def with_vllm_pool(
