@@ -90,11 +90,12 @@ class Server:
 
     def api_requests(self) -> float:
         """Every HTTP request vLLM's API server answered on /v1/ (whatever the status; the
-        FastAPI instrumentator's counter). Envoy's health checks (/health) are not counted."""
+        FastAPI instrumentator's counter), but /v1/models: Envoy's health checks (/health) and
+        a discovering gateway's polls (/v1/models) are not requests a client sent."""
         total = 0.0
         for key, value in self.metrics().items():
             m = re.match(r'^http_requests_total\{(.*)\}$', key)
-            if m and re.search(r'handler="/v1/', m.group(1)):
+            if m and re.search(r'handler="/v1/', m.group(1)) and 'handler="/v1/models"' not in m.group(1):
                 total += value
         return total
 
