@@ -115,6 +115,15 @@ class Server:
         return httpx.post(self.url + "/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60.0)
 
 
+_STARTUP: list[float] = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    """vLLM's start-up time, in the run's own output (CI keeps it)."""
+    for took in _STARTUP:
+        terminalreporter.write_line(f"vLLM started in {took:.0f} s (to its first /health 200)")
+
+
 @pytest.fixture(scope="session")
 def vllm_bin() -> str:
     """The installed `vllm` (scripts/vllm-deps.sh); fails with the installer's output."""
@@ -149,7 +158,7 @@ def vllm(session_dir) -> Server:
             proc.fail(f"/health not 200 within {vllm_pool.START_TIMEOUT:.0f}s")
         time.sleep(0.5)
     took = time.monotonic() - started
-    print(f"\nvLLM started in {took:.0f} s (to its first /health 200)", file=sys.stderr)
+    _STARTUP.append(took)
     below = vllm_pool.descendants(proc.pid)
     yield Server(port=port, proc=proc, startup_s=took)
     # SIGTERM lets the server stop its engine and worker (the Proc's 5 s may not be enough:
