@@ -178,5 +178,5 @@ bench-routing: build venv ## Replica choice: round robin vs least request vs pre
 	fi
 
 .PHONY: bench-llm
-bench-llm: ## GuideLLM through the gateway: the seeds' tables (BACKEND=llama: the real model; own ~6 GB venv, not in test)
+bench-llm: ## GuideLLM through the gateway: the seeds' tables (BACKEND=llama or vllm: a real model server; own ~6 GB venv, not in test)
 	@bash scripts/bench-llm.sh
