@@ -190,12 +190,19 @@ def test_stream_to_done_first_token_as_direct(gateway, vllm):
         usage = [c["usage"] for c in chunks if c.get("usage")]
         assert usage and usage[-1]["completion_tokens"] == STREAM_TOKENS, usage[-1:]
     d, v, total = statistics.median(direct_first), statistics.median(via_first), statistics.median(via_total)
+    d_min, v_min = min(direct_first), min(via_first)
     print(
-        f"first token: direct {d * 1000:.1f} ms, via gateway {v * 1000:.1f} ms (median of 5; pairs "
+        f"first token: direct {d * 1000:.1f} ms, via gateway {v * 1000:.1f} ms (medians of 5; fastest "
+        f"{d_min * 1000:.1f} and {v_min * 1000:.1f} ms; pairs via - direct "
         f"{[round((b - a) * 1000, 1) for a, b in zip(direct_first, via_first)]} ms); stream {total * 1000:.0f} ms"
     )
+    # Not held back: a gateway that buffered the stream would deliver the first token at its end.
     assert v < 0.5 * total, (direct_first, via_first, via_total)
-    assert v <= d * (1 + TTFT_MARGIN_FRACTION) + TTFT_MARGIN_S, (direct_first, via_first)
+    # And not late: the fastest of five through the gateway against the fastest of five direct.
+    # The fastest is the figure a busy machine disturbs least: at a load average of 11, single
+    # pairs differed by -640 to +1220 ms either way, and medians failed the margin once in
+    # three runs; the fastest differed by +108 and -142 ms.
+    assert v_min <= d_min * (1 + TTFT_MARGIN_FRACTION) + TTFT_MARGIN_S, (direct_first, via_first)
 
 
 @pytest.fixture()
