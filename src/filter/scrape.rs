@@ -34,9 +34,10 @@ const METRICS_WINDOW_BYTES: usize = 16 * 1024;
 const LOST_CALL_GRACE_MS: u64 = 1_000;
 
 /// Outcomes of one read of the admin page or of one metrics page.
-const OUTCOMES: [&str; 6] = [
+const OUTCOMES: [&str; 7] = [
     "ok",
     "unreachable",
+    "timeout",
     "http_error",
     "too_large",
     "garbage",
@@ -330,9 +331,25 @@ impl Scraper {
             return false;
         };
         match call {
-            Call::Hosts { .. } => self.hosts_answer(num_headers, body_size),
-            Call::Metrics { pool, address, .. } => {
-                let result = self.read_metrics(num_headers, body_size);
+            Call::Hosts { sent_ms } => {
+                if now_millis().saturating_sub(sent_ms) >= self.hosts.timeout_ms {
+                    self.hosts_failed("timeout", "no answer within timeoutMs");
+                } else {
+                    self.hosts_answer(num_headers, body_size);
+                }
+            }
+            Call::Metrics {
+                pool,
+                address,
+                sent_ms,
+            } => {
+                // Envoy answers a call past its timeout with its own 504: told apart by time.
+                let timeout_ms = self.server_metrics.as_ref().map_or(0, |m| m.timeout_ms);
+                let result = if now_millis().saturating_sub(sent_ms) >= timeout_ms {
+                    Err("timeout")
+                } else {
+                    self.read_metrics(num_headers, body_size)
+                };
                 self.metrics_answer(pool, &address, result);
             }
         }
