@@ -446,6 +446,8 @@ def gateway_config(strategies: list[Strategy], ports: dict[str, int], mock_ports
 
         c = copy.deepcopy(cluster_t)
         c["name"] = s.name
+        # The shipped cluster's policy (override_host, MAGLEV fallback) would take precedence.
+        c.pop("load_balancing_policy", None)
         c["lb_policy"] = s.lb
         c.get("common_lb_config", {}).pop("consistent_hashing_lb_config", None)
         if s.hashed and s.hbf is not None:

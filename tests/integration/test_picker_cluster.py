@@ -281,3 +281,88 @@ def test_strict_dns_hosts_are_the_candidates(mock_factory, envoy_factory, backen
             assert r.headers[SEEN] in {f"127.0.0.1:{m.port}" for m in replicas}
             where.append(r.headers["x-mock-backend"])
     assert set(where) == {"dns-1", "dns-2"}, where
+
+
+# --- The one switch, as shipped: envoy/envoy.yaml and envoy/envoy-k8s.yaml with nothing changed
+# but prefixAffinity.picker.enabled (and the addresses a test must use).
+
+SWITCH_OFF = '"picker":{"enabled":false'
+SWITCH_ON = '"picker":{"enabled":true'
+
+
+def turn_on(cfg: dict) -> None:
+    """The documented one-step change: the filter configuration's picker.enabled to true."""
+    conf = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    plugin = next(f for f in conf["http_filters"] if f["name"] == "envoy.filters.http.wasm")
+    value = plugin["typed_config"]["config"]["configuration"]["value"]
+    assert value.count(SWITCH_OFF) == 1, value
+    plugin["typed_config"]["config"]["configuration"]["value"] = value.replace(SWITCH_OFF, SWITCH_ON)
+
+
+def replicas_as(c: dict, replicas, host: str) -> None:
+    c["load_assignment"]["endpoints"] = [{"lb_endpoints": [
+        {"endpoint": {"address": {"socket_address": {"address": host, "port_value": m.port}}}} for m in replicas]}]
+
+
+@pytest.mark.parametrize("shipped", ["envoy.yaml", "envoy-k8s.yaml"])
+def test_one_switch_turns_the_picker_on_in_the_shipped_configs(shipped, mock_factory, envoy_factory, backends):
+    """Off as shipped: no pick, MAGLEV on the prefix key places the requests (the fallback).
+    On: every request picked over the cluster's hosts, read from Envoy's admin (STATIC in
+    envoy.yaml, STRICT_DNS in envoy-k8s.yaml, where `localhost` stands for the headless
+    Service), unique prompts spread over them, a tenant stays home, and the servers' metrics are
+    scraped."""
+    import conftest
+
+    replicas = [mock_factory(QWEN, f"sw-{shipped[6:9]}-{k}", extra=("--ttft-ms", "5")) for k in range(3)]
+    ids = {m.id for m in replicas}
+
+    def from_shipped(on: bool):
+        def mutate(cfg):
+            if shipped == "envoy-k8s.yaml":
+                k8s = conftest.load_envoy_yaml(conftest.ROOT / "envoy" / shipped)
+                # envoy-k8s.yaml's own clusters and filter; the harness's loopback addresses.
+                k8s["admin"] = cfg["admin"]
+                k8s["static_resources"]["listeners"][0]["address"] = cfg["static_resources"]["listeners"][0]["address"]
+                conftest.wasm_plugin(k8s)["vm_config"]["code"]["local"]["filename"] = str(conftest.WASM)
+                cfg.clear()
+                cfg.update(k8s)
+                conftest.set_cluster_port(cfg, "bbr-envoy-admin", cfg["admin"]["address"]["socket_address"]["port_value"])
+                replicas_as(cluster(cfg, "qwen-vllm"), replicas, "localhost")
+                cluster(cfg, "phi-vllm")["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
+                    "socket_address"].update(address="localhost", port_value=backends.phi.port)
+            else:
+                replicas_as(cluster(cfg, "qwen-vllm"), replicas, "127.0.0.1")
+            if on:
+                turn_on(cfg)
+        return mutate
+
+    ports = {"phi-vllm": backends.phi.port}
+    off = envoy_factory(ports, mutate=from_shipped(False), name=f"switch-off-{shipped}")
+    with httpx.Client(base_url=off.url, timeout=30.0) as client:
+        r = unique(client, 7000, "Off")
+        assert r.status_code == 200, r.text[:300]
+    assert counter(off, "bbr_endpoint_picked_total") == 0
+    off.stop()
+
+    env = envoy_factory(ports, mutate=from_shipped(True), name=f"switch-on-{shipped}")
+    time.sleep(BOUND_S)
+    with httpx.Client(base_url=env.url, timeout=30.0) as client:
+        spread = []
+        for i in range(9):
+            r = unique(client, 7100 + i, "On")
+            assert r.status_code == 200, r.text[:300]
+            spread.append(r.headers["x-mock-backend"])
+        home = {chat(client, tenant_messages(7200, f"Again {q}?")).headers["x-mock-backend"] for q in range(4)}
+    assert set(spread) == ids, spread
+    assert len(home) == 1, home
+    assert counter(env, "bbr_endpoint_picked_total") == 13
+    assert _tagged(env, "bbr_picker_metric_scrapes_total", "ok") > 0
+    assert _tagged(env, "bbr_picker_host_polls_total", "ok") > 0
+
+
+def _tagged(env, name: str, outcome: str) -> int:
+    for line in env.admin(f"/stats?filter={name}").splitlines():
+        key, _, value = line.rpartition(": ")
+        if name in key and f"={outcome};" in key and value.strip().isdigit():
+            return int(value)
+    return 0

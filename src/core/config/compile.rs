@@ -197,12 +197,9 @@ pub(super) fn compile(raw: RawConfig) -> Result<Router, ConfigError> {
                     "needs prefixAffinity.enabled: true (the picker matches the prompt's blocks)",
                 ));
             }
-            Some(compile_picker(
-                raw_picker,
-                &picker_header,
-                prefix.block_bytes,
-                &raw.models,
-            )?)
+            // Checked either way, so turning it on cannot surface a refusal.
+            let picker = compile_picker(raw_picker, &picker_header, prefix.block_bytes, &raw.models)?;
+            raw_picker.enabled.then_some(picker)
         }
         None => None,
     };

@@ -148,6 +148,10 @@ pub struct RawPrefixAffinity {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RawPicker {
+    /// The one switch: `false` keeps the picker's settings checked but off (Envoy's fallback
+    /// policy places every request, as without a picker).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
     #[serde(default = "default_picker_header")]
     pub header: String,
     #[serde(default = "default_picker_lru_blocks")]
