@@ -186,3 +186,23 @@ def test_failed_scrapes_never_stall_a_request_and_are_counted(mock_factory, envo
     # One fallback per host that went without a report (4), counted once per change.
     fallbacks = counter(env, "bbr_picker_load_fallback_total")
     assert 4 <= fallbacks <= 8, fallbacks
+
+
+def test_mock_vllm_background_load_queues_and_reports_like_vllm(mock_factory):
+    """mock-vllm's --background-load: requests from outside any gateway, which queue behind
+    --max-num-seqs and show in /metrics as vLLM reports them (waiting, running, KV use)."""
+    m = mock_factory(QWEN, "bg-1", extra=("--max-num-seqs", "2", "--background-load", "3", "--background-ms", "5000"))
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        text = metrics_of(m.port)
+        if gauge(text, "vllm:num_requests_running") == 2:
+            break
+        time.sleep(0.05)
+    assert gauge(text, "vllm:num_requests_running") == 2, text
+    assert gauge(text, "vllm:num_requests_waiting") == 1, text
+    assert gauge(text, "vllm:kv_cache_usage_perc") == 1.0, text
+    # A request through it now waits for a slot: the background ones hold both for 5 s.
+    t = time.monotonic()
+    r = httpx.post(f"{m.url}/v1/completions", json={"model": QWEN, "prompt": "x", "max_tokens": 1}, timeout=30.0)
+    assert r.status_code == 200
+    assert time.monotonic() - t > 1.0

@@ -198,7 +198,8 @@ pub(super) fn compile(raw: RawConfig) -> Result<Router, ConfigError> {
                 ));
             }
             // Checked either way, so turning it on cannot surface a refusal.
-            let picker = compile_picker(raw_picker, &picker_header, prefix.block_bytes, &raw.models)?;
+            let picker =
+                compile_picker(raw_picker, &picker_header, prefix.block_bytes, &raw.models)?;
             raw_picker.enabled.then_some(picker)
         }
         None => None,
