@@ -257,12 +257,24 @@ both! {
             }
         }
         assert_eq!(at_a, 0);
-        // In-flight counts stand in where they are larger than the report (sent since).
+        // What the server counts beyond Envoy's own requests there (rq_active) is added to the
+        // live in-flight counts: a's 3 are all this Envoy's (their in-flight counts have ended
+        // here since), b's 3 are 1 of Envoy's and 2 from elsewhere, c is idle. So a counts 0,
+        // b 2, c 0: four unique prompts go to a and c, none to b (taking the server's whole
+        // count would put a at 3 and send all four to c).
         let mut q = Picker::new(&[], 100, Scoring { balance_factor: None, ..Scoring::default() });
-        q.set_hosts(&hosts([(0, 1, None), (0, 1, None), (0, 1, None)]), 100);
-        let first = q.pick(&[1], 0).unwrap();
-        let second = q.pick(&[2], 0).unwrap();
-        assert_ne!(first, second);
+        let mut counted = hosts([(1, 2, None), (1, 2, None), (0, 0, None)]);
+        counted[0].host.rq_active = 3;
+        counted[1].host.rq_active = 1;
+        q.set_hosts(&counted, 100);
+        let order: Vec<String> = (0..4u64)
+            .map(|k| {
+                let i = q.pick(&[100 + k], 0).unwrap();
+                q.address(i).unwrap().to_string()
+            })
+            .collect();
+        assert!(!order.iter().any(|a| a == "b:1"), "{order:?}");
+        assert_eq!(order.iter().filter(|a| *a == "a:1").count(), 2, "{order:?}");
         // Equal load and no prefix: the lower KV usage wins, when every candidate reports it.
         let mut r = Picker::new(&[], 100, Scoring::default());
         r.set_hosts(&hosts([(0, 0, Some(900)), (0, 0, Some(100)), (0, 0, Some(500))]), 100);

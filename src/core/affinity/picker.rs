@@ -134,6 +134,9 @@ pub struct Endpoint {
     pub healthy: bool,
     /// The server's own report of its load, when fresh (`core::affinity::hosts`).
     pub server: Option<ServerLoad>,
+    /// Envoy's requests active at the host when its hosts were last read (`rq_active`, every
+    /// worker's): the part of the server's report that is this gateway's own.
+    pub envoy_active: u32,
     pub in_flight: u32,
     pub blocks: BlockLru,
     /// Not picked before this time (ms), after a request picked for it was served elsewhere.
@@ -173,6 +176,7 @@ impl Picker {
                     address: a.clone(),
                     healthy: true,
                     server: None,
+                    envoy_active: 0,
                     in_flight: 0,
                     blocks: BlockLru::new(lru_blocks),
                     down_until_ms: 0,
@@ -238,6 +242,7 @@ impl Picker {
             for (h, e) in hosts.iter().zip(self.endpoints.iter_mut()) {
                 e.healthy = h.host.healthy;
                 e.server = h.load;
+                e.envoy_active = h.host.rq_active;
             }
             return false;
         }
@@ -257,6 +262,7 @@ impl Picker {
                         address: h.host.address.clone(),
                         healthy: true,
                         server: None,
+                        envoy_active: 0,
                         in_flight: 0,
                         blocks: BlockLru::new(lru_blocks),
                         down_until_ms: 0,
@@ -269,6 +275,7 @@ impl Picker {
             self.endpoints.push(Endpoint {
                 healthy: h.host.healthy,
                 server: h.load,
+                envoy_active: h.host.rq_active,
                 ..endpoint
             });
         }
@@ -358,10 +365,13 @@ impl Picker {
                 healthy.get(i).copied().unwrap_or(false)
             }
         };
-        // An endpoint's load: the requests this gateway's workers have in flight there, or,
-        // when the server's own report is fresh, what it counts (waiting + running) if that is
-        // more: it includes other gateways' and other clients' requests, while the in-flight
-        // count includes what was sent since the server was last scraped.
+        // An endpoint's load: the requests this gateway's workers have in flight there (live),
+        // plus, when the server's own report is fresh, what it counts (waiting + running) beyond
+        // this Envoy's own requests there (Envoy's rq_active, read as close to it): other
+        // gateways' and other clients' requests, which the in-flight count cannot see. Adding
+        // the server's whole count instead (or taking the larger) re-counts this gateway's own
+        // requests as they were up to a scrape ago: in make bench-routing it made the control
+        // workload's TTFT p95 least request's.
         let loads: Vec<u64> = self
             .endpoints
             .iter()
@@ -369,7 +379,10 @@ impl Picker {
             .map(|(i, e)| {
                 let own = u64::from(e.in_flight) + u64::from(others.get(i).copied().unwrap_or(0));
                 match e.server {
-                    Some(s) => own.max(u64::from(s.waiting) + u64::from(s.running)),
+                    Some(s) => {
+                        let total = u64::from(s.waiting) + u64::from(s.running);
+                        own + total.saturating_sub(u64::from(e.envoy_active))
+                    }
                     None => own,
                 }
             })
