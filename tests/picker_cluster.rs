@@ -17,6 +17,42 @@ use wasm_bindgen_test::wasm_bindgen_test;
 #[macro_use]
 mod common;
 
+/// `unwrap` for the tests (clippy denies it in the crate, tests included).
+trait Must<T> {
+    fn must(self) -> T;
+}
+
+impl<T> Must<T> for Option<T> {
+    fn must(self) -> T {
+        let Some(v) = self else {
+            unreachable!("expected a value")
+        };
+        v
+    }
+}
+
+impl<T, E: std::fmt::Debug> Must<T> for Result<T, E> {
+    fn must(self) -> T {
+        match self {
+            Ok(v) => v,
+            Err(e) => unreachable!("expected Ok, got {e:?}"),
+        }
+    }
+}
+
+trait MustErr<E> {
+    fn must_err(self) -> E;
+}
+
+impl<T, E> MustErr<E> for Result<T, E> {
+    fn must_err(self) -> E {
+        let Err(e) = self else {
+            unreachable!("expected an error")
+        };
+        e
+    }
+}
+
 /// An admin page as Envoy 1.40 prints it (trimmed to two clusters), with the health flags
 /// proto3 JSON spells only when true.
 const PAGE: &str = r#"{"cluster_statuses":[
@@ -75,9 +111,9 @@ vllm:request_success_total{finished_reason=\"stop\"} 12.0\n";
 
 both! {
     fn the_admin_page_gives_each_clusters_hosts_and_their_health() {
-        let parsed = parse_clusters(PAGE.as_bytes(), &["qwen-vllm", "nope"]).unwrap();
+        let parsed = parse_clusters(PAGE.as_bytes(), &["qwen-vllm", "nope"]).must();
         assert_eq!(parsed[1], None);
-        let hosts = parsed[0].clone().unwrap();
+        let hosts = parsed[0].clone().must();
         let summary: Vec<(&str, bool, u32)> =
             hosts.iter().map(|h| (h.address.as_str(), h.healthy, h.rq_active)).collect();
         assert_eq!(
@@ -95,7 +131,7 @@ both! {
         // Garbage is refused, an empty page lists nothing.
         assert!(parse_clusters(b"not json", &["qwen-vllm"]).is_err());
         assert!(parse_clusters(b"{\"cluster_statuses\": 3}", &["qwen-vllm"]).is_err());
-        assert_eq!(parse_clusters(b"{}", &["qwen-vllm"]).unwrap(), vec![None]);
+        assert_eq!(parse_clusters(b"{}", &["qwen-vllm"]).must(), vec![None]);
     }
 
     fn snapshots_and_leases_round_trip_and_refuse_anything_else() {
@@ -184,34 +220,34 @@ both! {
         let c = host("10.0.0.3:8000", true);
         assert!(p.set_hosts(&[a.clone(), b.clone()], 100));
         assert!(!p.set_hosts(&[a.clone(), b.clone()], 100), "same list: no change");
-        let first = p.pick(&[1, 2, 3], 0).unwrap();
-        let home = p.address(first).unwrap().to_string();
-        let id = p.id_of(first).unwrap();
+        let first = p.pick(&[1, 2, 3], 0).must();
+        let home = p.address(first).must().to_string();
+        let id = p.id_of(first).must();
         // A host added in front: indexes move, the home keeps its blocks and its count.
         assert!(p.set_hosts(&[c.clone(), a.clone(), b.clone()], 100));
-        let now_at = p.index_of(&home).unwrap();
+        let now_at = p.index_of(&home).must();
         assert_eq!(p.index_of_id(id), Some(now_at));
         assert_eq!(p.endpoints()[now_at].in_flight, 1);
         assert_eq!(p.endpoints()[now_at].blocks.leading_matches(&[1, 2, 3]), 3);
         p.done_id(id);
         assert_eq!(p.endpoints()[now_at].in_flight, 0);
         // Its prompt goes home again.
-        let again = p.pick(&[1, 2, 3], 0).unwrap();
+        let again = p.pick(&[1, 2, 3], 0).must();
         assert_eq!(p.address(again), Some(home.as_str()));
-        let again_id = p.id_of(again).unwrap();
+        let again_id = p.id_of(again).must();
         // The home removed: never picked; its request in flight ends quietly.
         let rest: Vec<HostState> = [c, a, b].into_iter().filter(|h| h.host.address != home).collect();
         assert!(p.set_hosts(&rest, 100));
         p.done_id(again_id);
         for _ in 0..10 {
-            let i = p.pick(&[1, 2, 3], 0).unwrap();
+            let i = p.pick(&[1, 2, 3], 0).must();
             assert_ne!(p.address(i), Some(home.as_str()));
         }
         // Back again: a new endpoint, learned nothing.
         let mut back = rest.clone();
         back.push(host(&home, true));
         p.set_hosts(&back, 100);
-        let i = p.index_of(&home).unwrap();
+        let i = p.index_of(&home).must();
         assert_eq!(p.endpoints()[i].blocks.leading_matches(&[1, 2, 3]), 0);
         assert_ne!(p.id_of(i), Some(again_id));
     }
@@ -220,19 +256,19 @@ both! {
         let mut p = Picker::new(&[], 100, Scoring::default());
         p.set_hosts(&[host("a:1", true), host("b:1", false), host("c:1", true)], 100);
         for k in 0..30 {
-            let i = p.pick(&[k, k + 1], 0).unwrap();
+            let i = p.pick(&[k, k + 1], 0).must();
             assert_ne!(p.address(i), Some("b:1"));
         }
         // Its prefix's home turns unhealthy: the prompt goes elsewhere.
-        let home = p.pick(&[500, 501], 0).unwrap();
-        let home_addr = p.address(home).unwrap().to_string();
+        let home = p.pick(&[500, 501], 0).must();
+        let home_addr = p.address(home).must().to_string();
         p.done(home);
         let hosts: Vec<HostState> = ["a:1", "b:1", "c:1"]
             .iter()
             .map(|a| host(a, *a != home_addr && *a != "b:1"))
             .collect();
         p.set_hosts(&hosts, 100);
-        let moved = p.pick(&[500, 501], 0).unwrap();
+        let moved = p.pick(&[500, 501], 0).must();
         assert_ne!(p.address(moved), Some(home_addr.as_str()));
         p.set_hosts(&[host("a:1", false), host("b:1", false)], 100);
         assert_eq!(p.pick(&[1], 0), None);
@@ -251,7 +287,7 @@ both! {
         p.set_hosts(&hosts([(12, 2, None), (0, 1, None), (0, 1, None)]), 100);
         let mut at_a = 0;
         for k in 0..12u64 {
-            let i = p.pick(&[k * 10 + 1], 0).unwrap();
+            let i = p.pick(&[k * 10 + 1], 0).must();
             if p.address(i) == Some("a:1") {
                 at_a += 1;
             }
@@ -269,8 +305,8 @@ both! {
         q.set_hosts(&counted, 100);
         let order: Vec<String> = (0..4u64)
             .map(|k| {
-                let i = q.pick(&[100 + k], 0).unwrap();
-                q.address(i).unwrap().to_string()
+                let i = q.pick(&[100 + k], 0).must();
+                q.address(i).must().to_string()
             })
             .collect();
         assert!(!order.iter().any(|a| a == "b:1"), "{order:?}");
@@ -278,18 +314,18 @@ both! {
         // Equal load and no prefix: the lower KV usage wins, when every candidate reports it.
         let mut r = Picker::new(&[], 100, Scoring::default());
         r.set_hosts(&hosts([(0, 0, Some(900)), (0, 0, Some(100)), (0, 0, Some(500))]), 100);
-        let i = r.pick(&[], 0).unwrap();
+        let i = r.pick(&[], 0).must();
         assert_eq!(r.address(i), Some("b:1"));
         // One candidate without a KV report: KV is left out for all (ties rotate from a).
         let mut s = Picker::new(&[], 100, Scoring::default());
         s.set_hosts(&hosts([(0, 0, Some(900)), (0, 0, None), (0, 0, Some(100))]), 100);
-        let i = s.pick(&[], 0).unwrap();
+        let i = s.pick(&[], 0).must();
         assert_eq!(s.address(i), Some("a:1"));
         // KV weight 0: no KV score.
         let mut t = Picker::new(&[], 100, Scoring::default());
         t.set_kv_weight(0);
         t.set_hosts(&hosts([(0, 0, Some(900)), (0, 0, Some(100)), (0, 0, Some(500))]), 100);
-        let i = t.pick(&[], 0).unwrap();
+        let i = t.pick(&[], 0).must();
         assert_eq!(t.address(i), Some("a:1"));
     }
 
@@ -297,11 +333,11 @@ both! {
         let mut p = Picker::new(&[], 100, Scoring::default());
         p.set_sharing("qwen", 64);
         p.set_hosts(&[host("a:1", true), host("b:1", true)], 100);
-        let two = p.shared_table().unwrap().pool_tag();
+        let two = p.shared_table().must().pool_tag();
         p.set_hosts(&[host("a:1", true), host("b:1", false)], 100);
-        assert_eq!(p.shared_table().unwrap().pool_tag(), two, "health alone keeps the tag");
+        assert_eq!(p.shared_table().must().pool_tag(), two, "health alone keeps the tag");
         p.set_hosts(&[host("a:1", true), host("b:1", true), host("c:1", true)], 100);
-        assert_ne!(p.shared_table().unwrap().pool_tag(), two);
+        assert_ne!(p.shared_table().must().pool_tag(), two);
         assert!(p.shared_load().is_some());
         let mut q = Picker::new(&[], 100, Scoring::default());
         q.set_sharing("qwen", 0);
@@ -319,11 +355,11 @@ both! {
             config(r#"{"hosts":{},"serverMetrics":{"waiting":["my:queue"]},"pools":[{"cluster":"c","baseModels":["m"]}]}"#)
                 .as_bytes(),
         )
-        .unwrap();
-        let picker = ok.prefix_affinity.unwrap().picker.unwrap();
-        let hosts = picker.hosts.unwrap();
+        .must();
+        let picker = ok.prefix_affinity.must().picker.must();
+        let hosts = picker.hosts.must();
         assert_eq!((hosts.cluster.as_str(), hosts.path.as_str(), hosts.interval_ms), ("bbr-envoy-admin", "/clusters?format=json", 250));
-        let metrics = picker.server_metrics.unwrap();
+        let metrics = picker.server_metrics.must();
         assert_eq!(metrics.interval_ms, 100);
         assert!(metrics.names.waiting.iter().any(|n| n == "my:queue"));
         assert!(metrics.names.waiting.iter().any(|n| n == "vllm:num_requests_waiting"));
@@ -343,7 +379,7 @@ both! {
             (r#"{"hosts":{},"kvWeight":101,"pools":[{"cluster":"c"}]}"#, "prefixAffinity.picker.kvWeight"),
         ];
         for (picker, field) in refusals {
-            let err = Router::from_json(config(picker).as_bytes()).map(|_| ()).unwrap_err().to_string();
+            let err = Router::from_json(config(picker).as_bytes()).map(|_| ()).must_err().to_string();
             assert!(err.contains(field), "{picker}: {err}");
         }
     }

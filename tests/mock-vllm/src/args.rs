@@ -81,7 +81,8 @@ impl Config {
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
-    Run(Config),
+    /// Boxed: the configuration is far larger than `Help`.
+    Run(Box<Config>),
     Help,
 }
 
@@ -186,7 +187,7 @@ where
         }
     }
 
-    Ok(Command::Run(Config {
+    Ok(Command::Run(Box::new(Config {
         listen,
         model,
         loras,
@@ -196,7 +197,7 @@ where
         max_model_len: max_model_len.unwrap_or(4096),
         allow_non_loopback,
         engine: engine.finish(),
-    }))
+    })))
 }
 
 /// The prefix-cache and timing-model options (see cache.rs).
@@ -305,7 +306,7 @@ mod tests {
 
     fn run(args: &[&str]) -> Result<Config, String> {
         match parse(args.iter().copied())? {
-            Command::Run(c) => Ok(c),
+            Command::Run(c) => Ok(*c),
             Command::Help => Err("help".into()),
         }
     }
