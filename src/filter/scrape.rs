@@ -398,9 +398,9 @@ impl Scraper {
                     Vec::new()
                 }
             };
-            if hosts != pool.hosts {
-                pool.dirty = true;
-            }
+            // Published after every good read, changed or not: the snapshot's stamp is how the
+            // workers tell a live scraper from a stale one.
+            pool.dirty = true;
             // Reports of hosts no longer listed go.
             pool.loads
                 .retain(|a, _| hosts.iter().any(|h| &h.address == a));

@@ -242,6 +242,10 @@ def test_a_host_marked_unhealthy_by_eds_gets_nothing(eds_pool):
             where.append(r.headers["x-mock-backend"])
     assert sick.id not in where, where
     write_eds(eds_path, [m.port for m in replicas[1:]])
+    # The hosts were read all along (the fixture's Envoy has run for seconds, past the 2 s a
+    # snapshot takes to be called stale): never stale, every read answered.
+    assert counter(env, "bbr_picker_hosts_stale_total") == 0
+    assert _tagged(env, "bbr_picker_host_polls_total", "ok") > 20
 
 
 def test_a_host_failing_health_checks_gets_zero_requests_without_retry(mock_factory, envoy_factory, backends):
