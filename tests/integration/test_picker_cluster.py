@@ -35,19 +35,6 @@ BOUND_S = 1.0
 ADMIN_CLUSTER = "bbr-envoy-admin"
 
 
-def admin_cluster(admin_port: int) -> dict:
-    return {
-        "name": ADMIN_CLUSTER,
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "load_assignment": {
-            "cluster_name": ADMIN_CLUSTER,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
-                "address": "127.0.0.1", "port_value": admin_port}}}}]}],
-        },
-    }
-
-
 def without_retry(cfg: dict) -> None:
     for r in routes(cfg):
         if r["route"].get("cluster") == "qwen-vllm":
@@ -85,8 +72,6 @@ def picker_cluster_envoy(envoy_factory, backends, replicas, name, kind="EDS", ed
     """Envoy with `concurrency` workers, the picker on qwen-vllm with `hosts` (no endpoints),
     the retry off, qwen-vllm's hosts from an EDS file (`kind` EDS), DNS (STRICT_DNS, each
     replica as `localhost`) or the static list (STATIC)."""
-    admin_port_box = {}
-
     def mutate_cfg(cfg):
         c = cluster(cfg, "qwen-vllm")
         use_picker_policy(c, routes(cfg))
@@ -113,9 +98,10 @@ def picker_cluster_envoy(envoy_factory, backends, replicas, name, kind="EDS", ed
         for r in routes(cfg):
             r.setdefault("response_headers_to_add", []).append(
                 {"header": {"key": SEEN, "value": f"%REQ({PICKER_HEADER})%"}})
+        # The shipped bbr-envoy-admin cluster, which the harness points at this Envoy's admin.
         admin_port = cfg["admin"]["address"]["socket_address"]["port_value"]
-        admin_port_box["port"] = admin_port
-        cfg["static_resources"]["clusters"].append(admin_cluster(admin_port))
+        admin = cluster(cfg, ADMIN_CLUSTER)["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+        assert admin["endpoint"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": admin_port}
         config = json.loads(json.dumps(DEFAULT_FILTER_CONFIG))
         picker = {"hosts": {"intervalMs": 100}, "pools": [{"cluster": "qwen-vllm", "baseModels": [QWEN]}]}
         picker.update(picker_extra or {})
