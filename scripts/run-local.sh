@@ -56,6 +56,10 @@ BACKEND="${BACKEND:-mock}"
 ENVOY_CONFIG=envoy/envoy.yaml
 START_TIMEOUT=30 # seconds per process
 DISCOVERY="${DISCOVERY:-}"
+# PICKER=1: the endpoint picker on (the one switch, prefixAffinity.picker.enabled), with three
+# Qwen replicas that run at most 4 requests at once each (vLLM's --max-num-seqs); more wait.
+PICKER="${PICKER:-}"
+PICKER_QWEN_PORTS=(8005 8006)
 # DISCOVERY=1: the filter configuration of envoy/envoy.yaml, replaced by pools only.
 DISCOVERY_CONFIG='{"pools":[{"cluster":"qwen-vllm","intervalMs":2000},{"cluster":"phi-vllm","intervalMs":2000}]}'
 
@@ -111,6 +115,11 @@ case "$BACKEND" in
 esac
 if [[ "$BACKEND" == llama && -n "$DISCOVERY" && "$DISCOVERY" != 0 ]]; then
   die "BACKEND=llama and DISCOVERY=1 are separate modes; choose one"
+fi
+if [[ -n "$PICKER" && "$PICKER" != 0 ]]; then
+  # Checked before anything starts: the picker's extra replicas take 8005-8006, vLLM's port.
+  [[ "$BACKEND" == mock && ( -z "$DISCOVERY" || "$DISCOVERY" == 0 ) ]] || die "PICKER=1 runs with the mock backends only"
+  ports+=("${PICKER_QWEN_PORTS[@]}")
 fi
 for port in "${ports[@]}"; do
   port_busy "$port" && die "127.0.0.1:$port is already in use (another 'make run'?)"
@@ -175,8 +184,11 @@ wait_for() {
 # --- backends ----------------------------------------------------------------------------
 ttft="${MOCK_TTFT_MS:-0}"
 itl="${MOCK_ITL_MS:-20}"
+queue=()
+if [[ -n "$PICKER" && "$PICKER" != 0 ]]; then queue=(--prefill-tokens-per-s 20000 --max-num-seqs 4); fi
 start "mock-vllm qwen" "$RUN/mock-qwen.log" \
-  "$MOCK" --listen "127.0.0.1:$QWEN_PORT" --model "$QWEN" --lora "$LORA" --id qwen-a --ttft-ms "$ttft" --itl-ms "$itl"
+  "$MOCK" --listen "127.0.0.1:$QWEN_PORT" --model "$QWEN" --lora "$LORA" --id qwen-a --ttft-ms "$ttft" --itl-ms "$itl" \
+  "${queue[@]}"
 QWEN_PID="${PIDS[-1]}"
 start "mock-vllm phi" "$RUN/mock-phi.log" \
   "$MOCK" --listen "127.0.0.1:$PHI_PORT" --model "$PHI" --id phi-a --ttft-ms "$ttft" --itl-ms "$itl"
@@ -185,6 +197,17 @@ wait_for "mock-vllm qwen" "$QWEN_PID" "$RUN/mock-qwen.log" grep -q listening "$R
 wait_for "mock-vllm phi" "$PHI_PID" "$RUN/mock-phi.log" grep -q listening "$RUN/mock-phi.log"
 
 healthy_count=2
+if [[ -n "$PICKER" && "$PICKER" != 0 ]]; then
+  for i in "${!PICKER_QWEN_PORTS[@]}"; do
+    port="${PICKER_QWEN_PORTS[$i]}"
+    id="qwen-$((i + 2))"
+    start "mock-vllm $id" "$RUN/mock-$id.log" \
+      "$MOCK" --listen "127.0.0.1:$port" --model "$QWEN" --lora "$LORA" --id "$id" --ttft-ms "$ttft" --itl-ms "$itl" \
+      --prefill-tokens-per-s 20000 --max-num-seqs 4
+    wait_for "mock-vllm $id" "${PIDS[-1]}" "$RUN/mock-$id.log" grep -q listening "$RUN/mock-$id.log"
+  done
+  healthy_count=$((healthy_count + ${#PICKER_QWEN_PORTS[@]}))
+fi
 if [[ "$BACKEND" == llama ]]; then
   for i in "${!LLAMA_PORTS[@]}"; do
     port="${LLAMA_PORTS[$i]}"
@@ -228,6 +251,19 @@ if [[ "$BACKEND" == vllm ]]; then
   .venv/bin/python tests/vllm_pool.py envoy-config "$ENVOY_CONFIG" "$vllm_config" "$VLLM_PORT" \
     $([[ -n "$DISCOVERY" && "$DISCOVERY" != 0 ]] && echo --discovery)
   ENVOY_CONFIG="$vllm_config"
+fi
+if [[ -n "$PICKER" && "$PICKER" != 0 ]]; then
+  # The one switch, and the two extra replicas in qwen-vllm's endpoints (the filter reads
+  # them, and their health, from Envoy's own admin).
+  ENVOY_CONFIG="$RUN/envoy-picker.yaml"
+  extra=""
+  for port in "${PICKER_QWEN_PORTS[@]}"; do
+    extra+="        - endpoint:\n            address:\n              socket_address: { address: 127.0.0.1, port_value: $port }\n"
+  done
+  perl -0pe 's/"picker":\{"enabled":false/"picker":{"enabled":true/ or die "no switch\n";
+    s/(port_value: '"$QWEN_PORT"' \}\n)/$1'"$extra"'/ or die "no qwen endpoint\n"' \
+    envoy/envoy.yaml >"$ENVOY_CONFIG" || die "envoy/envoy.yaml: cannot turn the picker on"
+  say "picker on: $ENVOY_CONFIG (qwen-vllm: 127.0.0.1:$QWEN_PORT, ${PICKER_QWEN_PORTS[*]/#/127.0.0.1:})"
 fi
 # Started after the backends so its first health check finds them up.
 start "Envoy" "$RUN/envoy.log" "$ENVOY" -c "$ENVOY_CONFIG" --concurrency 2 --use-dynamic-base-id \

@@ -10,6 +10,7 @@
 
 mod http;
 mod root;
+mod scrape;
 mod shared;
 
 use crate::core::routing::discovery::PollOutcome;

@@ -119,6 +119,7 @@ class Strategy:
     prefix_blocks: Optional[int] = None  # the key's prefixBlocks (hashing strategies only)
     lru_matched: bool = False           # picker: lruBlocks = the replica's cache, in key blocks
     load_weight: Optional[int] = None   # picker: loadWeight (None: the filter's default, 2)
+    metrics: bool = False               # picker: hosts from Envoy's admin, the servers' own load
 
     @property
     def hashed(self) -> bool:
@@ -136,6 +137,7 @@ MAIN = (
     Strategy("least_request", "LEAST_REQUEST"),
     Strategy("affinity", DEFAULT_LB, DEFAULT_HBF, DEFAULT_PREFIX_BLOCKS),
     Strategy("picker", "PICKER", DEFAULT_PICKER_BALANCE),
+    Strategy("picker_metrics", "PICKER", DEFAULT_PICKER_BALANCE, metrics=True),
 )
 HEAD_TO_HEAD = ("affinity", "picker")    # the strategies the issue's targets are checked for
 
@@ -172,6 +174,12 @@ class KeySource:
             # prompt's blocks, which only the filter reads.
             picker: dict = {"balanceFactor": strategy.hbf,
                             "pools": [{"cluster": strategy.name, "baseModels": [MODEL], "endpoints": endpoints}]}
+            if strategy.metrics:
+                # The shipped switch's sources: the hosts and their health from Envoy's admin,
+                # each server's waiting/running/KV from its /metrics (every 50 ms, as llm-d's EPP).
+                picker["hosts"] = {"intervalMs": 100}
+                picker["serverMetrics"] = {"intervalMs": 50}
+                del picker["pools"][0]["endpoints"]
             if strategy.load_weight is not None:
                 picker["loadWeight"] = strategy.load_weight
             if strategy.lru_matched:
@@ -225,6 +233,7 @@ class Workload:
     working_set_blocks: int = 0
     oracle_hit_rate: float = 0.0
     prompt_tokens_mean: float = 0.0
+    background: int = 0        # direct senders to replica-0 during the replay
 
 
 def body_of(messages: list[dict]) -> dict:
@@ -295,6 +304,20 @@ def control_workload(n: int, rng: random.Random) -> Workload:
     times, rate = pace(bodies, rng)
     return Workload("control", "no shared prefixes: a unique 4 KiB system prompt per request",
                     [Req(t, b, None) for t, b in zip(times, bodies)], rate)
+
+
+# Background load: direct senders to replica-0, around the gateway, in a closed loop for the
+# whole replay; each a unique 4 KiB prompt (a prefill of ~1024 tokens) and MAX_TOKENS tokens.
+BACKGROUND_SENDERS = 12
+
+
+def background_workload(n: int, rng: random.Random) -> Workload:
+    w = tenants_workload(n, rng)
+    w.name = "background"
+    w.description = (f"the tenants workload while replica-0 also serves {BACKGROUND_SENDERS} closed-loop "
+                     "clients of its own (unique 4 KiB prompts), which the gateway does not see")
+    w.background = BACKGROUND_SENDERS
+    return w
 
 
 def oracle(w: Workload) -> None:
@@ -443,9 +466,16 @@ def gateway_config(strategies: list[Strategy], ports: dict[str, int], mock_ports
                 conf["configuration"]["value"] = json.dumps(keys.filter_config(s, endpoints, cache_blocks),
                                                             separators=(",", ":"))
         listeners.append(lst)
+        if s.metrics and not any(c["name"] == "bbr-envoy-admin" for c in clusters):
+            admin = copy.deepcopy(next(c for c in base["static_resources"]["clusters"] if c["name"] == "bbr-envoy-admin"))
+            admin["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"][
+                "port_value"] = ports["admin"]
+            clusters.append(admin)
 
         c = copy.deepcopy(cluster_t)
         c["name"] = s.name
+        # The shipped cluster's policy (override_host, MAGLEV fallback) would take precedence.
+        c.pop("load_balancing_policy", None)
         c["lb_policy"] = s.lb
         c.get("common_lb_config", {}).pop("consistent_hashing_lb_config", None)
         if s.hashed and s.hbf is not None:
@@ -527,10 +557,27 @@ async def send(client: httpx.AsyncClient, port: int, body: dict, headers: dict, 
     return out
 
 
-async def replay(w: Workload, port: int, strategy: Strategy, keys: KeySource) -> tuple[list[Outcome], float]:
+async def replay(w: Workload, port: int, strategy: Strategy, keys: KeySource,
+                 background_port: int = 0) -> tuple[list[Outcome], float]:
     limits = httpx.Limits(max_connections=512, max_keepalive_connections=64)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(60.0)) as client:
         loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        brng = random.Random(99)
+
+        async def background(k: int) -> None:
+            n = 0
+            while not stop.is_set():   # bounded: ends with the replay
+                body = body_of([{"role": "user", "content": f"{k} {n} " + text(brng, 4096)}])
+                n += 1
+                try:
+                    await client.post(f"http://127.0.0.1:{background_port}{PATH}", json=body)
+                except (httpx.HTTPError, OSError):
+                    await asyncio.sleep(0.1)
+
+        senders = [asyncio.create_task(background(k)) for k in range(w.background if background_port else 0)]
+        if senders:
+            await asyncio.sleep(2.0)   # the queue builds before the gateway's first request
         t0 = loop.time() + 0.05
         done: list[asyncio.Event] = [asyncio.Event() for _ in w.reqs]
         results: list[Optional[Outcome]] = [None] * len(w.reqs)
@@ -544,6 +591,8 @@ async def replay(w: Workload, port: int, strategy: Strategy, keys: KeySource) ->
 
         await asyncio.gather(*(one(i, r) for i, r in enumerate(w.reqs)))
         wall = loop.time() - t0
+        stop.set()
+        await asyncio.gather(*senders)
     return [r or Outcome(error="not sent") for r in results], wall
 
 
@@ -561,7 +610,8 @@ def run_one(w: Workload, strategy: Strategy, ports: dict[str, int], mocks: list[
     for m in mocks:
         m.reset_cache()
     before = [m.counters() for m in mocks]
-    outcomes, wall = asyncio.run(replay(w, ports[strategy.name], strategy, keys))
+    outcomes, wall = asyncio.run(replay(w, ports[strategy.name], strategy, keys,
+                                        background_port=mocks[0].port if w.background else 0))
     after = [m.counters() for m in mocks]
     queries = sum(a[0] - b[0] for a, b in zip(after, before))
     hits = sum(a[1] - b[1] for a, b in zip(after, before))
@@ -590,6 +640,8 @@ def run_one(w: Workload, strategy: Strategy, ports: dict[str, int], mocks: list[
         "throughput_rps": len(ok) / span if span > 0 else 0.0,
         "offered_rps": w.rate,
         "per_replica": per_replica,
+        "latency_p95_ms_by_replica": {b: pct([o.latency_ms for o in ok if o.backend == b], 95) for b in per_replica},
+        "ttft_p95_ms_by_replica": {b: pct([o.ttft_ms for o in ok if o.backend == b], 95) for b in per_replica},
         "max_over_mean": max(counts) / statistics.mean(counts) if counts and statistics.mean(counts) else float("nan"),
         "key_mismatches": mismatched,
     }
@@ -643,6 +695,22 @@ def targets(rows: list[dict]) -> list[dict]:
                   af["throughput_rps"] / lr["throughput_rps"], 1.05,
                   abs(af["throughput_rps"] / lr["throughput_rps"] - 1) <= 0.05,
                   f"{af['throughput_rps']:.1f} vs {lr['throughput_rps']:.1f} req/s")
+    # The picker with the servers' own load against the picker with in-flight counts alone.
+    pm, pi = find(rows, "background", "picker_metrics", c), find(rows, "background", "picker", c)
+    if pm and pi:
+        check("background: picker_metrics TTFT p95 <= 0.6x picker's (in-flight only)",
+              pm["ttft_p95_ms"] / pi["ttft_p95_ms"], 0.6, pm["ttft_p95_ms"] <= 0.6 * pi["ttft_p95_ms"],
+              f"{pm['ttft_p95_ms']:.1f} ms vs {pi['ttft_p95_ms']:.1f} ms; replica-0 got "
+              f"{pm['per_replica'].get('replica-0', 0)} / {pi['per_replica'].get('replica-0', 0)} of {pm['ok']}")
+    for wl in ("tenants", "conversations", "control"):
+        pm, pi = find(rows, wl, "picker_metrics", c), find(rows, wl, "picker", c)
+        if pm and pi:
+            if wl != "control":    # nothing to hit there
+                check(f"{wl}: picker_metrics hit rate >= picker's / 1.05", pm["hit_rate"] / max(pi["hit_rate"], 1e-9),
+                      1 / 1.05, pm["hit_rate"] * 1.05 >= pi["hit_rate"], f"{pm['hit_rate']:.3f} vs {pi['hit_rate']:.3f}")
+            check(f"{wl}: picker_metrics TTFT p95 <= 1.05x picker's", pm["ttft_p95_ms"] / pi["ttft_p95_ms"], 1.05,
+                  pm["ttft_p95_ms"] <= 1.05 * pi["ttft_p95_ms"],
+                  f"{pm['ttft_p95_ms']:.1f} ms vs {pi['ttft_p95_ms']:.1f} ms")
     return out
 
 
@@ -766,6 +834,7 @@ def main() -> int:
     ap.add_argument("--only", default="", help="comma-separated strategy names (exploring; the committed "
                     "results come from a full run)")
     ap.add_argument("--capacities", default="", help="comma-separated capacities, e.g. 0.5")
+    ap.add_argument("--workloads", default="", help="comma-separated workload names (exploring)")
     ap.add_argument("--workers", type=int, default=1,
                     help="Envoy worker threads (--concurrency); each keeps its own affinity counts and "
                          "picker tables, so more workers show what a production Envoy's split costs")
@@ -780,7 +849,10 @@ def main() -> int:
     rng = random.Random(15)
     workloads = [tenants_workload(int(480 * scale), rng),
                  conversations_workload(int(32 * scale) or 1, 8, rng),
-                 control_workload(int(360 * scale), rng)]
+                 control_workload(int(360 * scale), rng),
+                 background_workload(int(480 * scale), rng)]
+    if args.workloads:
+        workloads = [w for w in workloads if w.name in args.workloads.split(",")]
     for w in workloads:
         oracle(w)
         say(f"workload {w.name}: {len(w.reqs)} requests at {w.rate:.1f}/s, working set {w.working_set_blocks} "
@@ -809,7 +881,7 @@ def main() -> int:
     try:
         for cap in capacities:
             for w in workloads:
-                if w.name == "control" and cap != TARGET_CAPACITY:
+                if w.name in ("control", "background") and cap != TARGET_CAPACITY:
                     continue       # nothing is shared: capacity changes nothing
                 blocks = max(1, round(cap * w.working_set_blocks)) if w.working_set_blocks else 1000
                 mocks = [Mock(i, blocks, work) for i in range(REPLICAS)]

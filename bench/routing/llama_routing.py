@@ -134,6 +134,8 @@ def envoy_config(port: int, admin: int, replica_ports: list[int]) -> dict:
     shipped = next(c for c in clusters if c["name"] == llama_pool.CLUSTER)
     rr_cluster = copy.deepcopy(shipped)
     rr_cluster["name"] = rr_cluster["load_assignment"]["cluster_name"] = "smollm-rr"
+    # The shipped policy (override_host, MAGLEV fallback) would take precedence over lb_policy.
+    rr_cluster.pop("load_balancing_policy", None)
     rr_cluster["lb_policy"] = "ROUND_ROBIN"
     rr_cluster["common_lb_config"].pop("consistent_hashing_lb_config", None)
     clusters.append(rr_cluster)

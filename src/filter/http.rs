@@ -2,7 +2,6 @@
 
 use super::{now_millis, now_nanos, shared, Metrics};
 use crate::core::affinity::picker::Picker;
-use crate::core::affinity::settings::PickerPool;
 use crate::core::affinity::shared_blocks::not_entries;
 use crate::core::config::LOCAL_REPLY_HEADER;
 use crate::core::overload::HeldBodies;
@@ -70,7 +69,7 @@ pub(super) struct BbrHttp {
     pub(super) metrics: Rc<Metrics>,
     /// This worker's endpoint pickers (`prefixAffinity.picker`).
     pub(super) pickers: Rc<RefCell<Vec<Picker>>>,
-    /// (picker pool, endpoint) this request was counted in flight at, until the stream ends.
+    /// (picker pool, endpoint id) this request was counted in flight at, until the stream ends.
     pub(super) picked: Option<(usize, usize)>,
     /// The prompt's block hashes the pick recorded, kept to record them where Envoy really
     /// sent the request if that was elsewhere (at most `picker.maxBlocks`).
@@ -105,11 +104,10 @@ impl Drop for BbrHttp {
         if let Some((pool, endpoint)) = self.picked.take() {
             if let Ok(mut pickers) = self.pickers.try_borrow_mut() {
                 if let Some(picker) = pickers.get_mut(pool) {
-                    picker.done(endpoint);
+                    picker.done_id(endpoint);
                     // The other workers see the request end.
-                    if let Some(load) = self.picker_pool(pool).and_then(|p| p.shared_load.as_ref())
-                    {
-                        if shared::publish_load(self.id, load, picker, None, now_millis()) {
+                    if let Some(load) = picker.shared_load() {
+                        if shared::publish_load(self.id, &load, picker, None, now_millis()) {
                             self.metrics
                                 .increment(self.metrics.endpoint_shared_unusable);
                         }
@@ -459,9 +457,17 @@ impl BbrHttp {
             return Ok(());
         };
         let now = now_millis();
+        // The pool's tables shared with the other workers, for its current endpoints.
+        let (table, load) = match self.pickers.try_borrow() {
+            Ok(pickers) => match pickers.get(pool) {
+                Some(picker) => (picker.shared_table(), picker.shared_load()),
+                None => return Ok(()),
+            },
+            Err(_) => return Ok(()),
+        };
+        let (table, load) = (table.as_deref(), load.as_deref());
         // What the other workers sent where: the pool's slots in the shared data, read before
         // the pick and updated after it (see `shared`: a failure leaves this worker's own).
-        let table = config.pools.get(pool).and_then(|p| p.shared.as_ref());
         let deepest = match table {
             Some(table) if !hashes.is_empty() => Some(shared::read_deepest(self.id, table, hashes)),
             _ => None,
@@ -482,7 +488,6 @@ impl BbrHttp {
             }
             _ => Vec::new(),
         };
-        let load = config.pools.get(pool).and_then(|p| p.shared_load.as_ref());
         let chosen = {
             let Ok(mut pickers) = self.pickers.try_borrow_mut() else {
                 return Ok(());
@@ -510,13 +515,13 @@ impl BbrHttp {
             };
             let chosen = picker
                 .pick_shared(hashes, &learned, &others, now)
-                .and_then(|i| picker.address(i).map(|a| (i, a.to_string())));
+                .and_then(|i| Some((i, picker.id_of(i)?, picker.address(i)?.to_string())));
             if let (Some(load), Some(_)) = (load, &chosen) {
                 failed |= shared::publish_load(self.id, load, picker, claim, now);
             }
             chosen
         };
-        let Some((endpoint, address)) = chosen else {
+        let Some((endpoint, id, address)) = chosen else {
             return Ok(());
         };
         if let (Some(table), Some(deepest)) = (table, &deepest) {
@@ -527,7 +532,7 @@ impl BbrHttp {
             self.metrics
                 .add(self.metrics.endpoint_shared_unusable, unusable as u64);
         }
-        self.picked = Some((pool, endpoint));
+        self.picked = Some((pool, id));
         self.picked_hashes = hashes.to_vec();
         self.set_request_header(&config.header, &address)?;
         self.metrics.increment(self.metrics.endpoint_picked);
@@ -546,7 +551,7 @@ impl BbrHttp {
     /// so the next requests are not sent to fail there too, and the request is counted where
     /// it really runs. A reply without an upstream (Envoy's own 503) has no address: nothing.
     fn check_picked_upstream(&mut self) {
-        let Some((pool, endpoint)) = self.picked else {
+        let Some((pool, picked_id)) = self.picked else {
             return;
         };
         let served = match hostcalls::get_property(vec!["upstream", "address"]) {
@@ -573,25 +578,29 @@ impl BbrHttp {
             return;
         };
         let served = String::from_utf8_lossy(&served);
+        // The endpoint was dropped from the cluster meanwhile: its count went with it.
+        let Some(endpoint) = picker.index_of_id(picked_id) else {
+            self.picked = None;
+            return;
+        };
         if picker.address(endpoint) == Some(served.as_ref()) {
             return;
         }
         let to = picker.index_of(&served);
         let now = now_millis();
-        self.picked = picker
-            .served_elsewhere(endpoint, to, &self.picked_hashes, now, cooldown_ms)
-            .map(|i| (pool, i));
-        if let Some(load) = self.picker_pool(pool).and_then(|p| p.shared_load.as_ref()) {
-            if shared::publish_load(self.id, load, picker, None, now) {
+        let moved_to = picker.served_elsewhere(endpoint, to, &self.picked_hashes, now, cooldown_ms);
+        self.picked = moved_to.and_then(|i| Some((pool, picker.id_of(i)?)));
+        if let Some(load) = picker.shared_load() {
+            if shared::publish_load(self.id, &load, picker, None, now) {
                 self.metrics
                     .increment(self.metrics.endpoint_shared_unusable);
             }
         }
+        let table = picker.shared_table();
         drop(pickers);
         // The other workers learn where the blocks really went.
-        let table = self.picker_pool(pool).and_then(|p| p.shared.as_ref());
-        if let (Some((_, to)), Some(table)) = (self.picked, table) {
-            if shared::write_slots(self.id, table, &self.picked_hashes, &[], to) {
+        if let (Some(to), Some(table)) = (moved_to, table) {
+            if shared::write_slots(self.id, &table, &self.picked_hashes, &[], to) {
                 self.metrics
                     .increment(self.metrics.endpoint_shared_unusable);
             }
@@ -603,19 +612,6 @@ impl BbrHttp {
              not picked for {cooldown_ms} ms",
             self.id
         );
-    }
-
-    /// Picker pool `pool` of the configuration, whose shared table and in-flight rows the
-    /// request's endings update.
-    fn picker_pool(&self, pool: usize) -> Option<&PickerPool> {
-        self.router
-            .as_ref()?
-            .prefix_affinity
-            .as_ref()?
-            .picker
-            .as_ref()?
-            .pools
-            .get(pool)
     }
 
     fn reject(&mut self, rejection: &Rejection) -> Action {

@@ -8,6 +8,7 @@
 //! ever waits on a poll.
 
 use super::http::{BbrHttp, Phase};
+use super::scrape::Scraper;
 use super::{now_millis, now_nanos, shared, Metrics};
 use crate::core::affinity::picker::Picker;
 use crate::core::routing::discovery::{
@@ -62,6 +63,9 @@ pub(super) struct BbrRoot {
     /// Fingerprint of the configuration: the namespace of this plugin's shared-data keys.
     config_fingerprint: u64,
     log_level_read_ms: u64,
+    /// With `prefixAffinity.picker.hosts`: this root context's part in reading the cluster's
+    /// hosts and metrics (`super::scrape`).
+    scraper: Option<Scraper>,
 }
 
 impl BbrRoot {
@@ -77,6 +81,7 @@ impl BbrRoot {
             random: 0,
             config_fingerprint: 0,
             log_level_read_ms: 0,
+            scraper: None,
         }
     }
 
@@ -302,20 +307,12 @@ impl BbrRoot {
     /// Rewrites this worker's rows of in-flight counts (the ones it claimed), so that they stay
     /// within their lease while the worker is idle (`core::affinity::shared_load`).
     fn refresh_load_rows(&self, now: u64) {
-        let Some(config) = self
-            .router
-            .as_ref()
-            .and_then(|r| r.prefix_affinity.as_ref())
-            .and_then(|a| a.picker.as_ref())
-        else {
-            return;
-        };
         let Ok(mut pickers) = self.pickers.try_borrow_mut() else {
             return;
         };
-        for (picker, pool) in pickers.iter_mut().zip(&config.pools) {
-            if let (Some(load), Some(_)) = (pool.shared_load.as_ref(), picker.load_row()) {
-                if shared::publish_load(self.context_id, load, picker, None, now) {
+        for picker in pickers.iter_mut() {
+            if let (Some(load), Some(_)) = (picker.shared_load(), picker.load_row()) {
+                if shared::publish_load(self.context_id, &load, picker, None, now) {
                     self.metrics
                         .increment(self.metrics.endpoint_shared_unusable);
                 }
@@ -374,6 +371,11 @@ impl Context for BbrRoot {
         body_size: usize,
         _num_trailers: usize,
     ) {
+        if let Some(scraper) = self.scraper.as_mut() {
+            if scraper.on_response(token_id, num_headers, body_size) {
+                return;
+            }
+        }
         let Some(i) = self
             .pools
             .iter()
@@ -456,7 +458,12 @@ impl RootContext for BbrRoot {
             .map(|p| {
                 p.pools
                     .iter()
-                    .map(|pool| Picker::new(&pool.endpoints, p.lru_blocks, p.scoring))
+                    .map(|pool| {
+                        let mut picker = Picker::new(&pool.endpoints, p.lru_blocks, p.scoring);
+                        picker.set_sharing(&pool.cluster, p.shared_slots);
+                        picker.set_kv_weight(p.kv_weight);
+                        picker
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -465,6 +472,18 @@ impl RootContext for BbrRoot {
             picker.set_share_owner(next_random(&mut self.random));
         }
         self.pickers = Rc::new(RefCell::new(pickers));
+        self.scraper = router
+            .prefix_affinity
+            .as_ref()
+            .and_then(|a| a.picker.as_ref())
+            .and_then(|p| {
+                Scraper::new(
+                    id,
+                    next_random(&mut self.random),
+                    self.config_fingerprint,
+                    p,
+                )
+            });
         let router = Rc::new(router);
         self.router = Some(Rc::clone(&router));
         self.view = Rc::new(RoutingView::from_static(&router));
@@ -479,9 +498,10 @@ impl RootContext for BbrRoot {
             .min()
             .map_or(LOG_LEVEL_REFRESH_MS, |ms| {
                 ms.clamp(MIN_TICK_MS, MAX_TICK_MS)
-            });
+            })
+            .min(self.scraper.as_ref().map_or(u64::MAX, Scraper::tick_ms));
         if let Err(status) = hostcalls::set_tick_period(Duration::from_millis(tick_ms)) {
-            if router.pools.is_empty() {
+            if router.pools.is_empty() && self.scraper.is_none() {
                 warn!("[{id}] bbr-wasm: no timer ({status:?}); the log level is read once, now");
             } else {
                 // Without a timer no pool is ever polled: refuse rather than serve 503 forever.
@@ -499,6 +519,11 @@ impl RootContext for BbrRoot {
             self.log_level_read_ms = now;
         }
         self.poll_due(now);
+        if let Some(scraper) = self.scraper.as_mut() {
+            if let Ok(mut pickers) = self.pickers.try_borrow_mut() {
+                scraper.on_tick(&mut pickers);
+            }
+        }
         self.refresh_load_rows(now);
     }
 

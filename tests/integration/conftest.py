@@ -711,6 +711,9 @@ def build_envoy_config(
     wasm_plugin(cfg)["vm_config"]["code"]["local"]["filename"] = str(WASM)
     for cluster_name, cluster_port in ports.items():
         set_cluster_port(cfg, cluster_name, cluster_port)
+    # The endpoint picker's loopback cluster to Envoy's own admin follows the admin's port.
+    if any(c["name"] == "bbr-envoy-admin" for c in cfg["static_resources"]["clusters"]):
+        set_cluster_port(cfg, "bbr-envoy-admin", admin_port)
     if mutate is not None:
         mutate(cfg)
     return cfg, port, admin_port

@@ -28,7 +28,11 @@
 //! of them (`core::affinity::shared_blocks`) and the other workers' requests in flight
 //! (`core::affinity::shared_load`).
 
+use super::hosts::{HostState, ServerLoad};
+use super::shared_blocks::SharedTable;
+use super::shared_load::SharedLoad;
 use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
 
 /// Default weights, llm-d's scheduler defaults for its prefix and queue scorers.
 pub const DEFAULT_PREFIX_WEIGHT: u32 = 3;
@@ -38,6 +42,8 @@ pub const DEFAULT_LOAD_WEIGHT: u32 = 2;
 pub const DEFAULT_BALANCE_FACTOR: u32 = 125;
 /// Default for how long an endpoint that failed a picked request is not picked (ms).
 pub const DEFAULT_COOLDOWN_MS: u64 = 10_000;
+/// Default weight of the KV-cache score (`1 - usage`), llm-d's scheduler default.
+pub const DEFAULT_KV_WEIGHT: u32 = 2;
 
 /// The scoring settings of a picker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,8 +125,18 @@ impl BlockLru {
 /// One endpoint of a pool.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
+    /// Stable for the endpoint's life in this picker (its index may change when the cluster's
+    /// hosts do): what a request in flight remembers.
+    pub id: usize,
     /// `IP:port`, as Envoy's override_host policy reads it.
     pub address: String,
+    /// As Envoy last reported it (always true for a configured list of endpoints).
+    pub healthy: bool,
+    /// The server's own report of its load, when fresh (`core::affinity::hosts`).
+    pub server: Option<ServerLoad>,
+    /// Envoy's requests active at the host when its hosts were last read (`rq_active`, every
+    /// worker's): the part of the server's report that is this gateway's own.
+    pub envoy_active: u32,
     pub in_flight: u32,
     pub blocks: BlockLru,
     /// Not picked before this time (ms), after a request picked for it was served elsewhere.
@@ -138,6 +154,15 @@ pub struct Picker {
     /// (`core::affinity::shared_load`), once claimed.
     share_owner: u64,
     load_row: Option<usize>,
+    /// The next endpoint id.
+    next_id: usize,
+    /// Weight of the KV-cache score; used only when every candidate reports its usage.
+    kv_weight: u32,
+    /// The tables shared with the other workers, for the current endpoint list
+    /// (`set_sharing`, then rebuilt by `set_hosts`).
+    sharing: Option<(String, usize)>,
+    shared_table: Option<Rc<SharedTable>>,
+    shared_load: Option<Rc<SharedLoad>>,
 }
 
 impl Picker {
@@ -145,8 +170,13 @@ impl Picker {
         Picker {
             endpoints: addresses
                 .iter()
-                .map(|a| Endpoint {
+                .enumerate()
+                .map(|(id, a)| Endpoint {
+                    id,
                     address: a.clone(),
+                    healthy: true,
+                    server: None,
+                    envoy_active: 0,
                     in_flight: 0,
                     blocks: BlockLru::new(lru_blocks),
                     down_until_ms: 0,
@@ -156,7 +186,112 @@ impl Picker {
             rotor: 0,
             share_owner: 0,
             load_row: None,
+            next_id: addresses.len(),
+            kv_weight: DEFAULT_KV_WEIGHT,
+            sharing: None,
+            shared_table: None,
+            shared_load: None,
         }
+    }
+
+    /// Shares what this picker learns with the other workers under `cluster`, in `slots` slots
+    /// (0: not shared): the tables follow the endpoint list (`core::affinity::shared_blocks`).
+    pub fn set_sharing(&mut self, cluster: &str, slots: usize) {
+        self.sharing = Some((cluster.to_string(), slots));
+        self.rebuild_sharing();
+    }
+
+    fn rebuild_sharing(&mut self) {
+        let Some((cluster, slots)) = &self.sharing else {
+            return;
+        };
+        let addresses: Vec<String> = self.endpoints.iter().map(|e| e.address.clone()).collect();
+        let table = SharedTable::new(cluster, &addresses, *slots);
+        self.shared_load = table
+            .as_ref()
+            .map(|t| Rc::new(SharedLoad::new(cluster, t.pool_tag(), addresses.len())));
+        self.shared_table = table.map(Rc::new);
+    }
+
+    /// The table of blocks shared with the other workers, for the current endpoints.
+    pub fn shared_table(&self) -> Option<Rc<SharedTable>> {
+        self.shared_table.clone()
+    }
+
+    /// The rows of in-flight counts shared with the other workers, for the current endpoints.
+    pub fn shared_load(&self) -> Option<Rc<SharedLoad>> {
+        self.shared_load.clone()
+    }
+
+    pub fn set_kv_weight(&mut self, weight: u32) {
+        self.kv_weight = weight;
+    }
+
+    /// Takes the cluster's hosts as Envoy reports them (in the snapshot's order, the same for
+    /// every worker, so the shared tables' indexes agree): an endpoint whose address stays
+    /// keeps its blocks, its in-flight count and its cooldown; a new one starts empty; one no
+    /// longer listed is dropped (its requests still in flight end quietly, by id). Returns
+    /// whether the list of addresses changed.
+    pub fn set_hosts(&mut self, hosts: &[HostState], lru_blocks: usize) -> bool {
+        let same = hosts.len() == self.endpoints.len()
+            && hosts
+                .iter()
+                .zip(&self.endpoints)
+                .all(|(h, e)| h.host.address == e.address);
+        if same {
+            for (h, e) in hosts.iter().zip(self.endpoints.iter_mut()) {
+                e.healthy = h.host.healthy;
+                e.server = h.load;
+                e.envoy_active = h.host.rq_active;
+            }
+            return false;
+        }
+        let mut old: HashMap<String, Endpoint> = self
+            .endpoints
+            .drain(..)
+            .map(|e| (e.address.clone(), e))
+            .collect();
+        for h in hosts {
+            let endpoint = match old.remove(&h.host.address) {
+                Some(e) => e,
+                None => {
+                    let id = self.next_id;
+                    self.next_id += 1;
+                    Endpoint {
+                        id,
+                        address: h.host.address.clone(),
+                        healthy: true,
+                        server: None,
+                        envoy_active: 0,
+                        in_flight: 0,
+                        blocks: BlockLru::new(lru_blocks),
+                        down_until_ms: 0,
+                    }
+                }
+            };
+            if self.endpoints.iter().any(|e| e.address == endpoint.address) {
+                continue;
+            }
+            self.endpoints.push(Endpoint {
+                healthy: h.host.healthy,
+                server: h.load,
+                envoy_active: h.host.rq_active,
+                ..endpoint
+            });
+        }
+        self.rotor = 0;
+        self.rebuild_sharing();
+        true
+    }
+
+    /// The stable id of the endpoint at `index`.
+    pub fn id_of(&self, index: usize) -> Option<usize> {
+        self.endpoints.get(index).map(|e| e.id)
+    }
+
+    /// The index of the endpoint with id `id`, if it is still listed.
+    pub fn index_of_id(&self, id: usize) -> Option<usize> {
+        self.endpoints.iter().position(|e| e.id == id)
     }
 
     /// This worker's id in the shared in-flight rows (random per worker).
@@ -210,19 +345,47 @@ impl Picker {
         if n == 0 {
             return None;
         }
-        // Candidates: the endpoints not cooling down, or all of them if every one is.
+        // Candidates: the healthy endpoints (every one, with a configured list) not cooling
+        // down, or all the healthy ones if every one is. None healthy: no pick (Envoy's
+        // fallback answers, 503 with the shipped panic threshold of 0).
+        let healthy: Vec<bool> = self.endpoints.iter().map(|e| e.healthy).collect();
         let up: Vec<bool> = self
             .endpoints
             .iter()
-            .map(|e| e.down_until_ms <= now_ms)
+            .map(|e| e.healthy && e.down_until_ms <= now_ms)
             .collect();
+        if !healthy.iter().any(|&h| h) {
+            return None;
+        }
         let any_up = up.iter().any(|&u| u);
-        let candidate = |i: usize| !any_up || up.get(i).copied().unwrap_or(false);
+        let candidate = |i: usize| {
+            if any_up {
+                up.get(i).copied().unwrap_or(false)
+            } else {
+                healthy.get(i).copied().unwrap_or(false)
+            }
+        };
+        // An endpoint's load: the requests this gateway's workers have in flight there (live),
+        // plus, when the server's own report is fresh, what it counts (waiting + running) beyond
+        // this Envoy's own requests there (Envoy's rq_active, read as close to it): other
+        // gateways' and other clients' requests, which the in-flight count cannot see. Adding
+        // the server's whole count instead (or taking the larger) re-counts this gateway's own
+        // requests as they were up to a scrape ago: in make bench-routing it made the control
+        // workload's TTFT p95 least request's.
         let loads: Vec<u64> = self
             .endpoints
             .iter()
             .enumerate()
-            .map(|(i, e)| u64::from(e.in_flight) + u64::from(others.get(i).copied().unwrap_or(0)))
+            .map(|(i, e)| {
+                let own = u64::from(e.in_flight) + u64::from(others.get(i).copied().unwrap_or(0));
+                match e.server {
+                    Some(s) => {
+                        let total = u64::from(s.waiting) + u64::from(s.running);
+                        own + total.saturating_sub(u64::from(e.envoy_active))
+                    }
+                    None => own,
+                }
+            })
             .collect();
         let candidate_loads = || {
             (0..n)
@@ -242,9 +405,23 @@ impl Picker {
         });
         let within = |load: u64| bound.is_none_or(|b| load < b);
         let any_within = candidate_loads().any(within);
+        // The KV-cache score (1 - usage) counts only when every candidate reports its usage
+        // fresh: scoring some by it and others not would favour whichever is unknown.
+        let kv_weight = if self.kv_weight > 0
+            && (0..n).filter(|&i| candidate(i)).all(|i| {
+                self.endpoints
+                    .get(i)
+                    .and_then(|e| e.server)
+                    .and_then(|s| s.kv_milli)
+                    .is_some()
+            }) {
+            u128::from(self.kv_weight)
+        } else {
+            0
+        };
 
         let blocks = hashes.len() as u64;
-        let mut best: Option<(u64, u64, usize)> = None; // (score, load, index)
+        let mut best: Option<(u128, u64, usize)> = None; // (score, load, index)
         for offset in 0..n {
             let i = (self.rotor + offset) % n;
             let load = loads.get(i).copied().unwrap_or(0);
@@ -261,13 +438,25 @@ impl Picker {
             let learned = shared.get(i).copied().unwrap_or(0);
             let matched = local.max(learned).min(hashes.len()) as u64;
             // Scores in exact fractions over a common denominator, so ties are real ties:
-            // prefix = matched / blocks, load = (max - load) / (max - min).
-            let prefix_den = blocks.max(1);
-            let load_den = (max - min).max(1);
-            let prefix_num = if blocks == 0 { 0 } else { matched };
-            let load_num = if max == min { 1 } else { max - load };
-            let score = u64::from(self.scoring.prefix_weight) * prefix_num * load_den
-                + u64::from(self.scoring.load_weight) * load_num * prefix_den;
+            // prefix = matched / blocks, load = (max - load) / (max - min), kv = free / 1000.
+            let prefix_den = u128::from(blocks.max(1));
+            let load_den = u128::from((max - min).max(1));
+            let prefix_num = if blocks == 0 { 0 } else { u128::from(matched) };
+            let load_num = if max == min {
+                1
+            } else {
+                u128::from(max - load)
+            };
+            let kv_free = self
+                .endpoints
+                .get(i)
+                .and_then(|e| e.server)
+                .and_then(|s| s.kv_milli)
+                .map_or(0, |k| 1000 - u128::from(k.min(1000)));
+            let score = 1000
+                * (u128::from(self.scoring.prefix_weight) * prefix_num * load_den
+                    + u128::from(self.scoring.load_weight) * load_num * prefix_den)
+                + kv_weight * kv_free * prefix_den * load_den;
             let better = match best {
                 None => true,
                 Some((s, l, _)) => score > s || (score == s && load < l),
@@ -314,6 +503,14 @@ impl Picker {
     /// The index of the endpoint with this address.
     pub fn index_of(&self, address: &str) -> Option<usize> {
         self.endpoints.iter().position(|e| e.address == address)
+    }
+
+    /// The request counted at the endpoint with id `id` has ended; nothing if that endpoint
+    /// is gone (the cluster dropped it meanwhile).
+    pub fn done_id(&mut self, id: usize) {
+        if let Some(i) = self.index_of_id(id) {
+            self.done(i);
+        }
     }
 
     /// The request sent to endpoint `index` has ended (answered, failed or reset).

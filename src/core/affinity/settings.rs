@@ -1,6 +1,8 @@
 //! The validated `prefixAffinity` and `prefixAffinity.picker` settings, as the configuration
 //! compiles them (`core::config`).
 
+use super::hosts::HostsSource;
+use super::load_metrics::MetricsSource;
 use super::picker::Scoring;
 use super::shared_blocks::SharedTable;
 use super::shared_load::SharedLoad;
@@ -38,6 +40,12 @@ pub struct PickerConfig {
     pub cooldown_ms: u64,
     /// `sharedSlots`: 0 for none.
     pub shared_slots: usize,
+    /// `kvWeight`: the KV-cache score's weight, with `server_metrics`.
+    pub kv_weight: u32,
+    /// `hosts`: the pools' endpoints are their clusters' hosts, read from Envoy's admin.
+    pub hosts: Option<HostsSource>,
+    /// `serverMetrics`: each host's own load from its metrics page.
+    pub server_metrics: Option<MetricsSource>,
     pub pools: Vec<PickerPool>,
 }
 
@@ -46,7 +54,7 @@ pub struct PickerConfig {
 pub struct PickerPool {
     pub cluster: String,
     pub base_models: Vec<String>,
-    /// `IP:port` or `[IPv6]:port`.
+    /// `IP:port` or `[IPv6]:port`; empty with `hosts` (the cluster's hosts, at run time).
     pub endpoints: Vec<String>,
     /// The pool's table in the workers' shared data; `None` with `sharedSlots: 0`.
     pub shared: Option<SharedTable>,

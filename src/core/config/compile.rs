@@ -4,6 +4,13 @@
 use super::checks::*;
 use super::raw::*;
 use super::{invalid, ConfigError};
+use crate::core::affinity::hosts::{
+    HostsSource, MAX_HOSTS_INTERVAL_MS, MAX_HOSTS_MAX_BYTES, MIN_HOSTS_INTERVAL_MS,
+};
+use crate::core::affinity::load_metrics::{
+    MetricNames, MetricsSource, MAX_METRICS_INTERVAL_MS, MAX_METRICS_MAX_BYTES,
+    MIN_METRICS_INTERVAL_MS,
+};
 use crate::core::affinity::picker::Scoring;
 use crate::core::affinity::prefix::MAX_CAPTURE_BYTES;
 use crate::core::affinity::settings::{PickerConfig, PickerPool, PrefixAffinity};
@@ -189,12 +196,10 @@ pub(super) fn compile(raw: RawConfig) -> Result<Router, ConfigError> {
                     "needs prefixAffinity.enabled: true (the picker matches the prompt's blocks)",
                 ));
             }
-            Some(compile_picker(
-                raw_picker,
-                &picker_header,
-                prefix.block_bytes,
-                &raw.models,
-            )?)
+            // Checked either way, so turning it on cannot surface a refusal.
+            let picker =
+                compile_picker(raw_picker, &picker_header, prefix.block_bytes, &raw.models)?;
+            raw_picker.enabled.then_some(picker)
         }
         None => None,
     };
@@ -318,6 +323,25 @@ fn compile_picker(
             ),
         ));
     }
+    if raw.kv_weight > MAX_PICKER_WEIGHT {
+        return Err(invalid(
+            "prefixAffinity.picker.kvWeight",
+            format!(
+                "must be between 0 and {MAX_PICKER_WEIGHT}, got {}",
+                raw.kv_weight
+            ),
+        ));
+    }
+    let hosts = raw.hosts.as_ref().map(compile_hosts).transpose()?;
+    let server_metrics =
+        match (&raw.server_metrics, &hosts) {
+            (Some(_), None) => return Err(invalid(
+                "prefixAffinity.picker.serverMetrics",
+                "needs prefixAffinity.picker.hosts (the servers scraped are the cluster's hosts)",
+            )),
+            (Some(m), Some(_)) => Some(compile_server_metrics(m)?),
+            (None, _) => None,
+        };
     if raw.pools.is_empty() {
         return Err(invalid(
             "prefixAffinity.picker.pools",
@@ -353,7 +377,16 @@ fn compile_picker(
             }
         }
         let field = format!("prefixAffinity.picker.pools[{i}].endpoints");
-        if p.endpoints.is_empty() || p.endpoints.len() > MAX_PICKER_ENDPOINTS {
+        if raw.hosts.is_some() && !p.endpoints.is_empty() {
+            return Err(invalid(
+                field,
+                "must be left out with prefixAffinity.picker.hosts: the endpoints are the \
+                 cluster's hosts, as Envoy reports them",
+            ));
+        }
+        if raw.hosts.is_none()
+            && (p.endpoints.is_empty() || p.endpoints.len() > MAX_PICKER_ENDPOINTS)
+        {
             return Err(invalid(
                 field,
                 format!(
@@ -394,8 +427,105 @@ fn compile_picker(
         },
         cooldown_ms: raw.cooldown_ms,
         shared_slots: raw.shared_slots,
+        kv_weight: raw.kv_weight,
+        hosts,
+        server_metrics,
         pools,
     })
+}
+
+fn compile_hosts(raw: &RawHosts) -> Result<HostsSource, ConfigError> {
+    check_token("prefixAffinity.picker.hosts.cluster", &raw.cluster)?;
+    check_call_path("prefixAffinity.picker.hosts.path", &raw.path)?;
+    if !(MIN_HOSTS_INTERVAL_MS..=MAX_HOSTS_INTERVAL_MS).contains(&raw.interval_ms) {
+        return Err(invalid(
+            "prefixAffinity.picker.hosts.intervalMs",
+            format!(
+                "must be between {MIN_HOSTS_INTERVAL_MS} and {MAX_HOSTS_INTERVAL_MS}, got {}",
+                raw.interval_ms
+            ),
+        ));
+    }
+    check_range(
+        "prefixAffinity.picker.hosts.timeoutMs",
+        raw.timeout_ms,
+        MAX_POOL_TIMEOUT_MS,
+    )?;
+    check_range(
+        "prefixAffinity.picker.hosts.maxBytes",
+        raw.max_bytes as u64,
+        MAX_HOSTS_MAX_BYTES as u64,
+    )?;
+    Ok(HostsSource {
+        cluster: raw.cluster.clone(),
+        path: raw.path.clone(),
+        interval_ms: raw.interval_ms,
+        timeout_ms: raw.timeout_ms,
+        max_bytes: raw.max_bytes,
+    })
+}
+
+fn compile_server_metrics(raw: &RawServerMetrics) -> Result<MetricsSource, ConfigError> {
+    let field = "prefixAffinity.picker.serverMetrics";
+    check_call_path(&format!("{field}.path"), &raw.path)?;
+    if !(MIN_METRICS_INTERVAL_MS..=MAX_METRICS_INTERVAL_MS).contains(&raw.interval_ms) {
+        return Err(invalid(
+            format!("{field}.intervalMs"),
+            format!(
+                "must be between {MIN_METRICS_INTERVAL_MS} and {MAX_METRICS_INTERVAL_MS}, got {}",
+                raw.interval_ms
+            ),
+        ));
+    }
+    check_range(
+        &format!("{field}.timeoutMs"),
+        raw.timeout_ms,
+        MAX_POOL_TIMEOUT_MS,
+    )?;
+    check_range(
+        &format!("{field}.maxBytes"),
+        raw.max_bytes as u64,
+        MAX_METRICS_MAX_BYTES as u64,
+    )?;
+    let mut names = MetricNames::default();
+    for (what, extra, into) in [
+        ("waiting", &raw.waiting, &mut names.waiting),
+        ("running", &raw.running, &mut names.running),
+        ("kvUsage", &raw.kv_usage, &mut names.kv_usage),
+    ] {
+        for (k, name) in extra.iter().enumerate() {
+            let ok = !name.is_empty()
+                && name.len() <= 200
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b':');
+            if !ok {
+                return Err(invalid(
+                    format!("{field}.{what}[{k}]"),
+                    format!("must be a Prometheus metric name ([a-zA-Z0-9_:], at most 200 bytes), got {name:?}"),
+                ));
+            }
+            into.push(name.clone());
+        }
+    }
+    Ok(MetricsSource {
+        path: raw.path.clone(),
+        interval_ms: raw.interval_ms,
+        timeout_ms: raw.timeout_ms,
+        max_bytes: raw.max_bytes,
+        names,
+    })
+}
+
+/// A path for a call the filter makes itself: `/`, then visible ASCII (a query allowed).
+fn check_call_path(field: &str, path: &str) -> Result<(), ConfigError> {
+    if !path.starts_with('/') || path.len() > 1024 || !path.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            field,
+            format!("must start with '/' and hold visible ASCII only (at most 1024 bytes), got {path:?}"),
+        ));
+    }
+    Ok(())
 }
 
 fn compile_pools(raw: &[RawPool]) -> Result<Vec<Pool>, ConfigError> {

@@ -1,8 +1,17 @@
 //! The configuration exactly as written: serde types with `deny_unknown_fields`, and every
 //! default and limit by name.
 
+use crate::core::affinity::hosts::{
+    DEFAULT_ADMIN_CLUSTER, DEFAULT_ADMIN_PATH, DEFAULT_HOSTS_INTERVAL_MS, DEFAULT_HOSTS_MAX_BYTES,
+    DEFAULT_HOSTS_TIMEOUT_MS,
+};
+use crate::core::affinity::load_metrics::{
+    DEFAULT_METRICS_INTERVAL_MS, DEFAULT_METRICS_MAX_BYTES, DEFAULT_METRICS_PATH,
+    DEFAULT_METRICS_TIMEOUT_MS,
+};
 use crate::core::affinity::picker::{
-    DEFAULT_BALANCE_FACTOR, DEFAULT_COOLDOWN_MS, DEFAULT_LOAD_WEIGHT, DEFAULT_PREFIX_WEIGHT,
+    DEFAULT_BALANCE_FACTOR, DEFAULT_COOLDOWN_MS, DEFAULT_KV_WEIGHT, DEFAULT_LOAD_WEIGHT,
+    DEFAULT_PREFIX_WEIGHT,
 };
 use crate::core::affinity::prefix::{
     DEFAULT_BLOCK_BYTES, DEFAULT_PREFIX_BLOCKS, DEFAULT_PREFIX_HEADER,
@@ -139,6 +148,10 @@ pub struct RawPrefixAffinity {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RawPicker {
+    /// The one switch: `false` keeps the picker's settings checked but off (Envoy's fallback
+    /// policy places every request, as without a picker).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
     #[serde(default = "default_picker_header")]
     pub header: String,
     #[serde(default = "default_picker_lru_blocks")]
@@ -160,7 +173,56 @@ pub struct RawPicker {
     /// picks by what it sent alone.
     #[serde(default = "default_picker_shared_slots")]
     pub shared_slots: usize,
+    /// Weight of the KV-cache score (with `serverMetrics`).
+    #[serde(default = "default_kv_weight")]
+    pub kv_weight: u32,
+    /// The candidates and their health from Envoy's admin `/clusters` page, in place of each
+    /// pool's `endpoints` (`core::affinity::hosts`).
+    #[serde(default)]
+    pub hosts: Option<RawHosts>,
+    /// The servers' own load from their `/metrics` (`core::affinity::load_metrics`); needs
+    /// `hosts`.
+    #[serde(default)]
+    pub server_metrics: Option<RawServerMetrics>,
     pub pools: Vec<RawPickerPool>,
+}
+
+/// `prefixAffinity.picker.hosts`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawHosts {
+    /// The loopback cluster to Envoy's admin.
+    #[serde(default = "default_admin_cluster")]
+    pub cluster: String,
+    #[serde(default = "default_admin_path")]
+    pub path: String,
+    #[serde(default = "default_hosts_interval_ms")]
+    pub interval_ms: u64,
+    #[serde(default = "default_hosts_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_hosts_max_bytes")]
+    pub max_bytes: usize,
+}
+
+/// `prefixAffinity.picker.serverMetrics`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawServerMetrics {
+    #[serde(default = "default_metrics_path")]
+    pub path: String,
+    #[serde(default = "default_metrics_interval_ms")]
+    pub interval_ms: u64,
+    #[serde(default = "default_metrics_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_metrics_max_bytes")]
+    pub max_bytes: usize,
+    /// Gauge names beside the built-in ones (vLLM's, llama-server's).
+    #[serde(default)]
+    pub waiting: Vec<String>,
+    #[serde(default)]
+    pub running: Vec<String>,
+    #[serde(default)]
+    pub kv_usage: Vec<String>,
 }
 
 /// `prefixAffinity.picker.pools[]`: the endpoints of one Envoy cluster, and which requests
@@ -171,6 +233,8 @@ pub struct RawPickerPool {
     pub cluster: String,
     #[serde(default)]
     pub base_models: Vec<String>,
+    /// `IP:port` of each replica; none with `picker.hosts` (the cluster's own hosts then).
+    #[serde(default)]
     pub endpoints: Vec<String>,
 }
 
@@ -296,6 +360,36 @@ fn default_balance_factor() -> Option<u32> {
 }
 fn default_cooldown_ms() -> u64 {
     DEFAULT_COOLDOWN_MS
+}
+fn default_kv_weight() -> u32 {
+    DEFAULT_KV_WEIGHT
+}
+fn default_admin_cluster() -> String {
+    DEFAULT_ADMIN_CLUSTER.to_string()
+}
+fn default_admin_path() -> String {
+    DEFAULT_ADMIN_PATH.to_string()
+}
+fn default_hosts_interval_ms() -> u64 {
+    DEFAULT_HOSTS_INTERVAL_MS
+}
+fn default_hosts_timeout_ms() -> u64 {
+    DEFAULT_HOSTS_TIMEOUT_MS
+}
+fn default_hosts_max_bytes() -> usize {
+    DEFAULT_HOSTS_MAX_BYTES
+}
+fn default_metrics_path() -> String {
+    DEFAULT_METRICS_PATH.to_string()
+}
+fn default_metrics_interval_ms() -> u64 {
+    DEFAULT_METRICS_INTERVAL_MS
+}
+fn default_metrics_timeout_ms() -> u64 {
+    DEFAULT_METRICS_TIMEOUT_MS
+}
+fn default_metrics_max_bytes() -> usize {
+    DEFAULT_METRICS_MAX_BYTES
 }
 fn default_absent_polls_before_removal() -> u32 {
     DEFAULT_ABSENT_POLLS_BEFORE_REMOVAL

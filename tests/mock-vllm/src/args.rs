@@ -32,8 +32,12 @@ OPTIONS:
                            Turns the timing model on: one prefill at a time at N tokens/s
                            (uncached tokens only), then decoding in parallel at --itl-ms;
                            TTFT = queueing + prefill + --ttft-ms (default 0: off).
-    --max-num-seqs N       Sequences running at once under the timing model; more wait
-                           (default 256, vLLM's).
+    --max-num-seqs N       Sequences running at once; more wait (default 256, vLLM's). Given,
+                           it queues without --prefill-tokens-per-s too; /metrics reports
+                           waiting, running and kv_cache_usage_perc = running / N.
+    --background-load N    N requests kept running or waiting from outside the gateway (load
+                           the gateway does not see), each for --background-ms (default 1000),
+                           then replaced (default 0).
     --allow-non-loopback   Allow binding a non-loopback address.
     -h, --help             Print this help and exit.
 
@@ -77,7 +81,8 @@ impl Config {
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
-    Run(Config),
+    /// Boxed: the configuration is far larger than `Help`.
+    Run(Box<Config>),
     Help,
 }
 
@@ -129,6 +134,8 @@ where
                 | "--block-tokens"
                 | "--prefill-tokens-per-s"
                 | "--max-num-seqs"
+                | "--background-load"
+                | "--background-ms"
         );
         if !takes_value {
             return Err(format!("unknown option '{name}'"));
@@ -180,7 +187,7 @@ where
         }
     }
 
-    Ok(Command::Run(Config {
+    Ok(Command::Run(Box::new(Config {
         listen,
         model,
         loras,
@@ -190,7 +197,7 @@ where
         max_model_len: max_model_len.unwrap_or(4096),
         allow_non_loopback,
         engine: engine.finish(),
-    }))
+    })))
 }
 
 /// The prefix-cache and timing-model options (see cache.rs).
@@ -200,6 +207,8 @@ struct EngineOptions {
     block_tokens: Option<u64>,
     prefill: Option<u64>,
     max_num_seqs: Option<u64>,
+    background: Option<u64>,
+    background_ms: Option<u64>,
 }
 
 /// Upper bound for the engine's counts (blocks, tokens/s, sequences): anything larger is a typo.
@@ -218,6 +227,8 @@ impl EngineOptions {
             "--block-tokens" => (&mut self.block_tokens, 1),
             "--prefill-tokens-per-s" => (&mut self.prefill, 0),
             "--max-num-seqs" => (&mut self.max_num_seqs, 1),
+            "--background-load" => (&mut self.background, 0),
+            "--background-ms" => (&mut self.background_ms, 1),
             _ => return Err(format!("unknown option '{name}'")),
         };
         if n < min {
@@ -233,6 +244,9 @@ impl EngineOptions {
             cache_blocks: self.cache_blocks.map_or(d.cache_blocks, |n| n as usize),
             prefill_tokens_per_s: self.prefill.unwrap_or(d.prefill_tokens_per_s),
             max_num_seqs: self.max_num_seqs.map_or(d.max_num_seqs, |n| n as usize),
+            queue: self.max_num_seqs.is_some(),
+            background: self.background.map_or(d.background, |n| n as usize),
+            background_ms: self.background_ms.unwrap_or(d.background_ms),
         }
     }
 }
@@ -292,7 +306,7 @@ mod tests {
 
     fn run(args: &[&str]) -> Result<Config, String> {
         match parse(args.iter().copied())? {
-            Command::Run(c) => Ok(c),
+            Command::Run(c) => Ok(*c),
             Command::Help => Err("help".into()),
         }
     }
@@ -333,9 +347,32 @@ mod tests {
                 block_tokens: 64,
                 cache_blocks: 1000,
                 prefill_tokens_per_s: 20000,
-                max_num_seqs: 8
+                max_num_seqs: 8,
+                queue: true,
+                background: 0,
+                background_ms: 1000,
             }
         );
+        let b = run(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--model",
+            "m",
+            "--background-load",
+            "3",
+            "--background-ms=250",
+        ])
+        .unwrap();
+        assert_eq!((b.engine.background, b.engine.background_ms), (3, 250));
+        assert!(run(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--model",
+            "m",
+            "--background-ms",
+            "0"
+        ])
+        .is_err());
     }
 
     #[test]

@@ -196,6 +196,12 @@ pub struct EngineConfig {
     pub prefill_tokens_per_s: u64,
     /// Sequences running at once (prefilling or decoding) under the timing model.
     pub max_num_seqs: usize,
+    /// `--max-num-seqs` was given: requests queue for a slot even without a prefill rate.
+    pub queue: bool,
+    /// Requests kept in the engine from outside the gateway (`--background-load`), each
+    /// holding a sequence slot for `background_ms`, then replaced by the next.
+    pub background: usize,
+    pub background_ms: u64,
 }
 
 impl Default for EngineConfig {
@@ -205,6 +211,9 @@ impl Default for EngineConfig {
             cache_blocks: 0,
             prefill_tokens_per_s: 0,
             max_num_seqs: 256,
+            queue: false,
+            background: 0,
+            background_ms: 1000,
         }
     }
 }
@@ -261,8 +270,15 @@ impl Engine {
         }
     }
 
+    /// Whether requests queue for a sequence slot: with a prefill rate, background load, or an
+    /// explicit `--max-num-seqs` (then a prefill takes no time).
     pub fn timed(&self) -> bool {
-        self.cfg.prefill_tokens_per_s > 0
+        self.cfg.prefill_tokens_per_s > 0 || self.cfg.background > 0 || self.cfg.queue
+    }
+
+    /// Sequences that run at once.
+    pub fn max_num_seqs(&self) -> usize {
+        self.cfg.max_num_seqs
     }
 
     fn lru(&self) -> std::sync::MutexGuard<'_, Lru> {
@@ -495,6 +511,7 @@ mod tests {
             cache_blocks,
             prefill_tokens_per_s: rate,
             max_num_seqs: seqs,
+            ..EngineConfig::default()
         }))
     }
 

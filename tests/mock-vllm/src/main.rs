@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cfg = match args::parse(std::env::args().skip(1)) {
-        Ok(args::Command::Run(cfg)) => cfg,
+        Ok(args::Command::Run(cfg)) => *cfg,
         Ok(args::Command::Help) => {
             let mut out = std::io::stdout().lock();
             let _ = out.write_all(args::USAGE.as_bytes());

@@ -522,6 +522,21 @@ pub async fn run(cfg: Config) -> Result<(), String> {
         )?
         .with_engine(Engine::new(cfg.engine)),
     );
+    // --background-load: requests from outside the gateway, each a unique prompt held for
+    // --background-ms, then the next; they queue and run like any other.
+    for k in 0..cfg.engine.background {
+        let state = Arc::clone(&state);
+        let hold = Duration::from_millis(cfg.engine.background_ms);
+        let model = cfg.model.clone();
+        tokio::spawn(async move {
+            for n in 0u64.. {
+                let prompt = format!("background load {k} {n}");
+                let admitted = state.engine.admit(&model, Some(prompt.as_bytes())).await;
+                tokio::time::sleep(hold).await;
+                drop(admitted);
+            }
+        });
+    }
 
     // Before the ready line: a SIGTERM sent as soon as the line is seen must find the handler
     // (it used to be installed after, and a fast `kill` under load killed the process).

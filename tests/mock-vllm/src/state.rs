@@ -272,7 +272,9 @@ impl State {
             let running = inflight.min(MAX_NUM_SEQS);
             (running, inflight - running)
         });
-        let kv = running as f64 / MAX_NUM_SEQS as f64;
+        // vLLM's KV cache holds the running sequences' blocks: the share of the sequence slots
+        // in use stands for it (each sequence's blocks taken as equal).
+        let kv = (running as f64 / self.engine.max_num_seqs().max(1) as f64).min(1.0);
         let labels = format!("model_name=\"{}\",engine=\"0\"", escape_label(self.base()));
         let mut out = String::with_capacity(2048);
         let _ = writeln!(
