@@ -53,7 +53,7 @@ wasm-bindgen: targets
 
 test-wasm: wasm-bindgen ## The same core tests compiled to wasm32-unknown-unknown, run under Node
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(abspath $(WBG_RUNNER)) \
-	  $(CARGO) test -p bbr-wasm --target wasm32-unknown-unknown --test core --test prefix --test picker --test shared_blocks --test discovery --test overload
+	  $(CARGO) test -p bbr-wasm --target wasm32-unknown-unknown --test core --test prefix --test picker --test shared_blocks --test discovery --test overload --test usage
 
 test-integration: build venv ## Real Envoy + the built .wasm + mock backends on free loopback ports
 	$(VENV)/bin/python -m pytest -q tests/integration
