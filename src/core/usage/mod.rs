@@ -210,6 +210,10 @@ impl ResponseScanner {
         }
     }
 
+    pub fn framing(&self) -> Framing {
+        self.framing
+    }
+
     /// Whether feeding more is useless (the response is already unreadable).
     pub fn stopped(&self) -> bool {
         self.failed.is_some()
