@@ -3,10 +3,12 @@
 //! split in two at every boundary, and must give the same outcome, with the first token seen
 //! at the same byte. Runs natively and under wasm-bindgen-test, like tests/core.rs.
 
+use bbr_wasm::core::usage::UsageSettings;
 use bbr_wasm::core::usage::{
     elapsed_ms, plan_response, time_per_output_token_ms, Framing, Outcome, ResponsePlan,
     ResponseScanner, Unreadable, Usage, DEFAULT_MAX_SCAN_BYTES,
 };
+use bbr_wasm::core::Router;
 
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test;
@@ -302,5 +304,27 @@ both! {
         assert_eq!(time_per_output_token_ms(10 * MS, 0, 5), None);
         assert_eq!(elapsed_ms(5 * MS, 7 * MS + 600_000), 3);
         assert_eq!(elapsed_ms(7 * MS, 5 * MS), 0);
+    }
+
+    fn configuration_defaults_and_refusals_name_the_field() {
+        let Ok(router) = Router::from_json(br#"{"models":[{"name":"m"}]}"#) else { unreachable!("valid") };
+        assert_eq!(router.usage, UsageSettings { enabled: true, max_scan_bytes: DEFAULT_MAX_SCAN_BYTES });
+        let Ok(router) = Router::from_json(br#"{"models":[{"name":"m"}],"usage":{"enabled":false,"maxScanBytes":1024}}"#) else {
+            unreachable!("valid")
+        };
+        assert_eq!(router.usage, UsageSettings { enabled: false, max_scan_bytes: 1024 });
+        let cases: &[(&str, &str)] = &[
+            (r#""usage":{"maxScanBytes":0}"#, "usage.maxScanBytes"),
+            (r#""usage":{"maxScanBytes":1073741825}"#, "usage.maxScanBytes"),
+            (r#""usage":{"enabled":"yes"}"#, "expected a boolean"),
+            (r#""usage":{"maxBytes":1}"#, "maxBytes"),
+        ];
+        for (fields, field) in cases {
+            let config = format!(r#"{{"models":[{{"name":"m"}}],{fields}}}"#);
+            match Router::from_json(config.as_bytes()) {
+                Ok(_) => unreachable!("{fields} must be refused"),
+                Err(e) => assert!(e.to_string().contains(field), "{fields}: {e}"),
+            }
+        }
     }
 }
