@@ -334,6 +334,7 @@ impl Accounting {
                 }
             }
         }
+        metrics.record_memory();
         debug!("[{id}] response usage: {}", outcome.label());
         if !complete {
             // The stream is being destroyed: no access log entry will read filter state now.
