@@ -44,7 +44,7 @@ PHI = "microsoft/Phi-3-mini-4k-instruct"
 WORKLOADS = [
     ("json", QWEN, 8, {"model": QWEN, "max_tokens": 64,
                         "messages": [{"role": "user", "content": "Tell me about lighthouses."}]}),
-    ("sse", PHI, 32, {"model": PHI, "max_tokens": 300, "stream": True,
+    ("sse", PHI, 8, {"model": PHI, "max_tokens": 300, "stream": True,
                       "stream_options": {"include_usage": True},
                       "messages": [{"role": "user", "content": "Tell me about lighthouses."}]}),
 ]
@@ -165,11 +165,16 @@ def main() -> int:
                     per[which].append({"requests": res["requests"], "cpu_s": cpu, "rps": res["rps"],
                                        "errors": res["errors_total"], "bytes": res["bytes"],
                                        "cpu_us_per_request": cpu / res["requests"] * 1e6 if res["requests"] else float("nan")})
-            ratios = [a["cpu_us_per_request"] / b["cpu_us_per_request"] for a, b in zip(per["on"], per["off"])]
+            # A run that completed no response (the shared machine starved it) has no figure.
+            ratios = [a["cpu_us_per_request"] / b["cpu_us_per_request"] for a, b in zip(per["on"], per["off"])
+                      if a["requests"] and b["requests"]]
+            if not ratios:
+                raise SystemExit(f"bench-usage: {name}: no round completed a response on both listeners")
             results["workloads"][name] = {
                 "connections": conns,
                 "runs": per,
-                "cpu_us_per_request": {w: statistics.median(x["cpu_us_per_request"] for x in per[w]) for w in per},
+                "cpu_us_per_request": {w: statistics.median(x["cpu_us_per_request"] for x in per[w] if x["requests"])
+                                       for w in per},
                 "rps": {w: statistics.median(x["rps"] for x in per[w]) for w in per},
                 "response_bytes": per["on"][0]["bytes"] / max(1, per["on"][0]["requests"]),
                 "ratio_on_off": statistics.median(ratios),
