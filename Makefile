@@ -56,7 +56,7 @@ wasm-bindgen: targets
 
 test-wasm: wasm-bindgen ## The same core tests compiled to wasm32-unknown-unknown, run under Node
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(abspath $(WBG_RUNNER)) \
-	  $(CARGO) test -p bbr-wasm --target wasm32-unknown-unknown --test core --test prefix --test picker --test picker_cluster --test shared_blocks --test discovery --test overload
+	  $(CARGO) test -p bbr-wasm --target wasm32-unknown-unknown --test core --test prefix --test picker --test picker_cluster --test shared_blocks --test discovery --test overload --test usage
 
 test-integration: build venv ## Real Envoy + the built .wasm + mock backends on free loopback ports
 	$(VENV)/bin/python -m pytest -q tests/integration
@@ -138,7 +138,7 @@ fuzz: cargo-fuzz corpus ## Fuzz the JSON and multipart scanners and the config p
 fuzz-smoke: cargo-fuzz corpus ## A bounded fuzz run for make test: 10 s per target
 	$(call fuzz-run,10)
 
-.PHONY: bench bench-core bench-scan corpus test-extproc-peer
+.PHONY: bench bench-core bench-scan bench-usage corpus test-extproc-peer
 # The body-class corpus (bench/corpus.py): 1 MiB chat bodies per class (English, French,
 # German, Spanish, Russian, Chinese, Japanese, Arabic, emoji, tool use, code, a base64 image,
 # a long conversation, \u-escaped Russian) and a 4 KiB seed per class, built from pinned
@@ -155,6 +155,13 @@ bench: targets corpus ## Benchmark in Envoy: baseline, native json_to_metadata, 
 	cd bench/extproc-peer && CARGO_TARGET_DIR=$(abspath target/extproc-peer) $(CARGO) build --release --locked
 	@bash scripts/bench-deps.sh
 	$(VENV)/bin/python bench/run.py
+	$(MAKE) --no-print-directory bench-usage
+
+bench-usage: targets venv ## The response side of make bench: gateway CPU per request with token accounting on vs off (a JSON completion, a 300-event SSE stream), wasm memory vs response size (~2 min)
+	$(CARGO) build --release --target $(WASM_TARGET) -p bbr-wasm
+	$(CARGO) build --release -p mock-vllm
+	@bash scripts/bench-deps.sh
+	$(VENV)/bin/python bench/usage.py
 
 # Release profile throughout: the dependencies make bench compiled are reused.
 test-extproc-peer: ## make bench's ext_proc peer: rustfmt, clippy -D warnings, its unit tests (own workspace, not in make test: minutes to compile)

@@ -9,6 +9,7 @@
 //! timer; [`http`] handles each request against the routing table the root last built.
 
 mod http;
+mod response;
 mod root;
 mod scrape;
 mod shared;
@@ -77,6 +78,8 @@ struct Metrics {
     /// Per pool, in configuration order.
     pools: Vec<PoolMetrics>,
     discovery_conflicts: Option<u32>,
+    /// Token usage and latency, from the responses (`response`).
+    usage: response::UsageMetrics,
 }
 
 impl Metrics {
@@ -129,6 +132,7 @@ impl Metrics {
             per_model: RefCell::new(HashMap::new()),
             pools,
             discovery_conflicts,
+            usage: response::UsageMetrics::define(context_id),
         };
         metrics.define_models(&RoutingView::from_static(router));
         metrics.record_memory();

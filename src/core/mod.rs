@@ -6,10 +6,11 @@
 //!   OpenAI-style error; learn the served models from the pools (`routing::discovery`);
 //! - [`affinity`]: key requests by their prompt's prefix and pick the replica;
 //! - [`overload`]: bound the memory of held bodies;
+//! - [`usage`]: token usage and latency, read from responses as they stream past;
 //! - [`config`]: the JSON configuration, compiled into the types above.
 //!
-//! Dependencies run one way: `config` → `routing`, `affinity`, `overload` → `json`,
-//! `multipart`; nothing imports `config` but the host adapter.
+//! Dependencies run one way (`scripts/core-deps.py` checks it): `config` → `routing` →
+//! `affinity`, `overload`, `usage` → `json`; nothing imports `config` but the host adapter.
 
 pub mod affinity;
 pub mod config;
@@ -17,6 +18,7 @@ pub mod json;
 pub mod multipart;
 pub mod overload;
 pub mod routing;
+pub mod usage;
 
 pub use affinity::prefix::{CaptureState, PromptCapture};
 pub use affinity::settings::{PickerConfig, PrefixAffinity};

@@ -1,5 +1,6 @@
 //! One HTTP stream: anti-spoofing, the body scan, and the routing headers.
 
+use super::response::Accounting;
 use super::{now_millis, now_nanos, shared, Metrics};
 use crate::core::affinity::picker::Picker;
 use crate::core::affinity::shared_blocks::not_entries;
@@ -89,6 +90,8 @@ pub(super) struct BbrHttp {
     pub(super) consumed: usize,
     /// Time spent in the scanner for this request.
     pub(super) scan_nanos: u64,
+    /// Token usage and latency of a routed request's response (`usage.enabled`).
+    pub(super) usage: Option<Box<Accounting>>,
 }
 
 impl Context for BbrHttp {}
@@ -101,6 +104,9 @@ impl Context for BbrHttp {}
 impl Drop for BbrHttp {
     fn drop(&mut self) {
         self.release_hold();
+        if let Some(usage) = self.usage.as_mut() {
+            usage.end(self.id, &self.metrics, false);
+        }
         if let Some((pool, endpoint)) = self.picked.take() {
             if let Ok(mut pickers) = self.pickers.try_borrow_mut() {
                 if let Some(picker) = pickers.get_mut(pool) {
@@ -231,6 +237,11 @@ impl HttpContext for BbrHttp {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if end_of_stream {
+            if let Some(usage) = self.usage.as_mut() {
+                usage.request_ended();
+            }
+        }
         match self.phase {
             Phase::Scanning => {}
             Phase::Replied => return Action::Pause,
@@ -319,8 +330,28 @@ impl HttpContext for BbrHttp {
         }
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         self.check_picked_upstream();
+        if let Some(usage) = self.usage.as_mut() {
+            if !usage.on_headers(self.id, &self.metrics, end_of_stream) {
+                self.usage = None;
+            }
+        }
+        Action::Continue
+    }
+
+    // The response is never held: every chunk goes on as it came (see `response`).
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if let Some(usage) = self.usage.as_mut() {
+            usage.on_body(self.id, &self.metrics, body_size, end_of_stream);
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        if let Some(usage) = self.usage.as_mut() {
+            usage.end(self.id, &self.metrics, true);
+        }
         Action::Continue
     }
 }
@@ -416,6 +447,14 @@ impl BbrHttp {
                     return self.reply_error(500, "The gateway could not route the request.");
                 }
                 self.clear_route_cache();
+                if router.usage.enabled {
+                    let adapter = served.is_adapter.then_some(served.name.as_str());
+                    self.usage = Some(Accounting::new(
+                        &served.base,
+                        adapter,
+                        router.usage.max_scan_bytes,
+                    ));
+                }
                 self.metrics.count(Outcome::Routed);
                 self.metrics.count_model(&served.base);
                 debug!("[{}] routed to base model {:?}", self.id, served.base);
@@ -696,12 +735,15 @@ impl BbrHttp {
 /// The request header map, serialized as the ABI hands it over (see `core::routing::headers`), or the
 /// host's status code.
 pub(super) fn request_header_map() -> Result<Vec<u8>, u32> {
+    header_map(MapType::HttpRequestHeaders)
+}
+
+/// A header map (request or response), as [`request_header_map`].
+pub(super) fn header_map(map_type: MapType) -> Result<Vec<u8>, u32> {
     let mut data: *mut u8 = null_mut();
     let mut size: usize = 0;
     // SAFETY: the host writes a pointer and a size into the two locals, nothing else.
-    let status = unsafe {
-        proxy_get_header_map_pairs(MapType::HttpRequestHeaders as u32, &mut data, &mut size)
-    };
+    let status = unsafe { proxy_get_header_map_pairs(map_type as u32, &mut data, &mut size) };
     if status != Status::Ok as u32 {
         return Err(status);
     }

@@ -18,6 +18,7 @@ use crate::core::affinity::shared_blocks::{SharedTable, MAX_SHARED_SLOTS};
 use crate::core::affinity::shared_load::SharedLoad;
 use crate::core::overload::BodyBudget;
 use crate::core::routing::table::{Pool, Router, ServedModel};
+use crate::core::usage::{UsageSettings, MAX_MAX_SCAN_BYTES};
 use std::collections::HashMap;
 
 /// Validates a parsed configuration.
@@ -140,6 +141,15 @@ pub(super) fn compile(raw: RawConfig) -> Result<Router, ConfigError> {
             ),
         ));
     }
+    check_range(
+        "usage.maxScanBytes",
+        raw.usage.max_scan_bytes,
+        MAX_MAX_SCAN_BYTES,
+    )?;
+    let usage = UsageSettings {
+        enabled: raw.usage.enabled,
+        max_scan_bytes: raw.usage.max_scan_bytes,
+    };
     let body_budget = BodyBudget {
         max_held_bytes: raw.max_held_body_bytes,
         shed_over_bytes: raw.shed_bodies_over_bytes,
@@ -236,6 +246,7 @@ pub(super) fn compile(raw: RawConfig) -> Result<Router, ConfigError> {
         pools,
         absent_polls_before_removal: raw.absent_polls_before_removal,
         pool_header,
+        usage,
     })
 }
 

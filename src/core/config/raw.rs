@@ -19,6 +19,7 @@ use crate::core::affinity::prefix::{
 use crate::core::affinity::shared_blocks::DEFAULT_SHARED_SLOTS;
 use crate::core::overload::{DEFAULT_MAX_HELD_BODY_BYTES, DEFAULT_SHED_BODIES_OVER_BYTES};
 use crate::core::routing::table::UnknownModel;
+use crate::core::usage::DEFAULT_MAX_SCAN_BYTES;
 use serde::Deserialize;
 
 /// Default for `pathPrefixes`: every OpenAI endpoint.
@@ -124,6 +125,31 @@ pub struct RawConfig {
     pub max_held_body_bytes: u64,
     #[serde(default = "default_shed_bodies_over_bytes")]
     pub shed_bodies_over_bytes: u64,
+    #[serde(default)]
+    pub usage: RawUsage,
+}
+
+/// `usage`: token usage and latency read from responses (see `core::usage`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawUsage {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default = "default_max_scan_bytes")]
+    pub max_scan_bytes: u64,
+}
+
+impl Default for RawUsage {
+    fn default() -> Self {
+        RawUsage {
+            enabled: true,
+            max_scan_bytes: DEFAULT_MAX_SCAN_BYTES,
+        }
+    }
+}
+
+fn default_max_scan_bytes() -> u64 {
+    DEFAULT_MAX_SCAN_BYTES
 }
 
 /// `prefixAffinity`: a header carrying the prompt's prefix key, for a consistent-hash load

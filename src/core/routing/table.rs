@@ -3,6 +3,7 @@
 
 use crate::core::affinity::settings::PrefixAffinity;
 use crate::core::overload::BodyBudget;
+use crate::core::usage::UsageSettings;
 use serde::Deserialize;
 use std::collections::HashMap;
 
@@ -76,6 +77,8 @@ pub struct Router {
     pub absent_polls_before_removal: u32,
     /// Lower-case name of the header naming a discovered model's cluster.
     pub pool_header: String,
+    /// `usage`: token usage and latency read from responses.
+    pub usage: UsageSettings,
 }
 
 impl Router {

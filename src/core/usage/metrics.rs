@@ -1,0 +1,48 @@
+//! The accounting's metric names, in the tag convention of `routing::metrics` (labels carried
+//! in the name, `name=.=value;.;`, which the shipped Envoy configs' `stats_tags` turn into
+//! labels). OpenTelemetry's GenAI names, for the README's table:
+//!
+//! | here | OpenTelemetry |
+//! | --- | --- |
+//! | `bbr_tokens_total{model,type}` | `gen_ai.client.token.usage` by `gen_ai.token.type` |
+//! | `bbr_time_to_first_token_ms{model}` | `gen_ai.server.time_to_first_token` (seconds there) |
+//! | `bbr_time_per_output_token_ms{model}` | `gen_ai.server.time_per_output_token` (seconds there) |
+
+/// The `type` labels of [`tokens`]: prompt tokens, completion tokens, and the prompt tokens
+/// the server found in its cache (part of `input`, not in addition to it).
+pub const INPUT: &str = "input";
+pub const OUTPUT: &str = "output";
+pub const CACHED_INPUT: &str = "cached_input";
+
+/// Counter: tokens of one base model, by type.
+pub fn tokens(base_model: &str, kind: &str) -> String {
+    format!("model=.={base_model};.;type=.={kind};.;bbr_tokens_total")
+}
+
+/// Counter: tokens of one adapter (requested by its name), by type; also counted under its base
+/// model in [`tokens`], so summing `bbr_tokens_total` never counts them twice.
+pub fn adapter_tokens(adapter: &str, kind: &str) -> String {
+    format!("model=.={adapter};.;type=.={kind};.;bbr_adapter_tokens_total")
+}
+
+/// Histogram: time to first token as the gateway sees it, per base model, in milliseconds.
+pub fn time_to_first_token(base_model: &str) -> String {
+    format!("model=.={base_model};.;bbr_time_to_first_token_ms")
+}
+
+/// Histogram: time per output token after the first, per base model, in milliseconds.
+pub fn time_per_output_token(base_model: &str) -> String {
+    format!("model=.={base_model};.;bbr_time_per_output_token_ms")
+}
+
+/// Counter: responses read, by outcome (`counted`, `absent`, and the unreadable ones:
+/// `malformed`, `truncated`, `encoded`, `too_large`).
+pub fn responses(outcome: &str) -> String {
+    format!("outcome=.={outcome};.;bbr_usage_responses_total")
+}
+
+/// The filter-state keys (Envoy stores them as `wasm.<key>`, which the access log reads with
+/// `%FILTER_STATE(wasm.<key>:PLAIN)%`).
+pub const PROMPT_TOKENS_PROPERTY: &str = "bbr_prompt_tokens";
+pub const COMPLETION_TOKENS_PROPERTY: &str = "bbr_completion_tokens";
+pub const TTFT_PROPERTY: &str = "bbr_ttft_ms";
