@@ -143,6 +143,22 @@ pub struct Endpoint {
     pub down_until_ms: u64,
 }
 
+impl Endpoint {
+    /// A new endpoint: healthy, nothing sent, nothing reported.
+    fn new(id: usize, address: String, lru_blocks: usize) -> Endpoint {
+        Endpoint {
+            id,
+            address,
+            healthy: true,
+            server: None,
+            envoy_active: 0,
+            in_flight: 0,
+            blocks: BlockLru::new(lru_blocks),
+            down_until_ms: 0,
+        }
+    }
+}
+
 /// The picker of one pool.
 #[derive(Debug, Clone)]
 pub struct Picker {
@@ -171,16 +187,7 @@ impl Picker {
             endpoints: addresses
                 .iter()
                 .enumerate()
-                .map(|(id, a)| Endpoint {
-                    id,
-                    address: a.clone(),
-                    healthy: true,
-                    server: None,
-                    envoy_active: 0,
-                    in_flight: 0,
-                    blocks: BlockLru::new(lru_blocks),
-                    down_until_ms: 0,
-                })
+                .map(|(id, a)| Endpoint::new(id, a.clone(), lru_blocks))
                 .collect(),
             scoring,
             rotor: 0,
@@ -257,16 +264,7 @@ impl Picker {
                 None => {
                     let id = self.next_id;
                     self.next_id += 1;
-                    Endpoint {
-                        id,
-                        address: h.host.address.clone(),
-                        healthy: true,
-                        server: None,
-                        envoy_active: 0,
-                        in_flight: 0,
-                        blocks: BlockLru::new(lru_blocks),
-                        down_until_ms: 0,
-                    }
+                    Endpoint::new(id, h.host.address.clone(), lru_blocks)
                 }
             };
             if self.endpoints.iter().any(|e| e.address == endpoint.address) {
