@@ -496,13 +496,14 @@ def gateway_config(strategies: list[Strategy], ports: dict[str, int], mock_ports
 
 
 class Envoy:
-    def __init__(self, config: dict, work: Path, admin: int, workers: int = 1):
-        path = work / "gateway.yaml"
+    def __init__(self, config: dict, work: Path, admin: int, workers: int = 1, tag: str = ""):
+        # tag: one file set per gateway process when two run side by side.
+        path = work / f"gateway{tag}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         envoy = ROOT / ".venv" / "bin" / "envoy"
-        self.log = work / "envoy.log"
+        self.log = work / f"envoy{tag}.log"
         self.proc = Proc("envoy", [str(envoy), "-c", str(path), "--concurrency", str(workers), "--use-dynamic-base-id",
-                                   "--base-id-path", str(work / "envoy.base-id"), "--log-level", "warn"], self.log)
+                                   "--base-id-path", str(work / f"envoy{tag}.base-id"), "--log-level", "warn"], self.log)
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if not self.proc.alive():
@@ -536,6 +537,7 @@ class Outcome:
     hit_tokens: int = 0
     echo_key: Optional[str] = None
     error: str = ""
+    gateway: int = 0                    # which gateway process the client sent it to
 
 
 async def send(client: httpx.AsyncClient, port: int, body: dict, headers: dict, t0: float) -> Outcome:
@@ -557,7 +559,7 @@ async def send(client: httpx.AsyncClient, port: int, body: dict, headers: dict, 
     return out
 
 
-async def replay(w: Workload, port: int, strategy: Strategy, keys: KeySource,
+async def replay(w: Workload, ports: list[int], strategy: Strategy, keys: KeySource,
                  background_port: int = 0) -> tuple[list[Outcome], float]:
     limits = httpx.Limits(max_connections=512, max_keepalive_connections=64)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(60.0)) as client:
@@ -586,7 +588,11 @@ async def replay(w: Workload, port: int, strategy: Strategy, keys: KeySource,
             await asyncio.sleep(max(0.0, t0 + r.at - loop.time()))
             if r.after is not None:
                 await done[r.after].wait()
-            results[i] = await send(client, port, r.body, keys.headers(r.body, strategy), t0)
+            # Two gateways: the client alternates per request (request i to gateway i mod n), as
+            # an L4 balancer spreading requests would; a conversation's turns cross gateways.
+            g = i % len(ports)
+            results[i] = await send(client, ports[g], r.body, keys.headers(r.body, strategy), t0)
+            results[i].gateway = g
             done[i].set()
 
         await asyncio.gather(*(one(i, r) for i, r in enumerate(w.reqs)))
@@ -605,12 +611,37 @@ def pct(xs: list[float], p: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-def run_one(w: Workload, strategy: Strategy, ports: dict[str, int], mocks: list[Mock],
+def prefix_group(w: Workload, body: dict) -> str:
+    """The prefix a request shares with others: its tenant's system prompt (tenants, background),
+    its conversation's first user turn (conversations); control shares nothing."""
+    msgs = body["messages"]
+    if w.name == "conversations":
+        return msgs[1]["content"]
+    if w.name == "control":
+        return msgs[0]["content"] + msgs[-1]["content"]
+    return msgs[0]["content"]
+
+
+def placement(w: Workload, outcomes: list[Outcome]) -> dict:
+    """How consistently each shared prefix was placed: the share of requests served by their
+    group's most-used replica ("home share"), and the mean number of replicas a group used."""
+    groups: dict[str, dict[str, int]] = {}
+    for r, o in zip(w.reqs, outcomes):
+        if o.status == 200 and not o.error:
+            g = groups.setdefault(prefix_group(w, r.body), {})
+            g[o.backend] = g.get(o.backend, 0) + 1
+    total = sum(sum(g.values()) for g in groups.values())
+    return {"home_share": (sum(max(g.values()) for g in groups.values()) / total) if total else float("nan"),
+            "replicas_per_group": statistics.mean(len(g) for g in groups.values()) if groups else float("nan"),
+            "groups": len(groups)}
+
+
+def run_one(w: Workload, strategy: Strategy, gateways: list[dict[str, int]], mocks: list[Mock],
             keys: KeySource, capacity: float) -> dict:
     for m in mocks:
         m.reset_cache()
     before = [m.counters() for m in mocks]
-    outcomes, wall = asyncio.run(replay(w, ports[strategy.name], strategy, keys,
+    outcomes, wall = asyncio.run(replay(w, [p[strategy.name] for p in gateways], strategy, keys,
                                         background_port=mocks[0].port if w.background else 0))
     after = [m.counters() for m in mocks]
     queries = sum(a[0] - b[0] for a, b in zip(after, before))
@@ -627,7 +658,9 @@ def run_one(w: Workload, strategy: Strategy, ports: dict[str, int], mocks: list[
                          if o.status == 200 and o.echo_key != keys.expected(r.body, strategy))
     span = max((o.done_at for o in ok), default=wall)
     return {
-        "workload": w.name, "strategy": strategy.name, "capacity": capacity,
+        "workload": w.name, "strategy": strategy.name, "capacity": capacity, "gateways": len(gateways),
+        "per_gateway": [sum(1 for o in ok if o.gateway == g) for g in range(len(gateways))],
+        "placement": placement(w, outcomes),
         "lb": strategy.lb, "hash_balance_factor": strategy.hbf, "prefix_blocks": strategy.prefix_blocks,
         "requests": len(outcomes), "ok": len(ok),
         "errors": sorted({o.error or f"HTTP {o.status}" for o in outcomes if o not in ok})[:5],
@@ -714,13 +747,58 @@ def targets(rows: list[dict]) -> list[dict]:
     return out
 
 
+def gateway_targets(rows: list[dict]) -> list[dict]:
+    """Two gateways against one, per strategy: hit rate >= 0.9x, TTFT p95 <= 1.15x (the picker's
+    targets; printed for every strategy, checked the same way)."""
+    out = []
+    for r2 in rows:
+        if r2.get("gateways", 1) == 1:
+            continue
+        r1 = next((r for r in rows if r.get("gateways", 1) == 1 and r["workload"] == r2["workload"]
+                   and r["strategy"] == r2["strategy"] and r["capacity"] == r2["capacity"]), None)
+        if r1 is None:
+            continue
+        n, tag = r2["gateways"], f"{r2['workload']} {r2['capacity']}x: {r2['strategy']}"
+        if r2["workload"] != "control":
+            v = r2["hit_rate"] / max(r1["hit_rate"], 1e-9)
+            out.append({"target": f"{tag} hit rate with {n} gateways >= 0.9x one gateway's", "value": v,
+                        "limit": 0.9, "met": bool(v >= 0.9), "text": f"{r2['hit_rate']:.3f} vs {r1['hit_rate']:.3f}"})
+        v = r2["ttft_p95_ms"] / r1["ttft_p95_ms"]
+        out.append({"target": f"{tag} TTFT p95 with {n} gateways <= 1.15x one gateway's", "value": v,
+                    "limit": 1.15, "met": bool(v <= 1.15),
+                    "text": f"{r2['ttft_p95_ms']:.1f} ms vs {r1['ttft_p95_ms']:.1f} ms"})
+    return out
+
+
+def gateway_table(rows: list[dict]) -> str:
+    head = ("| workload | capacity | strategy | hit rate 1 gw | hit rate 2 gw | ratio | TTFT p95 1 gw | TTFT p95 2 gw "
+            "| ratio | home share 1 / 2 gw | replicas per prefix 1 / 2 gw | max/mean 1 / 2 gw |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r2 in rows:
+        if r2.get("gateways", 1) == 1:
+            continue
+        r1 = next((r for r in rows if r.get("gateways", 1) == 1 and r["workload"] == r2["workload"]
+                   and r["strategy"] == r2["strategy"] and r["capacity"] == r2["capacity"]), None)
+        if r1 is None:
+            continue
+        p1, p2 = r1["placement"], r2["placement"]
+        lines.append(
+            f"| {r2['workload']} | {r2['capacity']}x | {r2['strategy']} | {r1['hit_rate']:.3f} | {r2['hit_rate']:.3f} "
+            f"| {r2['hit_rate'] / max(r1['hit_rate'], 1e-9):.2f}x | {r1['ttft_p95_ms']:.1f} | {r2['ttft_p95_ms']:.1f} "
+            f"| {r2['ttft_p95_ms'] / r1['ttft_p95_ms']:.2f}x | {p1['home_share']:.2f} / {p2['home_share']:.2f} "
+            f"| {p1['replicas_per_group']:.2f} / {p2['replicas_per_group']:.2f} "
+            f"| {r1['max_over_mean']:.2f} / {r2['max_over_mean']:.2f} |")
+    return head + "\n".join(lines) + "\n"
+
+
 def table(rows: list[dict]) -> str:
-    head = ("| workload | capacity | strategy | hit rate | oracle | TTFT p50 | p95 | p99 (ms) | req/s "
-            "| client p95 | per replica | max/mean | errors |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| workload | capacity | gateways | strategy | hit rate | oracle | TTFT p50 | p95 | p99 (ms) | req/s "
+            "| client p95 | per replica | max/mean | errors |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         lines.append(
-            f"| {r['workload']} | {r['capacity']}x | {r['strategy']} | {r['hit_rate']:.3f} | {r['oracle_hit_rate']:.3f} "
+            f"| {r['workload']} | {r['capacity']}x | {r.get('gateways', 1)} | {r['strategy']} | {r['hit_rate']:.3f} | {r['oracle_hit_rate']:.3f} "
             f"| {r['ttft_p50_ms']:.1f} | {r['ttft_p95_ms']:.1f} | {r['ttft_p99_ms']:.1f} | {r['throughput_rps']:.1f} "
             f"| {r['latency_p95_ms']:.0f} "
             f"| {'/'.join(str(v) for v in r['per_replica'].values())} | {r['max_over_mean']:.2f} "
@@ -754,6 +832,13 @@ def markdown(meta: dict, rows: list[dict], checks: list[dict]) -> str:
         md.append(f"- {'met' if c['met'] else 'NOT MET'}: {c['target']}: {c['text']} (ratio {c['value']:.2f}, limit {c['limit']})")
     md += ["", "## Strategies across cache capacities", "", table([r for r in rows if r["strategy"] in
                                                                   [s.name for s in MAIN]])]
+    if any(r.get("gateways", 1) > 1 for r in rows):
+        md += [f"## Two gateways: {max(meta['gateways'])} Envoy processes against one", "",
+               "Each gateway is a separate Envoy process with the same config (its own listener and admin "
+               "ports) over the same replicas; the client sends request i to gateway i mod n. Home share: "
+               "the share of requests served by the replica that served their prefix (tenant's system "
+               "prompt, conversation) most often; replicas per prefix: how many replicas a prefix used.", "",
+               gateway_table(rows)]
     var = [r for r in rows if r["strategy"].startswith("affinity_") or
            (r["strategy"] == "affinity" and r["capacity"] == TARGET_CAPACITY)]
     if var:
@@ -835,6 +920,9 @@ def main() -> int:
                     "results come from a full run)")
     ap.add_argument("--capacities", default="", help="comma-separated capacities, e.g. 0.5")
     ap.add_argument("--workloads", default="", help="comma-separated workload names (exploring)")
+    ap.add_argument("--gateways", type=int, default=1,
+                    help="N > 1: run each cell with one gateway and again with N Envoy processes (same "
+                         "config, same replicas), the client alternating requests between them")
     ap.add_argument("--workers", type=int, default=1,
                     help="Envoy worker threads (--concurrency); each keeps its own affinity counts and "
                          "picker tables, so more workers show what a production Envoy's split costs")
@@ -872,12 +960,51 @@ def main() -> int:
 
     rows: list[dict] = []
     work = Path(tempfile.mkdtemp(prefix="bench-routing-"))
-    ports = {"admin": procs.free_port(), **{s.name: procs.free_port() for s in strategies}}
+    # --gateways N runs every cell with one gateway and then with N gateway processes (same
+    # config, each its own listener and admin ports, over the same replicas), in that order.
+    gateway_counts = [1] if args.gateways == 1 else [1, args.gateways]
+    gw_ports = [{"admin": procs.free_port(), **{s.name: procs.free_port() for s in strategies}}
+                for _ in range(max(gateway_counts))]
+    ports = gw_ports[0]
     mode = args.key_source
     key_note = ""
     mocks: list[Mock] = []
-    envoy: Optional[Envoy] = None
-    envoy_blocks = -1
+    envoys: list[Envoy] = []
+
+    def start_gateways(n: int, mock_ports: list[int], blocks: int) -> list[Envoy]:
+        """n fresh gateways (no picker state carried over from another run); decides the key source
+        on the first start."""
+        nonlocal mode, key_note
+        if mode in ("auto", "filter"):
+            try:
+                first = Envoy(gateway_config(strategies, gw_ports[0], mock_ports, KeySource("filter"), blocks),
+                              work, gw_ports[0]["admin"], args.workers, tag="-0")
+                ok, key_note = probe_filter(gw_ports[0]["affinity"], MAIN[2])
+            except RuntimeError as e:
+                first, ok, key_note = None, False, str(e).splitlines()[0]
+            if ok:
+                mode = "filter"
+            elif mode == "filter":
+                raise SystemExit(f"bench-routing: the filter does not compute the key: {key_note}")
+            else:
+                say(f"the filter does not set {HEADER} ({key_note}): the load generator sends it")
+                if first is not None:
+                    first.stop()
+                mode = "client"
+        if mode == "client":
+            first = Envoy(gateway_config(strategies, gw_ports[0], mock_ports, KeySource("client"), blocks),
+                          work, gw_ports[0]["admin"], args.workers, tag="-0")
+        out = [first]
+        try:
+            for g in range(1, n):
+                out.append(Envoy(gateway_config(strategies, gw_ports[g], mock_ports, KeySource(mode), blocks),
+                                 work, gw_ports[g]["admin"], args.workers, tag=f"-{g}"))
+        except BaseException:
+            for e in out:
+                e.stop()
+            raise
+        return out
+
     try:
         for cap in capacities:
             for w in workloads:
@@ -885,56 +1012,40 @@ def main() -> int:
                     continue       # nothing is shared: capacity changes nothing
                 blocks = max(1, round(cap * w.working_set_blocks)) if w.working_set_blocks else 1000
                 mocks = [Mock(i, blocks, work) for i in range(REPLICAS)]
-                # A new Envoy for new replicas (their ports are in the picker's endpoints) or a new
-                # capacity (picker_lru_matched's lruBlocks).
-                if envoy is None or envoy_ports != [m.port for m in mocks] or envoy_blocks != blocks:
-                    if envoy is not None:
-                        envoy.stop()
-                    envoy_ports = [m.port for m in mocks]
-                    envoy_blocks = blocks
-                    if mode in ("auto", "filter"):
-                        try:
-                            envoy = Envoy(gateway_config(strategies, ports, envoy_ports, KeySource("filter"), blocks),
-                                          work, ports["admin"], args.workers)
-                            ok, key_note = probe_filter(ports["affinity"], MAIN[2])
-                        except RuntimeError as e:
-                            envoy, ok, key_note = None, False, str(e).splitlines()[0]
-                        if ok:
-                            mode = "filter"
-                        elif mode == "filter":
-                            raise SystemExit(f"bench-routing: the filter does not compute the key: {key_note}")
-                        else:
-                            say(f"the filter does not set {HEADER} ({key_note}): the load generator sends it")
-                            if envoy is not None:
-                                envoy.stop()
-                            mode = "client"
-                    if mode == "client":
-                        envoy = Envoy(gateway_config(strategies, ports, envoy_ports, KeySource("client"), blocks),
-                                      work, ports["admin"], args.workers)
-                keys = KeySource(mode)
-                for s in strategies:
-                    if s not in MAIN and cap != TARGET_CAPACITY:
-                        continue
-                    row = run_one(w, s, ports, mocks, keys, cap)
-                    rows.append(row)
-                    say(f"{w.name} {cap}x {s.name}: hit {row['hit_rate']:.3f} (oracle {row['oracle_hit_rate']:.3f}) "
-                        f"TTFT p50/p95/p99 {row['ttft_p50_ms']:.1f}/{row['ttft_p95_ms']:.1f}/{row['ttft_p99_ms']:.1f} ms "
-                        f"{row['throughput_rps']:.1f} req/s replicas {list(row['per_replica'].values())} "
-                        f"errors {row['requests'] - row['ok']}{' key mismatches ' + str(row['key_mismatches']) if row['key_mismatches'] else ''}")
+                for n_gw in gateway_counts:
+                    # New Envoys for new replicas (their ports are in the picker's endpoints), a new
+                    # capacity (picker_lru_matched's lruBlocks), and each gateway count (the pickers'
+                    # tables start empty in both the one- and the two-gateway run).
+                    envoys = start_gateways(n_gw, [m.port for m in mocks], blocks)
+                    keys = KeySource(mode)
+                    for s in strategies:
+                        if s not in MAIN and cap != TARGET_CAPACITY:
+                            continue
+                        row = run_one(w, s, gw_ports[:n_gw], mocks, keys, cap)
+                        rows.append(row)
+                        say(f"{w.name} {cap}x {s.name} gateways {n_gw}: hit {row['hit_rate']:.3f} (oracle {row['oracle_hit_rate']:.3f}) "
+                            f"TTFT p50/p95/p99 {row['ttft_p50_ms']:.1f}/{row['ttft_p95_ms']:.1f}/{row['ttft_p99_ms']:.1f} ms "
+                            f"{row['throughput_rps']:.1f} req/s replicas {list(row['per_replica'].values())} "
+                            f"home share {row['placement']['home_share']:.2f} "
+                            f"errors {row['requests'] - row['ok']}{' key mismatches ' + str(row['key_mismatches']) if row['key_mismatches'] else ''}")
+                    for e in envoys:
+                        e.stop()
+                    envoys = []
                 for m in mocks:
                     m.proc.stop()
                 mocks = []
     finally:
         for m in mocks:
             m.proc.stop()
-        if envoy is not None:
-            envoy.stop()
+        for e in envoys:
+            e.stop()
 
-    checks = targets(rows)
+    # The issue's single-gateway targets on the one-gateway rows; the two-gateway ones beside them.
+    checks = targets([r for r in rows if r.get("gateways", 1) == 1]) + gateway_targets(rows)
     meta = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "seconds": time.monotonic() - began, "key_source": mode, "key_note": key_note, "quick": args.quick,
-        "envoy_workers": args.workers,
+        "envoy_workers": args.workers, "gateways": gateway_counts,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "loadavg_start": loadavg_start, "loadavg_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "workloads": [{"name": w.name, "description": w.description, "requests": len(w.reqs), "rate": w.rate,
@@ -950,7 +1061,7 @@ def main() -> int:
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "targets": checks}, indent=1))
     md = markdown(meta, rows, checks)
     (args.out / "results.md").write_text(md)
-    note = chart(args.out / "routing.png", rows)
+    note = chart(args.out / "routing.png", [r for r in rows if r.get("gateways", 1) == 1])
     if note:
         say(note)
     print(md)
