@@ -560,7 +560,7 @@ async def send(client: httpx.AsyncClient, port: int, body: dict, headers: dict, 
 
 
 async def replay(w: Workload, ports: list[int], strategy: Strategy, keys: KeySource,
-                 background_port: int = 0) -> tuple[list[Outcome], float]:
+                 background_port: int = 0, split: str = "alternate") -> tuple[list[Outcome], float]:
     limits = httpx.Limits(max_connections=512, max_keepalive_connections=64)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(60.0)) as client:
         loop = asyncio.get_running_loop()
@@ -588,9 +588,15 @@ async def replay(w: Workload, ports: list[int], strategy: Strategy, keys: KeySou
             await asyncio.sleep(max(0.0, t0 + r.at - loop.time()))
             if r.after is not None:
                 await done[r.after].wait()
-            # Two gateways: the client alternates per request (request i to gateway i mod n), as
-            # an L4 balancer spreading requests would; a conversation's turns cross gateways.
-            g = i % len(ports)
+            # Two gateways, split "alternate": request i to gateway i mod n, as an L4 balancer
+            # spreading requests would; a tenant's or a conversation's requests cross gateways.
+            # Split "prefix": every request of one prefix group to one gateway (a diagnostic: each
+            # gateway's picker then sees all of a prefix's traffic, as with one gateway).
+            if split == "prefix":
+                g = int.from_bytes(hashlib.blake2b(prefix_group(w, r.body).encode(), digest_size=8).digest(),
+                                   "big") % len(ports)
+            else:
+                g = i % len(ports)
             results[i] = await send(client, ports[g], r.body, keys.headers(r.body, strategy), t0)
             results[i].gateway = g
             done[i].set()
@@ -637,12 +643,12 @@ def placement(w: Workload, outcomes: list[Outcome]) -> dict:
 
 
 def run_one(w: Workload, strategy: Strategy, gateways: list[dict[str, int]], mocks: list[Mock],
-            keys: KeySource, capacity: float) -> dict:
+            keys: KeySource, capacity: float, split: str = "alternate") -> dict:
     for m in mocks:
         m.reset_cache()
     before = [m.counters() for m in mocks]
     outcomes, wall = asyncio.run(replay(w, [p[strategy.name] for p in gateways], strategy, keys,
-                                        background_port=mocks[0].port if w.background else 0))
+                                        background_port=mocks[0].port if w.background else 0, split=split))
     after = [m.counters() for m in mocks]
     queries = sum(a[0] - b[0] for a, b in zip(after, before))
     hits = sum(a[1] - b[1] for a, b in zip(after, before))
@@ -659,6 +665,7 @@ def run_one(w: Workload, strategy: Strategy, gateways: list[dict[str, int]], moc
     span = max((o.done_at for o in ok), default=wall)
     return {
         "workload": w.name, "strategy": strategy.name, "capacity": capacity, "gateways": len(gateways),
+        "split": split if len(gateways) > 1 else "",
         "per_gateway": [sum(1 for o in ok if o.gateway == g) for g in range(len(gateways))],
         "placement": placement(w, outcomes),
         "lb": strategy.lb, "hash_balance_factor": strategy.hbf, "prefix_blocks": strategy.prefix_blocks,
@@ -835,7 +842,9 @@ def markdown(meta: dict, rows: list[dict], checks: list[dict]) -> str:
     if any(r.get("gateways", 1) > 1 for r in rows):
         md += [f"## Two gateways: {max(meta['gateways'])} Envoy processes against one", "",
                "Each gateway is a separate Envoy process with the same config (its own listener and admin "
-               "ports) over the same replicas; the client sends request i to gateway i mod n. Home share: "
+               "ports) over the same replicas. Split: " + ("the client sends request i to gateway i mod n. "
+               if meta.get("split", "alternate") == "alternate" else "every request of one tenant or "
+               "conversation goes to the same gateway (a hash of its prefix group). ") + "Home share: "
                "the share of requests served by the replica that served their prefix (tenant's system "
                "prompt, conversation) most often; replicas per prefix: how many replicas a prefix used.", "",
                gateway_table(rows)]
@@ -923,6 +932,9 @@ def main() -> int:
     ap.add_argument("--gateways", type=int, default=1,
                     help="N > 1: run each cell with one gateway and again with N Envoy processes (same "
                          "config, same replicas), the client alternating requests between them")
+    ap.add_argument("--split", choices=("alternate", "prefix"), default="alternate",
+                    help="with --gateways: request i to gateway i mod n (alternate), or each tenant's / "
+                         "conversation's requests all to one gateway (prefix; a diagnostic)")
     ap.add_argument("--workers", type=int, default=1,
                     help="Envoy worker threads (--concurrency); each keeps its own affinity counts and "
                          "picker tables, so more workers show what a production Envoy's split costs")
@@ -1021,7 +1033,7 @@ def main() -> int:
                     for s in strategies:
                         if s not in MAIN and cap != TARGET_CAPACITY:
                             continue
-                        row = run_one(w, s, gw_ports[:n_gw], mocks, keys, cap)
+                        row = run_one(w, s, gw_ports[:n_gw], mocks, keys, cap, args.split)
                         rows.append(row)
                         say(f"{w.name} {cap}x {s.name} gateways {n_gw}: hit {row['hit_rate']:.3f} (oracle {row['oracle_hit_rate']:.3f}) "
                             f"TTFT p50/p95/p99 {row['ttft_p50_ms']:.1f}/{row['ttft_p95_ms']:.1f}/{row['ttft_p99_ms']:.1f} ms "
@@ -1045,7 +1057,7 @@ def main() -> int:
     meta = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "seconds": time.monotonic() - began, "key_source": mode, "key_note": key_note, "quick": args.quick,
-        "envoy_workers": args.workers, "gateways": gateway_counts,
+        "envoy_workers": args.workers, "gateways": gateway_counts, "split": args.split,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "loadavg_start": loadavg_start, "loadavg_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "workloads": [{"name": w.name, "description": w.description, "requests": len(w.reqs), "rate": w.rate,
