@@ -403,6 +403,13 @@ class Envoy:
         self.clients.append(c)
         return c
 
+    def async_client(self, http2: bool = False, **kwargs: Any) -> httpx.AsyncClient:
+        """As `client`, for asyncio (use it as `async with`)."""
+        kwargs.setdefault("timeout", 30.0)
+        if http2:
+            return httpx.AsyncClient(base_url=self.url, http1=False, http2=True, **kwargs)
+        return httpx.AsyncClient(base_url=self.url, **kwargs)
+
     def admin(self, path: str) -> str:
         return httpx.get(self.admin_url + path, timeout=5.0).text
 
