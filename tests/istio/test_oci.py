@@ -1,5 +1,12 @@
 """The OCI artifact: reproducible, pinned in istio/, accepted by Istio's fetcher, and
-byte-identical after a push to and a pull from a real registry with oras."""
+byte-identical after a push to and a pull from a real registry with oras.
+
+Reproducible: test_manifests_pin_the_fresh_build compares this checkout's fresh build (the
+oci_build fixture, a clean target directory in a fresh clone) with the digests `make oci`
+pinned in another checkout, at another path, on another machine. CI's clone is never where the
+pins were made, so a path or machine leaking into the module fails it there. (A second clean
+build on the same machine, `scripts/oci.sh reproducible`, proves less and cost make test a
+full LTO build; it stays a manual check.)"""
 
 from __future__ import annotations
 
@@ -7,14 +14,13 @@ import gzip
 import io
 import json
 import shutil
-import subprocess
 import tarfile
 
 import pytest
 
 import bbr_oci
 import istio_convert as ic
-from conftest import OCI_SCRIPT, ROOT, doc
+from conftest import ROOT, doc
 
 
 def _pins() -> list[bbr_oci.Pins]:
@@ -32,17 +38,6 @@ def test_manifests_pin_the_fresh_build(oci_build):
         if built_with != {now}:
             hint = f"\n(the pins were made with {sorted(built_with)}, this build with {now}: the module bytes depend on the rustc version)"
         pytest.fail("istio/ is stale, run `make oci`:\n  " + "\n  ".join(problems) + hint, pytrace=False)
-
-
-def test_two_clean_builds_are_identical(oci_build):
-    """scripts/oci.sh reproducible: two builds in fresh target directories give the same
-    module, and the same as the one packaged (so anyone with this rustc gets these digests)."""
-    out = subprocess.run(
-        ["bash", str(OCI_SCRIPT), "reproducible"], cwd=ROOT, capture_output=True, text=True, timeout=900, check=False
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    hashes = [line.rsplit(" ", 1)[-1] for line in out.stderr.splitlines() if "clean build" in line]
-    assert hashes == [oci_build.module_sha256] * 2, out.stderr
 
 
 def test_packaging_is_deterministic_and_standard(oci_build, tmp_path):
