@@ -15,17 +15,20 @@ strategies over the same two replicas:
   Only the vLLM pool is listed (the shipped config's mock pools are not started here).
 
 Workload (bench/routing/real_servers.py, as `BACKEND=llama`): TENANTS tenants, each with its
-own system prompt of SYSTEM_BYTES of the seeds' English (ASCII only: about 1,000-1,300 tokens
-with SmolLM2's tokenizer), QUESTIONS short questions each, in one seeded order, one request at
-a time (concurrency 1: the comparison is about the cache; vLLM on one OpenMP thread per
-replica prefills such a prompt in about 1 s on an idle core), MAX_TOKENS output tokens.
+own system prompt of SYSTEM_BYTES of the seeds' English (ASCII only: 435-573 prompt tokens
+with SmolLM2's tokenizer, 3-4 whole cache blocks), QUESTIONS short questions each, in one
+seeded order, one request at a time (concurrency 1: the comparison is about the cache),
+MAX_TOKENS output tokens. The prompts are short because prefill is slow here: vLLM's bf16 on a
+CPU with AVX2 only, one OpenMP thread, prefilled 1,000-1,200 tokens in 35-55 s on the shared
+machine (load average 11-14; a smoke run with 3,200-byte prompts), against 2-8 s when all but
+the last block was cached.
 
 The working set and the cache: vLLM caches prefixes in whole blocks (--block-size 128, the CPU
 backend's default, given explicitly). A tenant's cacheable prefix is the whole blocks its
 prompts have in common; the working set is their sum over tenants, counted before start with
 SmolLM2's own tokenizer and chat template (the model folder's tokenizer.json and
 chat_template.jinja, rendered as transformers does; checked afterwards against every answer's
-usage.prompt_tokens). Each replica's KV cache is set to FIT (0.7) of the working set
+usage.prompt_tokens). Each replica's KV cache is set to FIT (0.6) of the working set
 (--num-gpu-blocks-override; VLLM_CPU_KVCACHE_SPACE alone counts in whole GiB, and 1 GiB holds
 about 45,000 tokens of this model, every tenant's prompt many times over). So one replica
 cannot hold every tenant's prefix (round robin sends every tenant to both and they evict each
@@ -75,12 +78,16 @@ import vllm_pool  # noqa: E402
 
 RUN = rs.ROOT / ".run" / "bench-routing-vllm"
 
-TENANTS = 8
-QUESTIONS = 8
-SYSTEM_BYTES = 3200
+TENANTS = 6
+QUESTIONS = 4
+SYSTEM_BYTES = 1400
 MAX_TOKENS = 4
 BLOCK_TOKENS = 128
-FIT = 0.7
+FIT = 0.6
+# Prompts here are under 600 tokens. vLLM refuses to start unless the KV cache holds one
+# request of --max-model-len (2048 in tests/vllm_pool.py, 16 blocks), which would set a floor
+# on the cache above what this working set needs; 1024 (8 blocks) is enough.
+MAX_MODEL_LEN = 1024
 STRATEGIES = ("round_robin", "affinity", "picker")
 # Two replicas starting together on two shared cores: each took 129-282 s alone at load 7-20.
 START_TIMEOUT = 900.0
@@ -133,6 +140,8 @@ def plan(reqs: list[tuple[int, list[dict]]]) -> dict:
     # A running request holds its whole prompt and its answer: the blocks beyond its shared ones.
     running = max(math.ceil((len(seq) + MAX_TOKENS) / BLOCK_TOKENS) - shared[t] for (t, _), seq in zip(reqs, ids))
     cache = math.ceil(FIT * working)
+    if cache * BLOCK_TOKENS < MAX_MODEL_LEN:
+        raise SystemExit(f"a cache of {cache} blocks is below --max-model-len {MAX_MODEL_LEN}; vLLM would refuse it")
     half = math.ceil(working / 2)
     p = {"prompt_tokens": [len(s) for s in ids], "shared_blocks_per_tenant": shared, "working_set_blocks": working,
          "running_blocks": running, "cache_blocks": cache, "half_working_set_blocks": half,
@@ -142,14 +151,15 @@ def plan(reqs: list[tuple[int, list[dict]]]) -> dict:
     if half + running > cache:
         raise SystemExit(f"half the working set ({half} blocks) and a running request ({running}) do not fit "
                          f"in {cache} blocks; raise FIT or change the tenants")
-    if p["max_prompt_tokens"] + MAX_TOKENS > vllm_pool.MAX_MODEL_LEN:
+    if p["max_prompt_tokens"] + MAX_TOKENS > MAX_MODEL_LEN:
         raise SystemExit(f"a prompt of {p['max_prompt_tokens']} tokens is past --max-model-len")
     return p
 
 
 def metrics(port: int) -> dict[str, float]:
     """vLLM's counters that the bench reads, summed over their labels."""
-    names = ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:request_success_total")
+    names = ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:request_success_total",
+             "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
     out = {n: 0.0 for n in names}
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:  # loopback only
         text = r.read().decode()
@@ -178,7 +188,8 @@ class Replica:
         # /reset_prefix_cache (see the module's docstring); loopback only, bench only.
         env["VLLM_SERVER_DEV_MODE"] = "1"
         argv = vllm_pool.server_argv(vllm, self.port, extra=(
-            "--block-size", str(BLOCK_TOKENS), "--num-gpu-blocks-override", str(cache_blocks)))
+            "--block-size", str(BLOCK_TOKENS), "--num-gpu-blocks-override", str(cache_blocks),
+            "--max-model-len", str(MAX_MODEL_LEN)))  # the later flag wins (argparse)
         self.log_path = RUN / f"vllm-{i}.log"
         self.log = open(self.log_path, "ab")
         self.log.write(("$ " + " ".join(argv) + "\n").encode())
@@ -259,14 +270,19 @@ def run_strategy(strategy: str, reqs, replicas: list[Replica], envoy_bin: str, d
                     raise SystemExit(f"{strategy}: past the run's time limit after {n} requests")
                 body = {"model": vllm_pool.MODEL, "messages": messages, "max_tokens": MAX_TOKENS, "stream": True,
                         "temperature": 0, "stream_options": {"include_usage": True}}
+                # What each replica reports just before the pick (what the picker's scrapes see).
+                gauges = {f"127.0.0.1:{r.port}": {k.split(":")[1]: v for k, v in metrics(r.port).items()
+                                                  if k in ("vllm:num_requests_running", "vllm:num_requests_waiting",
+                                                           "vllm:kv_cache_usage_perc")} for r in replicas}
                 try:
                     row = rs.stream_chat(client, body, {rs.STRATEGY_HEADER: strategy})
                 except rs.RequestFailed as e:
                     say("\n".join(envoy.host_lines()))
                     raise SystemExit(f"{strategy}: {e}") from None
                 row["tenant"] = tenant
+                row["replicas_before"] = gauges
                 rows.append(row)
-                if (n + 1) % 16 == 0:
+                if (n + 1) % 8 == 0:
                     say(f"{strategy}: {n + 1}/{len(reqs)}")
         stats = picker_stats(envoy)
     finally:
@@ -340,6 +356,7 @@ def main() -> int:
                 raise SystemExit(f"the vLLMs were not healthy within {START_TIMEOUT:.0f} s; logs in {RUN}")
             time.sleep(1.0)
         info = {r.port: metrics(r.port)["_cache_config_info"] for r in replicas}
+        metrics_bytes = [int(metrics(r.port)["_bytes"]) for r in replicas]
         for port, line in info.items():
             if f'num_gpu_blocks="{p["cache_blocks"]}"' not in line or f'block_size="{BLOCK_TOKENS}"' not in line:
                 raise SystemExit(f"vLLM on {port} does not report the planned cache: {line}")
@@ -380,6 +397,7 @@ def main() -> int:
         "tenants": args.tenants, "questions": args.questions, "system_bytes": SYSTEM_BYTES, "max_tokens": MAX_TOKENS,
         "requests_per_strategy": len(reqs), "vllm": "vllm-cpu 0.32.0",
         "cache_config_info": list(info.values()),
+        "metrics_page_bytes": metrics_bytes,
     }
     (args.out / "vllm.json").write_text(json.dumps(
         {"meta": meta, "plan": p, "summary": summ, "ratio_p50": ratios, "target_met": met, "checks": checks,
