@@ -344,7 +344,8 @@ def main() -> int:
         f"(half the working set {p['half_working_set_blocks']} + a running request {p['running_blocks']} fit)")
     with open("/proc/meminfo") as f:
         avail = next(int(ln.split()[1]) for ln in f if ln.startswith("MemAvailable:")) / 2**20
-    say(f"memory available {avail:.1f} GiB; starting two vLLMs (each 90-280 s; logs in {RUN})")
+    say(f"memory available {avail:.1f} GiB; starting two vLLMs (90-280 s alone on a quiet machine, "
+        f"450-680 s two at once at load 8-12; logs in {RUN})")
     envoy_bin = rs.envoy_bin()
     replicas: list[Replica] = []
     runs: dict[str, dict] = {}
