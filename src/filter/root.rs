@@ -462,6 +462,7 @@ impl RootContext for BbrRoot {
                         let mut picker = Picker::new(&pool.endpoints, p.lru_blocks, p.scoring);
                         picker.set_sharing(&pool.cluster, p.shared_slots);
                         picker.set_kv_weight(p.kv_weight);
+                        picker.set_consistent(p.consistent_placement);
                         picker
                     })
                     .collect()
