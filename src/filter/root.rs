@@ -372,7 +372,13 @@ impl Context for BbrRoot {
         _num_trailers: usize,
     ) {
         if let Some(scraper) = self.scraper.as_mut() {
-            if scraper.on_response(token_id, num_headers, body_size) {
+            // The pickers, for this Envoy's in-flight counts at the moment a report arrives
+            // (none while a request borrows them: then Envoy's rq_active stands in).
+            let answered = match self.pickers.try_borrow() {
+                Ok(pickers) => scraper.on_response(token_id, num_headers, body_size, &pickers),
+                Err(_) => scraper.on_response(token_id, num_headers, body_size, &[]),
+            };
+            if answered {
                 return;
             }
         }
