@@ -70,7 +70,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import procs  # noqa: E402  (tests/procs.py)
 import prefix_key  # noqa: E402
 
-WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "bbr_wasm.wasm"
+# BENCH_ROUTING_WASM: another build of the filter (to compare two builds run after run).
+WASM = Path(os.environ.get("BENCH_ROUTING_WASM") or ROOT / "target" / "wasm32-wasip1" / "release" / "bbr_wasm.wasm")
 MOCK = ROOT / "target" / "release" / "mock-vllm"
 SHIPPED_ENVOY_YAML = ROOT / "envoy" / "envoy.yaml"
 PICKER_POLICY_YAML = ROOT / "envoy" / "picker-lb-policy.yaml"

@@ -369,7 +369,8 @@ impl Scraper {
                     // diagnosis (docs/bench-routing.md, the control workload).
                     let admin = scrape.hosts.iter().find(|h| h.address == address);
                     debug!(
-                        "[{}] picker: {address} reports waiting {} running {}; this Envoy's in                          flight there now {own:?}, rq_active {:?} read {} ms before",
+                        "[{}] picker: {address} reports waiting {} running {}; this Envoy's in \
+                         flight there now {own:?}, rq_active {:?} read {} ms before",
                         self.id,
                         load.waiting,
                         load.running,
