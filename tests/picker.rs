@@ -452,6 +452,37 @@ both! {
         }
     }
 
+    fn a_known_prefix_at_its_home_holds_against_a_little_more_load() {
+        // A conversation's turns 1 and 2 went home (consistent placement); its third turn is
+        // longer than what this picker saw there (the turn another gateway placed is missing),
+        // and home has one request more in flight than the rest: home, scored as holding the
+        // whole prompt (3 x 1 + 0 against 3 x 2/14 + 2). No bound: with one request in flight
+        // the bound would set home aside.
+        let unbounded = Scoring { balance_factor: None, ..Scoring::default() };
+        let mut p = picker(4, unbounded);
+        let home = place(&mut p, &tenant(5, 1));
+        assert_eq!(place(&mut p, &tenant(5, 5)), home);
+        let Some(h) = p.index_of(&home) else { unreachable!("listed") };
+        let shared = preamble_everywhere(4);
+        // One request in flight at home only: a fifth tenant whose key ranks home first.
+        let mut idle = picker(4, unbounded);
+        let Some(other) = (100..400).find(|&f| place(&mut idle, &tenant(f, 6)) == home) else {
+            unreachable!("some key ranks home first")
+        };
+        assert_eq!(p.pick_shared(&tenant(other, 6), &shared, &[], 0), Some(h));
+        assert_eq!(p.pick_shared(&tenant(5, 12), &shared, &[], 0), Some(h));
+        // Placed by load alone, the same turn leaves home.
+        let mut q = picker(4, unbounded);
+        q.set_consistent(false);
+        let Some(a) = q.pick_shared(&tenant(5, 5), &shared, &[], 0) else { unreachable!() };
+        q.done(a);
+        q.pick_shared(&tenant(other, 6), &shared, &[], 0);
+        let busy = loads(&q).iter().position(|&l| l > 0);
+        if busy == Some(a) {
+            assert_ne!(q.pick_shared(&tenant(5, 12), &shared, &[], 0), Some(a));
+        }
+    }
+
     fn a_prompt_sharing_nothing_or_known_deeper_is_scored_as_before() {
         // Nothing in common with what the endpoints hold: by load (ties rotate), not by hash.
         let mut p = picker(4, Scoring::default());

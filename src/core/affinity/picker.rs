@@ -24,8 +24,11 @@
 //! rendezvous hashing of that first unshared block's chained hash (seeded with the model, so
 //! it stands for the whole prefix up to it) with each endpoint's address: every gateway with
 //! the same hosts places it the same way without talking, and a host that comes or goes moves
-//! only the keys it wins. A prompt sharing nothing with what the endpoints hold (no common
-//! block) is likely unique and stays placed by load.
+//! only the keys it wins. Later requests of that prefix are scored as before, except that
+//! its home, while nothing this picker knows puts the prefix deeper elsewhere, counts as
+//! holding the whole prompt: another gateway placed the turns this one did not see there.
+//! A prompt sharing nothing with what the endpoints hold (no common block) is likely unique
+//! and stays placed by load.
 //!
 //! When Envoy served a request elsewhere than picked (override_host's fallback after the picked
 //! host failed, see envoy/picker-lb-policy.yaml), [`Picker::served_elsewhere`] moves the request
@@ -444,7 +447,7 @@ impl Picker {
 
         // Each endpoint's leading blocks of this prompt: the larger of its own LRU's count and
         // what the other workers' table says.
-        let matched: Vec<usize> = self
+        let mut matched: Vec<usize> = self
             .endpoints
             .iter()
             .enumerate()
@@ -456,8 +459,17 @@ impl Picker {
             .collect();
         let eligible =
             |i: usize| candidate(i) && (!any_within || within(loads.get(i).copied().unwrap_or(0)));
-        if let Some(chosen) = self.consistent_choice(hashes, &matched, candidate, eligible) {
-            return self.place(chosen, hashes);
+        match self.consistent_home(hashes, &matched, candidate, eligible) {
+            Some(Home::Place(chosen)) => return self.place(chosen, hashes),
+            // Where every gateway places this prefix, and nothing known says otherwise: it
+            // holds the prompt as far as any gateway sent it (the later turns another gateway
+            // placed, which this one cannot see), so it is scored as holding all of it.
+            Some(Home::Credit(home)) => {
+                if let Some(m) = matched.get_mut(home) {
+                    *m = hashes.len();
+                }
+            }
+            None => {}
         }
 
         let blocks = hashes.len() as u64;
@@ -501,18 +513,20 @@ impl Picker {
         self.place(chosen, hashes)
     }
 
-    /// Consistent placement (the module's documentation): `Some` endpoint when the prompt's
-    /// first `common` blocks are held by every candidate (`common >= 1`), a block follows them,
-    /// and no eligible endpoint (a candidate within the bound) holds more than `common + 1`
-    /// blocks: then the eligible endpoint ranking first by rendezvous hashing of the chained
-    /// hash of block `common`. `None`: score as usual.
-    fn consistent_choice(
+    /// Consistent placement (the module's documentation). The prompt's home: when its first
+    /// `common` blocks are held by every candidate (`common >= 1`) and a block follows them,
+    /// the eligible endpoint (a candidate within the bound) ranking first by rendezvous hashing
+    /// of the chained hash of block `common`. [`Home::Place`] there when no eligible endpoint
+    /// holds more than `common + 1` blocks (a new prefix); [`Home::Credit`] when some does and
+    /// the home holds at least as many as any (a known prefix, at home as far as this picker
+    /// knows). `None`: no home, or the prefix is known to live elsewhere; scored as usual.
+    fn consistent_home(
         &self,
         hashes: &[u64],
         matched: &[usize],
         candidate: impl Fn(usize) -> bool,
         eligible: impl Fn(usize) -> bool,
-    ) -> Option<usize> {
+    ) -> Option<Home> {
         if !self.consistent {
             return None;
         }
@@ -523,15 +537,19 @@ impl Picker {
         if common == 0 {
             return None;
         }
-        let deepest = (0..n).filter(|&i| eligible(i)).map(count).max()?;
-        if deepest > common + 1 {
-            return None;
-        }
-        (0..n)
+        let home = (0..n)
             .filter(|&i| eligible(i))
             .filter_map(|i| Some((rendezvous(key, self.endpoints.get(i)?.rendezvous_seed), i)))
             .max()
-            .map(|(_, i)| i)
+            .map(|(_, i)| i)?;
+        let deepest = (0..n).filter(|&i| eligible(i)).map(count).max()?;
+        if deepest <= common + 1 {
+            Some(Home::Place(home))
+        } else if count(home) >= deepest {
+            Some(Home::Credit(home))
+        } else {
+            None
+        }
     }
 
     /// Counts the request in flight at `chosen` and records the prompt's blocks there.
@@ -594,6 +612,14 @@ impl Picker {
     pub fn address(&self, index: usize) -> Option<&str> {
         self.endpoints.get(index).map(|e| e.address.as_str())
     }
+}
+
+/// What consistent placement says about a prompt ([`Picker::consistent_home`]).
+enum Home {
+    /// A new prefix: place it at this endpoint.
+    Place(usize),
+    /// A known prefix whose home this is: score the endpoint as holding the whole prompt.
+    Credit(usize),
 }
 
 /// Rendezvous (highest random weight) hashing: the key's weight at an endpoint, from the key and
