@@ -455,9 +455,9 @@ both! {
     fn a_known_prefix_at_its_home_holds_against_a_little_more_load() {
         // A conversation's turns 1 and 2 went home (consistent placement); its third turn is
         // longer than what this picker saw there (the turn another gateway placed is missing),
-        // and home has one request more in flight than the rest: home, scored as holding the
-        // whole prompt (3 x 1 + 0 against 3 x 2/14 + 2). No bound: with one request in flight
-        // the bound would set home aside.
+        // and home has one request more in flight than the rest: home (scored, it would lose:
+        // 3 x 7/14 + 0 against 3 x 2/14 + 2). No bound: with one request in flight the bound
+        // would set home aside.
         let unbounded = Scoring { balance_factor: None, ..Scoring::default() };
         let mut p = picker(4, unbounded);
         let home = place(&mut p, &tenant(5, 1));

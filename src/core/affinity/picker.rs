@@ -24,9 +24,11 @@
 //! rendezvous hashing of that first unshared block's chained hash (seeded with the model, so
 //! it stands for the whole prefix up to it) with each endpoint's address: every gateway with
 //! the same hosts places it the same way without talking, and a host that comes or goes moves
-//! only the keys it wins. Later requests of that prefix are scored as before, except that
-//! its home, while nothing this picker knows puts the prefix deeper elsewhere, counts as
-//! holding the whole prompt: another gateway placed the turns this one did not see there.
+//! only the keys it wins. Later requests of that prefix go home too while the home is within
+//! the bound and nothing this picker knows puts the prefix deeper elsewhere: another gateway
+//! may have placed there the turns this one did not see, so the home's known share of the
+//! prompt understates it (and the blocks every endpoint holds would dilute the difference).
+//! Where this picker knows the prefix deeper elsewhere (it spilled), it is scored as before.
 //! A prompt sharing nothing with what the endpoints hold (no common block) is likely unique
 //! and stays placed by load.
 //!
@@ -447,7 +449,7 @@ impl Picker {
 
         // Each endpoint's leading blocks of this prompt: the larger of its own LRU's count and
         // what the other workers' table says.
-        let mut matched: Vec<usize> = self
+        let matched: Vec<usize> = self
             .endpoints
             .iter()
             .enumerate()
@@ -459,17 +461,8 @@ impl Picker {
             .collect();
         let eligible =
             |i: usize| candidate(i) && (!any_within || within(loads.get(i).copied().unwrap_or(0)));
-        match self.consistent_home(hashes, &matched, candidate, eligible) {
-            Some(Home::Place(chosen)) => return self.place(chosen, hashes),
-            // Where every gateway places this prefix, and nothing known says otherwise: it
-            // holds the prompt as far as any gateway sent it (the later turns another gateway
-            // placed, which this one cannot see), so it is scored as holding all of it.
-            Some(Home::Credit(home)) => {
-                if let Some(m) = matched.get_mut(home) {
-                    *m = hashes.len();
-                }
-            }
-            None => {}
+        if let Some(home) = self.consistent_home(hashes, &matched, candidate, eligible) {
+            return self.place(home, hashes);
         }
 
         let blocks = hashes.len() as u64;
@@ -513,20 +506,20 @@ impl Picker {
         self.place(chosen, hashes)
     }
 
-    /// Consistent placement (the module's documentation). The prompt's home: when its first
-    /// `common` blocks are held by every candidate (`common >= 1`) and a block follows them,
+    /// Consistent placement (the module's documentation): the prompt's home, when its first
+    /// `common` blocks are held by every candidate (`common >= 1`) and a block follows them:
     /// the eligible endpoint (a candidate within the bound) ranking first by rendezvous hashing
-    /// of the chained hash of block `common`. [`Home::Place`] there when no eligible endpoint
-    /// holds more than `common + 1` blocks (a new prefix); [`Home::Credit`] when some does and
-    /// the home holds at least as many as any (a known prefix, at home as far as this picker
-    /// knows). `None`: no home, or the prefix is known to live elsewhere; scored as usual.
+    /// of the chained hash of block `common`; placed there when no eligible endpoint holds more
+    /// than `common + 1` blocks (a new prefix) or the home holds as many as any (a known prefix,
+    /// at home as far as this picker knows). `None`: no home, or the prefix is known to be
+    /// held deeper elsewhere (it spilled here); scored as usual.
     fn consistent_home(
         &self,
         hashes: &[u64],
         matched: &[usize],
         candidate: impl Fn(usize) -> bool,
         eligible: impl Fn(usize) -> bool,
-    ) -> Option<Home> {
+    ) -> Option<usize> {
         if !self.consistent {
             return None;
         }
@@ -543,13 +536,7 @@ impl Picker {
             .max()
             .map(|(_, i)| i)?;
         let deepest = (0..n).filter(|&i| eligible(i)).map(count).max()?;
-        if deepest <= common + 1 {
-            Some(Home::Place(home))
-        } else if count(home) >= deepest {
-            Some(Home::Credit(home))
-        } else {
-            None
-        }
+        (deepest <= common + 1 || count(home) >= deepest).then_some(home)
     }
 
     /// Counts the request in flight at `chosen` and records the prompt's blocks there.
@@ -612,14 +599,6 @@ impl Picker {
     pub fn address(&self, index: usize) -> Option<&str> {
         self.endpoints.get(index).map(|e| e.address.as_str())
     }
-}
-
-/// What consistent placement says about a prompt ([`Picker::consistent_home`]).
-enum Home {
-    /// A new prefix: place it at this endpoint.
-    Place(usize),
-    /// A known prefix whose home this is: score the endpoint as holding the whole prompt.
-    Credit(usize),
 }
 
 /// Rendezvous (highest random weight) hashing: the key's weight at an endpoint, from the key and
