@@ -483,6 +483,28 @@ both! {
         }
     }
 
+    fn a_turn_that_spilled_past_the_bound_is_not_followed() {
+        // Home takes turn 1; turn 2 finds home past the bound and spills; turn 3, home within
+        // the bound again, goes home (where the other gateways send the conversation), though
+        // the spill target holds more of it here.
+        let mut p = picker(4, Scoring::default());
+        let home = place(&mut p, &tenant(5, 1));
+        let Some(h) = p.index_of(&home) else { unreachable!("listed") };
+        let shared = preamble_everywhere(4);
+        let mut idle = picker(4, Scoring::default());
+        let Some(other) = (100..400).find(|&f| place(&mut idle, &tenant(f, 6)) == home) else {
+            unreachable!("some key ranks home first")
+        };
+        // One request in flight at home, none elsewhere: past the bound (ceil(3 x 1.25 / 4) = 1).
+        p.pick_shared(&tenant(other, 6), &shared, &[], 0);
+        assert_eq!(loads(&p)[h], 1);
+        let Some(spilled) = p.pick_shared(&tenant(5, 5), &shared, &[], 0) else { unreachable!() };
+        assert_ne!(spilled, h);
+        p.done(spilled);
+        p.done(h);
+        assert_eq!(p.pick_shared(&tenant(5, 9), &shared, &[], 0), Some(h));
+    }
+
     fn a_prompt_sharing_nothing_or_known_deeper_is_scored_as_before() {
         // Nothing in common with what the endpoints hold: by load (ties rotate), not by hash.
         let mut p = picker(4, Scoring::default());

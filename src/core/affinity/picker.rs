@@ -25,10 +25,11 @@
 //! it stands for the whole prefix up to it) with each endpoint's address: every gateway with
 //! the same hosts places it the same way without talking, and a host that comes or goes moves
 //! only the keys it wins. Later requests of that prefix go home too while the home is within
-//! the bound and nothing this picker knows puts the prefix deeper elsewhere: another gateway
-//! may have placed there the turns this one did not see, so the home's known share of the
-//! prompt understates it (and the blocks every endpoint holds would dilute the difference).
-//! Where this picker knows the prefix deeper elsewhere (it spilled), it is scored as before.
+//! the bound and holds part of the prefix past the common blocks: another gateway may have
+//! placed there the turns this one did not see, so the home's known share of the prompt
+//! understates it (and the blocks every endpoint holds would dilute the difference), and a
+//! turn that spilled past the bound at one gateway is not followed by that gateway alone. A
+//! prefix known only elsewhere is scored as before.
 //! A prompt sharing nothing with what the endpoints hold (no common block) is likely unique
 //! and stays placed by load.
 //!
@@ -510,9 +511,10 @@ impl Picker {
     /// `common` blocks are held by every candidate (`common >= 1`) and a block follows them:
     /// the eligible endpoint (a candidate within the bound) ranking first by rendezvous hashing
     /// of the chained hash of block `common`; placed there when no eligible endpoint holds more
-    /// than `common + 1` blocks (a new prefix) or the home holds as many as any (a known prefix,
-    /// at home as far as this picker knows). `None`: no home, or the prefix is known to be
-    /// held deeper elsewhere (it spilled here); scored as usual.
+    /// than `common + 1` blocks (a new prefix) or the home holds more than `common` (a known
+    /// prefix that has been home). `None`: no home, or the prefix is known only elsewhere
+    /// (placed before the replicas shared its opening, or before the hosts changed); scored
+    /// as usual.
     fn consistent_home(
         &self,
         hashes: &[u64],
@@ -536,7 +538,7 @@ impl Picker {
             .max()
             .map(|(_, i)| i)?;
         let deepest = (0..n).filter(|&i| eligible(i)).map(count).max()?;
-        (deepest <= common + 1 || count(home) >= deepest).then_some(home)
+        (deepest <= common + 1 || count(home) > common).then_some(home)
     }
 
     /// Counts the request in flight at `chosen` and records the prompt's blocks there.
