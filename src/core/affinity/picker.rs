@@ -509,12 +509,13 @@ impl Picker {
 
     /// Consistent placement (the module's documentation): the prompt's home, when its first
     /// `common` blocks are held by every candidate (`common >= 1`) and a block follows them:
-    /// the eligible endpoint (a candidate within the bound) ranking first by rendezvous hashing
-    /// of the chained hash of block `common`; placed there when no eligible endpoint holds more
-    /// than `common + 1` blocks (a new prefix) or the home holds more than `common` (a known
-    /// prefix that has been home). `None`: no home, or the prefix is known only elsewhere
-    /// (placed before the replicas shared its opening, or before the hosts changed); scored
-    /// as usual.
+    /// the candidate ranking first by rendezvous hashing of the chained hash of block `common`.
+    /// Within the bound, the prompt goes there when no eligible endpoint (a candidate within the
+    /// bound) holds more than `common + 1` blocks (a new prefix) or the home holds more than
+    /// `common` (a known prefix that has been home). Past the bound, a new prefix goes to the
+    /// next eligible endpoint in the key's order. `None`: no home, a prefix known only
+    /// elsewhere (placed before the replicas shared its opening, or before the hosts changed),
+    /// or a known prefix whose home is past the bound; scored as usual.
     fn consistent_home(
         &self,
         hashes: &[u64],
@@ -532,13 +533,25 @@ impl Picker {
         if common == 0 {
             return None;
         }
-        let home = (0..n)
-            .filter(|&i| eligible(i))
+        // The candidates in the key's rendezvous order: the home first, then where it spills.
+        let mut ranked: Vec<(u64, usize)> = (0..n)
+            .filter(|&i| candidate(i))
             .filter_map(|i| Some((rendezvous(key, self.endpoints.get(i)?.rendezvous_seed), i)))
-            .max()
-            .map(|(_, i)| i)?;
+            .collect();
+        ranked.sort_unstable_by(|a, b| b.cmp(a));
+        let home = ranked.first()?.1;
         let deepest = (0..n).filter(|&i| eligible(i)).map(count).max()?;
-        (deepest <= common + 1 || count(home) > common).then_some(home)
+        if eligible(home) {
+            (deepest <= common + 1 || count(home) > common).then_some(home)
+        } else if deepest <= common + 1 {
+            // A new prefix whose home is past the bound: the next endpoint in the key's order
+            // within it, as another gateway seeing the same loads would choose.
+            ranked.iter().map(|&(_, i)| i).find(|&i| eligible(i))
+        } else {
+            // A known prefix whose home is past the bound: scored, so it spills where it is
+            // known (an earlier spill) rather than to an endpoint that holds none of it.
+            None
+        }
     }
 
     /// Counts the request in flight at `chosen` and records the prompt's blocks there.
