@@ -516,6 +516,20 @@ both! {
             })
             .collect();
         assert_eq!(seen, vec![0, 1, 2, 3]);
+        // A hot prefix every endpoint holds past the key's span (8 blocks): by load (ties
+        // rotate), not by the hash of the block after it (each request's own question).
+        let mut r = picker(4, Scoring::default());
+        r.set_key_blocks(8);
+        let seen: Vec<usize> = (0..4)
+            .map(|f| {
+                let mut prompt = chain(7, 10);
+                prompt.push(900 + f);
+                let Some(i) = r.pick_shared(&prompt, &[10; 4], &[], 0) else { unreachable!() };
+                r.done(i);
+                i
+            })
+            .collect();
+        assert_eq!(seen, vec![0, 1, 2, 3]);
         // An endpoint known to hold two blocks past the preamble: the prefix score decides,
         // wherever the hash would put the prompt.
         for holder in 0..4 {

@@ -11,6 +11,7 @@ use super::http::{BbrHttp, Phase};
 use super::scrape::Scraper;
 use super::{now_millis, now_nanos, shared, Metrics};
 use crate::core::affinity::picker::Picker;
+use crate::core::affinity::prefix::DEFAULT_PREFIX_BLOCKS;
 use crate::core::routing::discovery::{
     fingerprint, next_poll_delay_ms, next_random, parse_models, Health, Listed, PollFailure,
     PollOutcome, MAX_MODELS_BODY_BYTES,
@@ -457,6 +458,10 @@ impl RootContext for BbrRoot {
             })
             .collect();
         // A new table: requests still running keep the old one through their Rc.
+        let key_blocks = router
+            .prefix_affinity
+            .as_ref()
+            .map_or(DEFAULT_PREFIX_BLOCKS, |a| a.prefix_blocks);
         let mut pickers: Vec<Picker> = router
             .prefix_affinity
             .as_ref()
@@ -469,6 +474,7 @@ impl RootContext for BbrRoot {
                         picker.set_sharing(&pool.cluster, p.shared_slots);
                         picker.set_kv_weight(p.kv_weight);
                         picker.set_consistent(p.consistent_placement);
+                        picker.set_key_blocks(key_blocks);
                         picker
                     })
                     .collect()

@@ -30,8 +30,9 @@
 //! understates it (and the blocks every endpoint holds would dilute the difference), and a
 //! turn that spilled past the bound at one gateway is not followed by that gateway alone. A
 //! prefix known only elsewhere is scored as before.
-//! A prompt sharing nothing with what the endpoints hold (no common block) is likely unique
-//! and stays placed by load.
+//! A prompt sharing nothing with what the endpoints hold (no common block) is likely unique,
+//! and one whose blocks up to the prefix key's span (`prefixBlocks`) every candidate holds is
+//! a hot prefix held everywhere: both stay placed by load.
 //!
 //! When Envoy served a request elsewhere than picked (override_host's fallback after the picked
 //! host failed, see envoy/picker-lb-policy.yaml), [`Picker::served_elsewhere`] moves the request
@@ -47,6 +48,7 @@
 //! (`core::affinity::shared_load`).
 
 use super::hosts::{HostState, ServerLoad};
+use super::prefix::DEFAULT_PREFIX_BLOCKS;
 use super::shared_blocks::SharedTable;
 use super::shared_load::SharedLoad;
 use std::collections::{BTreeMap, HashMap};
@@ -198,6 +200,9 @@ pub struct Picker {
     kv_weight: u32,
     /// Consistent placement of a new prefix (see the module's documentation).
     consistent: bool,
+    /// The prefix key's span (`prefixAffinity.prefixBlocks`): a prompt whose first blocks up to
+    /// it every candidate holds is a hot prefix held everywhere, placed by load.
+    key_blocks: usize,
     /// The tables shared with the other workers, for the current endpoint list
     /// (`set_sharing`, then rebuilt by `set_hosts`).
     sharing: Option<(String, usize)>,
@@ -220,6 +225,7 @@ impl Picker {
             next_id: addresses.len(),
             kv_weight: DEFAULT_KV_WEIGHT,
             consistent: true,
+            key_blocks: DEFAULT_PREFIX_BLOCKS,
             sharing: None,
             shared_table: None,
             shared_load: None,
@@ -262,6 +268,11 @@ impl Picker {
     /// Consistent placement of a new prefix on (the default) or off (placed by load alone).
     pub fn set_consistent(&mut self, on: bool) {
         self.consistent = on;
+    }
+
+    /// The prefix key's span in blocks (`prefixAffinity.prefixBlocks`, default 8).
+    pub fn set_key_blocks(&mut self, blocks: usize) {
+        self.key_blocks = blocks;
     }
 
     /// Takes the cluster's hosts as Envoy reports them (in the snapshot's order, the same for
@@ -530,7 +541,9 @@ impl Picker {
         let count = |i: usize| matched.get(i).copied().unwrap_or(0);
         let common = (0..n).filter(|&i| candidate(i)).map(count).min()?;
         let key = *hashes.get(common)?;
-        if common == 0 {
+        // Nothing shared (likely unique: by load), or shared past the key's span (a hot prefix
+        // every candidate holds: by load, which the hash would only make random).
+        if common == 0 || common >= self.key_blocks {
             return None;
         }
         // The candidates in the key's rendezvous order: the home first, then where it spills.
