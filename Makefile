@@ -143,7 +143,7 @@ fuzz: cargo-fuzz corpus ## Fuzz the JSON and multipart scanners and the config p
 fuzz-smoke: cargo-fuzz corpus ## A bounded fuzz run for make test: 10 s per target
 	$(call fuzz-run,10)
 
-.PHONY: bench bench-core bench-scan bench-usage corpus test-extproc-peer
+.PHONY: bench bench-core bench-scan bench-usage bench-scrape corpus test-extproc-peer
 # The body-class corpus (bench/corpus.py): 1 MiB chat bodies per class (English, French,
 # German, Spanish, Russian, Chinese, Japanese, Arabic, emoji, tool use, code, a base64 image,
 # a long conversation, \u-escaped Russian) and a 4 KiB seed per class, built from pinned
@@ -161,6 +161,11 @@ bench: targets corpus ## Benchmark in Envoy: baseline, native json_to_metadata, 
 	@bash scripts/bench-deps.sh
 	$(VENV)/bin/python bench/run.py
 	$(MAKE) --no-print-directory bench-usage
+	$(MAKE) --no-print-directory bench-scrape
+
+bench-scrape: build venv ## The endpoint picker's host reads and metrics scrape: gateway CPU idle and per request, static list vs hosts vs hosts + metrics, with 4, 16 and 64 replicas (~3 min)
+	@bash scripts/bench-deps.sh
+	$(VENV)/bin/python bench/picker_scrape.py
 
 bench-usage: targets venv ## The response side of make bench: gateway CPU per request with token accounting on vs off (a JSON completion, a 300-event SSE stream), wasm memory vs response size (~2 min)
 	$(CARGO) build --release --target $(WASM_TARGET) -p bbr-wasm

@@ -312,3 +312,233 @@ both! {
         }
     }
 }
+
+/// A prompt of tenant (or conversation) `family`: the 2 blocks every tenant's prompt opens
+/// with (a shared preamble), then `own` blocks of its own.
+fn tenant(family: u64, own: usize) -> Vec<u64> {
+    let mut blocks = chain(0, 2);
+    blocks.extend((0..own as u64).map(|i| family * 1_000 + 100 + i));
+    blocks
+}
+
+/// What each endpoint holds of the preamble, as the workers' shared table would say: all of it.
+fn preamble_everywhere(n: usize) -> Vec<usize> {
+    vec![2; n]
+}
+
+/// Where `p` places a new tenant's first request, by address (the request then ends).
+fn place(p: &mut Picker, prompt: &[u64]) -> String {
+    let shared = preamble_everywhere(p.endpoints().len());
+    let Some(i) = p.pick_shared(prompt, &shared, &[], 0) else {
+        unreachable!("endpoints")
+    };
+    p.done(i);
+    p.address(i).map(str::to_string).unwrap_or_default()
+}
+
+both! {
+    fn a_new_prefix_is_placed_alike_by_pickers_that_share_nothing() {
+        // Two gateways: the same hosts, listed in another order, nothing learned in common.
+        let hosts = addresses(4);
+        let mut reversed = hosts.clone();
+        reversed.reverse();
+        let mut a = Picker::new(&hosts, 1000, Scoring::default());
+        let mut b = Picker::new(&reversed, 1000, Scoring::default());
+        let mut used = std::collections::BTreeSet::new();
+        for family in 1..=40 {
+            let prompt = tenant(family, 6);
+            let at_a = place(&mut a, &prompt);
+            assert_eq!(place(&mut b, &prompt), at_a, "tenant {family}");
+            // Its next request at either gateway stays there.
+            assert_eq!(place(&mut a, &prompt), at_a);
+            used.insert(at_a);
+        }
+        assert_eq!(used.len(), 4, "the keys spread over every endpoint: {used:?}");
+        // A conversation: its first turn (one block past the preamble) through `a`, its second
+        // (that block and more) through `b`, which never saw it, its third through `a` again,
+        // which knows only the first turn: one endpoint for all three.
+        for family in 100..120 {
+            let turn1 = tenant(family, 1);
+            let turn2 = tenant(family, 5);
+            let turn3 = tenant(family, 9);
+            let home = place(&mut a, &turn1);
+            assert_eq!(place(&mut b, &turn2), home, "conversation {family}, turn 2");
+            assert_eq!(place(&mut a, &turn3), home, "conversation {family}, turn 3");
+        }
+        // Placed by load alone (consistent placement off), the two disagree: idle, each
+        // rotates through its own order.
+        let mut a = Picker::new(&hosts, 1000, Scoring::default());
+        let mut b = Picker::new(&reversed, 1000, Scoring::default());
+        a.set_consistent(false);
+        b.set_consistent(false);
+        let differ = (1..=8)
+            .filter(|&f| place(&mut a, &tenant(f, 6)) != place(&mut b, &tenant(f, 6)))
+            .count();
+        assert!(differ > 0);
+    }
+
+    fn consistent_placement_keeps_the_bound() {
+        for (n, factor) in [(4usize, 125u32), (4, 110), (3, 100), (8, 150)] {
+            let mut p = picker(n, Scoring { balance_factor: Some(factor), ..Scoring::default() });
+            let shared = preamble_everywhere(n);
+            // New tenants arriving while none of the earlier ones ends.
+            for family in 1..=(6 * n as u64) {
+                assert!(p.pick_shared(&tenant(family, 6), &shared, &[], 0).is_some());
+                let bound = (family * u64::from(factor)).div_ceil(100 * n as u64).max(1);
+                let max = loads(&p).into_iter().max().unwrap_or(0);
+                assert!(u64::from(max) <= bound, "n {n} factor {factor} after {family}: {:?} > {bound}", loads(&p));
+            }
+        }
+        // The bound overrides the hash: a new tenant whose key ranks `home` first goes to the
+        // other endpoint while `home` is past the bound (2 in flight against 0).
+        let mut p = picker(2, Scoring::default());
+        let home = place(&mut p, &tenant(7, 6));
+        let Some(h) = p.index_of(&home) else { unreachable!("listed") };
+        let shared = preamble_everywhere(2);
+        for _ in 0..2 {
+            assert_eq!(p.pick_shared(&tenant(7, 6), &shared, &[], 0), Some(h));
+        }
+        let mut idle = picker(2, Scoring::default());
+        let Some(family) = (8..100).find(|&f| place(&mut idle, &tenant(f, 6)) == home) else {
+            unreachable!("some key ranks home first")
+        };
+        assert_eq!(p.pick_shared(&tenant(family, 6), &shared, &[], 0), Some(1 - h));
+    }
+
+    fn a_host_leaving_or_joining_moves_only_its_own_keys() {
+        let hosts = addresses(5);
+        let mut all = Picker::new(&hosts, 1000, Scoring::default());
+        let homes: Vec<String> = (1..=200).map(|f| place(&mut all, &tenant(f, 6))).collect();
+        let gone = hosts[2].clone();
+        let kept: Vec<String> = hosts.iter().filter(|h| **h != gone).cloned().collect();
+        let mut fewer = Picker::new(&kept, 1000, Scoring::default());
+        let mut moved = 0;
+        for (f, home) in (1..=200).zip(&homes) {
+            let now = place(&mut fewer, &tenant(f, 6));
+            if *home == gone {
+                moved += 1;
+                assert_ne!(now, gone);
+            } else {
+                assert_eq!(&now, home, "tenant {f} moved though its host stayed");
+            }
+        }
+        assert!(moved > 10, "the removed host had keys: {moved}");
+        // A host joining takes some keys, and every key that moves, moves to it.
+        let mut more = hosts.clone();
+        more.push("127.0.0.1:9000".to_string());
+        let mut joined = Picker::new(&more, 1000, Scoring::default());
+        let mut taken = 0;
+        for (f, home) in (1..=200).zip(&homes) {
+            let now = place(&mut joined, &tenant(f, 6));
+            if now != *home {
+                assert_eq!(now, "127.0.0.1:9000", "tenant {f}");
+                taken += 1;
+            }
+        }
+        assert!(taken > 10, "the new host took keys: {taken}");
+        // The same on a live picker whose hosts change (`set_hosts`): a new tenant lands where
+        // a fresh picker over the same hosts would put it.
+        let mut live = Picker::new(&[], 1000, Scoring::default());
+        let states: Vec<_> = kept
+            .iter()
+            .map(|a| bbr_wasm::core::affinity::hosts::HostState {
+                host: bbr_wasm::core::affinity::hosts::Host { address: a.clone(), healthy: true, rq_active: 0 },
+                load: None,
+            })
+            .collect();
+        live.set_hosts(&states, 1000);
+        for f in 300..340 {
+            assert_eq!(place(&mut live, &tenant(f, 6)), place(&mut fewer, &tenant(f, 6)));
+        }
+    }
+
+    fn a_known_prefix_at_its_home_holds_against_a_little_more_load() {
+        // A conversation's turns 1 and 2 went home (consistent placement); its third turn is
+        // longer than what this picker saw there (the turn another gateway placed is missing),
+        // and home has one request more in flight than the rest: home (scored, it would lose:
+        // 3 x 7/14 + 0 against 3 x 2/14 + 2). No bound: with one request in flight the bound
+        // would set home aside.
+        let unbounded = Scoring { balance_factor: None, ..Scoring::default() };
+        let mut p = picker(4, unbounded);
+        let home = place(&mut p, &tenant(5, 1));
+        assert_eq!(place(&mut p, &tenant(5, 5)), home);
+        let Some(h) = p.index_of(&home) else { unreachable!("listed") };
+        let shared = preamble_everywhere(4);
+        // One request in flight at home only: a fifth tenant whose key ranks home first.
+        let mut idle = picker(4, unbounded);
+        let Some(other) = (100..400).find(|&f| place(&mut idle, &tenant(f, 6)) == home) else {
+            unreachable!("some key ranks home first")
+        };
+        assert_eq!(p.pick_shared(&tenant(other, 6), &shared, &[], 0), Some(h));
+        assert_eq!(p.pick_shared(&tenant(5, 12), &shared, &[], 0), Some(h));
+        // Placed by load alone, the same turn leaves home.
+        let mut q = picker(4, unbounded);
+        q.set_consistent(false);
+        let Some(a) = q.pick_shared(&tenant(5, 5), &shared, &[], 0) else { unreachable!() };
+        q.done(a);
+        q.pick_shared(&tenant(other, 6), &shared, &[], 0);
+        let busy = loads(&q).iter().position(|&l| l > 0);
+        if busy == Some(a) {
+            assert_ne!(q.pick_shared(&tenant(5, 12), &shared, &[], 0), Some(a));
+        }
+    }
+
+    fn a_turn_that_spilled_past_the_bound_is_not_followed() {
+        // Home takes turn 1; turn 2 finds home past the bound and spills; turn 3, home within
+        // the bound again, goes home (where the other gateways send the conversation), though
+        // the spill target holds more of it here.
+        let mut p = picker(4, Scoring::default());
+        let home = place(&mut p, &tenant(5, 1));
+        let Some(h) = p.index_of(&home) else { unreachable!("listed") };
+        let shared = preamble_everywhere(4);
+        let mut idle = picker(4, Scoring::default());
+        let Some(other) = (100..400).find(|&f| place(&mut idle, &tenant(f, 6)) == home) else {
+            unreachable!("some key ranks home first")
+        };
+        // One request in flight at home, none elsewhere: past the bound (ceil(3 x 1.25 / 4) = 1).
+        p.pick_shared(&tenant(other, 6), &shared, &[], 0);
+        assert_eq!(loads(&p)[h], 1);
+        let Some(spilled) = p.pick_shared(&tenant(5, 5), &shared, &[], 0) else { unreachable!() };
+        assert_ne!(spilled, h);
+        p.done(spilled);
+        p.done(h);
+        assert_eq!(p.pick_shared(&tenant(5, 9), &shared, &[], 0), Some(h));
+    }
+
+    fn a_prompt_sharing_nothing_or_known_deeper_is_scored_as_before() {
+        // Nothing in common with what the endpoints hold: by load (ties rotate), not by hash.
+        let mut p = picker(4, Scoring::default());
+        let seen: Vec<usize> = (0..4)
+            .map(|f| {
+                let Some(i) = p.pick_shared(&chain(500 + f, 6), &[0; 4], &[], 0) else { unreachable!() };
+                p.done(i);
+                i
+            })
+            .collect();
+        assert_eq!(seen, vec![0, 1, 2, 3]);
+        // A hot prefix every endpoint holds past the key's span (8 blocks): by load (ties
+        // rotate), not by the hash of the block after it (each request's own question).
+        let mut r = picker(4, Scoring::default());
+        r.set_key_blocks(8);
+        let seen: Vec<usize> = (0..4)
+            .map(|f| {
+                let mut prompt = chain(7, 10);
+                prompt.push(900 + f);
+                let Some(i) = r.pick_shared(&prompt, &[10; 4], &[], 0) else { unreachable!() };
+                r.done(i);
+                i
+            })
+            .collect();
+        assert_eq!(seen, vec![0, 1, 2, 3]);
+        // An endpoint known to hold two blocks past the preamble: the prefix score decides,
+        // wherever the hash would put the prompt.
+        for holder in 0..4 {
+            let mut q = picker(4, Scoring::default());
+            let mut shared = preamble_everywhere(4);
+            shared[holder] = 4;
+            let Some(i) = q.pick_shared(&tenant(9, 6), &shared, &[], 0) else { unreachable!() };
+            q.done(i);
+            assert_eq!(i, holder);
+        }
+    }
+}

@@ -70,7 +70,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import procs  # noqa: E402  (tests/procs.py)
 import prefix_key  # noqa: E402
 
-WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "bbr_wasm.wasm"
+# BENCH_ROUTING_WASM: another build of the filter (to compare two builds run after run).
+WASM = Path(os.environ.get("BENCH_ROUTING_WASM") or ROOT / "target" / "wasm32-wasip1" / "release" / "bbr_wasm.wasm")
 MOCK = ROOT / "target" / "release" / "mock-vllm"
 SHIPPED_ENVOY_YAML = ROOT / "envoy" / "envoy.yaml"
 PICKER_POLICY_YAML = ROOT / "envoy" / "picker-lb-policy.yaml"
@@ -120,6 +121,7 @@ class Strategy:
     lru_matched: bool = False           # picker: lruBlocks = the replica's cache, in key blocks
     load_weight: Optional[int] = None   # picker: loadWeight (None: the filter's default, 2)
     metrics: bool = False               # picker: hosts from Envoy's admin, the servers' own load
+    consistent: bool = True             # picker: consistentPlacement (False: a new prefix placed by load alone)
 
     @property
     def hashed(self) -> bool:
@@ -153,6 +155,9 @@ def variants() -> tuple[Strategy, ...]:
             for b in (None, 110, 150, 200) if b != DEFAULT_PICKER_BALANCE]
     out.append(Strategy("picker_lru_matched", "PICKER", DEFAULT_PICKER_BALANCE, lru_matched=True))
     out.append(Strategy("picker_load_weight_1", "PICKER", DEFAULT_PICKER_BALANCE, load_weight=1))
+    # The picker before consistent placement (a new prefix placed by load alone), to compare side by side.
+    out.append(Strategy("picker_by_load", "PICKER", DEFAULT_PICKER_BALANCE, consistent=False))
+    out.append(Strategy("picker_metrics_by_load", "PICKER", DEFAULT_PICKER_BALANCE, metrics=True, consistent=False))
     return tuple(out)
 
 
@@ -182,6 +187,8 @@ class KeySource:
                 del picker["pools"][0]["endpoints"]
             if strategy.load_weight is not None:
                 picker["loadWeight"] = strategy.load_weight
+            if not strategy.consistent:
+                picker["consistentPlacement"] = False
             if strategy.lru_matched:
                 # What the replica can hold, in the picker's 256-byte blocks.
                 picker["lruBlocks"] = max(1, math.ceil(cache_blocks * BLOCK_BYTES / KEY_BLOCK_BYTES))
@@ -503,7 +510,10 @@ class Envoy:
         envoy = ROOT / ".venv" / "bin" / "envoy"
         self.log = work / f"envoy{tag}.log"
         self.proc = Proc("envoy", [str(envoy), "-c", str(path), "--concurrency", str(workers), "--use-dynamic-base-id",
-                                   "--base-id-path", str(work / f"envoy{tag}.base-id"), "--log-level", "warn"], self.log)
+                                   "--base-id-path", str(work / f"envoy{tag}.base-id"), "--log-level", "warn"]
+                               # A diagnostic: e.g. "wasm:debug" logs the picker's every load report.
+                               + (["--component-log-level", os.environ["BENCH_ROUTING_ENVOY_LOG"]]
+                                  if os.environ.get("BENCH_ROUTING_ENVOY_LOG") else []), self.log)
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if not self.proc.alive():
@@ -751,6 +761,18 @@ def targets(rows: list[dict]) -> list[dict]:
             check(f"{wl}: picker_metrics TTFT p95 <= 1.05x picker's", pm["ttft_p95_ms"] / pi["ttft_p95_ms"], 1.05,
                   pm["ttft_p95_ms"] <= 1.05 * pi["ttft_p95_ms"],
                   f"{pm['ttft_p95_ms']:.1f} ms vs {pi['ttft_p95_ms']:.1f} ms")
+    # Consistent placement against the picker placing a new prefix by load alone (its behaviour
+    # before), when both ran: no worse than 1.05x in hit rate and TTFT p95.
+    for new, old in (("picker", "picker_by_load"), ("picker_metrics", "picker_metrics_by_load")):
+        for wl in ("tenants", "conversations", "control", "background"):
+            a, b = find(rows, wl, new, c), find(rows, wl, old, c)
+            if not (a and b):
+                continue
+            if wl != "control":
+                check(f"{wl}: {new} hit rate >= {old}'s / 1.05", a["hit_rate"] / max(b["hit_rate"], 1e-9),
+                      1 / 1.05, a["hit_rate"] * 1.05 >= b["hit_rate"], f"{a['hit_rate']:.3f} vs {b['hit_rate']:.3f}")
+            check(f"{wl}: {new} TTFT p95 <= 1.05x {old}'s", a["ttft_p95_ms"] / b["ttft_p95_ms"], 1.05,
+                  a["ttft_p95_ms"] <= 1.05 * b["ttft_p95_ms"], f"{a['ttft_p95_ms']:.1f} ms vs {b['ttft_p95_ms']:.1f} ms")
     return out
 
 

@@ -11,6 +11,7 @@ use super::http::{BbrHttp, Phase};
 use super::scrape::Scraper;
 use super::{now_millis, now_nanos, shared, Metrics};
 use crate::core::affinity::picker::Picker;
+use crate::core::affinity::prefix::DEFAULT_PREFIX_BLOCKS;
 use crate::core::routing::discovery::{
     fingerprint, next_poll_delay_ms, next_random, parse_models, Health, Listed, PollFailure,
     PollOutcome, MAX_MODELS_BODY_BYTES,
@@ -372,7 +373,13 @@ impl Context for BbrRoot {
         _num_trailers: usize,
     ) {
         if let Some(scraper) = self.scraper.as_mut() {
-            if scraper.on_response(token_id, num_headers, body_size) {
+            // The pickers, for this Envoy's in-flight counts at the moment a report arrives
+            // (none while a request borrows them: then Envoy's rq_active stands in).
+            let answered = match self.pickers.try_borrow() {
+                Ok(pickers) => scraper.on_response(token_id, num_headers, body_size, &pickers),
+                Err(_) => scraper.on_response(token_id, num_headers, body_size, &[]),
+            };
+            if answered {
                 return;
             }
         }
@@ -451,6 +458,10 @@ impl RootContext for BbrRoot {
             })
             .collect();
         // A new table: requests still running keep the old one through their Rc.
+        let key_blocks = router
+            .prefix_affinity
+            .as_ref()
+            .map_or(DEFAULT_PREFIX_BLOCKS, |a| a.prefix_blocks);
         let mut pickers: Vec<Picker> = router
             .prefix_affinity
             .as_ref()
@@ -462,6 +473,8 @@ impl RootContext for BbrRoot {
                         let mut picker = Picker::new(&pool.endpoints, p.lru_blocks, p.scoring);
                         picker.set_sharing(&pool.cluster, p.shared_slots);
                         picker.set_kv_weight(p.kv_weight);
+                        picker.set_consistent(p.consistent_placement);
+                        picker.set_key_blocks(key_blocks);
                         picker
                     })
                     .collect()

@@ -105,8 +105,9 @@ struct PoolScrape {
     /// The cluster's hosts at the last good read of the admin page, and when.
     hosts: Vec<Host>,
     hosts_ms: u64,
-    /// Per address: the last good report and when it came.
-    loads: HashMap<String, (ServerLoad, u64)>,
+    /// Per address: the last good report, when it came, and this Envoy's requests in flight
+    /// there at that moment (`own_in_flight`; `None`: unknown, Envoy's `rq_active` stands in).
+    loads: HashMap<String, (ServerLoad, u64, Option<u32>)>,
     /// Per address: whether its last scrape failed (for logging and counting per change).
     failing: HashMap<String, bool>,
     /// Something changed since the last publication.
@@ -326,7 +327,13 @@ impl Scraper {
     }
 
     /// An answer to one of this scraper's calls: `false` if the token is not one of them.
-    pub(super) fn on_response(&mut self, token: u32, num_headers: usize, body_size: usize) -> bool {
+    pub(super) fn on_response(
+        &mut self,
+        token: u32,
+        num_headers: usize,
+        body_size: usize,
+        pickers: &[Picker],
+    ) -> bool {
         let Some(call) = self.calls.remove(&token) else {
             return false;
         };
@@ -345,12 +352,33 @@ impl Scraper {
             } => {
                 // Envoy answers a call past its timeout with its own 504: told apart by time.
                 let timeout_ms = self.server_metrics.as_ref().map_or(0, |m| m.timeout_ms);
-                let result = if now_millis().saturating_sub(sent_ms) >= timeout_ms {
+                let now = now_millis();
+                let result = if now.saturating_sub(sent_ms) >= timeout_ms {
                     Err("timeout")
                 } else {
                     self.read_metrics(num_headers, body_size)
                 };
-                self.metrics_answer(pool, &address, result);
+                // What of the server's count is this Envoy's own, counted now, as the report
+                // arrives: see `own_in_flight`.
+                let own = match (&result, pickers.get(pool)) {
+                    (Ok(_), Some(picker)) => own_in_flight(self.id, picker, &address, now),
+                    _ => None,
+                };
+                if let (Ok(load), Some(scrape)) = (&result, self.pools.get(pool)) {
+                    // The two ways of telling this Envoy's requests apart in the report, for
+                    // diagnosis (docs/bench-routing.md, the control workload).
+                    let admin = scrape.hosts.iter().find(|h| h.address == address);
+                    debug!(
+                        "[{}] picker: {address} reports waiting {} running {}; this Envoy's in \
+                         flight there now {own:?}, rq_active {:?} read {} ms before",
+                        self.id,
+                        load.waiting,
+                        load.running,
+                        admin.map(|h| h.rq_active),
+                        now.saturating_sub(scrape.hosts_ms)
+                    );
+                }
+                self.metrics_answer(pool, &address, result.map(|load| (load, own)));
             }
         }
         true
@@ -459,7 +487,7 @@ impl Scraper {
         &mut self,
         i: usize,
         address: &str,
-        result: Result<ServerLoad, &'static str>,
+        result: Result<(ServerLoad, Option<u32>), &'static str>,
     ) {
         let outcome = match &result {
             Ok(_) => "ok",
@@ -474,11 +502,12 @@ impl Scraper {
         let failing = result.is_err();
         let was = pool.failing.insert(address.to_string(), failing);
         match result {
-            Ok(load) => {
-                if pool.loads.get(address).map(|(l, _)| *l) != Some(load) {
+            Ok((load, own)) => {
+                if pool.loads.get(address).map(|(l, _, o)| (*l, *o)) != Some((load, own)) {
                     pool.dirty = true;
                 }
-                pool.loads.insert(address.to_string(), (load, now_millis()));
+                pool.loads
+                    .insert(address.to_string(), (load, now_millis(), own));
                 if was == Some(true) {
                     info!("[{id}] bbr-wasm: picker pool {cluster:?}: {address} reports its load again");
                 }
@@ -508,7 +537,7 @@ impl Scraper {
         for (i, pool) in self.pools.iter_mut().enumerate() {
             let before = pool.loads.len();
             pool.loads
-                .retain(|_, (_, at)| now.saturating_sub(*at) <= stale_ms);
+                .retain(|_, (_, at, _)| now.saturating_sub(*at) <= stale_ms);
             if pool.loads.len() != before {
                 pool.dirty = true;
                 ScrapeMetrics::increment(self.metrics.fallbacks);
@@ -521,9 +550,20 @@ impl Scraper {
                 hosts: pool
                     .hosts
                     .iter()
-                    .map(|h| HostState {
-                        host: h.clone(),
-                        load: pool.loads.get(&h.address).map(|(l, _)| *l),
+                    .map(|h| {
+                        let report = pool.loads.get(&h.address);
+                        HostState {
+                            // The requests of this Envoy's that the report counts: its own
+                            // in-flight count when the report came, else the admin page's
+                            // rq_active (read up to a hosts interval apart from the report).
+                            host: Host {
+                                rq_active: report
+                                    .and_then(|(_, _, own)| *own)
+                                    .unwrap_or(h.rq_active),
+                                ..h.clone()
+                            },
+                            load: report.map(|(l, _, _)| *l),
+                        }
                     })
                     .collect(),
             };
@@ -658,4 +698,24 @@ fn claim_once(what: &str, value: &str) -> bool {
         }
     }
     false
+}
+
+/// This Envoy's requests in flight at `address` now, over all its workers: this worker's own
+/// picker's count plus the other workers' live rows (`core::affinity::shared_load`). The
+/// picker subtracts it from the server's report to find the requests the server has from
+/// elsewhere: counted at the moment the report arrives, the two agree but for requests on the
+/// wire. Envoy's `rq_active` from the admin page would be read up to a hosts interval apart
+/// from the report, and the difference of two counts read apart is noise of a few requests
+/// each way (measured in docs/bench-routing.md). `None` without the shared rows
+/// (`sharedSlots: 0`), when they cannot be read, or before this worker's picker lists the host.
+fn own_in_flight(id: u32, picker: &Picker, address: &str, now: u64) -> Option<u32> {
+    let index = picker.index_of(address)?;
+    let load = picker.shared_load()?;
+    let read = shared::read_load(id, &load, picker.share_owner(), now);
+    if read.failed {
+        return None;
+    }
+    let others = load.others(&read.values, picker.share_owner(), now);
+    let mine = picker.in_flight().get(index).copied()?;
+    Some(mine.saturating_add(others.get(index).copied().unwrap_or(0)))
 }

@@ -15,6 +15,25 @@
 //! candidate while another is within it. The chosen endpoint records the prompt's blocks and
 //! counts the request in flight until [`Picker::done`].
 //!
+//! Consistent placement (on by default, [`Picker::set_consistent`]): a prompt that continues a
+//! prefix every candidate already holds (a shared system prompt, a preamble) with a block that
+//! no candidate within the bound holds beyond the first one past it is a new tenant's or a new
+//! conversation's: the picker knows nothing that tells the endpoints apart but load, and a
+//! second gateway, which cannot see this one's tables, would place it by its own load
+//! elsewhere. Such a prompt goes to the endpoint within the bound that ranks first by
+//! rendezvous hashing of that first unshared block's chained hash (seeded with the model, so
+//! it stands for the whole prefix up to it) with each endpoint's address: every gateway with
+//! the same hosts places it the same way without talking, and a host that comes or goes moves
+//! only the keys it wins. Later requests of that prefix go home too while the home is within
+//! the bound and holds part of the prefix past the common blocks: another gateway may have
+//! placed there the turns this one did not see, so the home's known share of the prompt
+//! understates it (and the blocks every endpoint holds would dilute the difference), and a
+//! turn that spilled past the bound at one gateway is not followed by that gateway alone. A
+//! prefix known only elsewhere is scored as before.
+//! A prompt sharing nothing with what the endpoints hold (no common block) is likely unique,
+//! and one whose blocks up to the prefix key's span (`prefixBlocks`) every candidate holds is
+//! a hot prefix held everywhere: both stay placed by load.
+//!
 //! When Envoy served a request elsewhere than picked (override_host's fallback after the picked
 //! host failed, see envoy/picker-lb-policy.yaml), [`Picker::served_elsewhere`] moves the request
 //! to the endpoint that served it and sets the picked one aside for a cooldown: override_host
@@ -29,10 +48,12 @@
 //! (`core::affinity::shared_load`).
 
 use super::hosts::{HostState, ServerLoad};
+use super::prefix::DEFAULT_PREFIX_BLOCKS;
 use super::shared_blocks::SharedTable;
 use super::shared_load::SharedLoad;
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
+use xxhash_rust::xxh64::xxh64;
 
 /// Default weights, llm-d's scheduler defaults for its prefix and queue scorers.
 pub const DEFAULT_PREFIX_WEIGHT: u32 = 3;
@@ -141,6 +162,8 @@ pub struct Endpoint {
     pub blocks: BlockLru,
     /// Not picked before this time (ms), after a request picked for it was served elsewhere.
     pub down_until_ms: u64,
+    /// The endpoint's rendezvous-hashing seed: `xxh64(address)`, the same in every gateway.
+    pub rendezvous_seed: u64,
 }
 
 impl Endpoint {
@@ -148,6 +171,7 @@ impl Endpoint {
     fn new(id: usize, address: String, lru_blocks: usize) -> Endpoint {
         Endpoint {
             id,
+            rendezvous_seed: xxh64(address.as_bytes(), 0),
             address,
             healthy: true,
             server: None,
@@ -174,6 +198,11 @@ pub struct Picker {
     next_id: usize,
     /// Weight of the KV-cache score; used only when every candidate reports its usage.
     kv_weight: u32,
+    /// Consistent placement of a new prefix (see the module's documentation).
+    consistent: bool,
+    /// The prefix key's span (`prefixAffinity.prefixBlocks`): a prompt whose first blocks up to
+    /// it every candidate holds is a hot prefix held everywhere, placed by load.
+    key_blocks: usize,
     /// The tables shared with the other workers, for the current endpoint list
     /// (`set_sharing`, then rebuilt by `set_hosts`).
     sharing: Option<(String, usize)>,
@@ -195,6 +224,8 @@ impl Picker {
             load_row: None,
             next_id: addresses.len(),
             kv_weight: DEFAULT_KV_WEIGHT,
+            consistent: true,
+            key_blocks: DEFAULT_PREFIX_BLOCKS,
             sharing: None,
             shared_table: None,
             shared_load: None,
@@ -232,6 +263,16 @@ impl Picker {
 
     pub fn set_kv_weight(&mut self, weight: u32) {
         self.kv_weight = weight;
+    }
+
+    /// Consistent placement of a new prefix on (the default) or off (placed by load alone).
+    pub fn set_consistent(&mut self, on: bool) {
+        self.consistent = on;
+    }
+
+    /// The prefix key's span in blocks (`prefixAffinity.prefixBlocks`, default 8).
+    pub fn set_key_blocks(&mut self, blocks: usize) {
+        self.key_blocks = blocks;
     }
 
     /// Takes the cluster's hosts as Envoy reports them (in the snapshot's order, the same for
@@ -418,23 +459,33 @@ impl Picker {
             0
         };
 
+        // Each endpoint's leading blocks of this prompt: the larger of its own LRU's count and
+        // what the other workers' table says.
+        let matched: Vec<usize> = self
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let local = e.blocks.leading_matches(hashes);
+                let learned = shared.get(i).copied().unwrap_or(0);
+                local.max(learned).min(hashes.len())
+            })
+            .collect();
+        let eligible =
+            |i: usize| candidate(i) && (!any_within || within(loads.get(i).copied().unwrap_or(0)));
+        if let Some(home) = self.consistent_home(hashes, &matched, candidate, eligible) {
+            return self.place(home, hashes);
+        }
+
         let blocks = hashes.len() as u64;
         let mut best: Option<(u128, u64, usize)> = None; // (score, load, index)
         for offset in 0..n {
             let i = (self.rotor + offset) % n;
             let load = loads.get(i).copied().unwrap_or(0);
-            if !candidate(i) {
+            if !eligible(i) {
                 continue;
             }
-            if any_within && !within(load) {
-                continue;
-            }
-            let local = self
-                .endpoints
-                .get(i)
-                .map_or(0, |e| e.blocks.leading_matches(hashes));
-            let learned = shared.get(i).copied().unwrap_or(0);
-            let matched = local.max(learned).min(hashes.len()) as u64;
+            let matched = matched.get(i).copied().unwrap_or(0) as u64;
             // Scores in exact fractions over a common denominator, so ties are real ties:
             // prefix = matched / blocks, load = (max - load) / (max - min), kv = free / 1000.
             let prefix_den = u128::from(blocks.max(1));
@@ -464,6 +515,61 @@ impl Picker {
             }
         }
         let (_, _, chosen) = best?;
+        self.place(chosen, hashes)
+    }
+
+    /// Consistent placement (the module's documentation): the prompt's home, when its first
+    /// `common` blocks are held by every candidate (`common >= 1`) and a block follows them:
+    /// the candidate ranking first by rendezvous hashing of the chained hash of block `common`.
+    /// Within the bound, the prompt goes there when no eligible endpoint (a candidate within the
+    /// bound) holds more than `common + 1` blocks (a new prefix) or the home holds more than
+    /// `common` (a known prefix that has been home). Past the bound, a new prefix goes to the
+    /// next eligible endpoint in the key's order. `None`: no home, a prefix known only
+    /// elsewhere (placed before the replicas shared its opening, or before the hosts changed),
+    /// or a known prefix whose home is past the bound; scored as usual.
+    fn consistent_home(
+        &self,
+        hashes: &[u64],
+        matched: &[usize],
+        candidate: impl Fn(usize) -> bool,
+        eligible: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
+        if !self.consistent {
+            return None;
+        }
+        let n = self.endpoints.len();
+        let count = |i: usize| matched.get(i).copied().unwrap_or(0);
+        let common = (0..n).filter(|&i| candidate(i)).map(count).min()?;
+        let key = *hashes.get(common)?;
+        // Nothing shared (likely unique: by load), or shared past the key's span (a hot prefix
+        // every candidate holds: by load, which the hash would only make random).
+        if common == 0 || common >= self.key_blocks {
+            return None;
+        }
+        // The candidates in the key's rendezvous order: the home first, then where it spills.
+        let mut ranked: Vec<(u64, usize)> = (0..n)
+            .filter(|&i| candidate(i))
+            .filter_map(|i| Some((rendezvous(key, self.endpoints.get(i)?.rendezvous_seed), i)))
+            .collect();
+        ranked.sort_unstable_by(|a, b| b.cmp(a));
+        let home = ranked.first()?.1;
+        let deepest = (0..n).filter(|&i| eligible(i)).map(count).max()?;
+        if eligible(home) {
+            (deepest <= common + 1 || count(home) > common).then_some(home)
+        } else if deepest <= common + 1 {
+            // A new prefix whose home is past the bound: the next endpoint in the key's order
+            // within it, as another gateway seeing the same loads would choose.
+            ranked.iter().map(|&(_, i)| i).find(|&i| eligible(i))
+        } else {
+            // A known prefix whose home is past the bound: scored, so it spills where it is
+            // known (an earlier spill) rather than to an endpoint that holds none of it.
+            None
+        }
+    }
+
+    /// Counts the request in flight at `chosen` and records the prompt's blocks there.
+    fn place(&mut self, chosen: usize, hashes: &[u64]) -> Option<usize> {
+        let n = self.endpoints.len().max(1);
         self.rotor = (chosen + 1) % n;
         let endpoint = self.endpoints.get_mut(chosen)?;
         for &h in hashes {
@@ -521,4 +627,10 @@ impl Picker {
     pub fn address(&self, index: usize) -> Option<&str> {
         self.endpoints.get(index).map(|e| e.address.as_str())
     }
+}
+
+/// Rendezvous (highest random weight) hashing: the key's weight at an endpoint, from the key and
+/// the endpoint's seed alone, so every gateway ranks the endpoints alike in any order.
+fn rendezvous(key: u64, seed: u64) -> u64 {
+    xxh64(&key.to_le_bytes(), seed)
 }

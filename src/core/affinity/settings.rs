@@ -42,6 +42,8 @@ pub struct PickerConfig {
     pub shared_slots: usize,
     /// `kvWeight`: the KV-cache score's weight, with `server_metrics`.
     pub kv_weight: u32,
+    /// `consistentPlacement`: a new prefix placed by rendezvous hashing within the bound.
+    pub consistent_placement: bool,
     /// `hosts`: the pools' endpoints are their clusters' hosts, read from Envoy's admin.
     pub hosts: Option<HostsSource>,
     /// `serverMetrics`: each host's own load from its metrics page.

@@ -439,6 +439,7 @@ fn compile_picker(
         cooldown_ms: raw.cooldown_ms,
         shared_slots: raw.shared_slots,
         kv_weight: raw.kv_weight,
+        consistent_placement: raw.consistent_placement,
         hosts,
         server_metrics,
         pools,

@@ -202,6 +202,11 @@ pub struct RawPicker {
     /// Weight of the KV-cache score (with `serverMetrics`).
     #[serde(default = "default_kv_weight")]
     pub kv_weight: u32,
+    /// A new tenant's or conversation's prompt (it continues a prefix every endpoint holds with
+    /// nothing more known anywhere) is placed by rendezvous hashing within the bound, the same
+    /// way in every gateway; `false`: by load alone.
+    #[serde(default = "default_true")]
+    pub consistent_placement: bool,
     /// The candidates and their health from Envoy's admin `/clusters` page, in place of each
     /// pool's `endpoints` (`core::affinity::hosts`).
     #[serde(default)]
