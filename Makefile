@@ -138,7 +138,7 @@ fuzz: cargo-fuzz corpus ## Fuzz the JSON and multipart scanners and the config p
 fuzz-smoke: cargo-fuzz corpus ## A bounded fuzz run for make test: 10 s per target
 	$(call fuzz-run,10)
 
-.PHONY: bench bench-core bench-scan bench-usage corpus test-extproc-peer
+.PHONY: bench bench-core bench-scan bench-usage bench-ttft corpus test-extproc-peer
 # The body-class corpus (bench/corpus.py): 1 MiB chat bodies per class (English, French,
 # German, Spanish, Russian, Chinese, Japanese, Arabic, emoji, tool use, code, a base64 image,
 # a long conversation, \u-escaped Russian) and a 4 KiB seed per class, built from pinned
@@ -162,6 +162,12 @@ bench-usage: targets venv ## The response side of make bench: gateway CPU per re
 	$(CARGO) build --release -p mock-vllm
 	@bash scripts/bench-deps.sh
 	$(VENV)/bin/python bench/usage.py
+
+bench-ttft: targets venv ## A stream's first token through the gateway (accounting on, off) vs direct: interleaved triples, paired medians with 95 % CIs (mock-vllm at fixed delays, ~1 min; BACKEND=llama: llama-server, ~3 min; bench/results/ttft-*.md)
+	$(CARGO) build --release --target $(WASM_TARGET) -p bbr-wasm
+	$(CARGO) build --release -p mock-vllm
+	@if [ "$(BACKEND)" = llama ]; then bash scripts/llama-deps.sh >/dev/null; fi
+	BENCH_TTFT_BACKEND=$${BACKEND:-mock} $(VENV)/bin/python bench/ttft.py
 
 # Release profile throughout: the dependencies make bench compiled are reused.
 test-extproc-peer: ## make bench's ext_proc peer: rustfmt, clippy -D warnings, its unit tests (own workspace, not in make test: minutes to compile)
