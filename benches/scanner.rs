@@ -498,12 +498,18 @@ mod native {
         let mut g = c.benchmark_group("usage");
         let json = vec![completion(64)];
         let sse = stream(300);
-        for (name, framing, chunks) in [("json", Framing::Json, &json), ("sse", Framing::Sse, &sse)] {
+        for (name, framing, chunks) in [("json", Framing::Json, &json), ("sse", Framing::Sse, &sse)]
+        {
             let Outcome::Counted(usage) = scan_response(framing, chunks) else {
                 panic!("{name}: no usage read");
             };
-            assert_eq!((usage.input, usage.output), (Some(4), Some(if name == "json" { 64 } else { 300 })));
-            g.throughput(Throughput::Bytes(chunks.iter().map(|c| c.len() as u64).sum()));
+            assert_eq!(
+                (usage.input, usage.output),
+                (Some(4), Some(if name == "json" { 64 } else { 300 }))
+            );
+            g.throughput(Throughput::Bytes(
+                chunks.iter().map(|c| c.len() as u64).sum(),
+            ));
             g.bench_with_input(BenchmarkId::new(name, chunks.len()), chunks, |b, chunks| {
                 b.iter(|| scan_response(framing, chunks))
             });

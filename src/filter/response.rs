@@ -162,7 +162,12 @@ pub(super) struct Accounting {
 impl Accounting {
     /// `now`: the host's clock at the routing decision (the request's end, unless the decision
     /// came before it).
-    pub(super) fn new(base: &str, adapter: Option<&str>, max_scan_bytes: u64, now: u64) -> Box<Self> {
+    pub(super) fn new(
+        base: &str,
+        adapter: Option<&str>,
+        max_scan_bytes: u64,
+        now: u64,
+    ) -> Box<Self> {
         Box::new(Accounting {
             base: base.to_string(),
             adapter: adapter.map(str::to_string),
