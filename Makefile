@@ -157,7 +157,7 @@ bench: targets corpus ## Benchmark in Envoy: baseline, native json_to_metadata, 
 	$(VENV)/bin/python bench/run.py
 	$(MAKE) --no-print-directory bench-usage
 
-bench-usage: targets venv ## The response side of make bench: gateway CPU per request with token accounting on vs off (a JSON completion, a 300-event SSE stream), wasm memory vs response size (~2 min)
+bench-usage: targets venv ## The response side of make bench: gateway CPU per request with token accounting on vs off (a JSON completion, a 300-event SSE stream; median of 9 interleaved rounds, its CI and range), wasm memory vs response size (~3 min; BENCH_USAGE_ALT=name=x.wasm compares builds)
 	$(CARGO) build --release --target $(WASM_TARGET) -p bbr-wasm
 	$(CARGO) build --release -p mock-vllm
 	@bash scripts/bench-deps.sh
