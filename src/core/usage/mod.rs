@@ -385,11 +385,13 @@ impl ResponseScanner {
         while !bytes.is_empty() {
             match self.data {
                 Data::Json => {
-                    self.doc.feed(bytes)?;
+                    // Content seen before an error in the same piece still counts as seen, as
+                    // it would had the piece come byte by byte.
+                    let fed = self.doc.feed(bytes);
                     if self.doc.content {
                         self.content = true;
                     }
-                    return Ok(());
+                    return fed;
                 }
                 Data::Empty => {
                     let ws = bytes
