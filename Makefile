@@ -143,7 +143,7 @@ fuzz: cargo-fuzz corpus ## Fuzz the JSON and multipart scanners and the config p
 fuzz-smoke: cargo-fuzz corpus ## A bounded fuzz run for make test: 10 s per target
 	$(call fuzz-run,10)
 
-.PHONY: bench bench-core bench-scan bench-usage bench-scrape corpus test-extproc-peer
+.PHONY: bench bench-core bench-scan bench-usage bench-scrape bench-ttft corpus test-extproc-peer
 # The body-class corpus (bench/corpus.py): 1 MiB chat bodies per class (English, French,
 # German, Spanish, Russian, Chinese, Japanese, Arabic, emoji, tool use, code, a base64 image,
 # a long conversation, \u-escaped Russian) and a 4 KiB seed per class, built from pinned
@@ -167,11 +167,17 @@ bench-scrape: build venv ## The endpoint picker's host reads and metrics scrape:
 	@bash scripts/bench-deps.sh
 	$(VENV)/bin/python bench/picker_scrape.py
 
-bench-usage: targets venv ## The response side of make bench: gateway CPU per request with token accounting on vs off (a JSON completion, a 300-event SSE stream), wasm memory vs response size (~2 min)
+bench-usage: targets venv ## The response side of make bench: gateway CPU per request with token accounting on vs off (a JSON completion, a 300-event SSE stream; median of 9 interleaved rounds, its CI and range), wasm memory vs response size (~3 min; BENCH_USAGE_ALT=name=x.wasm compares builds)
 	$(CARGO) build --release --target $(WASM_TARGET) -p bbr-wasm
 	$(CARGO) build --release -p mock-vllm
 	@bash scripts/bench-deps.sh
 	$(VENV)/bin/python bench/usage.py
+
+bench-ttft: targets venv ## A stream's first token through the gateway (accounting on, off) vs direct: interleaved triples, paired medians with 95 % CIs (mock-vllm at fixed delays, ~1 min; BACKEND=llama: llama-server, ~3 min; bench/results/ttft-*.md)
+	$(CARGO) build --release --target $(WASM_TARGET) -p bbr-wasm
+	$(CARGO) build --release -p mock-vllm
+	@if [ "$(BACKEND)" = llama ]; then bash scripts/llama-deps.sh >/dev/null; fi
+	BENCH_TTFT_BACKEND=$${BACKEND:-mock} $(VENV)/bin/python bench/ttft.py
 
 # Release profile throughout: the dependencies make bench compiled are reused.
 test-extproc-peer: ## make bench's ext_proc peer: rustfmt, clippy -D warnings, its unit tests (own workspace, not in make test: minutes to compile)

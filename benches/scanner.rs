@@ -20,7 +20,10 @@
 //! - `skip/<size>`: the string fast path alone (`find_string_stop`, which stops at non-ASCII too, and
 //!   `plain_string_prefix`, which validates it), on ASCII and on CJK text: the ceiling for string bodies;
 //! - `serde/<size>`: `serde_json` on the same chat body, as a point of reference (a full
-//!   `Value` parse, like the naive prototype; and a typed struct that borrows `model`).
+//!   `Value` parse, like the naive prototype; and a typed struct that borrows `model`);
+//! - `usage/json`, `usage/sse`: the response scanner (`core::usage`) on a 64-token
+//!   chat completion and on a 300-event chat stream shaped like vLLM's (and `make
+//!   bench-usage`'s mock's), fed one event at a time as the filter gets them.
 
 // The lints of the crate deny these outside tests; a benchmark's setup may stop on them.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -34,6 +37,7 @@ criterion::criterion_main!(native::benches);
 #[cfg(not(target_arch = "wasm32"))]
 mod native {
     use bbr_wasm::core::json::skip::{find_string_stop, plain_string_prefix};
+    use bbr_wasm::core::usage::{Framing, Outcome, ResponseScanner};
     use bbr_wasm::core::{ModelScanner, MultipartScanner, Step};
     use criterion::{BenchmarkId, Criterion, Throughput};
     use std::hint::black_box;
@@ -439,8 +443,83 @@ mod native {
         g.finish();
     }
 
+    /// A chat completion of `tokens` tokens, non-streamed, usage last.
+    fn completion(tokens: usize) -> Vec<u8> {
+        let content: Vec<String> = (0..tokens).map(|i| format!("tok{i}")).collect();
+        format!(
+            "{{\"choices\":[{{\"finish_reason\":\"length\",\"index\":0,\"logprobs\":null,\
+             \"message\":{{\"content\":\"{}\",\"role\":\"assistant\"}}}}],\"created\":1796603484,\
+             \"id\":\"chatcmpl-18eed1597b2b2b7400000000\",\"model\":\"{MODEL}\",\
+             \"object\":\"chat.completion\",\"usage\":{{\"completion_tokens\":{tokens},\
+             \"prompt_tokens\":4,\"prompt_tokens_details\":null,\"total_tokens\":{}}}}}",
+            content.join(" "),
+            tokens + 4
+        )
+        .into_bytes()
+    }
+
+    /// A chat stream of `tokens` token events (role first, usage and [DONE] last), one event
+    /// per element.
+    fn stream(tokens: usize) -> Vec<Vec<u8>> {
+        let head = "{\"choices\":[{\"delta\":";
+        let tail = format!(
+            "\"created\":1796603484,\"id\":\"chatcmpl-18eed1597b2b2b7400000000\",\
+             \"model\":\"{MODEL}\",\"object\":\"chat.completion.chunk\""
+        );
+        let mut events = vec![format!(
+            "data: {head}{{\"content\":\"\",\"role\":\"assistant\"}},\"finish_reason\":null,\
+             \"index\":0,\"logprobs\":null}}],{tail}}}\n\n"
+        )];
+        for i in 0..tokens {
+            let sep = if i == 0 { "" } else { " " };
+            events.push(format!(
+                "data: {head}{{\"content\":\"{sep}tok{i}\"}},\"finish_reason\":null,\"index\":0,\
+                 \"logprobs\":null,\"stop_reason\":null}}],{tail}}}\n\n"
+            ));
+        }
+        events.push(format!(
+            "data: {{\"choices\":[],{tail},\"usage\":{{\"completion_tokens\":{tokens},\
+             \"prompt_tokens\":4,\"prompt_tokens_details\":null,\"total_tokens\":{}}}}}\n\n",
+            tokens + 4
+        ));
+        events.push("data: [DONE]\n\n".to_string());
+        events.into_iter().map(String::into_bytes).collect()
+    }
+
+    fn scan_response(framing: Framing, chunks: &[Vec<u8>]) -> Outcome {
+        let mut s = ResponseScanner::new(framing, u64::MAX);
+        for chunk in chunks {
+            s.feed(black_box(chunk));
+        }
+        s.finish(true)
+    }
+
+    fn bench_usage(c: &mut Criterion) {
+        let mut g = c.benchmark_group("usage");
+        let json = vec![completion(64)];
+        let sse = stream(300);
+        for (name, framing, chunks) in [("json", Framing::Json, &json), ("sse", Framing::Sse, &sse)]
+        {
+            let Outcome::Counted(usage) = scan_response(framing, chunks) else {
+                panic!("{name}: no usage read");
+            };
+            assert_eq!(
+                (usage.input, usage.output),
+                (Some(4), Some(if name == "json" { 64 } else { 300 }))
+            );
+            g.throughput(Throughput::Bytes(
+                chunks.iter().map(|c| c.len() as u64).sum(),
+            ));
+            g.bench_with_input(BenchmarkId::new(name, chunks.len()), chunks, |b, chunks| {
+                b.iter(|| scan_response(framing, chunks))
+            });
+        }
+        g.finish();
+    }
+
     criterion::criterion_group!(
         benches,
+        bench_usage,
         bench_chat,
         bench_plain,
         bench_cjk,

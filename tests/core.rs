@@ -633,6 +633,23 @@ both! {
         }
     }
 
+    fn find_line_end_finds_the_first_cr_or_lf_at_every_position() {
+        // The SSE reader's line search (core::usage): SIMD128 under wasm, plain arrays natively.
+        for len in 0..48 {
+            assert_eq!(vector::find_line_end(&vec![b'x'; len]), len);
+            for pos in 0..len {
+                for (stop, later) in [(b'\n', b'\r'), (b'\r', b'\n')] {
+                    let mut v = vec![b'x'; len];
+                    v[pos] = stop;
+                    if pos + 1 < len {
+                        v[len - 1] = later; // a later one must not win
+                    }
+                    assert_eq!(vector::find_line_end(&v), pos, "{stop:#x} at {pos} of {len}");
+                }
+            }
+        }
+    }
+
     fn header_map_pairs_parse_and_never_panic() {
         // The ABI's layout, written out by hand: 2 pairs, their sizes, then NUL-ended fields.
         let mut map = 2u32.to_le_bytes().to_vec();

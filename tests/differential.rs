@@ -19,6 +19,7 @@ mod oracle;
 #[path = "../fuzz/src/multipart_ref.rs"]
 mod multipart_ref;
 
+use bbr_wasm::core::usage::{Framing, Outcome, ResponseScanner};
 use bbr_wasm::core::{MultipartScanner, Step};
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -885,6 +886,87 @@ fn corpus_bodies_agree_with_serde_json() {
                 .unwrap_or_else(|e| unreachable!("{name}: {edits:x?}: {e}"));
             oracle::check_offset(&bad, 256, &got)
                 .unwrap_or_else(|e| unreachable!("{name}: {edits:x?}: {e}"));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The response scanner (core::usage): its whole-token fast paths (keys, digit runs, literals,
+// line ends found by vector search) must read exactly what the byte-at-a-time path reads. A
+// chunk boundary decides which of the two takes a token, so the outcome (and the first
+// token's position) must not depend on where the response is cut.
+
+const RESPONSE_SEEDS: [(&str, bool); 3] = [
+    (
+        concat!(
+            "data: {\"choices\":[{\"delta\":{\"content\":\"\",\"role\":\"assistant\"},\"finish_reason\":null,\"index\":0,\"logprobs\":null}],\"created\":1796603484,\"id\":\"chatcmpl-1\",\"model\":\"m\",\"object\":\"chat.completion.chunk\"}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":\" tok1\"},\"finish_reason\":null,\"index\":0,\"logprobs\":null,\"stop_reason\":null}],\"created\":1796603484,\"id\":\"chatcmpl-1\",\"model\":\"m\",\"object\":\"chat.completion.chunk\"}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"completion_tokens\":300,\"prompt_tokens\":4,\"prompt_tokens_details\":{\"cached_tokens\":2},\"total_tokens\":304}}\r\n\r\n",
+            "data: [DONE]\n\n",
+        ),
+        true,
+    ),
+    (
+        "{\"choices\":[{\"finish_reason\":\"length\",\"index\":0,\"logprobs\":null,\"message\":{\"content\":\"tok0 tok1 \\u263a\",\"role\":\"assistant\"}}],\"created\":1796603484,\"usage\":{\"completion_tokens\":64,\"prompt_tokens\":4,\"prompt_tokens_details\":null,\"total_tokens\":68},\"ok\":true,\"x\":false,\"n\":-1.5e3}",
+        false,
+    ),
+    (
+        "data: {\"choices\":[{\"index\":0,\"text\":\"a\",\"logprobs\":null}],\"a_key_longer_than_twenty_four_bytes\":[true,false,null,12345678901234567890123]}\n\ndata: {\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":1}}\n\n",
+        true,
+    ),
+];
+
+fn usage_scan(framing: Framing, body: &[u8], cuts: &[usize]) -> (Outcome, Option<usize>) {
+    let mut bounds: Vec<usize> = cuts.to_vec();
+    bounds.push(0);
+    bounds.push(body.len());
+    bounds.sort_unstable();
+    bounds.dedup();
+    let mut scanner = ResponseScanner::new(framing, u64::MAX);
+    let mut first = None;
+    for w in bounds.windows(2) {
+        if scanner.feed(&body[w[0]..w[1]]) && first.is_none() {
+            first = Some(w[1]);
+        }
+    }
+    (scanner.finish(true), first)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+
+    /// Streams and JSON answers, as they are and with a few bytes changed: the same outcome
+    /// whole, cut anywhere and byte by byte; the first token found in the same byte.
+    #[test]
+    fn response_scanner_reads_the_same_wherever_the_response_is_cut(
+        seed in 0..RESPONSE_SEEDS.len(), edits in vec(edit(), 0..3), cuts in cuts(),
+    ) {
+        let (text, sse) = RESPONSE_SEEDS[seed];
+        let framing = if sse { Framing::Sse } else { Framing::Json };
+        let mut body = text.as_bytes().to_vec();
+        for e in &edits {
+            apply(&mut body, e);
+        }
+        let every: Vec<usize> = (1..body.len()).collect();
+        let (whole, _) = usage_scan(framing, &body, &[]);
+        let (bytewise, first_byte) = usage_scan(framing, &body, &every);
+        let (cut, first_cut) = usage_scan(framing, &body, &positions(&cuts, body.len()));
+        prop_assert_eq!(whole, bytewise, "byte by byte: {:?}", String::from_utf8_lossy(&body));
+        prop_assert_eq!(whole, cut, "cut at {:?}", cuts);
+        // Byte by byte pins the first token's last byte; any cut reports it in the chunk
+        // that holds that byte.
+        if let Some(at) = first_byte {
+            let at = at - 1;
+            let chunk_end = first_cut.unwrap_or(usize::MAX);
+            let bounds = positions(&cuts, body.len());
+            let start = bounds.iter().copied().filter(|&b| b <= at).max().unwrap_or(0);
+            prop_assert!(chunk_end > at && bounds.iter().all(|&b| b <= start || b >= chunk_end),
+                "first token at byte {} but reported at {:?} (cuts {:?})", at, first_cut, bounds);
+        } else {
+            prop_assert_eq!(first_cut, None);
+        }
+        if edits.is_empty() {
+            prop_assert!(matches!(whole, Outcome::Counted(_)), "seed {} unread: {:?}", seed, whole);
         }
     }
 }

@@ -160,11 +160,18 @@ pub(super) struct Accounting {
 }
 
 impl Accounting {
-    pub(super) fn new(base: &str, adapter: Option<&str>, max_scan_bytes: u64) -> Box<Self> {
+    /// `now`: the host's clock at the routing decision (the request's end, unless the decision
+    /// came before it).
+    pub(super) fn new(
+        base: &str,
+        adapter: Option<&str>,
+        max_scan_bytes: u64,
+        now: u64,
+    ) -> Box<Self> {
         Box::new(Accounting {
             base: base.to_string(),
             adapter: adapter.map(str::to_string),
-            request_end_ns: now_nanos(),
+            request_end_ns: now,
             first_byte_ns: None,
             first_token_ns: None,
             ttft_ms: None,

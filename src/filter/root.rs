@@ -559,6 +559,7 @@ impl RootContext for BbrRoot {
             held_bytes: 0,
             consumed: 0,
             scan_nanos: 0,
+            scanned_at_ns: 0,
             usage: None,
         }))
     }

@@ -273,6 +273,27 @@ pub fn find_byte(needle: u8, bytes: &[u8]) -> usize {
         .unwrap_or(bytes.len() - i)
 }
 
+/// Index of the first line feed or carriage return in `bytes`, or `bytes.len()`: 16 bytes per
+/// vector compare. An SSE data line's end (`core::usage`), found in one pass before the line
+/// goes to the JSON reader.
+#[inline]
+pub fn find_line_end(bytes: &[u8]) -> usize {
+    let (lf, cr) = (splat(b'\n'), splat(b'\r'));
+    let mut i = 0;
+    let mut blocks = bytes.chunks_exact(16);
+    for block in &mut blocks {
+        let v = load(block);
+        if any(or(eq(v, lf), eq(v, cr))) {
+            break;
+        }
+        i += 16;
+    }
+    i + bytes[i..]
+        .iter()
+        .position(|&b| b == b'\n' || b == b'\r')
+        .unwrap_or(bytes.len() - i)
+}
+
 /// Index of the first `"` or `\` in `bytes`, or `bytes.len()`: 16 bytes per vector compare.
 /// The prefix capture (`core::affinity::prefix`) copies the runs between them; control and non-ASCII
 /// bytes do not stop it (the scanner validates those).

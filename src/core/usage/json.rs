@@ -18,7 +18,7 @@
 //! `\u` escape would be counted as sending none (no server here does). Strings are skipped,
 //! not validated as UTF-8: nothing in them is read but whether a content string is empty.
 
-use crate::core::json::skip::find_string_stop;
+use crate::core::json::skip::{digit_run, find_string_stop};
 
 /// Deepest nesting followed; deeper is refused as malformed (no response of an inference
 /// server nests anywhere near this).
@@ -245,7 +245,28 @@ impl Doc {
                         _ => {} // non-ASCII: part of the string
                     }
                 }
-                _ => {
+                Lex::Between => {
+                    let Some(&b) = bytes.get(i) else { break };
+                    // Whole tokens at once where the chunk holds them: an SSE event is mostly
+                    // keys, short values, numbers and literals, which byte by byte cost the
+                    // scanner several times the host's own work per event. What does not fit
+                    // (a token cut by the chunk's end, an escape, a non-ASCII byte) goes on
+                    // byte by byte below, from the same state.
+                    let rest = bytes.get(i..).unwrap_or_default();
+                    if let Some(used) = self.token(b, rest) {
+                        i += used;
+                        continue;
+                    }
+                    if self.step(b)? {
+                        i += 1;
+                    }
+                }
+                Lex::Number => {
+                    // The digits at once; the byte after them goes to `step`.
+                    let rest = bytes.get(i..).unwrap_or_default();
+                    let run = digit_run(rest);
+                    self.digits(rest.get(..run).unwrap_or_default());
+                    i += run;
                     let Some(&b) = bytes.get(i) else { break };
                     // A number ends at the first byte that is not part of it; that byte is
                     // then read again between tokens.
@@ -253,9 +274,84 @@ impl Doc {
                         i += 1;
                     }
                 }
+                _ => {
+                    let Some(&b) = bytes.get(i) else { break };
+                    if self.step(b)? {
+                        i += 1;
+                    }
+                }
             }
         }
         Ok(())
+    }
+
+    /// A whole token starting at `b` (= `rest[0]`, between tokens) when `rest` holds all of
+    /// it and it needs no more than a glance: a plain key with its closing quote, a plain
+    /// string value, a literal. Returns the bytes used, or `None` to go byte by byte.
+    #[inline]
+    fn token(&mut self, b: u8, rest: &[u8]) -> Option<usize> {
+        match (self.expect, b) {
+            (Expect::Key | Expect::KeyOrEnd, b'"') => {
+                let body = rest.get(1..)?;
+                let end = find_string_stop(body);
+                if body.get(end) != Some(&b'"') {
+                    return None;
+                }
+                // What `between` does for any byte: after a key no array is being probed.
+                self.started = true;
+                self.key_long = end > KEY_BYTES;
+                let key = if self.key_long {
+                    &[][..]
+                } else {
+                    body.get(..end).unwrap_or_default()
+                };
+                self.lex = Lex::Between;
+                self.expect = Expect::Colon;
+                self.pending = self.field_of(key);
+                Some(end + 2)
+            }
+            (Expect::Value | Expect::ValueOrEnd, b'n' | b't' | b'f') => {
+                let word: &[u8] = match b {
+                    b'n' => b"null",
+                    b't' => b"true",
+                    _ => b"false",
+                };
+                if rest.get(..word.len()) != Some(word) {
+                    return None;
+                }
+                // As `between` then `begin_value` and the literal's last byte would.
+                self.started = true;
+                if self.probe_array {
+                    self.probe_array = false;
+                    self.content = true;
+                }
+                self.pending = Field::None;
+                self.value_done();
+                Some(word.len())
+            }
+            _ => None,
+        }
+    }
+
+    /// Digits of the number being read.
+    #[inline]
+    fn digits(&mut self, run: &[u8]) {
+        if self.number_field == Field::None || !self.number_ok {
+            return;
+        }
+        for &d in run {
+            match self
+                .number
+                .checked_mul(10)
+                .and_then(|n| n.checked_add(u64::from(d - b'0')))
+            {
+                Some(n) => self.number = n,
+                None => {
+                    self.number_ok = false;
+                    return;
+                }
+            }
+        }
     }
 
     /// One byte; returns whether it was consumed (false: read it again).
@@ -511,7 +607,13 @@ impl Doc {
         } else {
             self.key.get(..self.key_len).unwrap_or_default()
         };
-        self.pending = match (self.here(), key) {
+        self.pending = self.field_of(key);
+    }
+
+    /// Which field a key names, in the container now open.
+    #[inline]
+    fn field_of(&self, key: &[u8]) -> Field {
+        match (self.here(), key) {
             (Ctx::Root, b"usage") => Field::Usage,
             (Ctx::Root, b"choices") => Field::Choices,
             (Ctx::Usage, b"prompt_tokens") => Field::PromptTokens,
@@ -524,7 +626,7 @@ impl Doc {
                 Field::Content
             }
             _ => Field::None,
-        };
+        }
     }
 
     fn number_done(&mut self) {

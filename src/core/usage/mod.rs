@@ -20,6 +20,7 @@
 pub mod json;
 pub mod metrics;
 
+use crate::core::json::vector::find_line_end;
 pub use json::Usage;
 use json::{Doc, DocError};
 
@@ -295,10 +296,7 @@ impl ResponseScanner {
                 Line::Data => {
                     // The value up to the line's end, in one piece.
                     let rest = chunk.get(i..).unwrap_or_default();
-                    let end = rest
-                        .iter()
-                        .position(|&c| c == b'\n' || c == b'\r')
-                        .unwrap_or(rest.len());
+                    let end = find_line_end(rest);
                     self.data_bytes(rest.get(..end).unwrap_or_default())?;
                     i += end;
                     if let Some(&eol) = chunk.get(i) {
@@ -310,7 +308,7 @@ impl ResponseScanner {
                 }
                 Line::Ignore => {
                     let rest = chunk.get(i..).unwrap_or_default();
-                    match rest.iter().position(|&c| c == b'\n' || c == b'\r') {
+                    match Some(find_line_end(rest)).filter(|&end| end < rest.len()) {
                         Some(end) => {
                             i += end;
                             self.after_cr = chunk.get(i) == Some(&b'\r');
@@ -387,11 +385,13 @@ impl ResponseScanner {
         while !bytes.is_empty() {
             match self.data {
                 Data::Json => {
-                    self.doc.feed(bytes)?;
+                    // Content seen before an error in the same piece still counts as seen, as
+                    // it would had the piece come byte by byte.
+                    let fed = self.doc.feed(bytes);
                     if self.doc.content {
                         self.content = true;
                     }
-                    return Ok(());
+                    return fed;
                 }
                 Data::Empty => {
                     let ws = bytes
