@@ -135,8 +135,8 @@ maybe_start_vllm
 phase test-istio
 maybe_start_vllm
 phase fuzz-smoke
-wait_bg llama-deps
-phase test-llama
+# vLLM's suite before llama-server's: vLLM has usually been started by now, and while its suite
+# runs (one OpenMP thread) llama-server's build still gets the other core.
 if [[ -z "$VLLM_PID" ]]; then
   wait_bg vllm-deps
   start_vllm
@@ -144,4 +144,6 @@ fi
 wait_vllm
 BBR_VLLM_PORT="$VLLM_PORT" phase test-vllm
 stop_vllm
+wait_bg llama-deps
+phase test-llama
 say "all suites passed in $(elapsed "$T0")"
