@@ -278,20 +278,7 @@ pub fn find_byte(needle: u8, bytes: &[u8]) -> usize {
 /// goes to the JSON reader.
 #[inline]
 pub fn find_line_end(bytes: &[u8]) -> usize {
-    let (lf, cr) = (splat(b'\n'), splat(b'\r'));
-    let mut i = 0;
-    let mut blocks = bytes.chunks_exact(16);
-    for block in &mut blocks {
-        let v = load(block);
-        if any(or(eq(v, lf), eq(v, cr))) {
-            break;
-        }
-        i += 16;
-    }
-    i + bytes[i..]
-        .iter()
-        .position(|&b| b == b'\n' || b == b'\r')
-        .unwrap_or(bytes.len() - i)
+    find_either(b'\n', b'\r', bytes)
 }
 
 /// Index of the first `"` or `\` in `bytes`, or `bytes.len()`: 16 bytes per vector compare.
@@ -299,19 +286,26 @@ pub fn find_line_end(bytes: &[u8]) -> usize {
 /// bytes do not stop it (the scanner validates those).
 #[inline]
 pub fn find_quote_or_backslash(bytes: &[u8]) -> usize {
-    let (quote, backslash) = (splat(b'"'), splat(b'\\'));
+    find_either(b'"', b'\\', bytes)
+}
+
+/// Index of the first `a` or `b` in `bytes`, or `bytes.len()`: 16 bytes per vector compare,
+/// then the tail byte by byte.
+#[inline]
+fn find_either(a: u8, b: u8, bytes: &[u8]) -> usize {
+    let (va, vb) = (splat(a), splat(b));
     let mut i = 0;
     let mut blocks = bytes.chunks_exact(16);
     for block in &mut blocks {
         let v = load(block);
-        if any(or(eq(v, quote), eq(v, backslash))) {
+        if any(or(eq(v, va), eq(v, vb))) {
             break;
         }
         i += 16;
     }
     i + bytes[i..]
         .iter()
-        .position(|&b| b == b'"' || b == b'\\')
+        .position(|&x| x == a || x == b)
         .unwrap_or(bytes.len() - i)
 }
 
