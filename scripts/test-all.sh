@@ -9,6 +9,10 @@
 # background, at the kernel's idle scheduling class (SCHED_IDLE: they run only when no test
 # wants the CPU, so the tests' timings are those of an idle machine) and the idle I/O class;
 # the suites that need the servers run last, after waiting for what is left of the installs.
+# The same holds for what the suites build before they start (the wasm-bindgen test runner,
+# the release build, cargo-fuzz): lint and test-native leave the CPU idle too, waiting on the
+# linker and the disk, so those builds start at t=0 as well (see LOW below), and each suite
+# waits only for what is left of its own.
 #
 # Each phase prints its wall time at the end, and the installs' output goes to .run/*.log
 # (printed if one fails).
@@ -37,12 +41,22 @@ declare -A BG=()
 T0=$(date +%s)
 declare -A BG_T0=()
 
-start_bg() { # start_bg NAME SCRIPT
-  local name="$1" script="$2"
-  setsid "${IDLE[@]}" bash "$script" >".run/$name.log" 2>&1 </dev/null &
+# The two Rust tools the suites need later are compiled from crates.io, and start at t=0 too:
+# wasm-bindgen-cli (the runner of test-wasm, about 6 CPU-minutes, 3 minutes of wall time when
+# it ran inside test-wasm) at nice 19 in the normal class, so the CPU lint and test-native
+# leave idle (they wait on the linker and the disk) goes to it before the idle class's jobs;
+# cargo-fuzz with the fuzz targets' build (for fuzz-smoke, much later) in the idle class. The
+# model servers have time to spare: both were ready before the Envoy suites began.
+LOW=(nice -n 19)
+
+start_bg() { # start_bg NAME idle|low COMMAND...
+  local name="$1" class=("${IDLE[@]}")
+  [[ "$2" == low ]] && class=("${LOW[@]}")
+  shift 2
+  setsid "${class[@]}" "$@" >".run/$name.log" 2>&1 </dev/null &
   BG[$name]=$!
   BG_T0[$name]=$(date +%s)
-  say "installing $name in the background at idle priority (pid ${BG[$name]}, log .run/$name.log)"
+  say "installing $name in the background at $([[ "$class" == nice ]] && echo 'nice 19' || echo 'idle priority') (pid ${BG[$name]}, log .run/$name.log)"
 }
 
 stop_bg() {
@@ -122,18 +136,32 @@ phase() { # phase TARGET...: one make call, timed
   say "$* passed in $(elapsed "$t") (total $(elapsed "$T0"))"
 }
 
-start_bg llama-deps scripts/llama-deps.sh
-start_bg vllm-deps scripts/vllm-deps.sh
+# The Rust targets first: the background makes and the suites' makes would otherwise each run
+# `rustup target add` at once.
+"$MAKE" --no-print-directory targets
+# -o targets: done just above.
+start_bg wasm-bindgen low "$MAKE" --no-print-directory -o targets wasm-bindgen
+# The release build the Envoy suites load (the filter and mock-vllm: 2 minutes of
+# test-integration's wall time when built there). Cargo locks each profile's directory and
+# this one is target/release, the suites before it use target/debug, so neither waits on the
+# other's lock.
+start_bg build low "$MAKE" --no-print-directory -o targets build
+start_bg cargo-fuzz idle "$MAKE" --no-print-directory cargo-fuzz
+start_bg llama-deps idle bash scripts/llama-deps.sh
+start_bg vllm-deps idle bash scripts/vllm-deps.sh
 
 phase lint
 phase test-native
+wait_bg wasm-bindgen
 phase test-wasm
+wait_bg build
 phase test-integration
 maybe_start_vllm
 phase test-soak
 maybe_start_vllm
 phase test-istio
 maybe_start_vllm
+wait_bg cargo-fuzz
 phase fuzz-smoke
 # vLLM's suite before llama-server's: vLLM has usually been started by now, and while its suite
 # runs (one OpenMP thread) llama-server's build still gets the other core.

@@ -505,7 +505,7 @@ both! {
         assert_eq!(p.pick_shared(&tenant(5, 9), &shared, &[], 0), Some(h));
     }
 
-    fn a_prompt_sharing_nothing_or_known_deeper_is_scored_as_before() {
+    fn a_prompt_sharing_nothing_is_scored_as_before() {
         // Nothing in common with what the endpoints hold: by load (ties rotate), not by hash.
         let mut p = picker(4, Scoring::default());
         let seen: Vec<usize> = (0..4)
@@ -530,15 +530,29 @@ both! {
             })
             .collect();
         assert_eq!(seen, vec![0, 1, 2, 3]);
-        // An endpoint known to hold two blocks past the preamble: the prefix score decides,
-        // wherever the hash would put the prompt.
-        for holder in 0..4 {
+    }
+
+    fn a_prefix_known_elsewhere_goes_home_within_the_bound_and_spills_where_known_past_it() {
+        // Where a fresh picker (another gateway, which never saw the prefix) puts tenant 9.
+        let Some(home) = picker(4, Scoring::default()).pick_shared(&tenant(9, 6), &preamble_everywhere(4), &[], 0)
+        else {
+            unreachable!()
+        };
+        for holder in (0..4).filter(|&h| h != home) {
+            // This gateway saw the prefix two blocks deep at `holder` (placed before every
+            // endpoint held the preamble, or past the bound): home, where its peer sends it.
             let mut q = picker(4, Scoring::default());
             let mut shared = preamble_everywhere(4);
             shared[holder] = 4;
             let Some(i) = q.pick_shared(&tenant(9, 6), &shared, &[], 0) else { unreachable!() };
             q.done(i);
-            assert_eq!(i, holder);
+            assert_eq!(i, home, "holder {holder}");
+            // Home past the bound (one request in flight there, none elsewhere): scored, it
+            // spills to the endpoint that holds it, not to the next in the key's order.
+            let others: Vec<u32> = (0..4).map(|e| u32::from(e == home)).collect();
+            let Some(i) = q.pick_shared(&tenant(9, 6), &shared, &others, 0) else { unreachable!() };
+            q.done(i);
+            assert_eq!(i, holder, "holder {holder}, home past the bound");
         }
     }
 }

@@ -25,11 +25,13 @@
 //! it stands for the whole prefix up to it) with each endpoint's address: every gateway with
 //! the same hosts places it the same way without talking, and a host that comes or goes moves
 //! only the keys it wins. Later requests of that prefix go home too while the home is within
-//! the bound and holds part of the prefix past the common blocks: another gateway may have
-//! placed there the turns this one did not see, so the home's known share of the prompt
-//! understates it (and the blocks every endpoint holds would dilute the difference), and a
-//! turn that spilled past the bound at one gateway is not followed by that gateway alone. A
-//! prefix known only elsewhere is scored as before.
+//! the bound, wherever else this gateway has seen the prefix: another gateway may have placed
+//! there the turns this one did not see, so the home's known share of the prompt understates
+//! it, and a prefix one gateway placed elsewhere (before every endpoint held the opening, past
+//! the bound, before a host joined) would otherwise be followed there by that gateway alone
+//! while its peers send it home: each turn would re-prefill the history at both. Home past the
+//! bound: a new prefix goes to the next endpoint within it in the key's order, a known one is
+//! scored (it spills where it is known).
 //! A prompt sharing nothing with what the endpoints hold (no common block) is likely unique,
 //! and one whose blocks up to the prefix key's span (`prefixBlocks`) every candidate holds is
 //! a hot prefix held everywhere: both stay placed by load.
@@ -521,12 +523,10 @@ impl Picker {
     /// Consistent placement (the module's documentation): the prompt's home, when its first
     /// `common` blocks are held by every candidate (`common >= 1`) and a block follows them:
     /// the candidate ranking first by rendezvous hashing of the chained hash of block `common`.
-    /// Within the bound, the prompt goes there when no eligible endpoint (a candidate within the
-    /// bound) holds more than `common + 1` blocks (a new prefix) or the home holds more than
-    /// `common` (a known prefix that has been home). Past the bound, a new prefix goes to the
-    /// next eligible endpoint in the key's order. `None`: no home, a prefix known only
-    /// elsewhere (placed before the replicas shared its opening, or before the hosts changed),
-    /// or a known prefix whose home is past the bound; scored as usual.
+    /// Within the bound, the prompt goes there, wherever else the prefix is known. Past the
+    /// bound, a new prefix (no eligible endpoint, a candidate within the bound, holds more than
+    /// `common + 1` blocks) goes to the next eligible endpoint in the key's order. `None`: no
+    /// home, or a known prefix whose home is past the bound; scored as usual.
     fn consistent_home(
         &self,
         hashes: &[u64],
@@ -553,10 +553,15 @@ impl Picker {
             .collect();
         ranked.sort_unstable_by(|a, b| b.cmp(a));
         let home = ranked.first()?.1;
-        let deepest = (0..n).filter(|&i| eligible(i)).map(count).max()?;
         if eligible(home) {
-            (deepest <= common + 1 || count(home) > common).then_some(home)
-        } else if deepest <= common + 1 {
+            // Even when this gateway has seen the prefix deeper elsewhere: only home is where
+            // every gateway sends it (the module's documentation). Following the deeper copy
+            // kept one gateway's cold-start and spilled placements, and split a conversation
+            // between that replica and its home, turn by turn, with two gateways.
+            return Some(home);
+        }
+        let deepest = (0..n).filter(|&i| eligible(i)).map(count).max()?;
+        if deepest <= common + 1 {
             // A new prefix whose home is past the bound: the next endpoint in the key's order
             // within it, as another gateway seeing the same loads would choose.
             ranked.iter().map(|&(_, i)| i).find(|&i| eligible(i))
