@@ -170,17 +170,28 @@ def test_replica_down_moves_its_keys_elsewhere(pool):
             homes[tenant] = (messages, chat(client, messages).headers["x-mock-backend"])
         victim = next(m for m in replicas if m.id in {h for _, h in homes.values()})
         victim.kill()
+        # The victim's keys first, 8 requests cycling over them: without an ejection every one
+        # would fail. Then every other tenant once.
+        theirs = [t for t, (_, home) in homes.items() if home == victim.id]
+        order = [theirs[i % len(theirs)] for i in range(8)] + [t for t in homes if t not in theirs]
         failures = 0
         moved = {}
-        for tenant, (messages, home) in homes.items():
+        for tenant in order:
+            messages, _ = homes[tenant]
             r = client.post("/v1/chat/completions", json={"model": QWEN, "max_tokens": 2, "messages": messages})
             if r.status_code != 200:
-                # In flight to the dead host before outlier detection ejects it.
+                # Sent to the dead host before outlier detection ejects it.
                 assert r.status_code == 503, r.text[:200]
                 failures += 1
                 continue
             moved[tenant] = r.headers["x-mock-backend"]
-        assert failures <= 3, failures
+        # consecutive_gateway_failure: 3 trips the ejection, which reaches the workers through
+        # two posts (Envoy's source/common/upstream/outlier_detection_impl.cc,
+        # DetectorImpl::notifyMainThreadConsecutiveError: the worker that saw the third failure
+        # posts to the main thread, which ejects and posts the new host set to the workers):
+        # this sequential client's next request or two may still be sent to the dead host (4
+        # failures seen in 2 of 16 runs at load 7-30).
+        assert failures <= 5, failures
         # Keys of the dead replica went elsewhere; keys of the live ones stayed put.
         for tenant, now in moved.items():
             assert now != victim.id
