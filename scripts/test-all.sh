@@ -6,8 +6,9 @@
 # plus a model conversion. Run one after the other they were a third of a fresh clone's
 # `make test`. Yet the Envoy suites (integration, soak, Istio) leave much of the two cores idle:
 # they wait on sockets, timeouts and process start-ups. So both installs start first, in the
-# background, at the kernel's idle scheduling class (SCHED_IDLE: they run only when no test
-# wants the CPU, so the tests' timings are those of an idle machine) and the idle I/O class;
+# background, at the kernel's idle scheduling class (SCHED_IDLE), the idle I/O class and, for
+# their session's scheduling group, nice 19 (see start_bg: with autogroups that is what keeps
+# them off the CPU the tests want: about 1.5 % of it while a test is busy);
 # the suites that need the servers run last, after waiting for what is left of the installs.
 # The same holds for what the suites build before they start (the wasm-bindgen test runner,
 # the release build, cargo-fuzz): lint and test-native leave the CPU idle too, waiting on the
@@ -50,22 +51,24 @@ declare -A BG_T0=()
 LOW=(nice -n 19)
 
 start_bg() { # start_bg NAME idle|low COMMAND...
-  local name="$1" class=("${IDLE[@]}")
-  [[ "$2" == low ]] && class=("${LOW[@]}")
+  local name="$1" class=("${IDLE[@]}") group=19
+  if [[ "$2" == low ]]; then class=("${LOW[@]}"); group=10; fi
   shift 2
   # setsid: a session of its own, so stop_bg reaches everything it starts. But with Linux's
   # autogroups (kernel.sched_autogroup_enabled=1, the default on desktop and many server
   # kernels) each session is a scheduling group with an equal share of the CPU whatever the
-  # nice values inside it: a nice-19 job in its own session took as much CPU as the tests
-  # (lint ran 5m27s against 2m51s alone). So the job first sets its session's autogroup nice
-  # to 19 too (/proc/self/autogroup; absent without autogroups; without CAP_SYS_ADMIN the
-  # kernel takes one such change per 100 ms, hence the retries).
+  # nice values or the scheduling class inside it: a nice-19 job in its own session took as
+  # much CPU as the tests (lint ran 5m27s against 2m51s alone), and SCHED_IDLE does not reach
+  # across groups either. So the job first sets its session's autogroup nice
+  # (/proc/self/autogroup; absent without autogroups; without CAP_SYS_ADMIN the kernel takes
+  # one such change per 100 ms, hence the retries): 10 for the low class (weight 110 against
+  # the tests' 1024), 19 for the idle class (weight 15: the low jobs get 7 times its share).
   setsid "${class[@]}" bash -c 'for _ in 1 2 3 4 5; do
       [[ -w /proc/self/autogroup ]] || break
-      echo 19 2>/dev/null >/proc/self/autogroup && break
+      echo "$0" 2>/dev/null >/proc/self/autogroup && break
       sleep 0.2
     done
-    exec "$@"' bash "$@" >".run/$name.log" 2>&1 </dev/null &
+    exec "$@"' "$group" "$@" >".run/$name.log" 2>&1 </dev/null &
   BG[$name]=$!
   BG_T0[$name]=$(date +%s)
   say "started $name in the background at $([[ "$class" == nice ]] && echo 'nice 19' || echo 'idle priority') (pid ${BG[$name]}, log .run/$name.log)"
