@@ -50,7 +50,11 @@ requests, and replicas 1-2 had any; the samples' /metrics latency; the load aver
 start and end, and sampled every 5 s); for the pickers, their scrape and poll counters.
 Results: bench/results/routing/llama-direct.{md,json}.
 
-Bounds: RATE x requests sets the gateway's part (about 70 s per strategy); every request has a
+Sizes: prefill ran at 55-130 tokens/s per replica here (three replicas on two shared cores,
+one busy with its direct load; a smoke run), so the prompts are short: a tenant's prompt is
+about 150 tokens, a direct one about 100.
+
+Bounds: requests / RATE sets the gateway's part (about 90 s per strategy); every request has a
 client timeout; the direct senders stop with the gateway's workload and are joined; the whole
 run stops at --max-minutes; replicas and Envoy are stopped by pid in `finally`.
 Options: --only (strategies), --requests N (the first N of the sequence: a smoke run), --out DIR.
@@ -84,14 +88,14 @@ RUN = rs.ROOT / ".run" / "bench-routing-llama-direct"
 REPLICAS = 3
 SLOTS = 2
 TENANTS = 6
-QUESTIONS = 8
-SYSTEM_BYTES = 1000
-GATEWAY_TOKENS = 16
-RATE = 0.7                 # gateway requests per second (Poisson)
+QUESTIONS = 6
+SYSTEM_BYTES = 500
+GATEWAY_TOKENS = 8
+RATE = 0.4                 # gateway requests per second (Poisson)
 MAX_IN_FLIGHT = 8
-DIRECT_SENDERS = 4         # > SLOTS: llama-server defers the rest
-DIRECT_BYTES = 600
-DIRECT_TOKENS = 32
+DIRECT_SENDERS = 5         # > SLOTS: llama-server defers the rest
+DIRECT_BYTES = 300
+DIRECT_TOKENS = 24
 WARMUP_S = 4.0             # direct load before the gateway's first request
 SAMPLE_S = 0.1
 FRESH_S = 0.25
