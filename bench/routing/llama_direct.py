@@ -6,8 +6,9 @@ strategies over the same three replicas, one after the other, each with fresh re
 slots and prompt caches) and a fresh Envoy (empty picker tables):
 - picker_metrics: the shipped switch on (prefixAffinity.picker.enabled, `hosts: {}`,
   `serverMetrics: {}`, every setting at its shipped default): the hosts from Envoy's admin, and
-  each replica's own `llamacpp:requests_deferred` / `requests_processing` / `kv_cache_usage_ratio`
-  from its /metrics (every 100 ms, 500 ms timeout);
+  each replica's own `llamacpp:requests_deferred` / `requests_processing` from its /metrics
+  (every 100 ms, 500 ms timeout; the pinned llama-server exports no `kv_cache_usage_ratio`,
+  the sampler records -1 for it);
 - picker: the same without `serverMetrics`: the hosts from the admin, the load from this Envoy's
   own in-flight counts only;
 - affinity: the picker off, so the shipped cluster's fallback chooses: MAGLEV on the filter's
