@@ -196,9 +196,11 @@ bench-core: corpus ## Criterion micro-benchmarks of the core scanners, natively,
 	BBR_CORPUS=$(abspath $(CORPUS)) $(CARGO) bench --bench scanner -- --warm-up-time 1 --measurement-time 2
 
 .PHONY: bench-routing
-bench-routing: build venv ## Replica choice: round robin vs least request vs prefix affinity vs the filter's endpoint picker over 4 caching mock replicas (~11 min; BACKEND=llama: 2 real llama-server replicas, ~3 min; BACKEND=vllm: 2 real vLLM replicas, round robin vs affinity vs picker, 72 requests, 25 min at load 10-17 of which 11 vLLM's startup, ~4 GB RAM; bench/results/routing/)
+bench-routing: build venv ## Replica choice: round robin vs least request vs prefix affinity vs the filter's endpoint picker over 4 caching mock replicas (~11 min; BACKEND=llama: 2 real llama-server replicas, ~3 min; BACKEND=llama WORKLOAD=direct: 3 llama-server replicas, one also loaded directly: the picker with and without the servers' metrics vs MAGLEV affinity vs least request, ~8 min; BACKEND=vllm: 2 real vLLM replicas, round robin vs affinity vs picker, 72 requests, 25 min at load 10-17 of which 11 vLLM's startup, ~4 GB RAM; bench/results/routing/)
 	@bash scripts/bench-deps.sh --python-only
-	@if [ "$(BACKEND)" = llama ]; then \
+	@if [ "$(BACKEND)" = llama ] && [ "$(WORKLOAD)" = direct ]; then \
+	  $(VENV)/bin/python bench/routing/llama_direct.py $(BENCH_ROUTING_ARGS); \
+	elif [ "$(BACKEND)" = llama ]; then \
 	  $(VENV)/bin/python bench/routing/llama_routing.py; \
 	elif [ "$(BACKEND)" = vllm ]; then \
 	  $(VENV)/bin/python bench/routing/vllm_routing.py $(BENCH_ROUTING_ARGS); \

@@ -30,6 +30,7 @@ import random
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 
@@ -59,19 +60,25 @@ def workload(rng: random.Random) -> list[tuple[int, list[dict]]]:
 
 
 class Replica:
-    def __init__(self, server: str, i: int, port: int):
+    """One llama-server on 127.0.0.1:port (`--metrics` on), started and healthy; `stop` by pid.
+    llama_direct.py starts its replicas with other slots and its own run folder."""
+
+    def __init__(self, server: str, i: int, port: int, slots: int = SLOTS, cache_ram_mib: int = 0,
+                 run: Path = RUN):
         self.i, self.port = i, port
-        argv = llama_pool.server_argv(server, port, parallel=SLOTS, cache_ram_mib=0)
-        self.log = open(RUN / f"llama-{i}.log", "ab")
+        argv = llama_pool.server_argv(server, port, parallel=slots, cache_ram_mib=cache_ram_mib)
+        self.log = open(run / f"llama-{i}.log", "ab")
         self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
                                       preexec_fn=procs.die_with_parent)
         deadline = time.monotonic() + 60
         while True:
             if self.popen.poll() is not None:
-                raise SystemExit(f"llama-server {i} exited; see {RUN}/llama-{i}.log")
+                self.log.close()
+                raise SystemExit(f"llama-server {i} exited; see {run}/llama-{i}.log")
             if llama_pool.healthy(port):
                 break
             if time.monotonic() > deadline:
+                self.stop()
                 raise SystemExit(f"llama-server {i} not healthy in 60 s")
             time.sleep(0.2)
 

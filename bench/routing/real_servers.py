@@ -1,7 +1,8 @@
-"""What `make bench-routing BACKEND=llama` (llama_routing.py) and `BACKEND=vllm` (vllm_routing.py)
-share: the tenants workload cut from the seeds, the gateway's configuration with a round-robin
-twin of the real pool, starting Envoy and waiting for the pool's hosts, one streamed request
-timed to its first token, and the per-strategy summary.
+"""What `make bench-routing BACKEND=llama` (llama_routing.py, llama_direct.py) and `BACKEND=vllm`
+(vllm_routing.py) share: the tenants workload cut from the seeds, the gateway's configuration with
+round-robin (and least-request) twins of the real pool, starting Envoy and waiting for the pool's
+hosts, one streamed request timed to its first token, the picker's counters, and the per-strategy
+summary.
 
 Each bench keeps what only its server needs (how replicas start and stop, what their counters
 are called, how a strategy's filter configuration differs).
@@ -34,6 +35,10 @@ STRATEGY_HEADER = "x-bench-strategy"
 # Bench only: which replica answered (Envoy's %UPSTREAM_REMOTE_ADDRESS%).
 UPSTREAM_HEADER = "x-bench-upstream"
 RR = "smollm-rr"
+LR = "smollm-lr"
+# Twins of the pool's route and cluster, each selected by its x-bench-strategy value:
+# strategy -> (cluster name, lb_policy).
+TWINS = {"round_robin": (RR, "ROUND_ROBIN"), "least_request": (LR, "LEAST_REQUEST")}
 
 QUESTIONS_TEXT = [
     "What should I do first?", "Summarise the key point in one sentence.", "Which step is the riskiest?",
@@ -91,11 +96,13 @@ def wasm_plugin(cfg: dict) -> dict:
     return next(f for f in hcm(cfg)["http_filters"] if f["name"] == "envoy.filters.http.wasm")["typed_config"]["config"]
 
 
-def gateway_config(port: int, admin: int, add_pool: Callable[[dict], None], cluster: str, route: str) -> dict:
+def gateway_config(port: int, admin: int, add_pool: Callable[[dict], None], cluster: str, route: str,
+                   twins: tuple[str, ...] = ("round_robin",)) -> dict:
     """envoy/envoy.yaml on free loopback ports with the real pool added by `add_pool` (its
     `cluster` and `route` as shipped: override_host with MAGLEV on the prefix key), plus a twin
-    of both for round robin: route `smollm-rr` (selected by x-bench-strategy: round_robin, no
-    hash policy) to cluster `smollm-rr` (same hosts, health checks and limits, ROUND_ROBIN)."""
+    of both per name in `twins` (TWINS: e.g. route and cluster `smollm-rr`, selected by
+    x-bench-strategy: round_robin, no hash policy, the same hosts, health checks and limits,
+    ROUND_ROBIN; `least_request`: `smollm-lr`, LEAST_REQUEST)."""
     cfg = yaml.safe_load((ROOT / "envoy" / "envoy.yaml").read_text())
     cfg["admin"]["address"]["socket_address"]["port_value"] = admin
     listener = cfg["static_resources"]["listeners"][0]
@@ -105,24 +112,27 @@ def gateway_config(port: int, admin: int, add_pool: Callable[[dict], None], clus
     h.pop("access_log", None)
     wasm_plugin(cfg)["vm_config"]["code"]["local"]["filename"] = str(WASM)
     routes = h["route_config"]["virtual_hosts"][0]["routes"]
-    affinity = next(r for r in routes if r.get("name") == route)
-    rr = copy.deepcopy(affinity)
-    rr["name"] = RR
-    rr["match"]["headers"].append({"name": STRATEGY_HEADER, "string_match": {"exact": "round_robin"}})
-    rr["route"]["cluster"] = RR
-    rr["route"].pop("hash_policy", None)
-    routes.insert(routes.index(affinity), rr)
     clusters = cfg["static_resources"]["clusters"]
+    shipped_route = next(r for r in routes if r.get("name") == route)
     shipped = next(c for c in clusters if c["name"] == cluster)
-    rr_cluster = copy.deepcopy(shipped)
-    rr_cluster["name"] = rr_cluster["load_assignment"]["cluster_name"] = RR
-    # The shipped policy (override_host, MAGLEV fallback) would take precedence over lb_policy.
-    rr_cluster.pop("load_balancing_policy", None)
-    rr_cluster["lb_policy"] = "ROUND_ROBIN"
-    rr_cluster["common_lb_config"].pop("consistent_hashing_lb_config", None)
-    clusters.append(rr_cluster)
+    for strategy in twins:
+        name, lb_policy = TWINS[strategy]
+        twin_route = copy.deepcopy(shipped_route)
+        twin_route["name"] = name
+        twin_route["match"]["headers"].append({"name": STRATEGY_HEADER, "string_match": {"exact": strategy}})
+        twin_route["route"]["cluster"] = name
+        twin_route["route"].pop("hash_policy", None)
+        routes.insert(routes.index(shipped_route), twin_route)
+        twin = copy.deepcopy(shipped)
+        twin["name"] = twin["load_assignment"]["cluster_name"] = name
+        # The shipped policy (override_host, MAGLEV fallback) would take precedence over lb_policy.
+        twin.pop("load_balancing_policy", None)
+        twin["lb_policy"] = lb_policy
+        twin["common_lb_config"].pop("consistent_hashing_lb_config", None)
+        clusters.append(twin)
+    keep = {cluster, *(TWINS[t][0] for t in twins)}
     for c in clusters:  # the mock pools are not started here
-        if c["name"] not in (cluster, RR):
+        if c["name"] not in keep:
             c.pop("health_checks", None)
         if c["name"] == "bbr-envoy-admin":  # the picker's view of the hosts: this Envoy's admin
             c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"][
@@ -173,6 +183,15 @@ class Envoy:
 
     def host_lines(self) -> list[str]:
         return [ln for ln in self.get("/clusters").splitlines() if ln.startswith(tuple(f"{c}::" for c in self.clusters))]
+
+    def picker_stats(self) -> dict[str, int]:
+        """The filter's bbr_picker_* counters (scrape and admin-poll outcomes, fallbacks)."""
+        out = {}
+        for line in self.get("/stats?filter=bbr_picker").splitlines():
+            key, _, value = line.rpartition(": ")
+            if value.strip().isdigit():
+                out[key.strip()] = int(value)
+        return out
 
     def stop(self) -> None:
         procs.stop(self.popen, 10)

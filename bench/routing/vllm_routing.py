@@ -242,15 +242,6 @@ def envoy_config(port: int, admin: int, replica_ports: list[int], strategy: str)
     return cfg
 
 
-def picker_stats(envoy: rs.Envoy) -> dict[str, int]:
-    out = {}
-    for line in envoy.get("/stats?filter=bbr_picker").splitlines():
-        key, _, value = line.rpartition(": ")
-        if value.strip().isdigit():
-            out[key.strip()] = int(value)
-    return out
-
-
 def run_strategy(strategy: str, reqs, replicas: list[Replica], envoy_bin: str, deadline: float) -> dict:
     for r in replicas:
         r.reset_cache()
@@ -284,7 +275,7 @@ def run_strategy(strategy: str, reqs, replicas: list[Replica], envoy_bin: str, d
                 rows.append(row)
                 if (n + 1) % 8 == 0:
                     say(f"{strategy}: {n + 1}/{len(reqs)}")
-        stats = picker_stats(envoy)
+        stats = envoy.picker_stats()
     finally:
         envoy.stop()
     after = {r.port: metrics(r.port) for r in replicas}
