@@ -17,6 +17,9 @@ use wasm_bindgen_test::wasm_bindgen_test;
 #[macro_use]
 mod common; // the `both!` test macro
 
+/// An access-log case: prompt tokens, completion tokens, ttft ms, the value written.
+type LogCase = (Option<u64>, Option<u64>, Option<u64>, Option<&'static str>);
+
 fn counted(input: u64, output: u64, cached: Option<u64>) -> Outcome {
     Outcome::Counted(Usage {
         input: Some(input),
@@ -308,7 +311,8 @@ both! {
     }
 
     fn access_log_value_holds_the_known_fields_in_order() {
-        let cases: &[(Option<u64>, Option<u64>, Option<u64>, Option<&str>)] = &[
+        // (prompt tokens, completion tokens, ttft ms, the value)
+        let cases: &[LogCase] = &[
             (Some(11), Some(7), Some(42), Some("prompt_tokens=11 completion_tokens=7 ttft_ms=42")),
             (Some(0), Some(0), Some(0), Some("prompt_tokens=0 completion_tokens=0 ttft_ms=0")),
             (None, None, Some(3), Some("ttft_ms=3")),
