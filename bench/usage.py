@@ -34,7 +34,9 @@ Environment:
   BENCH_USAGE_ALT        more builds of the filter, run with the accounting on next to "on"
                          and "off", each on its own listener and VM: "name=path.wasm,...".
                          An A/B comparison of builds in one run (how the cost was profiled:
-                         docs/usage-metrics.md); each is reported as name / off. Their runs
+                         docs/usage-metrics.md); each is reported as name / off, and "on"
+                         as on / name (the read-only floor: bench/results/usage-profile/
+                         floor.patch). Their runs
                          are not checked against the filter's counters (a diagnostic build
                          may count nothing); each run records what was counted
   BENCH_OUT              default bench/results; writes usage.json and usage.md there
@@ -291,7 +293,7 @@ def main() -> int:
                         "load_1m": os.getloadavg()[0]})
             entry: dict = {"connections": conns, "seconds_per_run": seconds, "runs": per,
                            "response_bytes": per["on"][0]["bytes"] / max(1, per["on"][0]["requests"]),
-                           "vs_off": {}}
+                           "vs_off": {}, "on_vs": {}}
             for key in ("cpu_us_per_request", "worker_us_per_request"):
                 entry[key] = {w: statistics.median(x[key] for x in per[w] if x["requests"]) for w in per}
             for which in configs:
@@ -307,6 +309,18 @@ def main() -> int:
                     cmp[label] = {"median": statistics.median(ratios), "ci": [lo, hi], "ci_coverage": cov,
                                   "min": min(ratios), "max": max(ratios), "ratios": ratios}
                 entry["vs_off"][which] = cmp
+            # "on" against each other build, round by round (for the read-only floor: what the
+            # scan and the bookkeeping add to copying every chunk in).
+            for which in configs:
+                if which in ("on", "off"):
+                    continue
+                ratios = [a["cpu_us_per_request"] / b["cpu_us_per_request"]
+                          for a, b in zip(per["on"], per[which]) if a["requests"] and b["requests"]]
+                if ratios:
+                    lo, hi, cov = median_ci(ratios)
+                    entry["on_vs"][which] = {"median": statistics.median(ratios), "ci": [lo, hi],
+                                             "ci_coverage": cov, "min": min(ratios), "max": max(ratios),
+                                             "ratios": ratios}
             results["workloads"][name] = entry
             memory[name] = memory_gauge(gw, ports["on"], body)
         if "sse" in workloads:
@@ -338,6 +352,12 @@ def main() -> int:
                 f"{w['worker_us_per_request'][which]:.1f} | {p['median']:.3f} [{p['ci'][0]:.3f}, {p['ci'][1]:.3f}] "
                 f"({p['min']:.3f}-{p['max']:.3f}) | {k['median']:.3f} [{k['ci'][0]:.3f}, {k['ci'][1]:.3f}] | "
                 f"{'met' if p['median'] <= TARGET else 'not met'} |")
+    others = [(name, which, c) for name, w in results["workloads"].items() for which, c in w["on_vs"].items()]
+    if others:
+        lines += ["", "| workload | on / build, process: median [CI] (range) |", "| --- | --- |"]
+        for name, which, c in others:
+            lines.append(f"| {name}: on / {which} | {c['median']:.3f} [{c['ci'][0]:.3f}, {c['ci'][1]:.3f}] "
+                         f"({c['min']:.3f}-{c['max']:.3f}) |")
     cov = min((c["process"]["ci_coverage"] for w in results["workloads"].values() for c in w["vs_off"].values()),
               default=0)
     lines.append("")

@@ -3,6 +3,7 @@
 //! split in two at every boundary, and must give the same outcome, with the first token seen
 //! at the same byte. Runs natively and under wasm-bindgen-test, like tests/core.rs.
 
+use bbr_wasm::core::usage::metrics;
 use bbr_wasm::core::usage::UsageSettings;
 use bbr_wasm::core::usage::{
     elapsed_ms, plan_response, time_per_output_token_ms, Framing, Outcome, ResponsePlan,
@@ -15,6 +16,9 @@ use wasm_bindgen_test::wasm_bindgen_test;
 
 #[macro_use]
 mod common; // the `both!` test macro
+
+/// An access-log case: prompt tokens, completion tokens, ttft ms, the value written.
+type LogCase = (Option<u64>, Option<u64>, Option<u64>, Option<&'static str>);
 
 fn counted(input: u64, output: u64, cached: Option<u64>) -> Outcome {
     Outcome::Counted(Usage {
@@ -304,6 +308,23 @@ both! {
         assert_eq!(time_per_output_token_ms(10 * MS, 0, 5), None);
         assert_eq!(elapsed_ms(5 * MS, 7 * MS + 600_000), 3);
         assert_eq!(elapsed_ms(7 * MS, 5 * MS), 0);
+    }
+
+    fn access_log_value_holds_the_known_fields_in_order() {
+        // (prompt tokens, completion tokens, ttft ms, the value)
+        let cases: &[LogCase] = &[
+            (Some(11), Some(7), Some(42), Some("prompt_tokens=11 completion_tokens=7 ttft_ms=42")),
+            (Some(0), Some(0), Some(0), Some("prompt_tokens=0 completion_tokens=0 ttft_ms=0")),
+            (None, None, Some(3), Some("ttft_ms=3")),
+            (Some(5), None, None, Some("prompt_tokens=5")),
+            (None, Some(u64::MAX), None, Some("completion_tokens=18446744073709551615")),
+            (Some(1), None, Some(2), Some("prompt_tokens=1 ttft_ms=2")),
+            (None, None, None, None),
+        ];
+        for (p, c, t, want) in cases {
+            assert_eq!(metrics::access_log_value(*p, *c, *t).as_deref(), *want, "{p:?} {c:?} {t:?}");
+        }
+        assert_eq!(metrics::ACCESS_LOG_PROPERTY, "bbr_usage");
     }
 
     fn configuration_defaults_and_refusals_name_the_field() {

@@ -150,11 +150,14 @@ pub(super) struct Accounting {
     adapter: Option<String>,
     /// When the request ended (its body's last byte reached the filter).
     request_end_ns: u64,
-    first_byte_ns: Option<u64>,
+    /// A body byte has passed (the request's end can no longer move).
+    body_seen: bool,
     first_token_ns: Option<u64>,
     ttft_ms: Option<u64>,
     /// `None` until the response headers said to read the body.
     scanner: Option<ResponseScanner>,
+    /// The base model's metric ids, once looked up (one map lookup per response, not two).
+    ids: Option<ModelIds>,
     max_scan_bytes: u64,
     done: bool,
 }
@@ -172,10 +175,11 @@ impl Accounting {
             base: base.to_string(),
             adapter: adapter.map(str::to_string),
             request_end_ns: now,
-            first_byte_ns: None,
+            body_seen: false,
             first_token_ns: None,
             ttft_ms: None,
             scanner: None,
+            ids: None,
             max_scan_bytes,
             done: false,
         })
@@ -183,7 +187,7 @@ impl Accounting {
 
     /// The request's last byte passed now (with `routeBeforeBodyEnds` after the decision).
     pub(super) fn request_ended(&mut self) {
-        if self.first_byte_ns.is_none() {
+        if !self.body_seen {
             self.request_end_ns = now_nanos();
         }
     }
@@ -238,11 +242,13 @@ impl Accounting {
         if self.done {
             return;
         }
-        if size > 0 && self.first_byte_ns.is_none() {
-            let now = now_nanos();
-            self.first_byte_ns = Some(now);
+        if size > 0 && !self.body_seen {
+            self.body_seen = true;
+            // A JSON answer's first token is its first byte. A stream's is its first content
+            // event, timed when the scanner finds it: the clock is not read here for it (a host
+            // call whose result nothing would use).
             if matches!(self.framing(), Some(Framing::Json)) {
-                self.first_token(metrics, now);
+                self.first_token(metrics, now_nanos());
             }
         }
         let mut read = 0;
@@ -293,6 +299,15 @@ impl Accounting {
         self.scanner.as_ref().map(ResponseScanner::framing)
     }
 
+    fn model_ids(&mut self, metrics: &Metrics) -> ModelIds {
+        if let Some(ids) = self.ids {
+            return ids;
+        }
+        let ids = metrics.usage.model(metrics.context_id, &self.base);
+        self.ids = Some(ids);
+        ids
+    }
+
     fn first_token(&mut self, metrics: &Metrics, now: u64) {
         if self.first_token_ns.is_some() {
             return;
@@ -300,7 +315,7 @@ impl Accounting {
         self.first_token_ns = Some(now);
         let ms = elapsed_ms(self.request_end_ns, now);
         self.ttft_ms = Some(ms);
-        let ids = metrics.usage.model(metrics.context_id, &self.base);
+        let ids = self.model_ids(metrics);
         metrics.record(ids.ttft, ms);
     }
 
@@ -315,7 +330,7 @@ impl Accounting {
         };
         if let Outcome::Counted(u) = outcome {
             let counts = [u.input, u.output, u.cached_input];
-            let ids = usage.model(metrics.context_id, &self.base);
+            let ids = self.model_ids(metrics);
             // Envoy refuses an increment of 0 (BadArgument): zero counts are skipped.
             for (id, n) in ids.tokens.iter().zip(counts) {
                 if let Some(n) = n.filter(|&n| n > 0) {
@@ -336,8 +351,11 @@ impl Accounting {
             if let (Some(Framing::Sse), Some(first), Some(output)) =
                 (self.framing(), self.first_token_ns, u.output)
             {
-                if let Some(ms) = time_per_output_token_ms(first, now_nanos(), output) {
-                    metrics.record(ids.tpot, ms);
+                // Below two output tokens there is no time per token: no clock read either.
+                if output >= 2 {
+                    if let Some(ms) = time_per_output_token_ms(first, now_nanos(), output) {
+                        metrics.record(ids.tpot, ms);
+                    }
                 }
             }
         }
@@ -347,16 +365,12 @@ impl Accounting {
             // The stream is being destroyed: no access log entry will read filter state now.
             return;
         }
-        let fields = [
-            (names::PROMPT_TOKENS_PROPERTY, counted.input),
-            (names::COMPLETION_TOKENS_PROPERTY, counted.output),
-            (names::TTFT_PROPERTY, self.ttft_ms),
-        ];
-        for (key, value) in fields {
-            if let Some(value) = value {
-                if let Err(status) = set_property(key, &value.to_string()) {
-                    debug!("[{id}] cannot set {key}: status {status}");
-                }
+        // One filter-state key for the three fields (one host call); none when nothing is
+        // known, and the access log then prints `-`.
+        if let Some(value) = names::access_log_value(counted.input, counted.output, self.ttft_ms) {
+            let key = names::ACCESS_LOG_PROPERTY;
+            if let Err(status) = set_property(key, &value) {
+                debug!("[{id}] cannot set {key}: status {status}");
             }
         }
     }

@@ -186,18 +186,44 @@ def test_scripted_responses_pass_untouched_and_are_counted(usage_envoy, script, 
     assert after["bbr_wasm_memory_bytes{}"] < 8 * 1024 * 1024, after["bbr_wasm_memory_bytes{}"]
 
 
-def test_access_log_has_tokens_and_ttft(usage_envoy):
-    client = usage_envoy.client()
-    r = client.post("/v1/completions", json={"model": QWEN, "prompt": "alpha beta gamma", "max_tokens": 6},
-                    headers={"x-request-id": "usage-log-1"})
-    assert r.status_code == 200
-    usage = r.json()["usage"]
+def access_log_line(env, request_id: str) -> str:
     deadline = time.monotonic() + 10
-    line = None
-    while time.monotonic() < deadline and line is None:
-        line = next((l for l in usage_envoy.proc.log().splitlines() if "id=usage-log-1" in l), None)
+    while True:
+        line = next((l for l in env.proc.log().splitlines() if f" id={request_id}" in l), None)
+        if line or time.monotonic() > deadline:
+            assert line, f"no access log line for {request_id}"
+            return line
         time.sleep(0.2)
-    assert line, "no access log line"
-    assert f"prompt_tokens={usage['prompt_tokens']} " in line, line
-    assert f"completion_tokens={usage['completion_tokens']} " in line, line
-    assert re.search(r" ttft_ms=\d+ ", line), line
+
+
+# (request id, fault script or None for mock-vllm, what the access log's usage field holds:
+# a regex, "{p}" and "{c}" standing for the usage the client received)
+ACCESS_LOG = [
+    ("usage-log-counted", None, r"prompt_tokens={p} completion_tokens={c} ttft_ms=\d+"),
+    # Read, no usage: only the time to the first byte is known.
+    ("usage-log-absent", "usage-absent", r"ttft_ms=\d+"),
+    ("usage-log-sse-absent", "sse-usage-absent", r"ttft_ms=\d+"),
+    # Not read at all (gzip): nothing is known, nothing is set, Envoy prints "-".
+    ("usage-log-encoded", "gzip", r"-"),
+]
+
+
+@pytest.mark.parametrize("request_id,script,want", ACCESS_LOG, ids=[a[0] for a in ACCESS_LOG])
+def test_access_log_has_tokens_and_ttft(usage_envoy, request_id, script, want):
+    """The shipped access log's one filter-state field (`wasm.bbr_usage`), between
+    `duration_ms=` and `id=`: the fields known, in order, or `-`."""
+    client = usage_envoy.client()
+    if script is None:
+        body = {"model": QWEN, "prompt": "alpha beta gamma", "max_tokens": 6}
+        headers = {"x-request-id": request_id}
+    else:
+        body = {"model": PHI, "prompt": "hello", "max_tokens": 5}
+        headers = {"x-request-id": request_id, "x-fault": script}
+    r = client.post("/v1/completions", json=body, headers=headers)
+    assert r.status_code == 200
+    if script is None:
+        usage = r.json()["usage"]
+        want = want.format(p=usage["prompt_tokens"], c=usage["completion_tokens"])
+    line = access_log_line(usage_envoy, request_id)
+    m = re.search(rf" duration_ms=\d+ (.*) id={re.escape(request_id)}", line)
+    assert m and re.fullmatch(want, m.group(1)), line

@@ -41,8 +41,36 @@ pub fn responses(outcome: &str) -> String {
     format!("outcome=.={outcome};.;bbr_usage_responses_total")
 }
 
-/// The filter-state keys (Envoy stores them as `wasm.<key>`, which the access log reads with
-/// `%FILTER_STATE(wasm.<key>:PLAIN)%`).
-pub const PROMPT_TOKENS_PROPERTY: &str = "bbr_prompt_tokens";
-pub const COMPLETION_TOKENS_PROPERTY: &str = "bbr_completion_tokens";
-pub const TTFT_PROPERTY: &str = "bbr_ttft_ms";
+/// The filter-state key of the access log's fields. Envoy stores it as `wasm.bbr_usage` (a
+/// `CelState`: source/extensions/common/wasm/context.cc, `Context::setProperty`), which the
+/// access log reads whole with `%FILTER_STATE(wasm.bbr_usage:PLAIN)%`. One key, not one per
+/// field: each `setProperty` is a host call (about a microsecond of the gateway's CPU per
+/// request), and Envoy's `%FILTER_STATE(KEY:FIELD:NAME)%` cannot pick fields out of it
+/// (`CelState` has no `getField`: source/extensions/filters/common/expr/cel_state.h).
+pub const ACCESS_LOG_PROPERTY: &str = "bbr_usage";
+
+/// The access log's value: `prompt_tokens=N completion_tokens=N ttft_ms=N`, each field only
+/// when it is known, in that order; `None` when none is (nothing is set, and Envoy logs `-`).
+pub fn access_log_value(
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    ttft_ms: Option<u64>,
+) -> Option<String> {
+    use core::fmt::Write;
+    let fields = [
+        ("prompt_tokens", prompt_tokens),
+        ("completion_tokens", completion_tokens),
+        ("ttft_ms", ttft_ms),
+    ];
+    let mut out: Option<String> = None;
+    for (name, value) in fields {
+        let Some(value) = value else { continue };
+        let s = out.get_or_insert_with(|| String::with_capacity(64));
+        if !s.is_empty() {
+            s.push(' ');
+        }
+        // Writing to a String cannot fail.
+        let _ = write!(s, "{name}={value}");
+    }
+    out
+}
