@@ -52,7 +52,7 @@ LOW=(nice -n 19)
 
 start_bg() { # start_bg NAME idle|low COMMAND...
   local name="$1" class=("${IDLE[@]}") group=19
-  if [[ "$2" == low ]]; then class=("${LOW[@]}"); group=10; fi
+  [[ "$2" == low ]] && class=("${LOW[@]}")
   shift 2
   # setsid: a session of its own, so stop_bg reaches everything it starts. But with Linux's
   # autogroups (kernel.sched_autogroup_enabled=1, the default on desktop and many server
@@ -61,8 +61,10 @@ start_bg() { # start_bg NAME idle|low COMMAND...
   # much CPU as the tests (lint ran 5m27s against 2m51s alone), and SCHED_IDLE does not reach
   # across groups either. So the job first sets its session's autogroup nice
   # (/proc/self/autogroup; absent without autogroups; without CAP_SYS_ADMIN the kernel takes
-  # one such change per 100 ms, hence the retries): 10 for the low class (weight 110 against
-  # the tests' 1024), 19 for the idle class (weight 15: the low jobs get 7 times its share).
+  # one such change per 100 ms, hence the retries): 19 for every job (weight 15 against the
+  # tests' 1024). Measured from fresh clones on 2 cores: 30m45s in all; with 10 for the low
+  # class, its jobs were ready sooner (test-wasm waited 5m00s instead of 9m24s) but llama-server's
+  # build fell behind and test-llama waited for it (about 33m in all).
   setsid "${class[@]}" bash -c 'for _ in 1 2 3 4 5; do
       [[ -w /proc/self/autogroup ]] || break
       echo "$0" 2>/dev/null >/proc/self/autogroup && break
