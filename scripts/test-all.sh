@@ -44,14 +44,15 @@ declare -A BG_T0=()
 
 # The two Rust tools the suites need later are compiled from crates.io, and start at t=0 too:
 # wasm-bindgen-cli (the runner of test-wasm, about 6 CPU-minutes, 3 minutes of wall time when
-# it ran inside test-wasm) at nice 19 in the normal class, so the CPU lint and test-native
-# leave idle (they wait on the linker and the disk) goes to it before the idle class's jobs;
-# cargo-fuzz with the fuzz targets' build (for fuzz-smoke, much later) in the idle class. The
-# model servers have time to spare: both were ready before the Envoy suites began.
+# it ran inside test-wasm) at nice 19 in the normal class, which on a kernel without autogroups
+# ranks it ahead of the idle class's jobs for the CPU lint and test-native leave idle (they
+# wait on the linker and the disk); with autogroups every background session shares alike
+# (start_bg). cargo-fuzz with the fuzz targets' build (for fuzz-smoke, much later) goes in the
+# idle class.
 LOW=(nice -n 19)
 
 start_bg() { # start_bg NAME idle|low COMMAND...
-  local name="$1" class=("${IDLE[@]}") group=19
+  local name="$1" class=("${IDLE[@]}")
   [[ "$2" == low ]] && class=("${LOW[@]}")
   shift 2
   # setsid: a session of its own, so stop_bg reaches everything it starts. But with Linux's
@@ -64,13 +65,13 @@ start_bg() { # start_bg NAME idle|low COMMAND...
   # one such change per 100 ms, hence the retries): 19 for every job (weight 15 against the
   # tests' 1024). Measured from fresh clones on 2 cores: 30m45s in all; with 10 for the low
   # class, its jobs were ready sooner (test-wasm waited 5m00s instead of 9m24s) but llama-server's
-  # build fell behind and test-llama waited for it (about 33m in all).
+  # build fell behind and test-llama waited 6m58s for it (37m15s in all).
   setsid "${class[@]}" bash -c 'for _ in 1 2 3 4 5; do
       [[ -w /proc/self/autogroup ]] || break
-      echo "$0" 2>/dev/null >/proc/self/autogroup && break
+      echo 19 2>/dev/null >/proc/self/autogroup && break
       sleep 0.2
     done
-    exec "$@"' "$group" "$@" >".run/$name.log" 2>&1 </dev/null &
+    exec "$@"' bash "$@" >".run/$name.log" 2>&1 </dev/null &
   BG[$name]=$!
   BG_T0[$name]=$(date +%s)
   say "started $name in the background at $([[ "$class" == nice ]] && echo 'nice 19' || echo 'idle priority') (pid ${BG[$name]}, log .run/$name.log)"
