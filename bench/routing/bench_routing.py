@@ -652,6 +652,30 @@ def placement(w: Workload, outcomes: list[Outcome]) -> dict:
             "groups": len(groups)}
 
 
+def tail(w: Workload, outcomes: list[Outcome], p95: float) -> dict:
+    """What the requests at or past the TTFT p95 were: the share served away from their group's
+    home (its most-used replica), and their mean prefill (uncached tokens at the mock's rate)
+    and queueing (the rest of the replica's TTFT after the base), in ms. Says whether the tail
+    is re-prefilled history (spills) or waiting (load)."""
+    groups: dict[str, dict[str, int]] = {}
+    rows = []
+    for r, o in zip(w.reqs, outcomes):
+        if o.status == 200 and not o.error and not math.isnan(o.ttft_ms):
+            g = groups.setdefault(prefix_group(w, r.body), {})
+            g[o.backend] = g.get(o.backend, 0) + 1
+            rows.append((prefix_group(w, r.body), tokens_of(r.body), o))
+    home = {k: max(g, key=lambda b: g[b]) for k, g in groups.items()}
+    slow = [(k, t, o) for k, t, o in rows if not math.isnan(p95) and o.ttft_ms >= p95]
+    if not slow:
+        return {"n": 0}
+    prefill = [max(t - o.hit_tokens, 0) / PREFILL_TOKENS_PER_S * 1000 for _, t, o in slow]
+    queue = [max(o.ttft_ms - BASE_TTFT_MS - pf, 0.0) for (_, _, o), pf in zip(slow, prefill)]
+    return {"n": len(slow),
+            "away_from_home": sum(1 for k, _, o in slow if o.backend != home[k]) / len(slow),
+            "prefill_ms_mean": statistics.mean(prefill), "queue_ms_mean": statistics.mean(queue),
+            "away_from_home_all": sum(1 for k, _, o in rows if o.backend != home[k]) / len(rows)}
+
+
 def run_one(w: Workload, strategy: Strategy, gateways: list[dict[str, int]], mocks: list[Mock],
             keys: KeySource, capacity: float, split: str = "alternate") -> dict:
     for m in mocks:
@@ -678,6 +702,7 @@ def run_one(w: Workload, strategy: Strategy, gateways: list[dict[str, int]], moc
         "split": split if len(gateways) > 1 else "",
         "per_gateway": [sum(1 for o in ok if o.gateway == g) for g in range(len(gateways))],
         "placement": placement(w, outcomes),
+        "tail": tail(w, outcomes, pct(ttfts, 95)),
         "lb": strategy.lb, "hash_balance_factor": strategy.hbf, "prefix_blocks": strategy.prefix_blocks,
         "requests": len(outcomes), "ok": len(ok),
         "errors": sorted({o.error or f"HTTP {o.status}" for o in outcomes if o not in ok})[:5],
@@ -1061,6 +1086,8 @@ def main() -> int:
                             f"TTFT p50/p95/p99 {row['ttft_p50_ms']:.1f}/{row['ttft_p95_ms']:.1f}/{row['ttft_p99_ms']:.1f} ms "
                             f"{row['throughput_rps']:.1f} req/s replicas {list(row['per_replica'].values())} "
                             f"home share {row['placement']['home_share']:.2f} "
+                            f"tail: {row['tail']['n']} at/past p95, away {row['tail'].get('away_from_home', 0):.2f}, "
+                            f"prefill {row['tail'].get('prefill_ms_mean', 0):.1f} ms, queue {row['tail'].get('queue_ms_mean', 0):.1f} ms; "
                             f"errors {row['requests'] - row['ok']}{' key mismatches ' + str(row['key_mismatches']) if row['key_mismatches'] else ''}")
                     for e in envoys:
                         e.stop()
