@@ -495,12 +495,15 @@ both! {
         let Some(other) = (100..400).find(|&f| place(&mut idle, &tenant(f, 6)) == home) else {
             unreachable!("some key ranks home first")
         };
-        // One request in flight at home, none elsewhere: past the bound (ceil(3 x 1.25 / 4) = 1).
+        // Two requests in flight at home, none elsewhere: past the bound (ceil(3 x 1.25 / 4) = 1)
+        // and past Envoy's looser rule for a prefix known at home (slots 1).
         p.pick_shared(&tenant(other, 6), &shared, &[], 0);
-        assert_eq!(loads(&p)[h], 1);
+        p.pick_shared(&tenant(other, 6), &shared, &[], 0);
+        assert_eq!(loads(&p)[h], 2);
         let Some(spilled) = p.pick_shared(&tenant(5, 5), &shared, &[], 0) else { unreachable!() };
         assert_ne!(spilled, h);
         p.done(spilled);
+        p.done(h);
         p.done(h);
         assert_eq!(p.pick_shared(&tenant(5, 9), &shared, &[], 0), Some(h));
     }
@@ -547,10 +550,16 @@ both! {
             let Some(i) = q.pick_shared(&tenant(9, 6), &shared, &[], 0) else { unreachable!() };
             q.done(i);
             assert_eq!(i, home, "holder {holder}");
-            // Home past the bound (one request in flight there, none elsewhere): scored, it
-            // spills to the endpoint that holds it, not to the next in the key's order.
-            let others: Vec<u32> = (0..4).map(|e| u32::from(e == home)).collect();
-            let Some(i) = q.pick_shared(&tenant(9, 6), &shared, &others, 0) else { unreachable!() };
+            // Home one request past the bound (one in flight there, none elsewhere), a prefix
+            // known there: home still, within Envoy's own rule (slots 1).
+            let one: Vec<u32> = (0..4).map(|e| u32::from(e == home)).collect();
+            let Some(i) = q.pick_shared(&tenant(9, 6), &shared, &one, 0) else { unreachable!() };
+            q.done(i);
+            assert_eq!(i, home, "holder {holder}, home one past the bound");
+            // Home past both (two in flight there, none elsewhere): scored, it spills to the
+            // endpoint that holds it, not to the next in the key's order.
+            let two: Vec<u32> = (0..4).map(|e| 2 * u32::from(e == home)).collect();
+            let Some(i) = q.pick_shared(&tenant(9, 6), &shared, &two, 0) else { unreachable!() };
             q.done(i);
             assert_eq!(i, holder, "holder {holder}, home past the bound");
         }

@@ -25,7 +25,8 @@
 //! it stands for the whole prefix up to it) with each endpoint's address: every gateway with
 //! the same hosts places it the same way without talking, and a host that comes or goes moves
 //! only the keys it wins. Later requests of that prefix go home too while the home is within
-//! the bound, wherever else this gateway has seen the prefix: another gateway may have placed
+//! the bound (for a prefix home already holds, Envoy's own rule, one request looser: see
+//! `pick_shared`), wherever else this gateway has seen the prefix: another gateway may have placed
 //! there the turns this one did not see, so the home's known share of the prompt understates
 //! it, and a prefix one gateway placed elsewhere (before every endpoint held the opening, past
 //! the bound, before a host joined) would otherwise be followed there by that gateway alone
@@ -446,7 +447,8 @@ impl Picker {
         // looser by one: a host may take a request while its count before it is within
         // ceil(ceil((total + 1) x factor / 100) / count). Tried here, a burst of one prefix over
         // three replicas then stayed on two (18/18/0 of 36 in
-        // tests/integration/test_picker.py's burst test), so the picker keeps this one.
+        // tests/integration/test_picker.py's burst test), so the picker keeps this one, but
+        // for a prefix its home already holds (below).
         let bound = self.scoring.balance_factor.map(|factor| {
             let scaled = (total + 1) * u64::from(factor);
             scaled.div_ceil(100 * count)
@@ -482,7 +484,20 @@ impl Picker {
             .collect();
         let eligible =
             |i: usize| candidate(i) && (!any_within || within(loads.get(i).copied().unwrap_or(0)));
-        if let Some(home) = self.consistent_home(hashes, &matched, candidate, eligible) {
+        // A known prefix's home may take it up to Envoy's own rule (one request looser; see
+        // above): at two gateways' small per-gateway counts the stricter rule spilled turns off
+        // their home, each spill re-prefilling the conversation's history elsewhere.
+        let envoy_slots = self.scoring.balance_factor.map(|factor| {
+            let total_slots = ((total + 1) * u64::from(factor)).div_ceil(100);
+            total_slots.div_ceil(count).max(1)
+        });
+        let home_within = |i: usize| {
+            eligible(i)
+                || (candidate(i)
+                    && envoy_slots.is_none_or(|s| loads.get(i).copied().unwrap_or(0) <= s))
+        };
+        if let Some(home) = self.consistent_home(hashes, &matched, candidate, eligible, home_within)
+        {
             return self.place(home, hashes);
         }
 
@@ -533,13 +548,16 @@ impl Picker {
     /// Within the bound, the prompt goes there, wherever else the prefix is known. Past the
     /// bound, a new prefix (no eligible endpoint, a candidate within the bound, holds more than
     /// `common + 1` blocks) goes to the next eligible endpoint in the key's order. `None`: no
-    /// home, or a known prefix whose home is past the bound; scored as usual.
+    /// home, or a known prefix whose home is past the bound; scored as usual. A prefix the home
+    /// already holds (its key block or more) goes there while `known_home_within` allows it
+    /// (Envoy's own rule, one request looser than `eligible`'s).
     fn consistent_home(
         &self,
         hashes: &[u64],
         matched: &[usize],
         candidate: impl Fn(usize) -> bool,
         eligible: impl Fn(usize) -> bool,
+        known_home_within: impl Fn(usize) -> bool,
     ) -> Option<usize> {
         if !self.consistent {
             return None;
@@ -560,7 +578,9 @@ impl Picker {
             .collect();
         ranked.sort_unstable_by(|a, b| b.cmp(a));
         let home = ranked.first()?.1;
-        if eligible(home) {
+        // Known there: home holds the key block (the prefix's own first block) or more.
+        let known_at_home = count(home) > common;
+        if eligible(home) || (known_at_home && known_home_within(home)) {
             // Even when this gateway has seen the prefix deeper elsewhere: only home is where
             // every gateway sends it (the module's documentation). Following the deeper copy
             // kept one gateway's cold-start and spilled placements, and split a conversation
