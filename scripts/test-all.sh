@@ -2,7 +2,9 @@
 # `make test`: every suite, in an order that lets the two real model servers install while the
 # rest runs.
 #
-# Why: llama-server is compiled from source (about 24 CPU-minutes) and vLLM is 3.7 GB of wheels
+# Why: llama-server is compiled from source (about 11 CPU-minutes in unity mode, see
+# scripts/llama-deps.sh; the machine is busy from start to end, so CPU saved is wall time
+# saved) and vLLM is 3.7 GB of wheels
 # plus a model conversion. Run one after the other they were a third of a fresh clone's
 # `make test`. Yet the Envoy suites (integration, soak, Istio) leave much of the two cores idle:
 # they wait on sockets, timeouts and process start-ups. So both installs start first, in the
