@@ -10,10 +10,10 @@
 //! - load score: `(max - q) / (max - min)` over the in-flight counts, 1 when all are equal;
 //!
 //! weighted (default prefix 3, load 2). Ties go to the fewest in flight, then to a rotating
-//! index. A bound, after Envoy's `hash_balance_factor` (one request stricter), comes first: an endpoint whose in-flight
-//! count would exceed `balance_factor` percent of the mean (after this request) is not a
-//! candidate while another is within it. The chosen endpoint records the prompt's blocks and
-//! counts the request in flight until [`Picker::done`].
+//! index. A bound, after Envoy's `hash_balance_factor` (one request stricter), comes first: an
+//! endpoint whose in-flight count would exceed `balance_factor` percent of the mean (after this
+//! request) is not a candidate while another is within it. The chosen endpoint records the
+//! prompt's blocks and counts the request in flight until [`Picker::done`].
 //!
 //! Consistent placement (on by default, [`Picker::set_consistent`]): a prompt that continues a
 //! prefix every candidate already holds (a shared system prompt, a preamble) with a block that
@@ -26,8 +26,8 @@
 //! the same hosts places it the same way without talking, and a host that comes or goes moves
 //! only the keys it wins. Later requests of that prefix go home too while the home is within
 //! the bound (for a prefix home already holds, Envoy's own rule, one request looser: see
-//! `pick_shared`), wherever else this gateway has seen the prefix: another gateway may have placed
-//! there the turns this one did not see, so the home's known share of the prompt understates
+//! `pick_shared`), wherever else this gateway has seen the prefix: another gateway may have
+//! placed there the turns this one did not see, so the home's known share of the prompt understates
 //! it, and a prefix one gateway placed elsewhere (before every endpoint held the opening, past
 //! the bound, before a host joined) would otherwise be followed there by that gateway alone
 //! while its peers send it home: each turn would re-prefill the history at both. Home past the
