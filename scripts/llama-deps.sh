@@ -22,6 +22,7 @@
 # - CMAKE_UNITY_BUILD=ON (with scripts/llama-unity.cmake, which keeps mtmd out of it): the
 #   compiler parses llama.cpp's shared headers once per batch of files instead of once per file.
 #   make test runs CPU-bound from start to end on 2 cores, and this build was its largest part.
+#   Measured side by side from the same source: 881 CPU-s against 1074 per file (18 % less).
 # - Only the llama-server target is built, with cmake called here, not through the sdist's
 #   setup.py (`pip install` of it builds every tool of llama.cpp: about 25 more programs, the
 #   CLI, benchmarks and converters, that nothing here runs).
