@@ -8,6 +8,7 @@ by pid (SIGTERM, then SIGKILL).
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import random
 import signal
@@ -23,6 +24,7 @@ _handed_out: set[int] = set()
 _rng = random.SystemRandom()
 
 
+@functools.cache
 def _ephemeral_range() -> tuple[int, int] | None:
     """Linux's range for ports the kernel picks itself (connect() and bind to port 0)."""
     try:

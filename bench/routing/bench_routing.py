@@ -638,14 +638,20 @@ def prefix_group(w: Workload, body: dict) -> str:
     return msgs[0]["content"]
 
 
-def placement(w: Workload, outcomes: list[Outcome]) -> dict:
-    """How consistently each shared prefix was placed: the share of requests served by their
-    group's most-used replica ("home share"), and the mean number of replicas a group used."""
+def group_counts(w: Workload, outcomes: list[Outcome]) -> dict[str, dict[str, int]]:
+    """Per prefix group, how many of its answered requests each replica served."""
     groups: dict[str, dict[str, int]] = {}
     for r, o in zip(w.reqs, outcomes):
         if o.status == 200 and not o.error:
             g = groups.setdefault(prefix_group(w, r.body), {})
             g[o.backend] = g.get(o.backend, 0) + 1
+    return groups
+
+
+def placement(w: Workload, outcomes: list[Outcome]) -> dict:
+    """How consistently each shared prefix was placed: the share of requests served by their
+    group's most-used replica ("home share"), and the mean number of replicas a group used."""
+    groups = group_counts(w, outcomes)
     total = sum(sum(g.values()) for g in groups.values())
     return {"home_share": (sum(max(g.values()) for g in groups.values()) / total) if total else float("nan"),
             "replicas_per_group": statistics.mean(len(g) for g in groups.values()) if groups else float("nan"),
@@ -654,17 +660,12 @@ def placement(w: Workload, outcomes: list[Outcome]) -> dict:
 
 def tail(w: Workload, outcomes: list[Outcome], p95: float) -> dict:
     """What the requests at or past the TTFT p95 were: the share served away from their group's
-    home (its most-used replica), and their mean prefill (uncached tokens at the mock's rate)
+    home (its most-used replica, as in `placement`), and their mean prefill (uncached tokens at the mock's rate)
     and queueing (the rest of the replica's TTFT after the base), in ms. Says whether the tail
     is re-prefilled history (spills) or waiting (load)."""
-    groups: dict[str, dict[str, int]] = {}
-    rows = []
-    for r, o in zip(w.reqs, outcomes):
-        if o.status == 200 and not o.error and not math.isnan(o.ttft_ms):
-            g = groups.setdefault(prefix_group(w, r.body), {})
-            g[o.backend] = g.get(o.backend, 0) + 1
-            rows.append((prefix_group(w, r.body), tokens_of(r.body), o))
-    home = {k: max(g, key=lambda b: g[b]) for k, g in groups.items()}
+    home = {k: max(g, key=lambda b: g[b]) for k, g in group_counts(w, outcomes).items()}
+    rows = [(prefix_group(w, r.body), tokens_of(r.body), o) for r, o in zip(w.reqs, outcomes)
+            if o.status == 200 and not o.error and not math.isnan(o.ttft_ms)]
     slow = [(k, t, o) for k, t, o in rows if not math.isnan(p95) and o.ttft_ms >= p95]
     if not slow:
         return {"n": 0}

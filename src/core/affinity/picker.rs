@@ -491,12 +491,10 @@ impl Picker {
             let total_slots = ((total + 1) * u64::from(factor)).div_ceil(100);
             total_slots.div_ceil(count).max(1)
         });
-        let home_within = |i: usize| {
-            eligible(i)
-                || (candidate(i)
-                    && envoy_slots.is_none_or(|s| loads.get(i).copied().unwrap_or(0) <= s))
-        };
-        if let Some(home) = self.consistent_home(hashes, &matched, candidate, eligible, home_within)
+        let within_envoy =
+            |i: usize| envoy_slots.is_none_or(|s| loads.get(i).copied().unwrap_or(0) <= s);
+        if let Some(home) =
+            self.consistent_home(hashes, &matched, candidate, eligible, within_envoy)
         {
             return self.place(home, hashes);
         }
@@ -549,15 +547,15 @@ impl Picker {
     /// bound, a new prefix (no eligible endpoint, a candidate within the bound, holds more than
     /// `common + 1` blocks) goes to the next eligible endpoint in the key's order. `None`: no
     /// home, or a known prefix whose home is past the bound; scored as usual. A prefix the home
-    /// already holds (its key block or more) goes there while `known_home_within` allows it
-    /// (Envoy's own rule, one request looser than `eligible`'s).
+    /// already holds (its key block or more) goes there also past the bound while
+    /// `within_envoy` allows it (Envoy's own rule, one request looser than `eligible`'s).
     fn consistent_home(
         &self,
         hashes: &[u64],
         matched: &[usize],
         candidate: impl Fn(usize) -> bool,
         eligible: impl Fn(usize) -> bool,
-        known_home_within: impl Fn(usize) -> bool,
+        within_envoy: impl Fn(usize) -> bool,
     ) -> Option<usize> {
         if !self.consistent {
             return None;
@@ -580,7 +578,7 @@ impl Picker {
         let home = ranked.first()?.1;
         // Known there: home holds the key block (the prefix's own first block) or more.
         let known_at_home = count(home) > common;
-        if eligible(home) || (known_at_home && known_home_within(home)) {
+        if eligible(home) || (known_at_home && within_envoy(home)) {
             // Even when this gateway has seen the prefix deeper elsewhere: only home is where
             // every gateway sends it (the module's documentation). Following the deeper copy
             // kept one gateway's cold-start and spilled placements, and split a conversation
