@@ -8,7 +8,7 @@ use bbr_wasm::core::affinity::hosts::{
     parse_clusters, Host, HostState, Lease, ServerLoad, Snapshot,
 };
 use bbr_wasm::core::affinity::load_metrics::{LoadError, MetricNames, MetricsReader};
-use bbr_wasm::core::affinity::picker::{Picker, Scoring};
+use bbr_wasm::core::affinity::picker::{kv_free_stepped, Picker, Scoring};
 use bbr_wasm::core::Router;
 
 #[cfg(target_arch = "wasm32")]
@@ -321,6 +321,24 @@ both! {
         s.set_hosts(&hosts([(0, 0, Some(900)), (0, 0, None), (0, 0, Some(100))]), 100);
         let i = s.pick(&[], 0).must();
         assert_eq!(s.address(i), Some("a:1"));
+        // Usage within one 10 % step is no difference: ties rotate from a, as without KV.
+        let mut u = Picker::new(&[], 100, Scoring::default());
+        u.set_hosts(&hosts([(0, 0, Some(190)), (0, 0, Some(100)), (0, 0, Some(150))]), 100);
+        let order: Vec<String> = (0..3u64)
+            .map(|k| {
+                let i = u.pick(&[200 + k], 0).must();
+                u.address(i).must().to_string()
+            })
+            .collect();
+        assert_eq!(order, ["a:1", "b:1", "c:1"]);
+        // A step apart, the emptier cache wins the tie.
+        let mut v = Picker::new(&[], 100, Scoring::default());
+        v.set_hosts(&hosts([(0, 0, Some(200)), (0, 0, Some(199)), (0, 0, Some(250))]), 100);
+        let i = v.pick(&[], 0).must();
+        assert_eq!(v.address(i), Some("b:1"));
+        for (usage, free) in [(0, 1000), (99, 1000), (100, 900), (199, 900), (950, 100), (1000, 0), (4000, 0)] {
+            assert_eq!(kv_free_stepped(usage), free, "usage {usage}");
+        }
         // KV weight 0: no KV score.
         let mut t = Picker::new(&[], 100, Scoring::default());
         t.set_kv_weight(0);
