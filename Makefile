@@ -176,8 +176,8 @@ bench-usage: targets venv ## The response side of make bench: gateway CPU per re
 	@bash scripts/bench-deps.sh
 	$(VENV)/bin/python bench/usage.py
 
-bench-ttft: targets venv ## A stream's first token through the gateway (accounting on, off) vs direct: interleaved triples, paired medians with 95 % CIs (mock-vllm at fixed delays, ~1 min; BACKEND=llama: llama-server, ~3 min; bench/results/ttft-*.md)
-	$(CARGO) build --release --target $(WASM_TARGET) -p bbr-wasm
+bench-ttft: targets venv ## A stream's first token through the gateway (accounting on, off), through Envoy without the filter, and direct: interleaved rounds, paired medians with 95 % CIs (mock-vllm at fixed delays, ~1 min; BACKEND=llama: llama-server, ~3 min; bench/results/ttft-*.md)
+	$(CARGO) build --release --target $(WASM_TARGET) -p bbr-wasm -p bbr-floor
 	$(CARGO) build --release -p mock-vllm
 	@if [ "$(BACKEND)" = llama ]; then bash scripts/llama-deps.sh >/dev/null; fi
 	BENCH_TTFT_BACKEND=$${BACKEND:-mock} $(VENV)/bin/python bench/ttft.py

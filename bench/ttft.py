@@ -5,12 +5,12 @@ than 1 ms to it.
 
 A single request's first token moves by more than 1 ms on a shared machine, and a real
 model's by tens of ms, so no single pair says anything. The bench sends many requests in
-interleaved triples: straight to the server ("direct"), through the gateway with the
-accounting on ("on", the shipped configuration) and with it off ("off"), the order of the
-three rotated through all six permutations. Each triple gives paired differences (on -
-direct, off - direct, on - off) taken a few milliseconds apart, so slow drifts of the machine
+interleaved rounds: straight to the server ("direct"), through the gateway with the
+accounting on ("on", the shipped configuration), with it off ("off"), and through Envoy
+without the filter ("plain", below), the order rotated through all 24 permutations. Each
+round gives paired differences taken a few milliseconds apart, so slow drifts of the machine
 cancel; the bench reports the median of each difference with a distribution-free confidence
-interval (order statistics, at least 95 %), beside the medians of the three times.
+interval (order statistics, at least 95 %), beside the medians of the four times.
 
 Upstreams (BENCH_TTFT_BACKEND):
   mock   (default) mock-vllm streaming 8 tokens with a fixed 20 ms to the first and 2 ms
@@ -20,19 +20,29 @@ Upstreams (BENCH_TTFT_BACKEND):
          scripts/llama-deps.sh), 4 tokens per stream, the prompt cached after the warm-up:
          the real model, whose own spread is tens of ms.
 
-The client is the same for all three: one keep-alive HTTP/1.1 connection per target (no
+A fourth target, "plain", is the same Envoy with no wasm filter at all, its one route sending
+every request to the pool's cluster: plain - direct is what Envoy itself adds (its codec, the
+upstream connection, the event loop), off - plain what the routing filter adds, on - off what
+the token accounting adds. The target is on - direct; the others say where it goes.
+
+The client is the same for all four: one keep-alive HTTP/1.1 connection per target (no
 connect in the timed part), the request written whole, the clock read when the request is
 sent and when the bytes holding the first event with content arrive (the first non-empty
 `delta.content`, as the filter's histogram and tests/llama's client read it); the rest of the
 stream is read to its end before the next request. The gateway is one Envoy (--concurrency 1)
-with the shipped configuration, two listeners (accounting on, off), each its own VM.
+with the shipped configuration, two listeners (accounting on, off), each its own VM, and the
+plain listener.
 
-Environment: BENCH_TTFT_BACKEND (mock | llama), BENCH_TTFT_PAIRS (triples; default 300 for the
-mock, 150 for llama), BENCH_OUT (default bench/results; writes ttft-<backend>.json and .md).
+Environment: BENCH_TTFT_BACKEND (mock | llama), BENCH_TTFT_PAIRS (rounds of the four; default 300
+for the mock, 150 for llama), BENCH_OUT (default bench/results; writes ttft-<backend>.json and .md),
+BENCH_TTFT_FLOOR=1 (two more targets, bench/floor-filter's logic-free module in place of the
+filter: "pass", in the chain doing nothing, and "buffer", the request held until its body ends;
+they split off - plain into the VM in the chain, holding the body, and the filter's own work).
 """
 
 from __future__ import annotations
 
+import copy
 import http.client
 import itertools
 import json
@@ -44,19 +54,22 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import perf.processes  # noqa: E402
 from perf.processes import Envoy, Proc, free_port, http_get  # noqa: E402
 from perf.settings import ROOT, START_TIMEOUT  # noqa: E402
-from usage import MOCK, PHI, WASM, gateway_config, start_mock  # noqa: E402
+from usage import MOCK, PHI, WASM, gateway_config, hcm_of, plugin_of, start_mock  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tests"))
 import llama_pool  # noqa: E402  (tests/llama_pool.py)
 
 PATH = "/v1/chat/completions"
 TARGET_MS = 1.0
+FLOOR_WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "bbr_floor.wasm"
+FLOOR_MODES = ("pass", "buffer")
 MOCK_TTFT_MS, MOCK_ITL_MS, MOCK_TOKENS = 20, 2, 8
 LLAMA_TOKENS = 4
 
@@ -143,6 +156,34 @@ class Client:
         self.conn.close()
 
 
+def add_pool_listener(cfg: dict, port: int, cluster: str, floor_mode: Optional[str] = None) -> None:
+    """A listener beside the gateway's: the same connection manager (codec, timeouts, access
+    log) with the wasm filter taken out and one route, the pool's own, matching every path.
+    `floor_mode`: the filter replaced by bench/floor-filter's logic-free module in that mode
+    (`pass`: in the chain, doing nothing; `buffer`: the request held until its body ends)."""
+    template = cfg["static_resources"]["listeners"][0]
+    lst = copy.deepcopy(template)
+    lst["name"] = f"floor_{floor_mode}" if floor_mode else "plain"
+    lst["address"]["socket_address"].update(address="127.0.0.1", port_value=port)
+    hcm = hcm_of(lst)
+    if floor_mode:
+        plugin = plugin_of(lst)
+        plugin["name"] = f"floor_{floor_mode}"
+        plugin["configuration"]["value"] = floor_mode
+        plugin["vm_config"]["vm_id"] = f"floor-{floor_mode}"
+        plugin["vm_config"]["code"]["local"]["filename"] = str(FLOOR_WASM)
+    else:
+        hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.wasm"]
+    vhost = hcm["route_config"]["virtual_hosts"][0]
+    route = copy.deepcopy(next(r for r in vhost["routes"] if r["route"].get("cluster") == cluster))
+    route["name"] = lst["name"]
+    route["match"] = {"prefix": "/"}
+    route["route"].pop("hash_policy", None)
+    vhost["routes"] = [route]
+    hcm["route_config"]["name"] = lst["name"]
+    cfg["static_resources"]["listeners"].append(lst)
+
+
 def median_ci95(xs: list[float]) -> tuple[float, float, float]:
     """The median's distribution-free confidence interval: the widest symmetric pair of order
     statistics whose binomial coverage is still at least 95 % (low, high, coverage)."""
@@ -168,7 +209,11 @@ def main() -> int:
         if not p.is_file():
             raise SystemExit(f"bench-ttft: missing {p}; make bench-ttft builds it")
     work = Path(tempfile.mkdtemp(prefix="bbr-bench-ttft-"))
-    ports = {k: free_port() for k in ("admin", "on", "off", "json", "sse", "llama")}
+    floor = os.environ.get("BENCH_TTFT_FLOOR") == "1"
+    if floor and not FLOOR_WASM.is_file():
+        raise SystemExit(f"bench-ttft: missing {FLOOR_WASM}; build it with "
+                         "cargo build --release --target wasm32-wasip1 -p bbr-floor")
+    ports = {k: free_port() for k in ("admin", "on", "off", "plain", "json", "sse", "llama", *FLOOR_MODES)}
     procs: list[Proc] = []
     clients: dict[str, Client] = {}
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -198,12 +243,18 @@ def main() -> int:
                 time.sleep(0.5)
             mutate = lambda cfg: llama_pool.add_pool(cfg, [ports["llama"]])  # noqa: E731
             model, tokens, direct_port = llama_pool.MODEL, LLAMA_TOKENS, ports["llama"]
+            cluster = llama_pool.CLUSTER
         else:
             model, tokens, direct_port = PHI, MOCK_TOKENS, ports["sse"]
+            cluster = "phi-vllm"
         env_bin = subprocess.run(["bash", str(ROOT / "scripts" / "envoy-bin.sh")], cwd=ROOT,
                                  capture_output=True, text=True, check=True).stdout.split()[-1]
         perf.processes.START_TIMEOUT = START_TIMEOUT * 2
         cfg = gateway_config(ports, {"on": (WASM, True), "off": (WASM, False)}, mutate=mutate)
+        add_pool_listener(cfg, ports["plain"], cluster)
+        if floor:
+            for mode in FLOOR_MODES:
+                add_pool_listener(cfg, ports[mode], cluster, floor_mode=mode)
         gw = Envoy("gateway-ttft", env_bin, cfg, ports, work)
         procs.append(gw.proc)
         deadline = time.monotonic() + START_TIMEOUT
@@ -216,7 +267,10 @@ def main() -> int:
                 raise SystemExit(f"bench-ttft: upstreams not healthy: {flags}")
             time.sleep(0.2)
         payload = body(model, tokens)
-        clients = {"direct": Client(direct_port), "on": Client(ports["on"]), "off": Client(ports["off"])}
+        clients = {"direct": Client(direct_port), "on": Client(ports["on"]), "off": Client(ports["off"]),
+                   "plain": Client(ports["plain"])}
+        if floor:
+            clients.update({mode: Client(ports[mode]) for mode in FLOOR_MODES})
         for _ in range(5):  # warm-up: connections open, the prompt cached, the VMs' code hot
             for c in clients.values():
                 c.first_token(payload)
@@ -240,7 +294,15 @@ def main() -> int:
         "on - direct": [a - b for a, b in zip(times["on"], times["direct"])],
         "off - direct": [a - b for a, b in zip(times["off"], times["direct"])],
         "on - off": [a - b for a, b in zip(times["on"], times["off"])],
+        "plain - direct": [a - b for a, b in zip(times["plain"], times["direct"])],
+        "off - plain": [a - b for a, b in zip(times["off"], times["plain"])],
     }
+    if floor:
+        diffs.update({
+            "pass - plain": [a - b for a, b in zip(times["pass"], times["plain"])],
+            "buffer - pass": [a - b for a, b in zip(times["buffer"], times["pass"])],
+            "off - buffer": [a - b for a, b in zip(times["off"], times["buffer"])],
+        })
     stats = {}
     for name, xs in list(times.items()) + list(diffs.items()):
         lo, hi, cov = median_ci95(xs)
@@ -256,8 +318,10 @@ def main() -> int:
                 f"{tokens} tokens" if backend == "mock" else
                 f"llama-server, {llama_pool.MODEL}, {tokens} tokens, temperature 0, prompt cached")
     within = stats["on - direct"]["ci"][1] <= TARGET_MS
-    lines = [f"bench-ttft {started} ({backend}): {pairs} interleaved triples (direct, gateway with accounting, "
-             f"without) in {wall:.0f} s; upstream {upstream}; load average (1, 5, 15 min) "
+    targets = "direct, gateway with accounting, without, Envoy without the filter" + (
+        ", the floor filter passing and holding the body" if floor else "")
+    lines = [f"bench-ttft {started} ({backend}): {pairs} interleaved rounds ({targets}) in {wall:.0f} s; "
+             f"upstream {upstream}; load average (1, 5, 15 min) "
              f"{load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} at the start, {load1[0]:.2f} {load1[1]:.2f} "
              f"{load1[2]:.2f} at the end",
              "",
