@@ -16,6 +16,7 @@ mod shared;
 
 use crate::core::routing::discovery::PollOutcome;
 use crate::core::routing::metrics as names;
+use crate::core::usage::metrics as usage_names;
 use crate::core::{Outcome, Router, RoutingView};
 use log::warn;
 use proxy_wasm::hostcalls;
@@ -78,6 +79,9 @@ struct Metrics {
     /// Per pool, in configuration order.
     pools: Vec<PoolMetrics>,
     discovery_conflicts: Option<u32>,
+    /// Streams asked for their usage (`usage.addIncludeUsage`), and edits the host refused.
+    include_usage_added: Option<u32>,
+    include_usage_failed: Option<u32>,
     /// Token usage and latency, from the responses (`response`).
     usage: response::UsageMetrics,
 }
@@ -113,6 +117,15 @@ impl Metrics {
         } else {
             define(MetricType::Counter, names::DISCOVERY_CONFLICTS)
         };
+        // Defined only where they can move, as the discovery series are.
+        let (include_usage_added, include_usage_failed) = if router.usage.add_include_usage {
+            (
+                define(MetricType::Counter, usage_names::INCLUDE_USAGE_ADDED),
+                define(MetricType::Counter, usage_names::INCLUDE_USAGE_FAILED),
+            )
+        } else {
+            (None, None)
+        };
         let metrics = Metrics {
             context_id,
             outcomes: Outcome::ALL.map(|o| define(MetricType::Counter, o.counter())),
@@ -132,6 +145,8 @@ impl Metrics {
             per_model: RefCell::new(HashMap::new()),
             pools,
             discovery_conflicts,
+            include_usage_added,
+            include_usage_failed,
             usage: response::UsageMetrics::define(context_id),
         };
         metrics.define_models(&RoutingView::from_static(router));

@@ -20,7 +20,7 @@ mod oracle;
 mod multipart_ref;
 
 use bbr_wasm::core::usage::{Framing, Outcome, ResponseScanner};
-use bbr_wasm::core::{MultipartScanner, Step};
+use bbr_wasm::core::{ModelScanner, MultipartScanner, Step};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use serde_json::{Map, Number, Value};
@@ -100,15 +100,27 @@ struct Doc {
 }
 
 fn doc() -> impl Strategy<Value = Doc> {
-    let other = (string().prop_filter("not model", |k| k != "model"), value());
+    // `stream` and `stream_options` too, whose top-level values the scanner notes.
+    let key = prop_oneof![
+        8 => string().prop_filter("not model", |k| k != "model"),
+        1 => Just("stream".to_string()),
+        1 => Just("stream_options".to_string()),
+    ];
+    let other = (key, value());
     (
         vec(other, 0..6),
         prop::option::weighted(0.9, model_value()),
         prop::option::weighted(0.05, model_value()),
         any::<prop::sample::Index>(),
         any::<prop::sample::Index>(),
+        prop::option::weighted(0.5, prop_oneof![3 => Just(Value::Bool(true)), 1 => value()]),
+        any::<prop::sample::Index>(),
     )
-        .prop_map(|(mut members, model, second, i, j)| {
+        .prop_map(|(mut members, model, second, i, j, stream, k)| {
+            if let Some(v) = stream {
+                let at = k.index(members.len() + 1);
+                members.insert(at, ("stream".to_string(), v));
+            }
             if let Some(m) = model {
                 let at = i.index(members.len() + 1);
                 members.insert(at, ("model".to_string(), m));
@@ -411,6 +423,20 @@ fn positions(cuts: &[prop::sample::Index], len: usize) -> Vec<usize> {
     cuts.iter().map(|c| c.index(len + 1)).collect()
 }
 
+/// `body` cut at `at` (any order, repeats allowed) into consecutive parts.
+fn split<'a>(body: &'a [u8], at: &[usize]) -> Vec<&'a [u8]> {
+    let mut at = at.to_vec();
+    at.sort_unstable();
+    let mut parts = Vec::new();
+    let mut from = 0;
+    for &cut in &at {
+        parts.push(&body[from..cut]);
+        from = cut;
+    }
+    parts.push(&body[from..]);
+    parts
+}
+
 // ---------------------------------------------------------------------------------------------
 // Properties
 
@@ -457,6 +483,19 @@ proptest! {
                     && !m.chars().any(char::is_control) =>
             {
                 prop_assert_eq!(got, Step::Found(m.clone()));
+                // What it notes about streaming is serde_json's reading too (the last of a
+                // repeated key), and the object's start is the first byte after whitespace.
+                let mut scanner = ModelScanner::new(max);
+                for part in split(body, &positions(&cuts, body.len())) {
+                    scanner.feed(part);
+                }
+                prop_assert_eq!(scanner.finish(), Step::Found(m.clone()));
+                let fields = scanner.stream_fields();
+                prop_assert_eq!(fields.stream, parsed.get("stream") == Some(&Value::Bool(true)));
+                prop_assert_eq!(fields.stream_options, parsed.get("stream_options").is_some());
+                let start = fields.object_start as usize;
+                prop_assert_eq!(body.get(start), Some(&b'{'));
+                prop_assert!(body[..start].iter().all(u8::is_ascii_whitespace));
             }
             _ => prop_assert!(matches!(got, Step::Error(_)), "{:?}", got),
         }

@@ -3,13 +3,14 @@
 //! split in two at every boundary, and must give the same outcome, with the first token seen
 //! at the same byte. Runs natively and under wasm-bindgen-test, like tests/core.rs.
 
+use bbr_wasm::core::usage::include;
 use bbr_wasm::core::usage::metrics;
 use bbr_wasm::core::usage::UsageSettings;
 use bbr_wasm::core::usage::{
     elapsed_ms, plan_response, time_per_output_token_ms, Framing, Outcome, ResponsePlan,
     ResponseScanner, Unreadable, Usage, DEFAULT_MAX_SCAN_BYTES,
 };
-use bbr_wasm::core::Router;
+use bbr_wasm::core::{ModelScanner, Router, Step, StreamFields};
 
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test;
@@ -329,16 +330,23 @@ both! {
 
     fn configuration_defaults_and_refusals_name_the_field() {
         let Ok(router) = Router::from_json(br#"{"models":[{"name":"m"}]}"#) else { unreachable!("valid") };
-        assert_eq!(router.usage, UsageSettings { enabled: true, max_scan_bytes: DEFAULT_MAX_SCAN_BYTES });
+        let defaults = UsageSettings { enabled: true, max_scan_bytes: DEFAULT_MAX_SCAN_BYTES, add_include_usage: false };
+        assert_eq!(router.usage, defaults);
         let Ok(router) = Router::from_json(br#"{"models":[{"name":"m"}],"usage":{"enabled":false,"maxScanBytes":1024}}"#) else {
             unreachable!("valid")
         };
-        assert_eq!(router.usage, UsageSettings { enabled: false, max_scan_bytes: 1024 });
+        assert_eq!(router.usage, UsageSettings { enabled: false, max_scan_bytes: 1024, add_include_usage: false });
+        let Ok(router) = Router::from_json(br#"{"models":[{"name":"m"}],"usage":{"addIncludeUsage":true}}"#) else {
+            unreachable!("valid")
+        };
+        assert_eq!(router.usage, UsageSettings { add_include_usage: true, ..defaults });
         let cases: &[(&str, &str)] = &[
             (r#""usage":{"maxScanBytes":0}"#, "usage.maxScanBytes"),
             (r#""usage":{"maxScanBytes":1073741825}"#, "usage.maxScanBytes"),
             (r#""usage":{"enabled":"yes"}"#, "expected a boolean"),
             (r#""usage":{"maxBytes":1}"#, "maxBytes"),
+            (r#""usage":{"enabled":false,"addIncludeUsage":true}"#, "usage.addIncludeUsage"),
+            (r#""usage":{"addIncludeUsage":1}"#, "expected a boolean"),
         ];
         for (fields, field) in cases {
             let config = format!(r#"{{"models":[{{"name":"m"}}],{fields}}}"#);
@@ -347,5 +355,262 @@ both! {
                 Err(e) => assert!(e.to_string().contains(field), "{fields}: {e}"),
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Asking for a stream's usage (`usage.addIncludeUsage`): the scanner's stream fields and the
+// body edit (`core::usage::include`).
+
+/// (name, body, `stream` is true, `stream_options` present, the body after the edit if any).
+type IncludeCase = (&'static str, &'static str, bool, bool, Option<&'static str>);
+
+const INCLUDE_CASES: &[IncludeCase] = &[
+    (
+        "stream true",
+        r#"{"model":"m","stream":true}"#,
+        true,
+        false,
+        Some(r#"{"stream_options":{"include_usage":true},"model":"m","stream":true}"#),
+    ),
+    (
+        "leading whitespace",
+        " \r\n\t{\"stream\" : true ,\"model\":\"m\"}",
+        true,
+        false,
+        Some(r#"{"stream_options":{"include_usage":true},"stream" : true ,"model":"m"}"#),
+    ),
+    (
+        "space before the value",
+        r#"{"model":"m","stream":   true }"#,
+        true,
+        false,
+        Some(r#"{"stream_options":{"include_usage":true},"model":"m","stream":   true }"#),
+    ),
+    (
+        "stream false",
+        r#"{"model":"m","stream":false}"#,
+        false,
+        false,
+        None,
+    ),
+    (
+        "no stream",
+        r#"{"model":"m","prompt":"stream"}"#,
+        false,
+        false,
+        None,
+    ),
+    (
+        "stream as a string",
+        r#"{"model":"m","stream":"true"}"#,
+        false,
+        false,
+        None,
+    ),
+    (
+        "stream null",
+        r#"{"model":"m","stream":null}"#,
+        false,
+        false,
+        None,
+    ),
+    (
+        "stream as a number",
+        r#"{"model":"m","stream":1}"#,
+        false,
+        false,
+        None,
+    ),
+    (
+        "include_usage false",
+        r#"{"model":"m","stream":true,"stream_options":{"include_usage":false}}"#,
+        true,
+        true,
+        None,
+    ),
+    (
+        "stream_options null",
+        r#"{"model":"m","stream_options":null,"stream":true}"#,
+        true,
+        true,
+        None,
+    ),
+    (
+        "stream_options empty",
+        r#"{"stream_options":{},"model":"m","stream":true}"#,
+        true,
+        true,
+        None,
+    ),
+    (
+        "stream below the top level",
+        r#"{"model":"m","messages":[{"stream":true}],"x":{"stream":true}}"#,
+        false,
+        false,
+        None,
+    ),
+    (
+        "stream_options below the top level",
+        r#"{"model":"m","stream":true,"x":{"stream_options":{"include_usage":false}}}"#,
+        true,
+        false,
+        Some(
+            r#"{"stream_options":{"include_usage":true},"model":"m","stream":true,"x":{"stream_options":{"include_usage":false}}}"#,
+        ),
+    ),
+    (
+        "the last stream counts (false)",
+        r#"{"model":"m","stream":true,"stream":false}"#,
+        false,
+        false,
+        None,
+    ),
+    (
+        "the last stream counts (true)",
+        r#"{"stream":false,"stream":true,"model":"m"}"#,
+        true,
+        false,
+        Some(
+            r#"{"stream_options":{"include_usage":true},"stream":false,"stream":true,"model":"m"}"#,
+        ),
+    ),
+    (
+        "escaped key",
+        r#"{"model":"m","str\u0065am":true}"#,
+        true,
+        false,
+        Some(r#"{"stream_options":{"include_usage":true},"model":"m","str\u0065am":true}"#),
+    ),
+    (
+        "escaped stream_options",
+        r#"{"model":"m","stream\u005foptions":{},"stream":true}"#,
+        true,
+        true,
+        None,
+    ),
+    (
+        "near keys",
+        r#"{"model":"m","streams":true,"strea":true,"stream_option":1,"stream_options_x":{}}"#,
+        false,
+        false,
+        None,
+    ),
+    (
+        "near keys and stream",
+        r#"{"stream_option":1,"model":"m","streamy":false,"stream":true}"#,
+        true,
+        false,
+        Some(
+            r#"{"stream_options":{"include_usage":true},"stream_option":1,"model":"m","streamy":false,"stream":true}"#,
+        ),
+    ),
+    (
+        "a key that starts like model",
+        r#"{"mode":"x","model":"m","stream":true}"#,
+        true,
+        false,
+        Some(r#"{"stream_options":{"include_usage":true},"mode":"x","model":"m","stream":true}"#),
+    ),
+];
+
+/// Scans `parts` in order to the end; the model (or why not) and the stream fields.
+fn scan_stream_fields(parts: &[&[u8]]) -> (Step, StreamFields) {
+    let mut scanner = ModelScanner::new(256);
+    for part in parts {
+        let step = scanner.feed(part);
+        if step != Step::NeedMore {
+            return (step, scanner.stream_fields());
+        }
+    }
+    let step = scanner.finish();
+    (step, scanner.stream_fields())
+}
+
+fn check_include_case(case: &IncludeCase, parts: &[&[u8]], how: &str) {
+    let (name, body, stream, options, edited) = *case;
+    let (step, fields) = scan_stream_fields(parts);
+    assert_eq!(step, Step::Found("m".into()), "{name} ({how})");
+    assert_eq!(
+        (fields.stream, fields.stream_options),
+        (stream, options),
+        "{name} ({how})"
+    );
+    let edit = include::include_usage_edit(fields, body.len() as u64);
+    let got = edit.map(|e| include::apply(body.as_bytes(), e));
+    assert_eq!(got.as_deref(), edited.map(str::as_bytes), "{name} ({how})");
+    if let Some(e) = edit {
+        assert_eq!(
+            e.new_length,
+            edited.map_or(0, |b| b.len() as u64),
+            "{name} ({how})"
+        );
+    }
+}
+
+both! {
+    fn include_usage_cases_whole_split_and_bytewise() {
+        for case in INCLUDE_CASES {
+            let bytes = case.1.as_bytes();
+            check_include_case(case, &[bytes], "whole");
+            for at in 0..=bytes.len() {
+                let (a, b) = bytes.split_at(at);
+                check_include_case(case, &[a, b], &format!("split at {at}"));
+            }
+            let parts: Vec<&[u8]> = bytes.chunks(1).collect();
+            check_include_case(case, &parts, "byte by byte");
+        }
+    }
+
+    fn an_edited_body_is_asked_once_and_keeps_its_model() {
+        for (name, _, _, _, edited) in INCLUDE_CASES {
+            let Some(edited) = edited else { continue };
+            let (step, fields) = scan_stream_fields(&[edited.as_bytes()]);
+            assert_eq!(step, Step::Found("m".into()), "{name}");
+            assert!(fields.stream && fields.stream_options, "{name}");
+            assert_eq!(include::include_usage_edit(fields, edited.len() as u64), None, "{name}");
+        }
+    }
+
+    fn include_usage_only_for_the_completions_apis() {
+        let cases = [
+            ("/v1/chat/completions", true),
+            ("/v1/completions", true),
+            ("/v1/completions?api-version=1", true),
+            ("/v1/chat/completions#x", true),
+            ("/openai/v1/chat/completions", true),
+            ("/v1/embeddings", false),
+            ("/v1/completions/x", false),
+            ("/v1/responses", false),
+            ("/v1/audio/transcriptions", false),
+            ("", false),
+        ];
+        for (path, want) in cases {
+            assert_eq!(include::is_completions_path(path), want, "{path}");
+        }
+        // An object start past the body (no such scan) gives no edit rather than a wrong one.
+        let fields = StreamFields { stream: true, stream_options: false, object_start: 10 };
+        assert_eq!(include::include_usage_edit(fields, 5), None);
+        assert_eq!(include::include_usage_edit(StreamFields { object_start: u64::MAX, ..fields }, 5), None);
+    }
+}
+
+/// Native only: serde_json reads the edited body as the original with `stream_options` added.
+#[cfg(not(target_arch = "wasm32"))]
+#[test]
+fn an_edited_body_is_the_original_plus_include_usage() {
+    for (name, body, _, _, edited) in INCLUDE_CASES {
+        let Some(edited) = edited else { continue };
+        let before: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+        let after: serde_json::Value = serde_json::from_str(edited).unwrap_or_default();
+        let mut want = before.clone();
+        if let Some(obj) = want.as_object_mut() {
+            obj.insert(
+                "stream_options".into(),
+                serde_json::json!({"include_usage": true}),
+            );
+        }
+        assert!(before.is_object(), "{name}");
+        assert_eq!(after, want, "{name}");
     }
 }

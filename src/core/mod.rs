@@ -23,7 +23,7 @@ pub mod usage;
 pub use affinity::prefix::{CaptureState, PromptCapture};
 pub use affinity::settings::{PickerConfig, PrefixAffinity};
 pub use config::ConfigError;
-pub use json::scanner::{ModelScanner, ScanError, Step};
+pub use json::scanner::{ModelScanner, ScanError, Step, StreamFields};
 pub use multipart::MultipartScanner;
 pub use routing::discovery::{Pool, PoolState, Route, RoutingView, ViewVerdict};
 pub use routing::errors::Rejection;

@@ -7,6 +7,7 @@ use crate::core::affinity::shared_blocks::not_entries;
 use crate::core::config::LOCAL_REPLY_HEADER;
 use crate::core::overload::HeldBodies;
 use crate::core::routing::headers;
+use crate::core::usage::include::{self, BodyEdit};
 use crate::core::{
     BodyScanner, CaptureState, HeadAction, ModelScanner, Outcome, PromptCapture, Rejection,
     RequestHead, Route, Router, RoutingView, Step, ViewVerdict,
@@ -31,13 +32,26 @@ const READ_WINDOW_BYTES: usize = 64 * 1024;
 // The raw ABI call behind the SDK's `get_map_bytes`, which panics on a non-Ok status (a trap
 // that takes the VM down) and unwraps each header name as UTF-8. Declared here to handle both.
 // The same import as the SDK's declaration (module "env"), with the enum arguments as u32.
+// Likewise `proxy_set_buffer_bytes`, whose SDK wrapper (`hostcalls::set_buffer`) panics on any
+// status but Ok: Envoy answers NotFound when it has no body buffer and BadArgument for an
+// edit in the middle of one.
 extern "C" {
     fn proxy_get_header_map_pairs(
         map_type: u32,
         return_map_data: *mut *mut u8,
         return_map_size: *mut usize,
     ) -> u32;
+    fn proxy_set_buffer_bytes(
+        buffer_type: u32,
+        start: usize,
+        size: usize,
+        buffer_data: *const u8,
+        buffer_size: usize,
+    ) -> u32;
 }
+
+/// `BufferType::HttpRequestBody` of the ABI.
+const HTTP_REQUEST_BODY: u32 = 0;
 
 thread_local! {
     /// Set once the host said it has no `clear_route_cache`, so we warn once, not per request.
@@ -96,6 +110,13 @@ pub(super) struct BbrHttp {
     pub(super) scanned_at_ns: u64,
     /// Token usage and latency of a routed request's response (`usage.enabled`).
     pub(super) usage: Option<Box<Accounting>>,
+    /// `usage.addIncludeUsage` is on and this is a completions request: a stream that left
+    /// `stream_options` open is asked for its usage (`core::usage::include`).
+    pub(super) ask_usage: bool,
+    /// The request came with `content-length` (which the edit must then correct).
+    pub(super) had_content_length: bool,
+    /// The edit that asks for the stream's usage, carried out if the request is routed.
+    pub(super) include_edit: Option<BodyEdit>,
 }
 
 impl Context for BbrHttp {}
@@ -223,6 +244,10 @@ impl HttpContext for BbrHttp {
             }
             HeadAction::Reject(rejection) => self.reject(&rejection),
             HeadAction::Inspect(mut scanner) => {
+                self.ask_usage = router.usage.enabled
+                    && router.usage.add_include_usage
+                    && include::is_completions_path(head.path);
+                self.had_content_length = head.content_length.is_some();
                 if end_of_stream {
                     // A POST without a body: the scanner calls it what it is.
                     let step = scanner.finish();
@@ -374,6 +399,14 @@ impl BbrHttp {
             Some(scanner) => scanner.finish(),
             None => ModelScanner::new(router.max_model_name_bytes).finish(),
         };
+        // The whole body has been read (`consumed`), so the stream fields are complete.
+        if self.ask_usage && matches!(step, Step::Found(_)) {
+            self.include_edit = self
+                .scanner
+                .as_ref()
+                .and_then(|s| s.stream_fields())
+                .and_then(|fields| include::include_usage_edit(fields, self.consumed as u64));
+        }
         self.act_on(router, step)
     }
 
@@ -454,6 +487,12 @@ impl BbrHttp {
                 {
                     error!("[{}] cannot set the picked endpoint: {status:?}", self.id);
                     return self.reply_error(500, "The gateway could not route the request.");
+                }
+                if let Some(edit) = self.include_edit.take() {
+                    if let Err(why) = self.add_include_usage(edit) {
+                        error!("[{}] cannot ask for the stream's usage: {why}", self.id);
+                        return self.reply_error(500, "The gateway could not route the request.");
+                    }
                 }
                 self.clear_route_cache();
                 if router.usage.enabled {
@@ -725,6 +764,39 @@ impl BbrHttp {
             warn!("[{}] cannot send the local reply: {status_err:?}", self.id);
         }
         Action::Pause
+    }
+
+    /// Adds `stream_options.include_usage` to the held body (`core::usage::include`) and
+    /// corrects `content-length`. A body Envoy does not hold as one buffer is left as it is,
+    /// and counted; only a failure after the body changed is an error (its length would be
+    /// wrong).
+    fn add_include_usage(&mut self, edit: BodyEdit) -> Result<(), String> {
+        let replace = usize::try_from(edit.replace).map_err(|e| e.to_string())?;
+        // SAFETY: the slice outlives the call; the host only reads it.
+        let status = unsafe {
+            proxy_set_buffer_bytes(
+                HTTP_REQUEST_BODY,
+                0,
+                replace,
+                include::OPENING.as_ptr(),
+                include::OPENING.len(),
+            )
+        };
+        if status != Status::Ok as u32 {
+            warn!(
+                "[{}] the host refused the body edit (status {status}); the stream goes without usage",
+                self.id
+            );
+            self.metrics.increment(self.metrics.include_usage_failed);
+            return Ok(());
+        }
+        if self.had_content_length {
+            self.set_request_header("content-length", &edit.new_length.to_string())
+                .map_err(|status| format!("cannot correct content-length: {status:?}"))?;
+        }
+        self.metrics.increment(self.metrics.include_usage_added);
+        debug!("[{}] asked for the stream's usage", self.id);
+        Ok(())
     }
 
     fn set_request_header(&self, name: &str, value: &str) -> Result<(), Status> {

@@ -561,6 +561,9 @@ impl RootContext for BbrRoot {
             scan_nanos: 0,
             scanned_at_ns: 0,
             usage: None,
+            ask_usage: false,
+            had_content_length: false,
+            include_edit: None,
         }))
     }
 

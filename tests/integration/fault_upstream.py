@@ -3,6 +3,8 @@ fault cases: answers mock-vllm cannot give (split at every byte, broken JSON, a 
 the middle of an event, gzip, 100 MB).
 
 The request header `x-fault` names the script (SCRIPTS); every answer closes its connection.
+`x-fault: echo-request` answers with what arrived instead: the request's headers and its body
+(chunked transfer decoded), for tests of what the gateway sends upstream.
 `GET /health` answers 200 (Envoy's active health check). Writes go out with TCP_NODELAY, so a
 script that sends one byte at a time is read by Envoy in many small reads.
 """
@@ -117,13 +119,23 @@ class _Handler(socketserver.BaseRequestHandler):
         head, _, rest = data.partition(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         headers = {k.strip().lower(): v.strip() for k, _, v in (l.partition(":") for l in lines[1:])}
-        length = int(headers.get("content-length", "0"))
-        while len(rest) < length:
-            part = sock.recv(65536)
-            if not part:
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            rest = self._chunked(sock, rest)
+            if rest is None:
                 return
-            rest += part
+        else:
+            length = int(headers.get("content-length", "0"))
+            while len(rest) < length:
+                part = sock.recv(65536)
+                if not part:
+                    return
+                rest += part
         fault = headers.get("x-fault")
+        if fault == "echo-request":
+            echo = json.dumps({"headers": headers, "body": rest.decode("latin-1")}).encode()
+            sock.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                         b"content-length: %d\r\n\r\n%s" % (len(echo), echo))
+            return
         if fault not in SCRIPTS:
             sock.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n"
                          b"connection: close\r\n\r\n{}")
@@ -143,6 +155,29 @@ class _Handler(socketserver.BaseRequestHandler):
             sock.shutdown(socket.SHUT_RDWR)
             return
         sock.sendall(b"0\r\n\r\n")
+
+
+    @staticmethod
+    def _chunked(sock: socket.socket, data: bytes) -> bytes | None:
+        """The decoded body of a chunked request whose first bytes are `data`."""
+        body = b""
+        while True:
+            while b"\r\n" not in data:
+                part = sock.recv(65536)
+                if not part:
+                    return None
+                data += part
+            size_line, _, data = data.partition(b"\r\n")
+            size = int(size_line.split(b";")[0], 16)
+            while len(data) < size + 2:
+                part = sock.recv(65536)
+                if not part:
+                    return None
+                data += part
+            if size == 0:
+                return body
+            body += data[:size]
+            data = data[size + 2:]
 
 
 class FaultUpstream:

@@ -6,7 +6,8 @@ to first token.
 
 The gateway here is its own Envoy (the SmolLM2 pool added as in conftest.gateway), with a 1 s
 stats flush so that histogram samples show within a second; a second one with `usage.enabled:
-false` is the baseline of the first-token comparison.
+false` is the baseline of the first-token comparison; a third with `usage.addIncludeUsage` asks
+llama-server for the usage of streams that did not ask themselves.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from conftest import SMOL, _with_pool, integration
 MODEL_LABEL = f'model="{SMOL}"'
 
 
-def _gateway(envoy_factory, backends, replicas, name: str, usage_enabled: bool):
+def _gateway(envoy_factory, backends, replicas, name: str, usage_enabled: bool, ask: bool = False):
     pool = _with_pool([r.port for r in replicas])
 
     def mutate(cfg):
@@ -31,7 +32,7 @@ def _gateway(envoy_factory, backends, replicas, name: str, usage_enabled: bool):
         cfg["stats_flush_interval"] = "1s"
         plugin = integration.wasm_plugin(cfg)
         config = json.loads(plugin["configuration"]["value"])
-        config["usage"] = {"enabled": usage_enabled}
+        config["usage"] = {"enabled": usage_enabled, "addIncludeUsage": ask}
         plugin["configuration"]["value"] = json.dumps(config)
 
     return envoy_factory(integration.backend_ports(backends), mutate=mutate, name=name)
@@ -40,6 +41,11 @@ def _gateway(envoy_factory, backends, replicas, name: str, usage_enabled: bool):
 @pytest.fixture(scope="module")
 def metered(envoy_factory, backends, replicas):
     return _gateway(envoy_factory, backends, replicas, "llama-usage", True)
+
+
+@pytest.fixture(scope="module")
+def asking(envoy_factory, backends, replicas):
+    return _gateway(envoy_factory, backends, replicas, "llama-ask-usage", True, ask=True)
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +151,27 @@ def test_counters_match_what_the_client_received(metered, path, stream, include_
     assert 0 <= ttft_sum <= client_ttft * 1000 * 1.05 + 1, (ttft_sum, client_ttft)
     print(f"{path} stream={stream} include_usage={include_usage}: usage {usage}, "
           f"gateway ttft {ttft_sum:.0f} ms, client {client_ttft * 1000:.1f} ms")
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_stream_that_did_not_ask_is_counted_when_the_gateway_asks(asking, path):
+    """`usage.addIncludeUsage`: a stream without `stream_options` (llama-server then sends a
+    chat stream no usage) comes back with the usage chunk, and the counters move by it."""
+    before = scrape(asking)
+    usage, _ = send(asking.url, path, body_for(path, True, None))
+    assert usage and usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0, usage
+    key = 'bbr_usage_responses_total{outcome="counted"}'
+    deadline = time.monotonic() + 15
+    after = scrape(asking)
+    while after.get(key, 0) < before.get(key, 0) + 1 and time.monotonic() < deadline:
+        time.sleep(0.3)
+        after = scrape(asking)
+    assert after.get(key, 0) == before.get(key, 0) + 1, after
+    assert after.get("bbr_usage_include_added_total{}", 0) == before.get("bbr_usage_include_added_total{}", 0) + 1
+    moved = lambda kind: series(after, "bbr_tokens_total", type=kind) - series(before, "bbr_tokens_total", type=kind)
+    assert moved("input") == usage["prompt_tokens"], (usage, after)
+    assert moved("output") == usage["completion_tokens"], (usage, after)
+    print(f"{path}, asked by the gateway: usage {usage}")
 
 
 def test_example_scrape(metered):

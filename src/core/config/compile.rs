@@ -146,9 +146,17 @@ pub(super) fn compile(raw: RawConfig) -> Result<Router, ConfigError> {
         raw.usage.max_scan_bytes,
         MAX_MAX_SCAN_BYTES,
     )?;
+    if raw.usage.add_include_usage && !raw.usage.enabled {
+        return Err(invalid(
+            "usage.addIncludeUsage",
+            "needs usage.enabled: it asks servers for usage that only the accounting reads"
+                .to_string(),
+        ));
+    }
     let usage = UsageSettings {
         enabled: raw.usage.enabled,
         max_scan_bytes: raw.usage.max_scan_bytes,
+        add_include_usage: raw.usage.add_include_usage,
     };
     let body_budget = BodyBudget {
         max_held_bytes: raw.max_held_body_bytes,

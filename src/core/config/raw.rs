@@ -137,6 +137,8 @@ pub struct RawUsage {
     pub enabled: bool,
     #[serde(default = "default_max_scan_bytes")]
     pub max_scan_bytes: u64,
+    #[serde(default)]
+    pub add_include_usage: bool,
 }
 
 impl Default for RawUsage {
@@ -144,6 +146,7 @@ impl Default for RawUsage {
         RawUsage {
             enabled: true,
             max_scan_bytes: DEFAULT_MAX_SCAN_BYTES,
+            add_include_usage: false,
         }
     }
 }

@@ -10,7 +10,9 @@
 //! could disagree must not be routed. Two top-level `model` keys are refused for the same reason.
 //!
 //! Memory is fixed: the container stack is a bitset of [`MAX_DEPTH`] bits, top-level keys are
-//! decoded into a few bytes, and only the `model` value is kept, up to the configured limit.
+//! compared as they are decoded, and only the `model` value is kept, up to the configured limit.
+//! Beside `model` the scanner notes two top-level facts about streaming ([`StreamFields`]): is
+//! `stream` the literal `true`, and is there a `stream_options` member.
 
 use super::skip::{digit_run, plain_string_prefix, utf8_lead, whitespace_run};
 use super::vector::{short_string_end, string_blocks};
@@ -21,8 +23,29 @@ use std::fmt;
 /// keeps the scanner's memory constant.
 pub const MAX_DEPTH: usize = 1024;
 
-/// The key we are looking for, compared after unescaping.
-const MODEL_KEY: &[u8] = b"model";
+/// The top-level keys whose values matter, compared after unescaping; [`TopKey`] in this order.
+const TOP_KEYS: [&[u8]; 3] = [b"model", b"stream", b"stream_options"];
+
+/// Which of [`TOP_KEYS`] a top-level key is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TopKey {
+    Model = 0,
+    Stream = 1,
+    StreamOptions = 2,
+}
+
+/// What a complete, valid body says about streaming, read with `model` in the same pass. A
+/// repeated key counts as its last occurrence, as Python's `json` (vLLM's, llama.cpp's own
+/// parser likewise) reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StreamFields {
+    /// The top-level `stream` is the literal `true`.
+    pub stream: bool,
+    /// The top-level object has a `stream_options` member (whatever its value, `null` too).
+    pub stream_options: bool,
+    /// The offset of the top-level object's `{` (after any leading whitespace).
+    pub object_start: u64,
+}
 
 /// What the scanner needs or has found after a chunk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -233,7 +256,7 @@ impl NumberPart {
 enum StrRole {
     /// Any string we only validate.
     Skip,
-    /// A key of the top-level object: decoded into `key` to compare with `model`.
+    /// A key of the top-level object: decoded into `key` to compare with [`TOP_KEYS`].
     TopKey,
     /// The value of the top-level `model`: decoded into `model`.
     Model,
@@ -253,10 +276,14 @@ pub struct ModelScanner {
     string_is_key: bool,
     /// A pending high surrogate from a `\uD800`-`\uDBFF` escape in a decoded string.
     high_surrogate: Option<u16>,
-    /// The decoded top-level key, if it still can be `model` (`None` once it cannot).
+    /// The decoded top-level key, while it can still be one of [`TOP_KEYS`] (`None` once it
+    /// cannot).
     key: Option<KeyBuf>,
     /// The next top-level value belongs to a `model` key.
     value_is_model: bool,
+    /// The next top-level value belongs to a `stream` key.
+    value_is_stream: bool,
+    stream: StreamFields,
     model_seen: bool,
     /// The `model` string has been read to its closing quote.
     model_complete: bool,
@@ -268,34 +295,45 @@ pub struct ModelScanner {
     failed: Option<ScanError>,
 }
 
-/// The decoded bytes of a top-level key, up to the length of `model`.
+/// A top-level key as far as it is decoded: its length, and which of [`TOP_KEYS`] it still
+/// matches (bit `k` for `TOP_KEYS[k]`). Nothing else is kept.
 #[derive(Debug, Clone, Copy)]
 struct KeyBuf {
-    bytes: [u8; 5],
     len: u8,
+    live: u8,
 }
 
 impl KeyBuf {
     fn new() -> Self {
         KeyBuf {
-            bytes: [0; 5],
             len: 0,
+            live: (1 << TOP_KEYS.len()) - 1,
         }
     }
 
-    /// Appends a decoded byte; `None` once the key is longer than `model` or differs from it.
+    /// Appends a decoded byte; `None` once the key can be none of [`TOP_KEYS`].
     fn push(mut self, b: u8) -> Option<Self> {
         let i = usize::from(self.len);
-        if i >= MODEL_KEY.len() || MODEL_KEY[i] != b {
+        for (k, key) in TOP_KEYS.iter().enumerate() {
+            if key.get(i) != Some(&b) {
+                self.live &= !(1 << k);
+            }
+        }
+        if self.live == 0 {
             return None;
         }
-        self.bytes[i] = b;
         self.len += 1;
         Some(self)
     }
 
-    fn is_model(&self) -> bool {
-        usize::from(self.len) == MODEL_KEY.len()
+    /// The key, when it is whole one of [`TOP_KEYS`].
+    fn matched(&self) -> Option<TopKey> {
+        let whole = |k: TopKey| {
+            self.live & (1 << k as u8) != 0 && TOP_KEYS[k as usize].len() == usize::from(self.len)
+        };
+        [TopKey::Model, TopKey::Stream, TopKey::StreamOptions]
+            .into_iter()
+            .find(|&k| whole(k))
     }
 }
 
@@ -322,6 +360,8 @@ impl ModelScanner {
             high_surrogate: None,
             key: None,
             value_is_model: false,
+            value_is_stream: false,
+            stream: StreamFields::default(),
             model_seen: false,
             model_complete: false,
             model: Vec::new(),
@@ -365,6 +405,12 @@ impl ModelScanner {
             return None;
         }
         Some(self.verdict().into())
+    }
+
+    /// What the body says about streaming. Complete once [`ModelScanner::finish`] has found the
+    /// model (a member after the last one read is not in it before then).
+    pub fn stream_fields(&self) -> StreamFields {
+        self.stream
     }
 
     /// The verdict once the document is complete.
@@ -524,6 +570,7 @@ impl ModelScanner {
             State::DocumentStart => match b {
                 b' ' | b'\t' | b'\n' | b'\r' => Ok(()),
                 b'{' => {
+                    self.stream.object_start = self.offset;
                     self.push(true)?;
                     self.state = State::ObjectFirst;
                     Ok(())
@@ -607,6 +654,11 @@ impl ModelScanner {
         // Is this the value of the top-level `model` key?
         let is_model = self.value_is_model;
         self.value_is_model = false;
+        if self.value_is_stream {
+            self.value_is_stream = false;
+            // The scanner validates the literal that `t` begins: it can only be `true`.
+            self.stream.stream = b == b't';
+        }
         if is_model && b != b'"' {
             let kind = match b {
                 b'{' => "an object",
@@ -776,12 +828,19 @@ impl ModelScanner {
         if self.role == StrRole::Model {
             self.model_complete = true;
         }
-        if self.role == StrRole::TopKey && self.key.is_some_and(|k| k.is_model()) {
-            if self.model_seen {
-                return Err(ScanError::DuplicateModel);
+        if self.role == StrRole::TopKey {
+            match self.key.and_then(|k| k.matched()) {
+                Some(TopKey::Model) => {
+                    if self.model_seen {
+                        return Err(ScanError::DuplicateModel);
+                    }
+                    self.model_seen = true;
+                    self.value_is_model = true;
+                }
+                Some(TopKey::Stream) => self.value_is_stream = true,
+                Some(TopKey::StreamOptions) => self.stream.stream_options = true,
+                None => {}
             }
-            self.model_seen = true;
-            self.value_is_model = true;
         }
         self.key = None;
         self.role = StrRole::Skip;

@@ -4,7 +4,7 @@ use super::discovery::RoutingView;
 use super::errors::Rejection;
 use super::table::{Router, ServedModel, UnknownModel};
 use crate::core::affinity::prefix::{block_hashes, key_header_value, CaptureState, PromptCapture};
-use crate::core::json::scanner::{ModelScanner, Step};
+use crate::core::json::scanner::{ModelScanner, Step, StreamFields};
 use crate::core::multipart::{boundary_of, MultipartScanner};
 
 /// The request headers the decision needs. Names are looked up by the adapter.
@@ -60,6 +60,15 @@ impl BodyScanner {
         match self {
             BodyScanner::Json(s) => s.finish(),
             BodyScanner::Multipart(s) => s.finish(),
+        }
+    }
+
+    /// What a JSON body says about streaming (see [`ModelScanner::stream_fields`]); `None` for
+    /// a multipart body, which has no such fields.
+    pub fn stream_fields(&self) -> Option<StreamFields> {
+        match self {
+            BodyScanner::Json(s) => Some(s.stream_fields()),
+            BodyScanner::Multipart(_) => None,
         }
     }
 }

@@ -41,6 +41,12 @@ pub fn responses(outcome: &str) -> String {
     format!("outcome=.={outcome};.;bbr_usage_responses_total")
 }
 
+/// Counter: routed streams the filter asked for their usage (`usage.addIncludeUsage`).
+pub const INCLUDE_USAGE_ADDED: &str = "bbr_usage_include_added_total";
+/// Counter: such streams whose body the host would not let the filter edit (they went on as
+/// they came, without usage).
+pub const INCLUDE_USAGE_FAILED: &str = "bbr_usage_include_failed_total";
+
 /// The filter-state key of the access log's fields. Envoy stores it as `wasm.bbr_usage` (a
 /// `CelState`: source/extensions/common/wasm/context.cc, `Context::setProperty`), which the
 /// access log reads whole with `%FILTER_STATE(wasm.bbr_usage:PLAIN)%`. One key, not one per

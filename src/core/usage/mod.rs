@@ -17,6 +17,7 @@
 //! no tokens. A readable response without `usage` counts none either: nothing is guessed from
 //! the text.
 
+pub mod include;
 pub mod json;
 pub mod metrics;
 
@@ -37,6 +38,9 @@ pub struct UsageSettings {
     pub enabled: bool,
     /// `usage.maxScanBytes`.
     pub max_scan_bytes: u64,
+    /// `usage.addIncludeUsage` (default false): ask for a stream's usage when the client did
+    /// not (`include`).
+    pub add_include_usage: bool,
 }
 
 impl Default for UsageSettings {
@@ -44,6 +48,7 @@ impl Default for UsageSettings {
         UsageSettings {
             enabled: true,
             max_scan_bytes: DEFAULT_MAX_SCAN_BYTES,
+            add_include_usage: false,
         }
     }
 }
