@@ -66,7 +66,7 @@ def start_mocks(n: int, work: Path) -> tuple[list[Proc], list[int]]:
             ports.append(port)
         deadline = time.monotonic() + 30.0
         for p in procs:
-            while "listening" not in p.log.read_text(errors="replace"):
+            while "listening" not in p.text():
                 if not p.alive() or time.monotonic() > deadline:
                     raise SystemExit(f"bench-scrape: {p.name} did not start:\n{p.tail()}")
                 time.sleep(0.05)

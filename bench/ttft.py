@@ -227,7 +227,7 @@ def main() -> int:
                                     "--itl-ms", str(MOCK_ITL_MS)], work / "mock-stream.log")
         procs.append(mock)
         deadline = time.monotonic() + START_TIMEOUT
-        while "listening" not in mock.log.read_text(errors="replace"):
+        while "listening" not in mock.text():
             if not mock.alive() or time.monotonic() > deadline:
                 raise SystemExit(f"bench-ttft: the streaming mock did not start:\n{mock.tail()}")
             time.sleep(0.05)

@@ -86,7 +86,7 @@ def start_mock(name: str, port: int, model: str, work: Path, itl_ms: int) -> Pro
     p = Proc(name, [str(MOCK), "--listen", f"127.0.0.1:{port}", "--model", model, "--id", name,
                     "--itl-ms", str(itl_ms)], work / f"{name}.log")
     deadline = time.monotonic() + START_TIMEOUT
-    while "listening" not in p.log.read_text(errors="replace"):
+    while "listening" not in p.text():
         if not p.alive() or time.monotonic() > deadline:
             raise SystemExit(f"bench-usage: {name} did not start:\n{p.tail()}")
         time.sleep(0.05)

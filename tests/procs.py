@@ -1,20 +1,23 @@
 """Child processes for the tests and the benchmarks: the few rules every harness here keeps.
 
-Each starter (tests/integration/conftest.py, tests/istio/conftest.py, bench/run.py,
-bench/llm/bench_llm.py) keeps its own small process class for what only it needs; what they
-share is here, once: a free loopback port, children that die with their parent, and stopping
-by pid (SIGTERM, then SIGKILL).
+One process class for all of them (`Child`): output to a log file, a child that dies with its
+parent, stopping by pid (SIGTERM, then SIGKILL). The starters (tests/integration/conftest.py,
+tests/istio/conftest.py, bench/perf/processes.py, bench/routing/gateway.py,
+bench/llm/llmbench/servers.py) add only what they alone need. Also here: a free loopback port
+and a plain GET.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
+import http.client
 import os
 import random
 import signal
 import socket
 import subprocess
 from pathlib import Path
+from typing import Optional
 
 
 # Ports this process has already handed out. The kernel may give the same port to two binds to
@@ -103,3 +106,80 @@ def tail(path: Path, lines: int) -> str:
     except OSError as e:
         return f"<cannot read {path}: {e}>"
     return "\n".join(text.splitlines()[-lines:])
+
+
+def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, str]:
+    """GET http://127.0.0.1:<port><path>: (status, body as text)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        r = conn.getresponse()
+        return r.status, r.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+class Child:
+    """A child process: stdout and stderr appended to `log` after a `$ <command line>` line (or
+    stdout to a pipe, `stdout_pipe`, for a server that prints its bound port), killed if this
+    process dies (`die_with_parent`), stopped by pid (`stop`). `cpus`: the CPUs all its threads
+    may run on (None: any); `env`: its whole environment (None: this one's); `append`: false
+    starts the log afresh."""
+
+    def __init__(self, name: str, argv: list[str], log: Path, *, cwd: Optional[Path] = None,
+                 env: Optional[dict[str, str]] = None, cpus: Optional[set[int]] = None,
+                 stdout_pipe: bool = False, stop_timeout: float = 10.0, append: bool = True):
+        self.name, self.argv, self.log_path, self.stop_timeout = name, argv, Path(log), stop_timeout
+        self._log = open(log, "ab" if append else "wb", buffering=0)
+        self._log.write(("$ " + " ".join(str(a) for a in argv) + "\n").encode())
+
+        def preexec() -> None:  # pragma: no cover - runs in the child before exec
+            die_with_parent()
+            if cpus is not None:
+                os.sched_setaffinity(0, cpus)
+
+        self.popen = subprocess.Popen(
+            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if stdout_pipe else self._log,
+            stderr=self._log if stdout_pipe else subprocess.STDOUT,
+            preexec_fn=preexec if os.name == "posix" else None)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def text(self) -> str:
+        """The whole log so far ("" if it cannot be read)."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def tail(self, n: int = 30) -> str:
+        return tail(self.log_path, n)
+
+    def wait_exit(self, timeout: float) -> Optional[int]:
+        """Its exit code, or None if it still runs after `timeout` seconds."""
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the process (all threads), from /proc; NaN once it is gone."""
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after `stop_timeout` seconds; by pid, always. Idempotent."""
+        stop(self.popen, self.stop_timeout)
+        if self.popen.stdout:
+            self.popen.stdout.close()
+        if not self._log.closed:
+            self._log.close()

@@ -61,7 +61,7 @@ def start_extproc_peer(socket_path: Path, cpus: set[int], work: Path) -> Proc:
                                  "--base-model", MODEL, "--base-model", OTHER_MODEL],
                 work / "extproc-peer.log", cpus=cpus, env=EXTPROC_PEER_ENV)
     deadline = time.monotonic() + START_TIMEOUT
-    while "ready " not in proc.log.read_text(errors="replace"):
+    while "ready " not in proc.text():
         if not proc.alive() or time.monotonic() > deadline:
             proc.stop()
             raise SystemExit(f"bench: the ext_proc peer did not start:\n{proc.tail()}")

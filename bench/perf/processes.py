@@ -5,7 +5,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,54 +23,17 @@ import procs  # noqa: E402  (tests/procs.py)
 free_port = procs.free_port
 
 
-class Proc:
+class Proc(procs.Child):
+    """A bench process (tests/procs.py's `Child`) run from the repository's root. cpus: the
+    CPUs all its threads may run on (None: any); env: added to the bench's environment."""
+
     def __init__(self, name: str, argv: list[str], log: Path, cpus: Optional[set[int]] = None,
                  env: Optional[dict[str, str]] = None):
-        """cpus: the CPUs the process (all its threads) may run on; None: any. env: added to
-        the bench's environment."""
-        self.name, self.argv, self.log = name, argv, log
-        self._log = open(log, "ab", buffering=0)
-
-        def preexec() -> None:  # pragma: no cover - runs in the child before exec
-            procs.die_with_parent()
-            if cpus is not None:
-                os.sched_setaffinity(0, cpus)
-
-        self.popen = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self._log,
-                                      stderr=subprocess.STDOUT, preexec_fn=preexec,
-                                      env=dict(os.environ, **env) if env else None)
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def cpu_seconds(self) -> float:
-        """utime + stime of the process (all threads), from /proc."""
-        try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return float("nan")
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        procs.stop(self.popen, STOP_TIMEOUT)
-        self._log.close()
-
-    def tail(self, n: int = 30) -> str:
-        return procs.tail(self.log, n)
+        super().__init__(name, argv, log, cwd=ROOT, env=dict(os.environ, **env) if env else None, cpus=cpus,
+                         stop_timeout=STOP_TIMEOUT)
 
 
-def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, str]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        r = conn.getresponse()
-        return r.status, r.read().decode(errors="replace")
-    finally:
-        conn.close()
+http_get = procs.http_get
 
 
 def http_post(port: int, body: bytes, headers: dict[str, str], timeout: float = 30.0):

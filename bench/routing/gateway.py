@@ -8,7 +8,6 @@ import http.client
 import json
 import os
 import re
-import subprocess
 import time
 from pathlib import Path
 
@@ -23,32 +22,7 @@ import prefix_key  # bench/routing/prefix_key.py
 import procs  # tests/procs.py (settings put tests/ on sys.path)
 
 
-class Proc:
-    def __init__(self, name: str, argv: list[str], log: Path, stdout_pipe: bool = False):
-        self.name, self.log = name, log
-        self._log = open(log, "ab", buffering=0)
-        self.popen = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.PIPE if stdout_pipe else self._log,
-                                      stderr=self._log, preexec_fn=procs.die_with_parent)
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def stop(self) -> None:
-        procs.stop(self.popen, STOP_TIMEOUT)
-        if self.popen.stdout:
-            self.popen.stdout.close()
-        self._log.close()
-
-
-def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, str]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        r = conn.getresponse()
-        return r.status, r.read().decode(errors="replace")
-    finally:
-        conn.close()
+http_get = procs.http_get
 
 
 def http_post(port: int, path: str, timeout: float = 5.0) -> int:
@@ -71,7 +45,8 @@ class Mock:
                 "--prefix-cache-blocks", str(cache_blocks), "--block-tokens", str(BLOCK_TOKENS),
                 "--prefill-tokens-per-s", str(PREFILL_TOKENS_PER_S), "--ttft-ms", str(BASE_TTFT_MS),
                 "--itl-ms", str(ITL_MS), "--max-num-seqs", str(MAX_NUM_SEQS)]
-        self.proc = Proc(self.id, argv, work / f"{self.id}.log", stdout_pipe=True)
+        self.proc = procs.Child(self.id, argv, work / f"{self.id}.log", cwd=ROOT, stdout_pipe=True,
+                                stop_timeout=STOP_TIMEOUT)
         line = self.proc.popen.stdout.readline().decode()   # printed once bound, then flushed
         m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
         if not m:
@@ -172,11 +147,12 @@ class Envoy:
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         envoy = ROOT / ".venv" / "bin" / "envoy"
         self.log = work / f"envoy{tag}.log"
-        self.proc = Proc("envoy", [str(envoy), "-c", str(path), "--concurrency", str(workers), "--use-dynamic-base-id",
-                                   "--base-id-path", str(work / f"envoy{tag}.base-id"), "--log-level", "warn"]
-                               # A diagnostic: e.g. "wasm:debug" logs the picker's every load report.
-                               + (["--component-log-level", os.environ["BENCH_ROUTING_ENVOY_LOG"]]
-                                  if os.environ.get("BENCH_ROUTING_ENVOY_LOG") else []), self.log)
+        argv = [str(envoy), "-c", str(path), "--concurrency", str(workers), "--use-dynamic-base-id",
+                "--base-id-path", str(work / f"envoy{tag}.base-id"), "--log-level", "warn"]
+        # A diagnostic: e.g. "wasm:debug" logs the picker's every load report.
+        if os.environ.get("BENCH_ROUTING_ENVOY_LOG"):
+            argv += ["--component-log-level", os.environ["BENCH_ROUTING_ENVOY_LOG"]]
+        self.proc = procs.Child("envoy", argv, self.log, cwd=ROOT, stop_timeout=STOP_TIMEOUT)
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if not self.proc.alive():

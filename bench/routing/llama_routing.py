@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -67,13 +66,11 @@ class Replica:
                  run: Path = RUN):
         self.i, self.port = i, port
         argv = llama_pool.server_argv(server, port, parallel=slots, cache_ram_mib=cache_ram_mib)
-        self.log = open(run / f"llama-{i}.log", "ab")
-        self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
-                                      preexec_fn=procs.die_with_parent)
+        self.proc = procs.Child(f"llama-server {i}", argv, run / f"llama-{i}.log")
         deadline = time.monotonic() + 60
         while True:
-            if self.popen.poll() is not None:
-                self.log.close()
+            if not self.proc.alive():
+                self.proc.stop()
                 raise SystemExit(f"llama-server {i} exited; see {run}/llama-{i}.log")
             if llama_pool.healthy(port):
                 break
@@ -83,8 +80,7 @@ class Replica:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        procs.stop(self.popen, 10)
-        self.log.close()
+        self.proc.stop()
 
 
 def envoy_config(port: int, admin: int, replica_ports: list[int]) -> dict:

@@ -158,11 +158,9 @@ class Envoy:
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         self.admin = admin
         self.log_path = run / f"envoy-{tag}.log"
-        self.log = open(self.log_path, "ab")
-        self.popen = subprocess.Popen([binary, "-c", str(path), "--concurrency", "1", "--use-dynamic-base-id",
-                                       "--base-id-path", str(run / "base-id"), "--log-level", "warning"],
-                                      stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
-                                      preexec_fn=procs.die_with_parent)
+        self.proc = procs.Child(f"Envoy {tag}", [binary, "-c", str(path), "--concurrency", "1", "--use-dynamic-base-id",
+                                                 "--base-id-path", str(run / "base-id"), "--log-level", "warning"],
+                                self.log_path)
         self.clusters = clusters
         deadline = time.monotonic() + timeout
         while True:
@@ -173,7 +171,7 @@ class Envoy:
                     return
             except httpx.HTTPError:
                 pass
-            if self.popen.poll() is not None or time.monotonic() > deadline:
+            if not self.proc.alive() or time.monotonic() > deadline:
                 self.stop()
                 raise SystemExit(f"Envoy not ready with healthy replicas; see {self.log_path}")
             time.sleep(0.2)
@@ -194,8 +192,7 @@ class Envoy:
         return out
 
     def stop(self) -> None:
-        procs.stop(self.popen, 10)
-        self.log.close()
+        self.proc.stop()
 
 
 def stream_chat(client: httpx.Client, body: dict, headers: dict[str, str]) -> dict:

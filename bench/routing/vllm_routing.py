@@ -190,19 +190,16 @@ class Replica:
         argv = vllm_pool.server_argv(vllm, self.port, extra=(
             "--block-size", str(BLOCK_TOKENS), "--num-gpu-blocks-override", str(cache_blocks),
             "--max-model-len", str(MAX_MODEL_LEN)))  # the later flag wins (argparse)
-        self.log_path = RUN / f"vllm-{i}.log"
-        self.log = open(self.log_path, "ab")
-        self.log.write(("$ " + " ".join(argv) + "\n").encode())
-        self.log.flush()
         self.t0 = time.monotonic()
-        self.popen = subprocess.Popen(argv, cwd=rs.ROOT, env=env, stdin=subprocess.DEVNULL, stdout=self.log,
-                                      stderr=subprocess.STDOUT, preexec_fn=procs.die_with_parent)
+        self.proc = procs.Child(f"vLLM {i}", argv, RUN / f"vllm-{i}.log", cwd=rs.ROOT, env=env,
+                                stop_timeout=vllm_pool.STOP_TIMEOUT)
+        self.popen = self.proc.popen
         self.leftovers: list[int] = []
         self.startup_s: Optional[float] = None
 
     def ready(self) -> bool:
         if self.popen.poll() is not None:
-            raise SystemExit(f"vLLM {self.i} exited ({self.popen.returncode}):\n{procs.tail(self.log_path, 30)}")
+            raise SystemExit(f"vLLM {self.i} exited ({self.popen.returncode}):\n{self.proc.tail(30)}")
         if self.startup_s is None and vllm_pool.healthy(self.port):
             self.startup_s = time.monotonic() - self.t0
             self.leftovers = vllm_pool.descendants(self.popen.pid)  # its engine and worker (see vllm_pool)
@@ -220,8 +217,7 @@ class Replica:
         raise SystemExit(f"vLLM {self.i}: /reset_prefix_cache did not succeed: {code} {text[:200]}")
 
     def stop(self) -> None:
-        procs.stop(self.popen, vllm_pool.STOP_TIMEOUT)
-        self.log.close()
+        self.proc.stop()
         if self.leftovers:
             time.sleep(1.0)
             left = vllm_pool.kill_leftovers(self.leftovers)

@@ -2,7 +2,7 @@
 
 Everything runs on loopback: two (or more) mock-vllm backends on free ports, and Envoy
 started from envoy/envoy.yaml with its ports, cluster endpoints and .wasm path rewritten.
-Processes are started with subprocess.Popen and always killed by pid at teardown; every
+Processes (tests/procs.py's Child) die with pytest and are killed by pid at teardown; every
 wait has a deadline. On a failing test the tail of each running process's log is attached
 to the report.
 
@@ -119,62 +119,28 @@ free_port = procs.free_port
 _die_with_parent = procs.die_with_parent
 
 
-@dataclass
-class Proc:
-    """A child process whose stdout+stderr go to a log file."""
+class Proc(procs.Child):
+    """A test's child process (tests/procs.py: output to a log file, killed with pytest, stopped
+    by pid), run from the repository's root; stopped at the latest when the session ends."""
 
-    name: str
-    argv: list[str]
-    log_path: Path
-    popen: Optional[subprocess.Popen] = None
-    _log_file: Any = None
-
-    def start(self, cwd: Path = ROOT) -> "Proc":
-        self._log_file = open(self.log_path, "ab", buffering=0)
-        self._log_file.write(f"$ {' '.join(self.argv)}\n".encode())
-        self.popen = subprocess.Popen(
-            self.argv,
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent if os.name == "posix" else None,
-        )
+    def __init__(self, name: str, argv: list[str], log_path: Path, cwd: Path = ROOT):
+        super().__init__(name, argv, log_path, cwd=cwd, stop_timeout=STOP_TIMEOUT)
         with _RUNNING_LOCK:
             _RUNNING.append(self)
-        return self
 
-    @property
-    def pid(self) -> int:
-        assert self.popen is not None
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        return procs.tail(self.log_path, lines)
+    def tail(self, n: int = LOG_TAIL_LINES) -> str:
+        return super().tail(n)
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after STOP_TIMEOUT; by pid, always."""
-        if self.popen is not None:
-            procs.stop(self.popen, STOP_TIMEOUT)
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
+        super().stop()
         with _RUNNING_LOCK:
             if self in _RUNNING:
                 _RUNNING.remove(self)
 
     def kill(self) -> None:
         """SIGKILL by pid: a backend that dies without warning."""
-        if self.popen is not None and self.popen.poll() is None:
+        if self.popen.poll() is None:
             os.kill(self.popen.pid, signal.SIGKILL)
             self.popen.wait(timeout=STOP_TIMEOUT)
         self.stop()
@@ -230,12 +196,12 @@ def start_mock(
         argv += ["--lora", lora]
     argv += list(extra)
     log = tmp_dir / f"mock-{id}-{port}.log"
-    proc = Proc(name=f"mock-vllm {id}", argv=argv, log_path=log).start()
+    proc = Proc(name=f"mock-vllm {id}", argv=argv, log_path=log)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if not proc.alive():
             proc.fail(f"exited with status {proc.popen.returncode} before listening")
-        if re.search(r"listening", proc.log().split("\n", 1)[-1]):
+        if re.search(r"listening", proc.text().split("\n", 1)[-1]):
             break
         time.sleep(0.05)
     else:
@@ -496,7 +462,7 @@ def start_envoy(
     config_path = tmp_dir / f"{tag}.yaml"
     config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     argv = envoy_argv(envoy_bin, tmp_dir, config_path, tag, concurrency)
-    proc = Proc(name=f"Envoy ({name})", argv=argv, log_path=tmp_dir / f"{tag}.log").start()
+    proc = Proc(name=f"Envoy ({name})", argv=argv, log_path=tmp_dir / f"{tag}.log")
     env = Envoy(proc=proc, port=port, admin_port=admin_port, config_path=config_path, config=cfg)
     _wait_ready(env, wait_healthy)
     return env
@@ -522,6 +488,16 @@ def envoy_factory(envoy_bin, session_dir) -> Callable[..., Envoy]:
 
 def backend_ports(b: Backends) -> dict[str, int]:
     return {"qwen-vllm": b.qwen.port, "phi-vllm": b.phi.port}
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    """A scripted upstream (fault_upstream.py) for the module's tests, in the Phi pool's place."""
+    import fault_upstream
+
+    u = fault_upstream.FaultUpstream()
+    yield u
+    u.stop()
 
 
 @pytest.fixture(scope="session")
@@ -754,11 +730,8 @@ def run_envoy_to_exit(
         name=f"Envoy ({name})",
         argv=envoy_argv(envoy_bin, tmp_dir, config_path, tag, 1),
         log_path=tmp_dir / f"{tag}.log",
-    ).start()
-    try:
-        status: Optional[int] = proc.popen.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        status = None
-    log = proc.log()
+    )
+    status = proc.wait_exit(timeout)
+    log = proc.text()
     proc.stop()
     return status, log

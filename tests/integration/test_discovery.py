@@ -256,7 +256,7 @@ def test_same_name_in_two_pools_goes_to_the_first_pool(discovery):
     assert_discovered(complete(c, "shared-lora"), "shared-lora", QWEN, "qwen-disc", "qwen-vllm")
     time.sleep(4 * INTERVAL_MS / 1000)
     assert prometheus(env).get("bbr_discovery_conflicts_total{}", 0) == before + 1
-    lines = [l for l in env.proc.log().splitlines() if '"shared-lora" is listed by' in l]
+    lines = [l for l in env.proc.text().splitlines() if '"shared-lora" is listed by' in l]
     assert len(lines) == 1, lines
     assert listed(c).count(("shared-lora", QWEN)) == 1
     unload(qwen, "shared-lora")
@@ -385,10 +385,10 @@ def test_failing_pool_keeps_its_last_good_list(envoy_factory, backends):
         assert [m for m, _ in listed(c)] == [QWEN, LORA, "flaky-model", PHI]
 
         def fail_lines() -> list[str]:
-            return [l for l in env.proc.log().splitlines() if 'pool "flaky-vllm": polls of /v1/models fail' in l]
+            return [l for l in env.proc.text().splitlines() if 'pool "flaky-vllm": polls of /v1/models fail' in l]
 
         def recovered_lines() -> list[str]:
-            return [l for l in env.proc.log().splitlines() if 'pool "flaky-vllm": polls answer again' in l]
+            return [l for l in env.proc.text().splitlines() if 'pool "flaky-vllm": polls answer again' in l]
 
         phases = [("garbage", "malformed"), ("huge", "too_large"), ("hang", "http_error"), ("down", "http_error")]
         for n, (mode, outcome) in enumerate(phases, start=1):

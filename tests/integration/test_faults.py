@@ -515,7 +515,7 @@ def test_vm_that_never_loads_fail_closed_or_open(envoy_bin, session_dir, backend
         ports = {"qwen-vllm": backends.qwen.port, "phi-vllm": backends.phi.port}
         env = start_envoy(envoy_bin, session_dir, ports, remote_code, f"no-vm-{policy}", True, 2)
         try:
-            log = env.proc.log()
+            log = env.proc.text()
             assert "Failed to parse corrupted Wasm module" in log and "Plugin bbr failed to load" in log
             stats = wasm_vm_stats(env)
             assert stats["wasm.envoy.wasm.runtime.v8.active"] == 0 and stats["wasm.wasm_vm_count"] == 0, stats
@@ -615,7 +615,7 @@ def test_vm_that_traps_at_run_time(envoy_bin, session_dir, backends, policy):
         assert (r.status_code, r.content) == (200, BODY), r.text
         r = post(POISON)
         assert_wasm_failed_503(r)
-        assert "Function: proxy_on_request_headers failed: Uncaught RuntimeError: unreachable" in env.proc.log()
+        assert "Function: proxy_on_request_headers failed: Uncaught RuntimeError: unreachable" in env.proc.text()
         stats = wasm_vm_stats(env)
         if policy == "FAIL_RELOAD":
             r = post()

@@ -19,18 +19,10 @@ import httpx
 import pytest
 from conftest import LORA, PHI, QWEN, filter_config_with, set_filter_config, wasm_failure_lines, wasm_vm_stats
 
-import fault_upstream
 from test_usage import outcome, tokens, wait_for
 
 OPENING = b'{"stream_options":{"include_usage":true},'
 ADDED = "bbr_usage_include_added_total{}"
-
-
-@pytest.fixture(scope="module")
-def upstream():
-    u = fault_upstream.FaultUpstream()
-    yield u
-    u.stop()
 
 
 @pytest.fixture(scope="module")

@@ -135,7 +135,7 @@ def test_filter_logs_never_contain_request_content(obs_envoy):
     post(client, f'{{"model": "{QWEN}", "prompt": "{MARKER}\\u0000", "x": [1,}}'.encode())
     post(client, completion_body(QWEN, prompt=MARKER), {"x-gateway-base-model-name": MARKER})
     time.sleep(0.5)
-    log = obs_envoy.proc.log()
+    log = obs_envoy.proc.text()
     filter_lines = [line for line in log.splitlines() if "wasm log" in line]
     assert any("routed to base model" in line for line in filter_lines), "trace logging is not on"
     leaks = [line for line in filter_lines if MARKER in line]

@@ -136,6 +136,6 @@ def test_clear_route_cache_foreign_function_is_accepted(lua_envoy):
         headers={"content-type": "application/json", "x-gateway-base-model-name": PHI},
     )
     assert_routed(r, QWEN)
-    log = lua_envoy.proc.log()
+    log = lua_envoy.proc.text()
     assert "bbr-wasm: configuration accepted" in log, "the Envoy log does not hold the filter's lines"
     assert "has no clear_route_cache" not in log

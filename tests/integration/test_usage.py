@@ -24,13 +24,6 @@ import fault_upstream
 
 
 @pytest.fixture(scope="module")
-def upstream():
-    u = fault_upstream.FaultUpstream()
-    yield u
-    u.stop()
-
-
-@pytest.fixture(scope="module")
 def usage_envoy(envoy_factory, backends, upstream):
     def mutate(cfg):
         # Histograms reach the admin endpoint at each stats flush (default 5 s).
@@ -189,7 +182,7 @@ def test_scripted_responses_pass_untouched_and_are_counted(usage_envoy, script, 
 def access_log_line(env, request_id: str) -> str:
     deadline = time.monotonic() + 10
     while True:
-        line = next((l for l in env.proc.log().splitlines() if f" id={request_id}" in l), None)
+        line = next((l for l in env.proc.text().splitlines() if f" id={request_id}" in l), None)
         if line or time.monotonic() > deadline:
             assert line, f"no access log line for {request_id}"
             return line

@@ -2,7 +2,7 @@
 (scripts/oci.sh build), a local OCI registry (Debian's docker-registry), mock-vllm backends
 and a real Envoy.
 
-Every process is started here with subprocess.Popen on 127.0.0.1 free ports, stopped by pid
+Every process is started here (tests/procs.py's Child) on 127.0.0.1 free ports, stopped by pid
 (SIGTERM, then SIGKILL), and every wait has a deadline. Nothing is skipped: a missing
 prerequisite fails with the command that provides it.
 
@@ -25,7 +25,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import httpx
 import pytest
@@ -83,47 +83,20 @@ def doc(kind: str, name: str) -> dict:
 # --------------------------------------------------------------------------------------
 
 
-@dataclass
-class Proc:
-    name: str
-    argv: list[str]
-    log_path: Path
-    popen: Optional[subprocess.Popen] = None
-    _log: Any = None
+class Proc(procs.Child):
+    """A child process of these tests (tests/procs.py), stopped at the latest at the session's
+    end."""
 
-    def start(self, cwd: Path = ROOT, env: Optional[dict] = None) -> "Proc":
-        self._log = open(self.log_path, "ab", buffering=0)
-        self._log.write(f"$ {' '.join(self.argv)}\n".encode())
-        self.popen = subprocess.Popen(
-            self.argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
-        )
+    def __init__(self, name: str, argv: list[str], log_path: Path, cwd: Path = ROOT,
+                 env: Optional[dict] = None):
+        super().__init__(name, argv, log_path, cwd=cwd, env=env, stop_timeout=STOP_TIMEOUT)
         _RUNNING.append(self)
-        return self
-
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
 
     def tail(self, n: int = 60) -> str:
-        return procs.tail(self.log_path, n)
-
-    def wait_exit(self, timeout: float) -> Optional[int]:
-        try:
-            return self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
+        return super().tail(n)
 
     def stop(self) -> None:
-        if self.popen is not None:
-            procs.stop(self.popen, STOP_TIMEOUT)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        super().stop()
         if self in _RUNNING:
             _RUNNING.remove(self)
 
@@ -222,7 +195,7 @@ def registry(session_dir) -> Registry:
     (d / "config.yml").write_text(yaml.safe_dump(cfg))
     # The registry reads REGISTRY_* variables as config overrides: none from outside.
     env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
-    proc = Proc("docker-registry", [registry_bin(), "serve", str(d / "config.yml")], d / "registry.log").start(env=env)
+    proc = Proc("docker-registry", [registry_bin(), "serve", str(d / "config.yml")], d / "registry.log", env=env)
     wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=1.0).status_code == 200, START_TIMEOUT, "registry /v2/", proc)
     yield Registry(proc=proc, host=f"127.0.0.1:{port}")
     proc.stop()
@@ -247,8 +220,8 @@ def start_mock(tmp: Path, model: str, id: str, loras: tuple[str, ...] = ()) -> M
     argv = [str(MOCK), "--listen", f"127.0.0.1:{port}", "--model", model, "--id", id]
     for lora in loras:
         argv += ["--lora", lora]
-    proc = Proc(f"mock-vllm {id}", argv, tmp / f"mock-{id}-{port}.log").start()
-    wait_for(lambda: re.search(r"listening", proc.log().split("\n", 1)[-1]) is not None, START_TIMEOUT, "listening line", proc)
+    proc = Proc(f"mock-vllm {id}", argv, tmp / f"mock-{id}-{port}.log")
+    wait_for(lambda: re.search(r"listening", proc.text().split("\n", 1)[-1]) is not None, START_TIMEOUT, "listening line", proc)
     return Mock(proc, id, port)
 
 
@@ -294,7 +267,7 @@ def launch_envoy(envoy_bin: str, tmp: Path, config: dict, name: str, extra_args:
         envoy_bin, "-c", str(path), "--concurrency", "1", "--use-dynamic-base-id",
         "--base-id-path", str(tmp / f"{tag}.base-id"), "--log-level", "info", *extra_args,
     ]
-    return Proc(f"Envoy ({name})", argv, tmp / f"{tag}.log").start(cwd=tmp)
+    return Proc(f"Envoy ({name})", argv, tmp / f"{tag}.log", cwd=tmp)
 
 
 def start_envoy(envoy_bin: str, tmp: Path, config: dict, name: str, extra_args: tuple[str, ...] = ()) -> Envoy:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import json
 import socket
-import sys
 import time
 import uuid
 from typing import Optional
@@ -143,7 +142,7 @@ def gateway(envoy_bin, session_dir, backends, pulled_module):
 
 
 def test_envoyfilter_config_is_accepted(gateway):
-    log = gateway.proc.log()
+    log = gateway.proc.text()
     assert ACCEPTED in log and "2 base models, 1 adapters" in log, log[-2000:]
 
 
@@ -428,7 +427,7 @@ def test_wasmplugin_config_is_accepted_but_requests_hang(envoy_bin, session_dir,
     assert "allow_on_headers_stop_iteration" not in json.dumps(cfg)
     env = start_envoy(envoy_bin, session_dir, cfg, "wasmplugin")
     try:
-        assert ACCEPTED in env.proc.log()
+        assert ACCEPTED in env.proc.text()
         with httpx.Client(base_url=env.url, timeout=10.0) as c:
             assert c.get("/v1/models").status_code == 200  # answered at the headers: fine
             with pytest.raises(httpx.TimeoutException):
@@ -448,28 +447,17 @@ def test_wasmplugin_config_is_accepted_but_requests_hang(envoy_bin, session_dir,
         env.proc.stop()
 
 
-def _refused(envoy_bin, session_dir, cfg, name) -> str:
-    proc = launch_envoy(envoy_bin, session_dir, cfg, name)
-    code = proc.wait_exit(timeout=30.0)
-    log = proc.log()
-    proc.stop()
-    assert code is not None, f"Envoy kept running with a configuration the filter refuses:\n{log[-2000:]}"
-    assert code != 0, log[-2000:]
-    assert REFUSED in log, log[-3000:]
-    return log
-
-
 def _rejected_over_ecds(envoy_bin, session_dir, cfg, args, name) -> str:
     """A configuration Envoy refuses over ECDS: the update is rejected (the previous one would
     keep serving; a gateway that never had one has no filter configuration), Envoy keeps running,
     and every request gets router_unavailable (flag NFCF). Returns Envoy's log."""
     env = start_envoy(envoy_bin, session_dir, cfg, name, args)
     try:
-        wait_for(lambda: "config update rejected" in env.proc.log(), 10.0, "the rejected ECDS update", env.proc)
+        wait_for(lambda: "config update rejected" in env.proc.text(), 10.0, "the rejected ECDS update", env.proc)
         with httpx.Client(base_url=env.url, timeout=10.0) as c:
             _assert_router_unavailable(c.post("/v1/completions", json=completion(QWEN)))
         assert env.proc.alive()
-        return env.proc.log()
+        return env.proc.text()
     finally:
         env.proc.stop()
 
@@ -490,7 +478,7 @@ def test_broken_envoyfilter_configuration_is_rejected(envoy_bin, session_dir, ba
 def _refused(envoy_bin, session_dir, cfg, name) -> str:
     proc = launch_envoy(envoy_bin, session_dir, cfg, name)
     code = proc.wait_exit(timeout=30.0)
-    log = proc.log()
+    log = proc.text()
     proc.stop()
     assert code is not None, f"Envoy kept running with a configuration the filter refuses:\n{log[-2000:]}"
     assert code != 0, log[-2000:]
@@ -521,7 +509,7 @@ def test_a_misspelt_flag_is_ignored_and_requests_hang(envoy_bin, session_dir, ba
     cfg, args = envoyfilter_gateway(backends, session_dir, pulled_module, typo)
     env = start_envoy(envoy_bin, session_dir, cfg, "ef-typo", args)
     try:
-        log = env.proc.log()
+        log = env.proc.text()
         assert ACCEPTED in log and "allow_on_header_stop_iteration" in log and "Unknown field" in log, log[-2000:]
         with httpx.Client(base_url=env.url, timeout=10.0) as c:
             with pytest.raises(httpx.TimeoutException):

@@ -84,7 +84,7 @@ def llama_server() -> str:
 def start_replica(server: str, tmp_dir: Path, name: str, port: int = 0, **kwargs) -> Replica:
     port = port or integration.free_port()
     argv = llama_pool.server_argv(server, port, **kwargs)
-    proc = integration.Proc(name=f"llama-server {name}", argv=argv, log_path=tmp_dir / f"llama-{name}.log").start()
+    proc = integration.Proc(name=f"llama-server {name}", argv=argv, log_path=tmp_dir / f"llama-{name}.log")
     deadline = time.monotonic() + LLAMA_START_TIMEOUT
     while True:
         if not proc.alive():

@@ -147,7 +147,7 @@ def vllm(session_dir) -> Server:
     # `env` execs the server, so the pid is vLLM's own (stopped by pid at the end).
     argv = ["env", *env, *vllm_pool.server_argv(vllm, port)]
     started = time.monotonic()
-    proc = integration.Proc(name="vLLM", argv=argv, log_path=session_dir / "vllm.log").start()
+    proc = integration.Proc(name="vLLM", argv=argv, log_path=session_dir / "vllm.log")
     deadline = started + vllm_pool.START_TIMEOUT
     while True:
         if not proc.alive():

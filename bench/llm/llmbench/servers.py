@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -16,42 +15,17 @@ import yaml
 from .settings import llama_pool, procs, vllm_pool  # tests/*.py, on sys.path by settings
 from .settings import ENVOY_YAML, MOCK, ROOT, RUN_DIR, START_TIMEOUT, STOP_TIMEOUT, SetupError, WASM, say
 
-class Proc:
+class Proc(procs.Child):
+    """A run's process (tests/procs.py), its log started afresh; vLLM's engine and worker
+    processes (`leftovers`, found once it is up) are killed after it if they outlive it."""
+
     def __init__(self, name: str, argv: list[str], log: Path, env: Optional[dict] = None):
-        self.name, self.argv, self.log_path = name, argv, log
-        self._log = open(log, "wb")
-        self._log.write(("$ " + " ".join(argv) + "\n").encode())
-        self._log.flush()
-        self.popen = subprocess.Popen(
-            argv,
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            preexec_fn=procs.die_with_parent,  # killed if this script dies, even by SIGKILL
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def tail(self, n: int = 30) -> str:
-        return procs.tail(self.log_path, n)
+        super().__init__(name, argv, log, cwd=ROOT, env=env, stop_timeout=STOP_TIMEOUT, append=False)
+        self.leftovers: list[int] = []
 
     def stop(self) -> None:
-        procs.stop(self.popen, getattr(self, "stop_timeout", STOP_TIMEOUT))
-        self._log.close()
-        if getattr(self, "leftovers", None):
+        super().stop()
+        if self.leftovers:
             time.sleep(1.0)
             left = vllm_pool.kill_leftovers(self.leftovers)
             if left:
