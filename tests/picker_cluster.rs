@@ -8,7 +8,7 @@ use bbr_wasm::core::affinity::hosts::{
     parse_clusters, Host, HostState, Lease, ServerLoad, Snapshot,
 };
 use bbr_wasm::core::affinity::load_metrics::{LoadError, MetricNames, MetricsReader};
-use bbr_wasm::core::affinity::picker::{kv_free_stepped, Picker, Scoring};
+use bbr_wasm::core::affinity::picker::{from_elsewhere, kv_free_banded, Picker, Scoring};
 use bbr_wasm::core::Router;
 
 #[cfg(target_arch = "wasm32")]
@@ -294,12 +294,12 @@ both! {
         }
         assert_eq!(at_a, 0);
         // What the server counts beyond Envoy's own requests there (rq_active) is added to the
-        // live in-flight counts: a's 3 are all this Envoy's (their in-flight counts have ended
-        // here since), b's 3 are 1 of Envoy's and 2 from elsewhere, c is idle. So a counts 0,
-        // b 2, c 0: four unique prompts go to a and c, none to b (taking the server's whole
-        // count would put a at 3 and send all four to c).
+        // live in-flight counts, less one (on the wire): a's 3 are all this Envoy's (their
+        // in-flight counts have ended here since), b's 4 are 1 of Envoy's and 3 from
+        // elsewhere, c is idle. So a counts 0, b 2, c 0: four unique prompts go to a and c,
+        // none to b (taking the server's whole count would put a at 3 and send all four to c).
         let mut q = Picker::new(&[], 100, Scoring { balance_factor: None, ..Scoring::default() });
-        let mut counted = hosts([(1, 2, None), (1, 2, None), (0, 0, None)]);
+        let mut counted = hosts([(1, 2, None), (1, 3, None), (0, 0, None)]);
         counted[0].host.rq_active = 3;
         counted[1].host.rq_active = 1;
         q.set_hosts(&counted, 100);
@@ -321,7 +321,7 @@ both! {
         s.set_hosts(&hosts([(0, 0, Some(900)), (0, 0, None), (0, 0, Some(100))]), 100);
         let i = s.pick(&[], 0).must();
         assert_eq!(s.address(i), Some("a:1"));
-        // Usage within one 10 % step is no difference: ties rotate from a, as without KV.
+        // Usage within 20 % of the emptiest is no difference: ties rotate from a, as without KV.
         let mut u = Picker::new(&[], 100, Scoring::default());
         u.set_hosts(&hosts([(0, 0, Some(190)), (0, 0, Some(100)), (0, 0, Some(150))]), 100);
         let order: Vec<String> = (0..3u64)
@@ -331,13 +331,19 @@ both! {
             })
             .collect();
         assert_eq!(order, ["a:1", "b:1", "c:1"]);
-        // A step apart, the emptier cache wins the tie.
+        // Past the band, the fuller cache loses the tie: a is 25 % above b, c within 20 %.
         let mut v = Picker::new(&[], 100, Scoring::default());
-        v.set_hosts(&hosts([(0, 0, Some(200)), (0, 0, Some(199)), (0, 0, Some(250))]), 100);
+        v.set_hosts(&hosts([(0, 0, Some(400)), (0, 0, Some(150)), (0, 0, Some(340))]), 100);
         let i = v.pick(&[], 0).must();
         assert_eq!(v.address(i), Some("b:1"));
-        for (usage, free) in [(0, 1000), (99, 1000), (100, 900), (199, 900), (950, 100), (1000, 0), (4000, 0)] {
-            assert_eq!(kv_free_stepped(usage), free, "usage {usage}");
+        for (usage, least, free) in
+            [(100, 100, 1000), (300, 100, 1000), (301, 100, 999), (1000, 0, 200), (4000, 0, 200), (0, 500, 1000)]
+        {
+            assert_eq!(kv_free_banded(usage, least), free, "usage {usage}, least {least}");
+        }
+        // One request beyond Envoy's own is on the wire, not from elsewhere.
+        for (total, own, elsewhere) in [(3, 3, 0), (4, 3, 0), (5, 3, 1), (0, 5, 0), (14, 2, 11)] {
+            assert_eq!(from_elsewhere(total, own), elsewhere, "{total} - {own}");
         }
         // KV weight 0: no KV score.
         let mut t = Picker::new(&[], 100, Scoring::default());

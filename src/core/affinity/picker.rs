@@ -69,13 +69,20 @@ pub const DEFAULT_BALANCE_FACTOR: u32 = 125;
 pub const DEFAULT_COOLDOWN_MS: u64 = 10_000;
 /// Default weight of the KV-cache score (`1 - usage`), llm-d's scheduler default.
 pub const DEFAULT_KV_WEIGHT: u32 = 2;
-/// The KV-cache score compares usage in steps of this many thousandths (10 %). A report is up
-/// to an interval old, and finer differences between replicas (a request or two) broke ties
-/// that the in-flight counts and the rotation settle better: on unique prompts
-/// (`make bench-routing`'s control workload) scoring the exact usage took the server-metrics
-/// picker's TTFT p95 from the in-flight picker's ~70 ms to 101-114 ms. A replica whose cache
-/// is a step or more fuller still scores lower.
-pub const KV_STEP_MILLI: u16 = 100;
+/// The KV-cache score counts a candidate's usage only past this many thousandths (20 %) above
+/// the least-used candidate's. vLLM's usage is the running sequences' blocks, so between
+/// replicas it mostly restates the load score's running requests, as they were up to a
+/// report ago, while the in-flight counts are live: scored exactly, or in steps of 10 %, the
+/// stale differences of a request or two broke ties that the live counts and the rotation
+/// settle better (`make bench-routing`'s control workload: TTFT p95 101-114 ms exactly, 1.04-1.14x
+/// the in-flight picker's in steps, against 70 ms; docs/bench-routing.md). A cache a fifth or
+/// more fuller than the emptiest is a difference a report's age does not make.
+pub const KV_DEAD_BAND_MILLI: u16 = 200;
+/// The server's count of requests beyond this Envoy's own at a host is taken as requests from
+/// elsewhere only past this many: one request either way is on the wire or just ended when a
+/// report and the in-flight count are read (2 % of reports on a workload with none from
+/// elsewhere, each for a report interval; docs/bench-routing.md).
+pub const OTHERS_DEAD_BAND: u64 = 1;
 
 /// The scoring settings of a picker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,11 +201,21 @@ impl Endpoint {
     }
 }
 
-/// The free share of a KV cache reported `usage_milli` full, in thousandths (the score's
-/// `1 - usage`), the usage taken in whole `KV_STEP_MILLI` steps: 0-99 as 0, 100-199 as 100, ...
-pub fn kv_free_stepped(usage_milli: u16) -> u16 {
-    let used = usage_milli.min(1000) / KV_STEP_MILLI * KV_STEP_MILLI;
-    1000 - used
+/// The KV-cache score of a candidate whose cache is `usage_milli` full when the least-used
+/// candidate's is `least_milli`, in thousandths: llm-d's `1 - usage` relative to the emptiest
+/// (the same ranking, as every candidate is scored against the same one) with the first
+/// `KV_DEAD_BAND_MILLI` of the difference counted as none.
+pub fn kv_free_banded(usage_milli: u16, least_milli: u16) -> u16 {
+    let excess = usage_milli.min(1000).saturating_sub(least_milli.min(1000));
+    1000 - excess.saturating_sub(KV_DEAD_BAND_MILLI)
+}
+
+/// The requests a host's server counts from elsewhere: its `waiting + running` beyond this
+/// Envoy's own in flight there (`own_at_report`), less `OTHERS_DEAD_BAND`.
+pub fn from_elsewhere(server_total: u64, own_at_report: u64) -> u64 {
+    server_total
+        .saturating_sub(own_at_report)
+        .saturating_sub(OTHERS_DEAD_BAND)
 }
 
 /// The picker of one pool.
@@ -425,10 +442,10 @@ impl Picker {
         // An endpoint's load: the requests this gateway's workers have in flight there (live),
         // plus, when the server's own report is fresh, what it counts (waiting + running) beyond
         // this Envoy's own requests there (Envoy's rq_active, read as close to it): other
-        // gateways' and other clients' requests, which the in-flight count cannot see. Adding
-        // the server's whole count instead (or taking the larger) re-counts this gateway's own
-        // requests as they were up to a scrape ago: in make bench-routing it made the control
-        // workload's TTFT p95 least request's.
+        // gateways' and other clients' requests, which the in-flight count cannot see, less one
+        // (`from_elsewhere`). Adding the server's whole count instead (or taking the larger)
+        // re-counts this gateway's own requests as they were up to a scrape ago: in make
+        // bench-routing it made the control workload's TTFT p95 least request's.
         let loads: Vec<u64> = self
             .endpoints
             .iter()
@@ -438,7 +455,7 @@ impl Picker {
                 match e.server {
                     Some(s) => {
                         let total = u64::from(s.waiting) + u64::from(s.running);
-                        own + total.saturating_sub(u64::from(e.envoy_active))
+                        own + from_elsewhere(total, u64::from(e.envoy_active))
                     }
                     None => own,
                 }
@@ -471,18 +488,23 @@ impl Picker {
         let any_within = candidate_loads().any(within);
         // The KV-cache score (1 - usage) counts only when every candidate reports its usage
         // fresh: scoring some by it and others not would favour whichever is unknown.
-        let kv_weight = if self.kv_weight > 0
-            && (0..n).filter(|&i| candidate(i)).all(|i| {
-                self.endpoints
-                    .get(i)
-                    .and_then(|e| e.server)
-                    .and_then(|s| s.kv_milli)
-                    .is_some()
-            }) {
-            u128::from(self.kv_weight)
-        } else {
-            0
+        let kv_of = |i: usize| {
+            self.endpoints
+                .get(i)
+                .and_then(|e| e.server)
+                .and_then(|s| s.kv_milli)
         };
+        let kv_weight =
+            if self.kv_weight > 0 && (0..n).filter(|&i| candidate(i)).all(|i| kv_of(i).is_some()) {
+                u128::from(self.kv_weight)
+            } else {
+                0
+            };
+        let least_kv = (0..n)
+            .filter(|&i| candidate(i))
+            .filter_map(kv_of)
+            .min()
+            .unwrap_or(0);
 
         // Each endpoint's leading blocks of this prompt: the larger of its own LRU's count and
         // what the other workers' table says.
@@ -524,7 +546,7 @@ impl Picker {
             let matched = matched.get(i).copied().unwrap_or(0) as u64;
             // Scores in exact fractions over a common denominator, so ties are real ties:
             // prefix = matched / blocks, load = (max - load) / (max - min), kv = free / 1000
-            // (in steps: `kv_free_stepped`).
+            // (relative to the emptiest, with a dead band: `kv_free_banded`).
             let prefix_den = u128::from(blocks.max(1));
             let load_den = u128::from((max - min).max(1));
             let prefix_num = if blocks == 0 { 0 } else { u128::from(matched) };
@@ -533,12 +555,7 @@ impl Picker {
             } else {
                 u128::from(max - load)
             };
-            let kv_free = self
-                .endpoints
-                .get(i)
-                .and_then(|e| e.server)
-                .and_then(|s| s.kv_milli)
-                .map_or(0, |k| u128::from(kv_free_stepped(k)));
+            let kv_free = kv_of(i).map_or(0, |k| u128::from(kv_free_banded(k, least_kv)));
             let score = 1000
                 * (u128::from(self.scoring.prefix_weight) * prefix_num * load_den
                     + u128::from(self.scoring.load_weight) * load_num * prefix_den)
