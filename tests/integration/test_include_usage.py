@@ -172,3 +172,19 @@ def test_other_bodies_reach_the_server_as_sent(asking_envoy):
         got = echo(client, path, raw)
         assert got["body"].encode("latin-1") == raw, (path, body)
         assert got["headers"].get("content-length") == str(len(raw))
+
+
+def test_the_openai_sdk_reads_the_added_usage_chunk(asking_envoy):
+    """What an OpenAI SDK client that did not ask gets: its stream iterates as before, and ends
+    with one chunk without choices that carries the usage."""
+    import openai
+
+    client = openai.OpenAI(base_url=asking_envoy.url + "/v1", api_key="unused", max_retries=0, timeout=30.0)
+    stream = client.chat.completions.create(
+        model=QWEN, messages=[{"role": "user", "content": "one two three"}], max_tokens=5, stream=True)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text, chunks
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None, chunks[-1]
+    assert chunks[-1].usage.completion_tokens > 0
+    assert all(c.usage is None for c in chunks[:-1])
