@@ -16,6 +16,7 @@ import random
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -117,6 +118,25 @@ def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, str]:
         return r.status, r.read().decode(errors="replace")
     finally:
         conn.close()
+
+
+def wait_live(child: "Child", admin: int, timeout: float) -> None:
+    """Waits until the Envoy `child` says LIVE on its admin port's /ready. If it exits first, or
+    is not LIVE within `timeout` seconds (then it is stopped), raises RuntimeError with why and
+    the end of its log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if not child.alive():
+            raise RuntimeError(f"Envoy exited at start:\n{child.tail()}")
+        try:
+            if http_get(admin, "/ready", 1.0)[1].strip() == "LIVE":
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            child.stop()
+            raise RuntimeError(f"Envoy not ready in {timeout:.0f}s:\n{child.tail()}")
+        time.sleep(0.1)
 
 
 class Child:

@@ -3,6 +3,7 @@
 //! split in two at every boundary, and must give the same outcome, with the first token seen
 //! at the same byte. Runs natively and under wasm-bindgen-test, like tests/core.rs.
 
+use bbr_wasm::core::routing::request::is_completions_path;
 use bbr_wasm::core::usage::include;
 use bbr_wasm::core::usage::metrics;
 use bbr_wasm::core::usage::UsageSettings;
@@ -586,7 +587,7 @@ both! {
             ("", false),
         ];
         for (path, want) in cases {
-            assert_eq!(include::is_completions_path(path), want, "{path}");
+            assert_eq!(is_completions_path(path), want, "{path}");
         }
         // An object start past the body (no such scan) gives no edit rather than a wrong one.
         let fields = StreamFields { stream: true, stream_options: false, object_start: 10 };

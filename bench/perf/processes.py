@@ -6,7 +6,6 @@ import http.client
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -56,19 +55,10 @@ class Envoy:
         self.proc = Proc(name, [bin_, "-c", str(cfg_path), "--concurrency", "1",
                                 "--use-dynamic-base-id", "--base-id-path", str(work / f"{name}.base-id"),
                                 "--log-level", "warn"], work / f"{name}.log")
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if not self.proc.alive():
-                raise SystemExit(f"bench: {name} Envoy exited at start:\n{self.proc.tail()}")
-            try:
-                if http_get(self.admin, "/ready", 1.0)[1].strip() == "LIVE":
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.proc.stop()
-                raise SystemExit(f"bench: {name} Envoy not ready in {START_TIMEOUT:.0f}s:\n{self.proc.tail()}")
-            time.sleep(0.1)
+        try:
+            procs.wait_live(self.proc, self.admin, START_TIMEOUT)
+        except RuntimeError as e:
+            raise SystemExit(f"bench: {name} {e}") from None
 
     def stats(self, regex: str) -> dict[str, int]:
         status, text = http_get(self.admin, f"/stats?format=json&filter={regex}")

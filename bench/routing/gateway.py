@@ -8,7 +8,6 @@ import http.client
 import json
 import os
 import re
-import time
 from pathlib import Path
 
 import yaml
@@ -153,19 +152,7 @@ class Envoy:
         if os.environ.get("BENCH_ROUTING_ENVOY_LOG"):
             argv += ["--component-log-level", os.environ["BENCH_ROUTING_ENVOY_LOG"]]
         self.proc = procs.Child("envoy", argv, self.log, cwd=ROOT, stop_timeout=STOP_TIMEOUT)
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if not self.proc.alive():
-                raise RuntimeError(f"Envoy exited at start:\n{procs.tail(self.log, 30)}")
-            try:
-                if http_get(admin, "/ready", 1.0)[1].strip() == "LIVE":
-                    return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.proc.stop()
-                raise RuntimeError(f"Envoy not ready in {START_TIMEOUT:.0f}s:\n{procs.tail(self.log, 30)}")
-            time.sleep(0.1)
+        procs.wait_live(self.proc, admin, START_TIMEOUT)
 
     def stop(self) -> None:
         self.proc.stop()

@@ -244,9 +244,7 @@ impl HttpContext for BbrHttp {
             }
             HeadAction::Reject(rejection) => self.reject(&rejection),
             HeadAction::Inspect(mut scanner) => {
-                self.ask_usage = router.usage.enabled
-                    && router.usage.add_include_usage
-                    && include::is_completions_path(head.path);
+                self.ask_usage = router.may_ask_stream_usage(&head);
                 self.had_content_length = head.content_length.is_some();
                 if end_of_stream {
                     // A POST without a body: the scanner calls it what it is.

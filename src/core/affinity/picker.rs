@@ -494,17 +494,17 @@ impl Picker {
                 .and_then(|e| e.server)
                 .and_then(|s| s.kv_milli)
         };
-        let kv_weight =
-            if self.kv_weight > 0 && (0..n).filter(|&i| candidate(i)).all(|i| kv_of(i).is_some()) {
-                u128::from(self.kv_weight)
-            } else {
-                0
-            };
-        let least_kv = (0..n)
-            .filter(|&i| candidate(i))
-            .filter_map(kv_of)
-            .min()
-            .unwrap_or(0);
+        // The least-used candidate's KV use, in one pass: `None` when some candidate has no
+        // fresh report (or the score is off).
+        let least_kv = if self.kv_weight > 0 {
+            (0..n)
+                .filter(|&i| candidate(i))
+                .try_fold(u16::MAX, |least, i| kv_of(i).map(|k| least.min(k)))
+        } else {
+            None
+        };
+        let kv_weight = least_kv.map_or(0, |_| u128::from(self.kv_weight));
+        let least_kv = least_kv.unwrap_or(0);
 
         // Each endpoint's leading blocks of this prompt: the larger of its own LRU's count and
         // what the other workers' table says.

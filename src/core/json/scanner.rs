@@ -23,16 +23,20 @@ use std::fmt;
 /// keeps the scanner's memory constant.
 pub const MAX_DEPTH: usize = 1024;
 
-/// The top-level keys whose values matter, compared after unescaping; [`TopKey`] in this order.
-const TOP_KEYS: [&[u8]; 3] = [b"model", b"stream", b"stream_options"];
-
 /// Which of [`TOP_KEYS`] a top-level key is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TopKey {
-    Model = 0,
-    Stream = 1,
-    StreamOptions = 2,
+    Model,
+    Stream,
+    StreamOptions,
 }
+
+/// The top-level keys whose values matter, compared after unescaping.
+const TOP_KEYS: [(TopKey, &[u8]); 3] = [
+    (TopKey::Model, b"model"),
+    (TopKey::Stream, b"stream"),
+    (TopKey::StreamOptions, b"stream_options"),
+];
 
 /// What a complete, valid body says about streaming, read with `model` in the same pass. A
 /// repeated key counts as its last occurrence, as Python's `json` (vLLM's, llama.cpp's own
@@ -314,7 +318,7 @@ impl KeyBuf {
     /// Appends a decoded byte; `None` once the key can be none of [`TOP_KEYS`].
     fn push(mut self, b: u8) -> Option<Self> {
         let i = usize::from(self.len);
-        for (k, key) in TOP_KEYS.iter().enumerate() {
+        for (k, (_, key)) in TOP_KEYS.iter().enumerate() {
             if key.get(i) != Some(&b) {
                 self.live &= !(1 << k);
             }
@@ -328,12 +332,11 @@ impl KeyBuf {
 
     /// The key, when it is whole one of [`TOP_KEYS`].
     fn matched(&self) -> Option<TopKey> {
-        let whole = |k: TopKey| {
-            self.live & (1 << k as u8) != 0 && TOP_KEYS[k as usize].len() == usize::from(self.len)
-        };
-        [TopKey::Model, TopKey::Stream, TopKey::StreamOptions]
-            .into_iter()
-            .find(|&k| whole(k))
+        TOP_KEYS
+            .iter()
+            .enumerate()
+            .find(|(k, (_, key))| self.live & (1 << k) != 0 && key.len() == usize::from(self.len))
+            .map(|(_, (top, _))| *top)
     }
 }
 

@@ -103,7 +103,19 @@ fn path_only(path: &str) -> &str {
     &path[..end]
 }
 
+/// Whether a request to `path` (query and fragment allowed) is one whose stream can carry
+/// usage: the completions APIs (`/v1/chat/completions`, `/v1/completions`).
+pub fn is_completions_path(path: &str) -> bool {
+    path_only(path).ends_with("/completions")
+}
+
 impl Router {
+    /// Whether a stream of this request is asked for its usage if it left that open
+    /// (`usage.addIncludeUsage` on a completions path; `core::usage::include`).
+    pub fn may_ask_stream_usage(&self, head: &RequestHead<'_>) -> bool {
+        self.usage.enabled && self.usage.add_include_usage && is_completions_path(head.path)
+    }
+
     /// Decides from the request headers.
     pub fn classify(&self, head: &RequestHead<'_>) -> HeadAction {
         let path = path_only(head.path);

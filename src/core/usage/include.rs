@@ -35,13 +35,6 @@ pub struct BodyEdit {
     pub new_length: u64,
 }
 
-/// Whether a request to `path` (query and fragment allowed) is one whose stream can carry
-/// usage: the completions APIs (`/v1/chat/completions`, `/v1/completions`).
-pub fn is_completions_path(path: &str) -> bool {
-    let end = path.find(['?', '#']).unwrap_or(path.len());
-    path[..end].ends_with("/completions")
-}
-
 /// The edit that asks for a stream's usage, when the body (complete and valid, `body_len`
 /// bytes) is a stream that left it open; `None` otherwise.
 pub fn include_usage_edit(fields: StreamFields, body_len: u64) -> Option<BodyEdit> {
